@@ -1,0 +1,1 @@
+"""qatlaw: the QAT scaling-law study as a Python package."""

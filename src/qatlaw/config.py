@@ -1,0 +1,237 @@
+"""Load and validate the workflow configuration (config.yaml + config/*.yaml grids).
+
+The JSON Schema in ``schema.yaml`` (linked as ``config/schema.yaml``) checks shapes and types; the checks
+here cover what a schema cannot: size names that must exist in the model table, group sizes that must divide
+every linear layer's input, precision strings, token budgets and corpus paths. Every failure is a
+``ConfigError`` whose message is one line naming the key and the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).with_name("schema.yaml")
+_SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key."""
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read one YAML mapping, with a one-line error for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``override`` into a copy of ``base`` (as Snakemake merges --configfile)."""
+    out = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load(*sources: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    """Read, merge (later overrides earlier), validate and fill defaults; return the config dict."""
+    if not sources:
+        raise ConfigError("no config given")
+    cfg: dict[str, Any] = {}
+    for src in sources:
+        cfg = merge(cfg, src if isinstance(src, Mapping) else read_yaml(src))
+    return validate(cfg)
+
+
+def _key_path(path: Any) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<top level>"
+
+
+def _schema_error_message(err: jsonschema.ValidationError) -> str:
+    if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+        allowed = set(err.schema.get("properties", {}))
+        extra = sorted(k for k in err.instance if k not in allowed)
+        if extra:
+            return f"{_key_path(err.absolute_path)}: unknown key '{extra[0]}' (allowed: {', '.join(sorted(allowed))})"
+    if err.validator == "required":
+        return f"{_key_path(err.absolute_path)}: {err.message}"
+    if err.validator == "oneOf" and err.schema.get("description"):
+        return f"{_key_path(err.absolute_path)}: {err.instance!r} is not {err.schema['description']}"
+    return f"{_key_path(err.absolute_path)}: {err.message}"
+
+
+def _fill_defaults(instance: Any, schema: Mapping[str, Any], root: Mapping[str, Any]) -> None:
+    if "$ref" in schema:
+        ref = schema["$ref"].removeprefix("#/").split("/")
+        target: Any = root
+        for part in ref:
+            target = target[part]
+        schema = target
+    if not isinstance(instance, dict):
+        return
+    for key, sub in schema.get("properties", {}).items():
+        if key not in instance and "default" in sub:
+            instance[key] = copy.deepcopy(sub["default"])
+        if key in instance:
+            _fill_defaults(instance[key], sub, root)
+    extra = schema.get("additionalProperties")
+    if isinstance(extra, Mapping):
+        for key, value in instance.items():
+            if key not in schema.get("properties", {}):
+                _fill_defaults(value, extra, root)
+
+
+def load_schema() -> dict[str, Any]:
+    """The configuration JSON Schema."""
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def validate(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate a config mapping against the schema and the semantic rules; return a copy with defaults."""
+    schema = load_schema()
+    cfg = copy.deepcopy(dict(config))
+    cfg.setdefault("training", {})
+    cfg.setdefault("quant", {})
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if errors:
+        raise ConfigError(_schema_error_message(errors[0]))
+    _fill_defaults(cfg, schema, schema)
+    _check_models(cfg)
+    _check_grid(cfg)
+    _check_sources(cfg)
+    return cfg
+
+
+def parse_tokens(value: int | str) -> int:
+    """Turn a token budget such as 500000, "500K" or "2.5M" into a positive integer."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a token count")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"{value} is not a positive token count")
+        return value
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([KMBT]?)", str(value).strip())
+    if not match:
+        raise ValueError(f"{value!r} is not a token count (use e.g. 500000, 500K, 2.5M, 10B)")
+    mantissa, suffix = match.groups()
+    whole, _, frac = mantissa.partition(".")
+    scale = _SUFFIX[suffix]
+    numerator = int(whole + frac)
+    denominator = 10 ** len(frac)
+    if (numerator * scale) % denominator:
+        raise ValueError(f"{value!r} is not a whole number of tokens")
+    count = numerator * scale // denominator
+    if count < 1:
+        raise ValueError(f"{value!r} is not a positive token count")
+    return count
+
+
+def linear_inputs(arch: Mapping[str, int]) -> dict[str, int]:
+    """Input dimension of each quantized linear layer type of one model size."""
+    return {"qkv": arch["hidden"], "o": arch["hidden"], "fc1": arch["hidden"], "fc2": arch["ffn"]}
+
+
+def _check_models(cfg: Mapping[str, Any]) -> None:
+    for name, arch in cfg["models"].items():
+        key = f"models.{name}"
+        if arch["hidden"] % arch["heads"]:
+            raise ConfigError(f"{key}: hidden {arch['hidden']} is not divisible by heads {arch['heads']}")
+        if arch["heads"] % arch["kv_heads"]:
+            raise ConfigError(f"{key}: heads {arch['heads']} is not divisible by kv_heads {arch['kv_heads']}")
+        if (arch["hidden"] // arch["heads"]) % 2:
+            raise ConfigError(f"{key}: head dimension hidden/heads = {arch['hidden'] // arch['heads']} must be even (RoPE)")
+
+
+def _check_grid(cfg: Mapping[str, Any]) -> None:
+    from qatlaw import precision  # imported here: the schema checks must not need torch
+
+    grid, models, training = cfg["grid"], cfg["models"], cfg["training"]
+    for i, size in enumerate(grid["sizes"]):
+        if size not in models:
+            raise ConfigError(f"grid.sizes[{i}]: size '{size}' is not in the models table (known: {', '.join(models)})")
+    for i, name in enumerate(grid["precisions"]):
+        try:
+            prec = precision.parse(name)
+        except ValueError as exc:
+            raise ConfigError(f"grid.precisions[{i}]: {exc}") from None
+        if prec.is_baseline:
+            raise ConfigError(f"grid.precisions[{i}]: '{name}' quantizes nothing; the BF16 baseline of every cell is added automatically")
+    for i, group in enumerate(grid["groups"]):
+        if group == "channel":
+            continue
+        for size in grid["sizes"]:
+            for layer, dim in linear_inputs(models[size]).items():
+                if dim % group:
+                    raise ConfigError(
+                        f"grid.groups[{i}]: group size {group} does not divide the {layer} input dimension {dim} of size '{size}'"
+                    )
+    for i, value in enumerate(grid["tokens"]):
+        try:
+            tokens = parse_tokens(value)
+        except ValueError as exc:
+            raise ConfigError(f"grid.tokens[{i}]: {exc}") from None
+        for size in grid["sizes"]:
+            step = models[size].get("batch_size", training["batch_size"]) * training["seq_len"]
+            if tokens < step:
+                raise ConfigError(
+                    f"grid.tokens[{i}]: {tokens} tokens is less than one optimizer step of size '{size}' ({step} tokens)"
+                )
+
+
+def _check_sources(cfg: Mapping[str, Any]) -> None:
+    from qatlaw import corpus
+
+    for i, spec in enumerate(cfg["data"]["sources"]):
+        if spec in corpus.BUILTIN_SOURCES:
+            continue
+        try:
+            corpus.resolve_user_files(spec)
+        except corpus.CorpusError:
+            raise ConfigError(
+                f"data.sources[{i}]: '{spec}' is not a built-in source ({', '.join(corpus.BUILTIN_SOURCES)}) "
+                "and matches no file (missing corpus)"
+            ) from None
+
+
+def source_ids(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """Map a short id per corpus part (built-in name, or user1, user2, ...) to its spec."""
+    from qatlaw import corpus
+
+    out: dict[str, str] = {}
+    n_user = 0
+    for spec in cfg["data"]["sources"]:
+        if spec in corpus.BUILTIN_SOURCES:
+            out[spec] = spec
+        else:
+            n_user += 1
+            out[f"user{n_user}"] = spec
+    return out
+
+
+def token_budgets(cfg: Mapping[str, Any]) -> list[int]:
+    """The grid's token budgets as integers."""
+    return [parse_tokens(v) for v in cfg["grid"]["tokens"]]

@@ -1,0 +1,130 @@
+"""Config loading: the shipped configs validate, and every kind of bad value fails with one line naming the key."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qatlaw import config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def base() -> dict:
+    return yaml.safe_load((ROOT / "config.yaml").read_text())
+
+
+def test_default_config_is_valid_and_gets_defaults(base):
+    cfg = config.load(ROOT / "config.yaml")
+    assert cfg["grid"]["seeds"] == base["grid"].get("seeds", [0])
+    assert cfg["quant"]["clip"] == "paper"
+    # a default that config.yaml leaves out is filled in from the schema
+    del base["training"]["loss_ema"]
+    assert config.validate(base)["training"]["loss_ema"] == 0.9
+
+
+@pytest.mark.parametrize("grid", sorted(p.name for p in (ROOT / "config").glob("*.yaml") if p.name != "schema.yaml"))
+def test_every_shipped_grid_validates_over_the_default(grid):
+    config.load(ROOT / "config.yaml", ROOT / "config" / grid)
+
+
+def test_schema_file_in_config_dir_is_the_package_schema():
+    assert (ROOT / "config" / "schema.yaml").resolve() == config.SCHEMA_PATH.resolve()
+
+
+def test_paper_sizes_are_in_the_table(base):
+    assert {"74M", "145M", "297M", "595M", "973M"} <= set(base["models"])
+
+
+def _set(cfg: dict, path: tuple[str, ...], value) -> None:
+    *parents, last = path
+    node = cfg
+    for p in parents:
+        node = node[p]
+    node[last] = value
+
+
+BAD = [
+    (('grid', 'precisions'), ["W4A4", "W3A9"], "grid.precisions[1]"),
+    (('grid', 'precisions'), ["W4A4-xxa8"], "grid.precisions[0]"),
+    (('grid', 'precisions'), ["W16A16"], "quantizes nothing"),
+    (('grid', 'groups'), [32, 48], "grid.groups[1]: group size 48 does not divide"),
+    (('grid', 'groups'), [128], "does not divide the qkv input dimension 64 of size '0.1M'"),
+    (('grid', 'groups'), ["token"], "grid.groups[0]"),
+    (('grid', 'groups'), [0], "grid.groups[0]"),
+    (('grid', 'sizes'), ["0.1M", "5M"], "grid.sizes[1]: size '5M' is not in the models table"),
+    (('models', '0.1M', 'heads'), 3, "models.0.1M: hidden 64 is not divisible by heads 3"),
+    (('models', '0.1M', 'kv_heads'), 3, "models.0.1M: heads 4 is not divisible by kv_heads 3"),
+    (('grid', 'tokens'), [-5], "grid.tokens[0]"),
+    (('grid', 'tokens'), [0], "grid.tokens[0]"),
+    (('grid', 'tokens'), [1.5], "grid.tokens[0]"),
+    (('grid', 'tokens'), ["1.2345K"], "grid.tokens[0]: '1.2345K' is not a whole number of tokens"),
+    (('grid', 'tokens'), ["lots"], "grid.tokens[0]"),
+    (('grid', 'tokens'), [100], "less than one optimizer step"),
+    (('data', 'sources'), ["no/such/corpus/*.txt"], "data.sources[0]: 'no/such/corpus/*.txt' is not a built-in source"),
+    (('data', 'sources'), ["sotuu"], "matches no file (missing corpus)"),
+    (('data', 'vocab_size'), 10, "data.vocab_size"),
+    (('data', 'val_fraction'), 0.0, "data.val_fraction"),
+    (('training', 'learning_rate'), 1.0, "training: unknown key 'learning_rate'"),
+    (('quant', 'clip'), "asym", "quant.clip"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), BAD, ids=[f"{'.'.join(k)}={v}" for k, v, _ in BAD])
+def test_bad_values_fail_with_one_line_naming_the_key(base, key, value, expected):
+    cfg = copy.deepcopy(base)
+    _set(cfg, key, value)
+    with pytest.raises(config.ConfigError) as err:
+        config.validate(cfg)
+    message = str(err.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_missing_section_is_named(base):
+    del base["grid"]
+    with pytest.raises(config.ConfigError, match="'grid' is a required property"):
+        config.validate(base)
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grid:\n  sizes: [0.1M\n  tokens: 3\n")
+    with pytest.raises(config.ConfigError, match=r"bad.yaml: malformed YAML at line \d+"):
+        config.load(bad)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(config.ConfigError, match="config file not found"):
+        config.load(tmp_path / "nope.yaml")
+
+
+def test_user_corpus_path_is_accepted(base, tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text("hello")
+    monkeypatch.chdir(tmp_path)
+    base["data"]["sources"] = ["sotu", "*.txt"]
+    cfg = config.validate(base)
+    assert config.source_ids(cfg) == {"sotu": "sotu", "user1": "*.txt"}
+
+
+def test_merge_overrides_nested_keys_and_keeps_the_rest(base):
+    merged = config.merge(base, {"grid": {"sizes": ["1M"]}, "models": {"x": {"layers": 1}}})
+    assert merged["grid"]["sizes"] == ["1M"]
+    assert merged["grid"]["precisions"] == base["grid"]["precisions"]
+    assert "74M" in merged["models"] and "x" in merged["models"]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(500000, 500000), ("500K", 500_000), ("2.5M", 2_500_000), ("10B", 10**10), ("1T", 10**12), ("7", 7)],
+)
+def test_parse_tokens(value, expected):
+    assert config.parse_tokens(value) == expected
+
+
+def test_linear_inputs_cover_the_four_layer_types():
+    assert config.linear_inputs({"hidden": 64, "ffn": 256}) == {"qkv": 64, "o": 64, "fc1": 64, "fc2": 256}
