@@ -1,0 +1,108 @@
+"""The Snakemake workflow itself: lint, a data-stage run on a user-supplied corpus, and bad config at start-up."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def run_snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    return subprocess.run(
+        [*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--directory", str(workdir), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+
+
+def write_user_project(workdir: Path, **data_overrides) -> None:
+    """A project dir with a config.yaml whose corpus is the user's own text files."""
+    rng = random.Random(0)
+    words = ["".join(rng.choices("etaoinshrdlucmfwypvbgk", k=rng.randint(2, 9))) for _ in range(400)]
+    (workdir / "texts").mkdir(parents=True)
+    for i in range(40):
+        body = " ".join(" ".join(rng.choices(words, k=12)).capitalize() + "." for _ in range(30))
+        (workdir / "texts" / f"doc{i:02d}.txt").write_text(body)
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    cfg["data"].update({"sources": ["texts/*.txt"], "vocab_size": 600, "val_fraction": 0.1, **data_overrides})
+    cfg["grid"]["tokens"] = ["4K", "8K"]
+    (workdir / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def test_lint_is_clean():
+    result = run_snakemake(ROOT, "--lint")
+    assert result.returncode == 0, result.stderr
+    assert "Lints for" not in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_data_stage_on_a_user_corpus(tmp_path):
+    write_user_project(tmp_path)
+    result = run_snakemake(tmp_path, "--cores", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    data_dir = tmp_path / "results" / "data"
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    assert manifest["sources"]["user1"]["documents"] == 40
+    assert manifest["splits"]["train"]["tokens"] == pq.ParquetFile(data_dir / "train.parquet").metadata.num_rows
+    budget = json.loads((data_dir / "budget.json").read_text())
+    assert set(budget["epochs"]) == {"4000", "8000"}
+    # nothing left to do on a second run
+    again = run_snakemake(tmp_path, "--cores", "2", "--dry-run")
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_budget_beyond_the_corpus_fails_clearly(tmp_path):
+    write_user_project(tmp_path)
+    cfg = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    cfg["grid"]["tokens"] = ["50M"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    result = run_snakemake(tmp_path, "--cores", "2", "--show-failed-logs")
+    assert result.returncode != 0
+    assert "grid.tokens: budget 50,000,000 exceeds the" in result.stdout + result.stderr
+    assert not (tmp_path / "results" / "data" / "budget.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        ({"grid": {"precisions": ["W4A5x"]}}, "grid.precisions[0]"),
+        ({"grid": {"groups": [48]}}, "grid.groups[0]: group size 48 does not divide"),
+        ({"grid": {"sizes": ["9M"]}}, "grid.sizes[0]: size '9M' is not in the models table"),
+        ({"grid": {"tokens": [-1]}}, "grid.tokens[0]"),
+        ({"data": {"sources": ["missing/*.txt"]}}, "data.sources[0]: 'missing/*.txt'"),
+    ],
+)
+def test_bad_config_fails_before_any_job(tmp_path, edit, expected):
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    for section, values in edit.items():
+        cfg[section].update(values)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    result = run_snakemake(tmp_path, "--cores", "1", "--dry-run")
+    assert result.returncode != 0
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if expected in line]
+    assert len(lines) == 1, result.stdout + result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_malformed_config_yaml_fails(tmp_path):
+    shutil.copy(ROOT / "config.yaml", tmp_path / "config.yaml")
+    with open(tmp_path / "config.yaml", "a") as fh:
+        fh.write("grid: [unclosed\n")
+    result = run_snakemake(tmp_path, "--cores", "1", "--dry-run")
+    assert result.returncode != 0
+    assert not (tmp_path / "results").exists()
