@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qatlaw.config import ConfigError
+from qatlaw.errors import QatlawError
 
 log = logging.getLogger("qatlaw")
 
@@ -95,6 +96,34 @@ def _budget(args: argparse.Namespace) -> None:
         log.info("budget %d tokens = %.3f epochs", b, e)
 
 
+def _train(args: argparse.Namespace) -> None:
+    import json
+
+    from qatlaw import data, train
+    from qatlaw.grid import RunSettings
+
+    settings = RunSettings.from_json(args.settings)
+    manifest = json.loads(Path(args.manifest).read_text())
+    vocab = int(manifest["vocab_size"])
+    train.train_run(
+        settings,
+        train_tokens=data.load_tokens(args.train_tokens, vocab_size=vocab),
+        val_tokens=data.load_tokens(args.val_tokens, vocab_size=vocab),
+        manifest=manifest,
+        summary_path=args.summary,
+        metrics_path=args.metrics,
+        model_path=args.model,
+        checkpoint_path=args.checkpoint,
+    )
+
+
+def _runs(args: argparse.Namespace) -> None:
+    from qatlaw import train
+
+    table = train.collect_runs(args.summaries, args.out)
+    log.info("%d runs (%d diverged) -> %s", len(table), int(table["diverged"].sum()), args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     p = argparse.ArgumentParser(prog="qatlaw", description=__doc__)
@@ -137,20 +166,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-repeat", action="store_true")
     s.add_argument("--out", required=True)
     s.set_defaults(func=_budget)
+    s = sub.add_parser("train", help="train one grid cell (resumes from its checkpoint)")
+    s.add_argument("--settings", required=True, help="RunSettings as JSON")
+    s.add_argument("--train-tokens", required=True)
+    s.add_argument("--val-tokens", required=True)
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--summary", required=True)
+    s.add_argument("--metrics", required=True)
+    s.add_argument("--model", required=True)
+    s.add_argument("--checkpoint", required=True, help="resumable checkpoint (kept outside the rule's outputs)")
+    s.set_defaults(func=_train)
+
+    s = sub.add_parser("runs", help="collect run summaries into one table")
+    s.add_argument("summaries", nargs="+")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_runs)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; known errors print one line and exit with status 2."""
-    from qatlaw.corpus import CorpusError
-    from qatlaw.data import DataError
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
         args.func(args)
-    except (ConfigError, CorpusError, DataError) as exc:
+    except QatlawError as exc:
         print(f"qatlaw {args.command}: error: {exc}", file=sys.stderr)
         return 2
     log.info("%s done in %.1f s", args.command, time.perf_counter() - start)

@@ -17,11 +17,13 @@ from typing import Any
 import jsonschema
 import yaml
 
+from qatlaw.errors import QatlawError
+
 SCHEMA_PATH = Path(__file__).with_name("schema.yaml")
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
 
 
-class ConfigError(ValueError):
+class ConfigError(QatlawError):
     """A configuration value is wrong; the message names the key."""
 
 

@@ -22,10 +22,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from qatlaw.errors import QatlawError
 from qatlaw.io import atomic_path
 
 
-class CorpusError(ValueError):
+class CorpusError(QatlawError):
     """A corpus source, archive or document file is missing or malformed."""
 
 

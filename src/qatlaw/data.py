@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from qatlaw.corpus import read_documents
+from qatlaw.errors import QatlawError
 from qatlaw.io import atomic_path, write_json
 
 EOS = "<|endoftext|>"
@@ -27,7 +28,7 @@ SHARD_COLUMNS = ("token", "doc")
 _ENCODE_CHUNK = 512
 
 
-class DataError(ValueError):
+class DataError(QatlawError):
     """Token data is missing, corrupt or too small for what was asked."""
 
 
