@@ -1,0 +1,259 @@
+"""Group-wise symmetric fake quantization for quantization-aware training.
+
+One quantizer, :func:`fake_quant`, is used by every quantized linear layer and
+by the analyses. It follows the paper (§4.1, App. E): AbsMax scale shared by
+a group of ``G`` consecutive elements along the last (input) dimension,
+round-to-nearest, no zero point, dequantized straight away ("fake" quant).
+Only the forward pass is quantized; gradients use a straight-through
+estimator (STE).
+
+Weights ``(out, in)`` are grouped within each output row and activations
+``(..., in)`` within each token; ``group_size="channel"`` means one group per
+row, i.e. per-channel weights and per-token activations.
+
+Activations with coarse groups (``G >= 256`` or per-token) use LAC, a
+learnable clipping factor γ per group index shared across tokens
+(PrefixQuant); weights always use plain AbsMax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qatlaw.precision import LayerQuant
+
+GroupSize = int | Literal["channel"]
+Clip = Literal["paper", "symmetric"]
+Fmt = Literal["int", "fp4"]
+
+CLIP_MODES = ("paper", "symmetric")
+FORMATS = ("int", "fp4")
+LAC_MIN_GROUP = 256
+E2M1_MAX = 6.0
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """Quantizer settings shared by all quantized layers of a model.
+
+    group_size: elements per group along the input dim, or ``"channel"``.
+    clip: ``"paper"``: scale absmax/2^(b-1), integer range
+        [-2^(b-1), 2^(b-1)-1] (the paper's Eq. 6-7, INT4: M=8, [-8, 7]);
+        ``"symmetric"``: scale absmax/(2^(b-1)-1), range
+        [-(2^(b-1)-1), 2^(b-1)-1] (the authors' INT_vs_FP code, INT4: [-7, 7]).
+    fmt: ``"int"`` or ``"fp4"`` (E2M1, 4-bit tensors only; ``clip`` is moot).
+    lac: learnable activation clipping on/off; None follows the paper's rule
+        :func:`uses_lac`.
+    lac_init: initial γ of LAC.
+    """
+
+    group_size: GroupSize
+    clip: Clip = "paper"
+    fmt: Fmt = "int"
+    lac: bool | None = None
+    lac_init: float = 0.95
+
+    def __post_init__(self) -> None:
+        _check_group_size(self.group_size)
+        if self.clip not in CLIP_MODES:
+            raise ValueError(f"clip must be one of {CLIP_MODES}, got {self.clip!r}")
+        if self.fmt not in FORMATS:
+            raise ValueError(f"fmt must be one of {FORMATS}, got {self.fmt!r}")
+
+
+def uses_lac(group_size: GroupSize) -> bool:
+    """The paper's rule: LAC for activations when G >= 256 or per-token."""
+    return group_size == "channel" or group_size >= LAC_MIN_GROUP
+
+
+def fake_quant(
+    x: torch.Tensor,
+    bits: int,
+    group_size: GroupSize,
+    *,
+    clip: Clip = "paper",
+    fmt: Fmt = "int",
+    gamma: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Quantize-dequantize ``x`` group-wise along its last dimension.
+
+    Returns a tensor of ``x``'s shape and dtype whose every group of
+    ``group_size`` elements lies on a symmetric grid times the group's scale
+    ``absmax·γ / M`` (``M`` = 2^(b-1), 2^(b-1)-1 or 6, see
+    :class:`QuantOptions`). All-zero groups give zeros.
+
+    gamma: optional clipping factor (LAC), broadcastable to the per-group
+        absmax of shape ``x.shape[:-1] + (n_groups,)``; a ``[n_groups]``
+        tensor shares γ across rows. It receives the LSQ/PrefixQuant gradient
+        through the scale.
+
+    Gradient w.r.t. ``x``: without ``gamma``, identity (pure STE; the scale is
+    a forward-only statistic). With ``gamma``, identity except zero where
+    the rounded code is clamped (STE through the rounding only, as in
+    PrefixQuant).
+
+    Idempotence: ``"paper"`` keeps a group's absmax exactly only when some
+    element lands on the lowest code -2^(b-1) (its scale is a power-of-two
+    fraction of the absmax); then re-quantizing returns the same tensor
+    bit-for-bit. Otherwise the positive maximum was clamped to
+    (2^(b-1)-1)/2^(b-1) of the absmax, a second pass uses a smaller scale and
+    changes the values: "paper" is not idempotent in general. ``"symmetric"``
+    and ``"fp4"`` keep the absmax, so re-quantizing returns the same codes
+    and values equal up to one rounding of the recomputed scale (~1 ulp).
+    """
+    divisor, qmin, qmax, to_grid = _grid(bits, clip, fmt)
+    _check_group_size(group_size)
+    shape, n = x.shape, x.shape[-1]
+    g = n if group_size == "channel" else group_size
+    if n % g:
+        raise ValueError(f"group size {g} does not divide the last dim {n}")
+    xg = x.reshape(*shape[:-1], n // g, g).float()  # grid arithmetic in fp32
+    q = _FakeQuant.apply(xg, gamma, divisor, qmin, qmax, to_grid)
+    return q.reshape(shape).to(x.dtype)
+
+
+def _grid(bits: int, clip: Clip, fmt: Fmt) -> tuple[float, float, float, Callable]:
+    """(scale divisor M, lowest code, highest code, rounding to the grid)."""
+    if fmt == "fp4":
+        if bits != 4:
+            raise ValueError(f"fmt='fp4' is E2M1 and needs bits=4, got {bits}")
+        return E2M1_MAX, -E2M1_MAX, E2M1_MAX, _round_e2m1
+    if fmt != "int":
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    if not 2 <= bits <= 8:
+        raise ValueError(f"integer bits must be in 2..8, got {bits}")
+    qmax = 2 ** (bits - 1) - 1
+    if clip == "paper":
+        return qmax + 1, -(qmax + 1), qmax, torch.round
+    if clip == "symmetric":
+        return qmax, -qmax, qmax, torch.round
+    raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
+
+
+def _scale(absmax: torch.Tensor, gamma: torch.Tensor | None, divisor: float) -> torch.Tensor:
+    """Per-group step size; kept above zero so all-zero groups give zeros."""
+    scale = absmax / divisor if gamma is None else absmax * gamma.unsqueeze(-1) / divisor
+    return scale.clamp_min_(torch.finfo(torch.float32).tiny)
+
+
+class _FakeQuant(torch.autograd.Function):
+    """Fake quantization of ``xg`` of shape (..., n_groups, G), one scale per
+    group, with the gradients documented in :func:`fake_quant`.
+
+    Without γ the backward equals that of ``x + (q - x).detach()`` but costs
+    no extra passes and saves no tensors; with γ it equals autograd through
+    ``clamp(u + (round(u) - u).detach()) · scale`` while saving only the
+    input.
+    """
+
+    @staticmethod
+    def forward(ctx, xg, gamma, divisor, qmin, qmax, to_grid):
+        absmax = xg.abs().amax(dim=-1, keepdim=True)
+        scale = _scale(absmax, gamma, divisor)
+        if gamma is not None:
+            ctx.save_for_backward(xg, absmax, gamma)
+            ctx.grid = divisor, qmin, qmax, to_grid
+        return to_grid(xg / scale).clamp_(qmin, qmax).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.saved_tensors:  # no γ: straight-through
+            return grad, None, None, None, None, None
+        xg, absmax, gamma = ctx.saved_tensors
+        divisor, qmin, qmax, to_grid = ctx.grid
+        u = xg / _scale(absmax, gamma, divisor)
+        rounded = to_grid(u)
+        code = rounded.clamp(qmin, qmax)
+        inside = code == rounded
+        # output = scale·code: d/dscale is code - u where rounding is
+        # straight-through, the clamped code elsewhere (LSQ / PrefixQuant)
+        grad_scale = (grad * torch.where(inside, code - u, code)).sum(-1, keepdim=True)
+        grad_gamma = (grad_scale * absmax / divisor).squeeze(-1).sum_to_size(gamma.shape)
+        return grad * inside, grad_gamma.to(gamma.dtype), None, None, None, None
+
+
+def _round_e2m1(u: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest E2M1 value (0, ±0.5, ±1, ±1.5, ±2, ±3, ±4, ±6);
+    magnitudes past 6 continue in steps of 2, for the caller to clamp."""
+    a = u.abs()
+    step = torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0))
+    return torch.copysign(torch.round(a / step) * step, u)
+
+
+def _check_group_size(group_size: GroupSize) -> None:
+    if group_size == "channel":
+        return
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int or 'channel', got {group_size!r}")
+
+
+class LAC(nn.Module):
+    """Learnable activation clipping: one γ per group index, shared by all tokens."""
+
+    def __init__(self, n_groups: int, init: float = 0.95):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((n_groups,), float(init)))
+
+    def extra_repr(self) -> str:
+        return f"n_groups={self.gamma.numel()}"
+
+
+class QATLinear(nn.Linear):
+    """Bias-free linear layer whose input and weight are fake-quantized.
+
+    ``quant`` gives the bit widths (16 = tensor untouched); ``opts`` the
+    quantizer, and may be None only when nothing is quantized. The input uses
+    LAC when ``opts.lac`` says so (None: :func:`uses_lac`). ``layer_type``
+    (``qkv``/``o``/``fc1``/``fc2``) and ``layer_index`` (block number) let
+    hooks and analyses address the layer.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        quant: LayerQuant,
+        opts: QuantOptions | None,
+        *,
+        layer_type: str | None = None,
+        layer_index: int | None = None,
+    ):
+        super().__init__(in_features, out_features, bias=False)
+        self.quant = quant
+        self.opts = opts
+        self.layer_type = layer_type
+        self.layer_index = layer_index
+        self.lac = None
+        enabled = [t for t in (quant.weight, quant.act) if t.enabled]
+        if not enabled:
+            return
+        if opts is None:
+            raise ValueError("QATLinear with quantized tensors needs QuantOptions")
+        g = in_features if opts.group_size == "channel" else opts.group_size
+        if in_features % g:
+            raise ValueError(f"group size {g} does not divide in_features {in_features}")
+        if opts.fmt == "fp4" and any(t.bits != 4 for t in enabled):
+            raise ValueError(f"fmt='fp4' needs 4-bit tensors, got {quant}")
+        use_lac = uses_lac(opts.group_size) if opts.lac is None else opts.lac
+        if quant.act.enabled and use_lac:
+            self.lac = LAC(in_features // g, opts.lac_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        quant, opts, w = self.quant, self.opts, self.weight
+        if quant.act.enabled:
+            gamma = None if self.lac is None else self.lac.gamma
+            x = fake_quant(x, quant.act.bits, opts.group_size, clip=opts.clip, fmt=opts.fmt, gamma=gamma)
+        if quant.weight.enabled:
+            w = fake_quant(w, quant.weight.bits, opts.group_size, clip=opts.clip, fmt=opts.fmt)
+        return F.linear(x, w)
+
+    def extra_repr(self) -> str:
+        q = f"w{self.quant.weight.bits}a{self.quant.act.bits}"
+        opts = "" if self.opts is None else (
+            f", G={self.opts.group_size}, clip={self.opts.clip}, fmt={self.opts.fmt}")
+        return f"{super().extra_repr()}, {q}{opts}, type={self.layer_type}, index={self.layer_index}"

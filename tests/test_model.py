@@ -1,0 +1,145 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from qatlaw.model import Model, ModelConfig, QuantOptions, non_embedding_params
+from qatlaw.quant import QATLinear
+
+TINY = ModelConfig(vocab_size=64, n_layers=2, hidden=32, ffn=64, n_heads=4, n_kv_heads=2, seq_len=16)
+G16 = QuantOptions(group_size=16)
+
+
+def make(precision="BF16", opts=None, seed=0, cfg=TINY):
+    torch.manual_seed(seed)
+    return Model(cfg, precision, opts)
+
+
+def tokens(batch=2, T=16, seed=0):
+    return torch.randint(0, TINY.vocab_size, (batch, T), generator=torch.Generator().manual_seed(seed))
+
+
+# The paper's Table 3 sizes (App. F) and their stated N.
+PAPER_SIZES = [
+    (74.3e6, 12, 768, 2048, 16, 4),
+    (144.7e6, 12, 1024, 3072, 16, 4),
+    (297.3e6, 12, 1536, 4096, 24, 6),
+    (594.5e6, 24, 1536, 4096, 24, 6),
+    (973.1e6, 16, 2048, 8192, 32, 8),
+]
+
+
+@pytest.mark.parametrize("n, layers, hidden, ffn, heads, kv", PAPER_SIZES)
+def test_paper_sizes_closed_form(n, layers, hidden, ffn, heads, kv):
+    cfg = ModelConfig(vocab_size=100278, n_layers=layers, hidden=hidden, ffn=ffn,
+                      n_heads=heads, n_kv_heads=kv, seq_len=2048)
+    assert non_embedding_params(cfg) == pytest.approx(n, rel=5e-3)
+
+
+@pytest.mark.parametrize("precision, opts", [("BF16", None), ("W4A4", QuantOptions(group_size="channel"))])
+def test_param_count_matches_closed_form(precision, opts):
+    model = make(precision, opts)
+    assert model.num_params() == non_embedding_params(TINY)
+    emb = 2 * TINY.vocab_size * TINY.hidden
+    assert model.num_params(non_embedding=False) == non_embedding_params(TINY) + emb
+
+
+def test_shapes_and_loss():
+    model = make()
+    idx = tokens()
+    logits, loss = model(idx)
+    assert logits.shape == (2, 16, TINY.vocab_size) and logits.dtype == torch.float32
+    assert loss is None
+    _, loss = model(idx[:, :-1], idx[:, 1:])
+    assert loss.ndim == 0
+    assert loss.item() == pytest.approx(torch.log(torch.tensor(TINY.vocab_size)).item(), rel=0.1)
+
+
+def test_rejects_too_long_sequence():
+    with pytest.raises(ValueError):
+        make()(torch.zeros(1, TINY.seq_len + 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("precision, opts", [("BF16", None), ("W4A4", QuantOptions(group_size="channel"))])
+def test_causal(precision, opts):
+    model = make(precision, opts)
+    idx = tokens(batch=1)
+    changed = idx.clone()
+    changed[0, 10] = (idx[0, 10] + 1) % TINY.vocab_size
+    a, _ = model(idx)
+    b, _ = model(changed)
+    torch.testing.assert_close(a[:, :10], b[:, :10], rtol=0, atol=0)
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_qatlinear_placement():
+    model = make("W4A4", G16)
+    qat = {name for name, m in model.named_modules() if isinstance(m, QATLinear)}
+    assert qat == {f"blocks.{i}.{p}" for i in range(TINY.n_layers)
+                   for p in ("attn.qkv", "attn.o", "mlp.fc1", "mlp.fc2")}
+    assert [(m.layer_index, m.layer_type) for m in model.qat_linears()] == [
+        (i, t) for i in range(TINY.n_layers) for t in ("qkv", "o", "fc1", "fc2")]
+    assert type(model.lm_head) is nn.Linear and type(model.tok_emb) is nn.Embedding
+    assert model.blocks[0].attn.qkv.out_features == (4 + 2 * 2) * 8
+    assert model.blocks[0].mlp.fc1.out_features == 2 * TINY.ffn
+    assert model.blocks[0].mlp.fc2.in_features == TINY.ffn
+    assert all(m.bias is None for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def test_bf16_equals_w16a16():
+    idx = tokens()
+    a, _ = make("BF16")(idx)
+    b, _ = make("W16A16", G16)(idx)
+    assert torch.equal(a, b)
+
+
+def test_quantization_changes_output():
+    bf16, w4a4 = make("BF16"), make("W4A4", G16)
+    w4a4.load_state_dict(bf16.state_dict())
+    idx = tokens()
+    a, _ = bf16(idx)
+    b, _ = w4a4(idx)
+    assert not torch.allclose(a, b, atol=1e-4)
+
+
+def test_fc2_override_changes_only_fc2_act():
+    base, mixed = make("W4A4", G16), make("W4A4-fc2a8", G16)
+    for m0, m1 in zip(base.qat_linears(), mixed.qat_linears()):
+        assert m0.quant.weight.bits == m1.quant.weight.bits == 4
+        assert (m0.quant.act.bits, m1.quant.act.bits) == ((4, 8) if m0.layer_type == "fc2" else (4, 4))
+
+
+def test_quantized_needs_options():
+    with pytest.raises(ValueError):
+        Model(TINY, "W4A4")
+
+
+def test_output_projections_scaled_init():
+    cfg = ModelConfig(vocab_size=64, n_layers=8, hidden=64, ffn=256, n_heads=4, n_kv_heads=2, seq_len=16)
+    model = make(cfg=cfg)
+    std = lambda m: m.weight.std().item()
+    assert std(model.blocks[0].attn.qkv) == pytest.approx(0.02, rel=0.1)
+    assert std(model.blocks[0].mlp.fc2) == pytest.approx(0.02 / 4, rel=0.1)
+    assert std(model.blocks[0].attn.o) == pytest.approx(0.02 / 4, rel=0.15)
+    assert std(model.tok_emb) == pytest.approx(0.02, rel=0.1)
+
+
+@pytest.mark.parametrize("precision, opts", [
+    ("BF16", None),
+    ("W4A4-fc2a8", QuantOptions(group_size="channel")),  # LAC on activations
+    ("W4A4", QuantOptions(group_size=8, clip="symmetric")),
+])
+def test_loss_decreases(precision, opts):
+    model = make(precision, opts)
+    idx = tokens(batch=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    lacs = [m.lac for m in model.qat_linears() if m.lac is not None]
+    assert bool(lacs) == (opts is not None and opts.group_size == "channel")
+    assert all(lac.gamma.grad is not None for lac in lacs)
