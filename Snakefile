@@ -13,9 +13,14 @@ include: "rules/common.smk"
 
 wildcard_constraints:
     source="[A-Za-z0-9_]+",
+    size="[A-Za-z0-9.]+",
+    tokens="[0-9]+[KMBT]?",
+    seed="[0-9]+",
+    variant="BF16|W[0-9]+A[0-9]+(-[a-z0-9]+)*_g([0-9]+|channel)",
 
 
 include: "rules/data.smk"
+include: "rules/train.smk"
 
 
 rule all:

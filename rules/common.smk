@@ -3,7 +3,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from qatlaw import config as qconfig
-from qatlaw import corpus
+from qatlaw import corpus, grid
 
 
 try:
@@ -15,17 +15,12 @@ except qconfig.ConfigError as exc:
 validate(config, schema="../config/schema.yaml")
 
 SOURCES = qconfig.source_ids(config)
-BUILTIN = [s for s in SOURCES if s in corpus.BUILTIN_SOURCES]
-USER = [s for s in SOURCES if s not in corpus.BUILTIN_SOURCES]
+RUNS = {run.run_id: run for run in grid.grid_runs(config)}
 
 
 def final_outputs():
     """Targets of the default run."""
-    return [
-        "results/data/tokenizer.json",
-        "results/data/manifest.json",
-        "results/data/budget.json",
-    ]
+    return ["results/data/manifest.json", "results/runs.parquet"]
 
 
 def corpus_parts():
@@ -46,3 +41,30 @@ def user_source_spec(wildcards):
 def allow_repeat_flag():
     """CLI flag that lets token budgets exceed the training split."""
     return "--allow-repeat" if config["data"]["allow_repeat"] else ""
+
+
+def run_summaries():
+    """Summary Parquet of every run of the grid."""
+    return [f"results/runs/{run_id}/summary.parquet" for run_id in RUNS]
+
+
+def _run(wildcards):
+    run_id = f"{wildcards.size}/{wildcards.tokens}/seed{wildcards.seed}/{wildcards.variant}"
+    if run_id not in RUNS:
+        raise WorkflowError(f"run {run_id} is not part of the configured grid")
+    return RUNS[run_id]
+
+
+def run_settings_json(wildcards):
+    """The settings of one run, as the JSON that `qatlaw train` reads."""
+    return _run(wildcards).to_json()
+
+
+def train_mem_mb(wildcards):
+    """Memory to request for one training run."""
+    return grid.estimate_resources(_run(wildcards), config["data"]["vocab_size"])["mem_mb"]
+
+
+def train_runtime(wildcards):
+    """Minutes to request for one training run."""
+    return grid.estimate_resources(_run(wildcards), config["data"]["vocab_size"])["runtime"]

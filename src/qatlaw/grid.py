@@ -1,0 +1,164 @@
+"""The runs of the study: one per grid cell, described by plain settings (no torch needed to enumerate them)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from qatlaw import precision as prec
+from qatlaw.config import parse_tokens
+from qatlaw.errors import QatlawError
+
+BASELINE = prec.BASELINE
+# Conservative CPU training speed used for the runtime resource: FLOP/s per thread (see README "Resources").
+CPU_FLOPS_PER_THREAD = 5e9
+
+
+class GridError(QatlawError):
+    """A run that is not part of the grid, or a malformed run name."""
+
+
+def format_tokens(n: int) -> str:
+    """Exact short form of a token count for paths: 250000 -> '250K', 10**10 -> '10B'."""
+    for suffix, scale in (("T", 10**12), ("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n % scale == 0:
+            return f"{n // scale}{suffix}"
+    return str(n)
+
+
+def variant_name(precision: str, group: int | str | None) -> str:
+    """Directory name of a run: 'BF16', or '<precision>_g<group>'."""
+    name = prec.canonical(precision)
+    return BASELINE if prec.parse(name).is_baseline else f"{name}_g{group}"
+
+
+def parse_variant(variant: str) -> tuple[str, int | str | None]:
+    """Inverse of :func:`variant_name`: (precision, group) with group None for the baseline."""
+    if variant == BASELINE:
+        return BASELINE, None
+    name, sep, group = variant.rpartition("_g")
+    if not sep or not name:
+        raise GridError(f"run variant {variant!r} is neither BF16 nor <precision>_g<group>")
+    return name, (group if group == "channel" else int(group))
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything one run needs, independent of how the config file is laid out."""
+
+    size: str
+    layers: int
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    lr: float
+    batch_size: int
+    tokens: int
+    precision: str
+    group: int | str | None
+    seed: int
+    seq_len: int
+    warmup_fraction: float
+    min_lr_ratio: float
+    beta1: float
+    beta2: float
+    weight_decay: float
+    grad_clip: float
+    loss_ema: float
+    eval_tokens: int
+    checkpoint_every: int
+    threads: int
+    compile: bool
+    clip: str
+    format: str
+    lac: str
+
+    @property
+    def run_id(self) -> str:
+        """Path-like id: size/tokens/seed/variant."""
+        return f"{self.size}/{format_tokens(self.tokens)}/seed{self.seed}/{variant_name(self.precision, self.group)}"
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.tokens_per_step
+
+    @property
+    def is_baseline(self) -> bool:
+        return prec.parse(self.precision).is_baseline
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys), also the run's identity for checkpoints."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunSettings:
+        try:
+            return cls(**json.loads(text))
+        except (TypeError, json.JSONDecodeError) as exc:
+            raise GridError(f"run settings are not valid: {exc}") from None
+
+
+def run_settings(cfg: Mapping[str, Any], size: str, tokens: int | str, precision: str, group: int | str | None,
+                 seed: int) -> RunSettings:
+    """Settings of one grid cell from a validated config."""
+    arch, training, quant = cfg["models"][size], cfg["training"], cfg["quant"]
+    name = prec.canonical(precision)
+    return RunSettings(
+        size=size, layers=arch["layers"], hidden=arch["hidden"], ffn=arch["ffn"], heads=arch["heads"],
+        kv_heads=arch["kv_heads"], lr=float(arch["lr"]), batch_size=arch.get("batch_size", training["batch_size"]),
+        tokens=parse_tokens(tokens), precision=name, group=None if prec.parse(name).is_baseline else group,
+        seed=seed, seq_len=training["seq_len"], warmup_fraction=training["warmup_fraction"],
+        min_lr_ratio=training["min_lr_ratio"], beta1=training["beta1"], beta2=training["beta2"],
+        weight_decay=training["weight_decay"], grad_clip=training["grad_clip"], loss_ema=training["loss_ema"],
+        eval_tokens=training["eval_tokens"], checkpoint_every=training["checkpoint_every"],
+        threads=training["threads"], compile=training["compile"], clip=quant["clip"], format=quant["format"],
+        lac=quant["lac"],
+    )
+
+
+def grid_runs(cfg: Mapping[str, Any]) -> list[RunSettings]:
+    """Every run of the grid: one BF16 baseline per (size, tokens, seed), then each precision × group."""
+    runs = []
+    grid = cfg["grid"]
+    for size in grid["sizes"]:
+        for tokens in grid["tokens"]:
+            for seed in grid["seeds"]:
+                runs.append(run_settings(cfg, size, tokens, BASELINE, None, seed))
+                for name in grid["precisions"]:
+                    for group in grid["groups"]:
+                        runs.append(run_settings(cfg, size, tokens, name, group, seed))
+    return runs
+
+
+def effective_group(s: RunSettings) -> int | None:
+    """The integer G of the law: the group length, or for 'channel' the hidden size (the row length of the
+    qkv, o and fc1 inputs; fc2 rows are ffn long); None for the baseline."""
+    if s.group is None:
+        return None
+    return s.hidden if s.group == "channel" else int(s.group)
+
+
+
+
+def estimate_resources(s: RunSettings, vocab_size: int) -> dict[str, int]:
+    """Memory (MB) and runtime (minutes) to request for a run on CPU.
+
+    Memory: fp32 weights, gradients and two AdamW moments, plus activations of one batch (about 24 floats per
+    hidden unit per layer and the logits), with 500 MB for the interpreter and torch. Runtime: 6·(N + V·h)·D
+    FLOPs at ``CPU_FLOPS_PER_THREAD`` per thread, doubled for fake quantization and margin, plus 5 minutes.
+    """
+    n = s.layers * (2 * s.hidden**2 + 2 * s.hidden * s.kv_heads * (s.hidden // s.heads) + 3 * s.hidden * s.ffn)
+    params = n + 2 * vocab_size * s.hidden
+    activations = s.batch_size * s.seq_len * (24 * s.hidden * s.layers + 3 * vocab_size)
+    mem_mb = 500 + (16 * params + 4 * activations) // 2**20
+    flops = 6 * (n + vocab_size * s.hidden) * s.tokens
+    runtime = 5 + math.ceil(2 * flops / (CPU_FLOPS_PER_THREAD * s.threads) / 60)
+    return {"mem_mb": int(mem_mb), "runtime": int(runtime)}

@@ -1,0 +1,262 @@
+"""One training run per grid cell: QAT (or the BF16 baseline) from scratch, resumable, with metrics.
+
+Paired design: every run of a (size, tokens, seed) cell starts from the same initial weights (the model is
+built right after ``torch.manual_seed(seed)``, and quantizer parameters are constant-initialized) and sees the
+same batches in the same order (batch ``s`` is a pure function of ``seed`` and ``s``), so
+δ = loss(QAT) − loss(BF16) measures quantization, not seed noise.
+
+Recipe (paper §4.1, App. F): AdamW β = (beta1, beta2), weight decay on the matrices of the linear layers only
+(not on norms, embeddings or LAC γ), gradient-norm clipping, linear warm-up then cosine decay to
+``min_lr_ratio`` × peak. On CPU everything runs in fp32 (the "BF16" name is the paper's; bf16 autocast is only
+used on CUDA). The reported ``loss`` is the bias-corrected EMA of the training loss (the paper's "smoothed
+training loss"); ``val_loss`` is the mean loss on the first ``eval_tokens`` held-out tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from qatlaw.errors import QatlawError
+from qatlaw.grid import RunSettings, effective_group
+from qatlaw.io import atomic_path
+from qatlaw.model import Model, ModelConfig, non_embedding_params
+from qatlaw.quant import QuantOptions
+
+log = logging.getLogger("qatlaw.train")
+
+SUMMARY_COLUMNS = (
+    "run_id", "size", "N", "D", "tokens_requested", "group", "G", "precision", "seed", "loss", "val_loss",
+    "final_step_loss", "steps", "tokens_per_step", "epochs", "lr", "wall_s", "tokens_per_s", "diverged",
+    "resumed", "vocab_size", "seq_len", "clip", "format", "lac",
+)
+METRIC_COLUMNS = ("step", "tokens", "loss", "loss_ema", "lr", "grad_norm", "tokens_per_s")
+
+
+class TrainError(QatlawError):
+    """A run cannot start: bad settings or data."""
+
+
+def model_config(s: RunSettings, vocab_size: int) -> ModelConfig:
+    """Architecture of a run."""
+    return ModelConfig(vocab_size=vocab_size, n_layers=s.layers, hidden=s.hidden, ffn=s.ffn, n_heads=s.heads,
+                       n_kv_heads=s.kv_heads, seq_len=s.seq_len)
+
+
+def quant_options(s: RunSettings) -> QuantOptions | None:
+    """Quantizer options of a run (None for the baseline)."""
+    if s.is_baseline:
+        return None
+    lac = {"paper": None, "always": True, "never": False}[s.lac]
+    return QuantOptions(group_size=s.group, clip=s.clip, fmt=s.format, lac=lac)
+
+
+def build_model(s: RunSettings, vocab_size: int) -> Model:
+    """The run's model with its paired initialization (seeded by the run's seed only)."""
+    torch.manual_seed(s.seed)
+    return Model(model_config(s, vocab_size), s.precision, quant_options(s))
+
+
+class TokenBatches:
+    """Batches of (input, target) windows, a pure function of (seed, step).
+
+    The token stream is cut into non-overlapping windows of ``seq_len + 1`` tokens (targets shifted by one);
+    each epoch visits every window once in an order drawn from (seed, epoch), so a budget below one epoch
+    never repeats a token.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
+        self.tokens = torch.from_numpy(tokens.astype(np.int64))
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.n_windows = (len(tokens) - 1) // seq_len
+        if self.n_windows < batch_size:
+            raise TrainError(f"{len(tokens)} tokens give {self.n_windows} windows of {seq_len}, fewer than a batch of {batch_size}")
+        self._orders: dict[int, np.ndarray] = {}
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)}
+        return self._orders[epoch]
+
+    def windows(self, step: int) -> np.ndarray:
+        """Indices of the windows that make up batch ``step``."""
+        idx = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
+        return np.array([self._order(int(i // self.n_windows))[i % self.n_windows] for i in idx])
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and next-token targets of batch ``step``, each (batch_size, seq_len)."""
+        starts = torch.from_numpy(self.windows(step) * self.seq_len)
+        rows = self.tokens[starts[:, None] + torch.arange(self.seq_len + 1)]
+        return rows[:, :-1], rows[:, 1:]
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_ratio`` × peak at the last step."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - 1 - warmup)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def make_optimizer(model: Model, s: RunSettings) -> torch.optim.AdamW:
+    """AdamW with weight decay on the linear layers' matrices only."""
+    decay = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    decay_ids = {id(p) for p in decay}
+    no_decay = [p for p in model.parameters() if id(p) not in decay_ids]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=s.lr, betas=(s.beta1, s.beta2),
+    )
+
+
+@torch.no_grad()
+def evaluate(model: Model, tokens: np.ndarray, seq_len: int, max_tokens: int, batch_size: int) -> float:
+    """Mean next-token loss over the first ``max_tokens`` tokens, in non-overlapping windows."""
+    n_windows = min(len(tokens) - 1, max_tokens) // seq_len
+    if n_windows < 1:
+        raise TrainError(f"the validation split has {len(tokens)} tokens, less than one window of {seq_len}")
+    data = torch.from_numpy(tokens[: n_windows * seq_len + 1].astype(np.int64))
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, n_windows, batch_size):
+        w = torch.arange(start, min(n_windows, start + batch_size))
+        rows = data[(w * seq_len)[:, None] + torch.arange(seq_len + 1)]
+        _, loss = model(rows[:, :-1], rows[:, 1:])
+        total += loss.item() * len(w)
+        count += len(w)
+    model.train(was_training)
+    return total / count
+
+
+def settings_hash(s: RunSettings, manifest: Mapping[str, Any]) -> str:
+    """Identity of a run for resuming: its settings and the exact token data."""
+    key = s.to_json() + manifest["corpus_sha256"] + manifest["tokenizer_sha256"]
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def train_run(
+    s: RunSettings,
+    *,
+    train_tokens: np.ndarray,
+    val_tokens: np.ndarray,
+    manifest: Mapping[str, Any],
+    summary_path: str | Path,
+    metrics_path: str | Path,
+    model_path: str | Path,
+    checkpoint_path: str | Path,
+) -> dict[str, Any]:
+    """Train one run to its token budget (resuming from ``checkpoint_path`` if it matches) and write its outputs.
+
+    The summary row is written last. A run whose loss becomes non-finite stops early and is recorded with
+    ``diverged = True`` instead of failing.
+    """
+    torch.set_num_threads(s.threads)
+    vocab = int(manifest["vocab_size"])
+    if s.steps < 1:
+        raise TrainError(f"{s.run_id}: {s.tokens} tokens is less than one step of {s.tokens_per_step}")
+    model = build_model(s, vocab)
+    opt = make_optimizer(model, s)
+    batches = TokenBatches(train_tokens, s.seq_len, s.batch_size, s.seed)
+    warmup = max(1, round(s.warmup_fraction * s.steps))
+    identity = settings_hash(s, manifest)
+    checkpoint_path = Path(checkpoint_path)
+
+    step, ema, rows, diverged, resumed, wall_before = 0, 0.0, [], False, False, 0.0
+    if checkpoint_path.is_file():
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        if state.get("identity") == identity:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            step, ema, rows, wall_before = state["step"], state["ema"], state["rows"], state["wall_s"]
+            resumed = True
+            log.info("%s: resuming from checkpoint %s at step %d/%d", s.run_id, checkpoint_path, step, s.steps)
+        else:
+            log.warning("%s: ignoring checkpoint %s written for other settings or data", s.run_id, checkpoint_path)
+    step_fn = torch.compile(model) if s.compile else model
+
+    log.info("%s: N=%d, %d steps of %d tokens, lr %.2e, warm-up %d", s.run_id, non_embedding_params(model.cfg),
+             s.steps, s.tokens_per_step, s.lr, warmup)
+    t0, first_step = time.perf_counter(), step
+    log_every = max(1, s.steps // 20)
+    while step < s.steps:
+        t_step = time.perf_counter()
+        lr = lr_at(step, s.steps, s.lr, warmup, s.min_lr_ratio)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, y = batches.batch(step)
+        _, loss = step_fn(x, y)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            diverged = True
+            log.warning("%s: loss is %s at step %d; stopping (diverged)", s.run_id, loss_value, step)
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip).item()
+        opt.step()
+        ema = s.loss_ema * ema + (1 - s.loss_ema) * loss_value
+        step += 1
+        ema_debiased = ema / (1 - s.loss_ema**step)
+        tps = s.tokens_per_step / (time.perf_counter() - t_step)
+        rows.append((step, step * s.tokens_per_step, loss_value, ema_debiased, lr, grad_norm, tps))
+        if step % log_every == 0 or step == s.steps:
+            eta = (time.perf_counter() - t0) / (step - first_step) * (s.steps - step)
+            log.info("%s: step %d/%d loss %.4f ema %.4f lr %.2e %.0f tok/s ETA %.0f s", s.run_id, step, s.steps,
+                     loss_value, ema_debiased, lr, tps, eta)
+        if step % s.checkpoint_every == 0 and step < s.steps:
+            with atomic_path(checkpoint_path) as tmp:
+                torch.save({"identity": identity, "step": step, "ema": ema, "rows": rows,
+                            "wall_s": wall_before + time.perf_counter() - t0,
+                            "model": model.state_dict(), "optimizer": opt.state_dict()}, tmp)
+
+    wall = wall_before + time.perf_counter() - t0
+    val_loss = float("nan") if diverged else evaluate(model, val_tokens, s.seq_len, s.eval_tokens, s.batch_size)
+    metrics = pd.DataFrame(rows, columns=list(METRIC_COLUMNS))
+    trained = len(rows) * s.tokens_per_step
+    summary = {
+        "run_id": s.run_id, "size": s.size, "N": non_embedding_params(model.cfg), "D": trained,
+        "tokens_requested": s.tokens, "group": "none" if s.group is None else str(s.group),
+        "G": effective_group(s), "precision": s.precision, "seed": s.seed,
+        "loss": float("nan") if diverged or not rows else rows[-1][3], "val_loss": val_loss,
+        "final_step_loss": rows[-1][2] if rows else float("nan"), "steps": len(rows),
+        "tokens_per_step": s.tokens_per_step, "epochs": trained / max(1, len(train_tokens)), "lr": s.lr,
+        "wall_s": wall, "tokens_per_s": trained / wall if wall > 0 else float("nan"), "diverged": diverged,
+        "resumed": resumed, "vocab_size": vocab, "seq_len": s.seq_len, "clip": s.clip, "format": s.format,
+        "lac": s.lac,
+    }
+    with atomic_path(model_path) as tmp:
+        torch.save({"settings": asdict(s), "model_config": asdict(model.cfg), "model": model.state_dict()}, tmp)
+    with atomic_path(metrics_path) as tmp:
+        metrics.to_parquet(tmp, index=False)
+    frame = pd.DataFrame([summary], columns=list(SUMMARY_COLUMNS)).astype({"G": "Int64"})
+    with atomic_path(summary_path) as tmp:
+        frame.to_parquet(tmp, index=False)
+    checkpoint_path.unlink(missing_ok=True)
+    log.info("%s: done: loss %.4f val_loss %.4f in %.1f s (%.0f tok/s)%s", s.run_id, summary["loss"], val_loss,
+             wall, summary["tokens_per_s"], " DIVERGED" if diverged else "")
+    return summary
+
+
+def collect_runs(summary_paths: list[str | Path], out_path: str | Path) -> pd.DataFrame:
+    """Concatenate run summaries into one table (one row per run), checking each file's columns."""
+    frames = []
+    for path in summary_paths:
+        frame = pd.read_parquet(path)
+        if tuple(frame.columns) != SUMMARY_COLUMNS or len(frame) != 1:
+            raise TrainError(f"{path}: expected one run summary row with columns {', '.join(SUMMARY_COLUMNS)}")
+        frames.append(frame)
+    table = pd.concat(frames, ignore_index=True).sort_values("run_id", ignore_index=True)
+    with atomic_path(out_path) as tmp:
+        table.to_parquet(tmp, index=False)
+    return table

@@ -1,0 +1,68 @@
+"""Grid enumeration: which runs exist, their ids and settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qatlaw import config, grid
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cfg() -> dict:
+    return config.load(ROOT / "config.yaml")
+
+
+def test_grid_has_one_baseline_per_cell_and_every_qat_run(cfg):
+    runs = grid.grid_runs(cfg)
+    g = cfg["grid"]
+    cells = len(g["sizes"]) * len(g["tokens"]) * len(g["seeds"])
+    assert sum(r.is_baseline for r in runs) == cells
+    assert sum(not r.is_baseline for r in runs) == cells * len(g["groups"]) * len(g["precisions"])
+    assert len({r.run_id for r in runs}) == len(runs)
+    assert all(r.group is None for r in runs if r.is_baseline)
+
+
+def test_default_grid_covers_the_study(cfg):
+    g = cfg["grid"]
+    assert len(g["sizes"]) >= 2 and len(g["tokens"]) >= 2 and len(g["groups"]) >= 2
+    assert {"W4A4", "W4A16", "W16A4", "W4A4-fc2a8", "W16A4-fc2a8"} <= set(g["precisions"])
+
+
+def test_run_settings_follow_the_size_table(cfg):
+    s = grid.run_settings(cfg, "74M", "10B", "W4A4", "channel", 0)
+    assert (s.layers, s.hidden, s.ffn, s.heads, s.kv_heads) == (12, 768, 2048, 16, 4)
+    assert s.lr == 1.5e-3 and s.batch_size == 256 and s.tokens == 10**10
+    assert s.run_id == "74M/10B/seed0/W4A4_gchannel"
+    assert grid.effective_group(s) == 768
+    assert grid.RunSettings.from_json(s.to_json()) == s
+
+
+@pytest.mark.parametrize(
+    ("precision", "group", "variant"),
+    [("BF16", None, "BF16"), ("W4A4", 32, "W4A4_g32"), ("W4A4-fc2a8", "channel", "W4A4-fc2a8_gchannel")],
+)
+def test_variant_names_round_trip(precision, group, variant):
+    assert grid.variant_name(precision, group) == variant
+    assert grid.parse_variant(variant) == (precision, group)
+
+
+def test_bad_variant_is_a_clear_error():
+    with pytest.raises(grid.GridError, match="neither BF16 nor"):
+        grid.parse_variant("W4A4")
+
+
+@pytest.mark.parametrize(("n", "text"), [(250_000, "250K"), (10**10, "10B"), (1234, "1234"), (2_500_000, "2500K")])
+def test_format_tokens_is_exact(n, text):
+    assert grid.format_tokens(n) == text
+    assert config.parse_tokens(text) == n
+
+
+def test_resource_estimates_grow_with_the_run(cfg):
+    small = grid.estimate_resources(grid.run_settings(cfg, "0.1M", "200K", "W4A4", 32, 0), 2048)
+    big = grid.estimate_resources(grid.run_settings(cfg, "74M", "10B", "W4A4", 32, 0), 2048)
+    assert 500 < small["mem_mb"] < 2048 and small["runtime"] >= 5
+    assert big["mem_mb"] > small["mem_mb"] and big["runtime"] > 100 * small["runtime"]

@@ -1,0 +1,188 @@
+"""Training runs: paired design, deterministic batches, schedule, resume after a crash, divergence, outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from qatlaw import train
+from qatlaw.grid import RunSettings
+
+VOCAB = 64
+MANIFEST = {"vocab_size": VOCAB, "corpus_sha256": "c" * 64, "tokenizer_sha256": "t" * 64}
+
+
+def settings(**changes) -> RunSettings:
+    base = RunSettings(
+        size="toy", layers=2, hidden=32, ffn=64, heads=4, kv_heads=2, lr=3e-3, batch_size=4, tokens=4 * 16 * 12,
+        precision="W4A4", group=16, seed=0, seq_len=16, warmup_fraction=0.1, min_lr_ratio=0.1, beta1=0.9,
+        beta2=0.95, weight_decay=0.1, grad_clip=1.0, loss_ema=0.9, eval_tokens=256, checkpoint_every=4, threads=1,
+        compile=False, clip="paper", format="int", lac="paper",
+    )
+    return dataclasses.replace(base, **changes)
+
+
+@pytest.fixture(scope="module")
+def tokens() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    # a learnable stream: a noisy repeating pattern
+    pattern = rng.integers(1, VOCAB, size=97)
+    stream = np.tile(pattern, 60)
+    noise = rng.random(len(stream)) < 0.1
+    stream[noise] = rng.integers(1, VOCAB, size=noise.sum())
+    return stream[:5000].astype(np.uint16), stream[5000:].astype(np.uint16)
+
+
+def run(tmp_path, s: RunSettings, tokens, name: str = "run") -> dict:
+    out = tmp_path / name
+    return train.train_run(
+        s, train_tokens=tokens[0], val_tokens=tokens[1], manifest=MANIFEST, summary_path=out / "summary.parquet",
+        metrics_path=out / "metrics.parquet", model_path=out / "model.pt", checkpoint_path=out / "ckpt" / "ckpt.pt",
+    )
+
+
+def test_runs_of_a_cell_start_from_the_same_weights():
+    base = train.build_model(settings(precision="BF16", group=None), VOCAB).state_dict()
+    for precision, group in [("W4A4", 16), ("W16A4", "channel"), ("W4A4-fc2a8", 32)]:
+        qat = train.build_model(settings(precision=precision, group=group), VOCAB).state_dict()
+        for name, tensor in base.items():
+            assert torch.equal(tensor, qat[name]), name
+
+
+def test_batches_are_a_pure_function_of_seed_and_step(tokens):
+    a = train.TokenBatches(tokens[0], 16, 4, seed=3)
+    b = train.TokenBatches(tokens[0], 16, 4, seed=3)
+    for step in (5, 0, 77, 5):
+        assert torch.equal(a.batch(step)[0], b.batch(step)[0])
+    x, y = a.batch(2)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert not torch.equal(a.batch(1)[0], train.TokenBatches(tokens[0], 16, 4, seed=4).batch(1)[0])
+
+
+def test_one_epoch_visits_every_window_once(tokens):
+    b = train.TokenBatches(tokens[0], 16, 4, seed=1)
+    epoch = np.concatenate([b.windows(s) for s in range(b.n_windows // 4)])
+    assert len(set(epoch.tolist())) == len(epoch) == (b.n_windows // 4) * 4
+    assert b.windows(b.n_windows).tolist() != epoch[:4].tolist()  # a later epoch has another order
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    peak, total, warmup = 1e-3, 100, 10
+    lrs = [train.lr_at(s, total, peak, warmup, 0.1) for s in range(total)]
+    assert lrs[0] == pytest.approx(peak / warmup)
+    assert lrs[warmup - 1] == pytest.approx(peak)
+    assert lrs[-1] == pytest.approx(0.1 * peak)
+    assert all(a >= b for a, b in zip(lrs[warmup - 1 :], lrs[warmup:]))
+
+
+def test_weight_decay_only_on_linear_matrices():
+    model = train.build_model(settings(group="channel"), VOCAB)
+    decay, no_decay = train.make_optimizer(model, settings()).param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    decayed = {id(p) for p in decay["params"]}
+    assert id(model.tok_emb.weight) not in decayed
+    assert id(model.blocks[0].attn.qkv.weight) in decayed and id(model.lm_head.weight) in decayed
+    assert all(p.dim() == 2 for p in decay["params"])
+
+
+def test_training_lowers_the_loss_and_writes_outputs(tmp_path, tokens):
+    s = settings(lr=1e-2, tokens=4 * 16 * 30)
+    summary = run(tmp_path, s, tokens)
+    metrics = pd.read_parquet(tmp_path / "run" / "metrics.parquet")
+    assert list(metrics.columns) == list(train.METRIC_COLUMNS)
+    assert len(metrics) == s.steps == summary["steps"]
+    assert metrics["loss"].iloc[-3:].mean() < metrics["loss"].iloc[:3].mean() - 0.3
+    row = pd.read_parquet(tmp_path / "run" / "summary.parquet")
+    assert list(row.columns) == list(train.SUMMARY_COLUMNS)
+    assert row["N"].item() == train.build_model(s, VOCAB).num_params()
+    assert row["D"].item() == s.steps * s.tokens_per_step
+    assert row["G"].item() == 16 and row["group"].item() == "16"
+    assert row["loss"].item() == pytest.approx(metrics["loss_ema"].iloc[-1])
+    assert math.isfinite(row["val_loss"].item()) and not row["diverged"].item()
+    assert not (tmp_path / "run" / "ckpt" / "ckpt.pt").exists()
+    saved = torch.load(tmp_path / "run" / "model.pt", weights_only=False)
+    assert saved["settings"]["precision"] == "W4A4"
+
+
+def test_channel_group_is_recorded_as_the_hidden_size(tmp_path, tokens):
+    row = run(tmp_path, settings(group="channel", tokens=4 * 16 * 2), tokens)
+    assert row["group"] == "channel" and row["G"] == 32
+
+
+def test_same_run_twice_gives_identical_losses(tmp_path, tokens):
+    run(tmp_path, settings(), tokens, "a")
+    run(tmp_path, settings(), tokens, "b")
+    a = pd.read_parquet(tmp_path / "a" / "metrics.parquet")["loss"]
+    b = pd.read_parquet(tmp_path / "b" / "metrics.parquet")["loss"]
+    assert a.tolist() == b.tolist()
+
+
+def test_crash_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, tokens, monkeypatch, caplog):
+    s = settings()
+    reference = run(tmp_path, s, tokens, "reference")
+
+    real_batch = train.TokenBatches.batch
+
+    def crash_at_step_6(self, step):
+        if step == 6:
+            raise KeyboardInterrupt("simulated kill")
+        return real_batch(self, step)
+
+    monkeypatch.setattr(train.TokenBatches, "batch", crash_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, s, tokens, "crashed")
+    assert (tmp_path / "crashed" / "ckpt" / "ckpt.pt").exists()
+    assert not (tmp_path / "crashed" / "summary.parquet").exists()
+    monkeypatch.setattr(train.TokenBatches, "batch", real_batch)
+
+    with caplog.at_level(logging.INFO, logger="qatlaw.train"):
+        resumed = run(tmp_path, s, tokens, "crashed")
+    assert "resuming from checkpoint" in caplog.text and "at step 4/" in caplog.text
+    assert resumed["resumed"]
+    assert resumed["loss"] == pytest.approx(reference["loss"], abs=1e-6)
+    assert resumed["val_loss"] == pytest.approx(reference["val_loss"], abs=1e-6)
+    a = pd.read_parquet(tmp_path / "reference" / "metrics.parquet")["loss"]
+    b = pd.read_parquet(tmp_path / "crashed" / "metrics.parquet")["loss"]
+    assert np.allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_checkpoint_of_other_settings_is_not_resumed(tmp_path, tokens, monkeypatch, caplog):
+    real_batch = train.TokenBatches.batch
+
+    def crash(self, step):
+        if step == 5:
+            raise KeyboardInterrupt
+        return real_batch(self, step)
+
+    monkeypatch.setattr(train.TokenBatches, "batch", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, settings(lr=1e-3), tokens)
+    monkeypatch.setattr(train.TokenBatches, "batch", real_batch)
+    with caplog.at_level(logging.INFO, logger="qatlaw.train"):
+        summary = run(tmp_path, settings(), tokens)
+    assert "ignoring checkpoint" in caplog.text and not summary["resumed"]
+
+
+def test_divergence_is_recorded_not_raised(tmp_path, tokens):
+    summary = run(tmp_path, settings(lr=1e12, grad_clip=1e30, warmup_fraction=0.0), tokens)
+    assert summary["diverged"]
+    assert math.isnan(summary["loss"]) and summary["steps"] < settings().steps
+    assert pd.read_parquet(tmp_path / "run" / "summary.parquet")["diverged"].item()
+
+
+def test_collect_runs_checks_each_summary(tmp_path, tokens):
+    run(tmp_path, settings(tokens=4 * 16 * 2), tokens, "a")
+    run(tmp_path, settings(tokens=4 * 16 * 2, precision="BF16", group=None), tokens, "b")
+    table = train.collect_runs([tmp_path / "a" / "summary.parquet", tmp_path / "b" / "summary.parquet"], tmp_path / "runs.parquet")
+    assert len(table) == 2 and set(table["precision"]) == {"W4A4", "BF16"}
+    assert table.loc[table["precision"] == "BF16", "G"].isna().all()
+    bad = tmp_path / "bad.parquet"
+    pd.DataFrame({"loss": [1.0]}).to_parquet(bad)
+    with pytest.raises(train.TrainError, match="bad.parquet: expected one run summary row"):
+        train.collect_runs([bad], tmp_path / "runs2.parquet")
