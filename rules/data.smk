@@ -89,7 +89,7 @@ rule data_budget:
     output:
         "results/data/budget.json",
     params:
-        tokens=config["grid"]["tokens"],
+        tokens=grid.token_budgets(config),
         allow_repeat=allow_repeat_flag(),
     log:
         "results/logs/data_budget.log",

@@ -71,6 +71,10 @@ BAD = [
     (('data', 'val_fraction'), 0.0, "data.val_fraction"),
     (('training', 'learning_rate'), 1.0, "training: unknown key 'learning_rate'"),
     (('quant', 'clip'), "asym", "quant.clip"),
+    (('grid', 'ablation'), {"sizes": ["0.1M"], "tokens": ["100K"], "groups": [32], "precisions": ["W4A4"],
+                            "overrides": ["fc3a8"]}, "grid.ablation.overrides[0]"),
+    (('grid', 'ablation'), {"sizes": ["7M"], "tokens": ["100K"], "groups": [32], "precisions": ["W4A4"],
+                            "overrides": ["fc2a8"]}, "grid.ablation.sizes[0]: size '7M'"),
 ]
 
 

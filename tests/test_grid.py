@@ -17,6 +17,7 @@ def cfg() -> dict:
 
 
 def test_grid_has_one_baseline_per_cell_and_every_qat_run(cfg):
+    cfg = {**cfg, "grid": {k: v for k, v in cfg["grid"].items() if k != "ablation"}}
     runs = grid.grid_runs(cfg)
     g = cfg["grid"]
     cells = len(g["sizes"]) * len(g["tokens"]) * len(g["seeds"])
@@ -66,3 +67,13 @@ def test_resource_estimates_grow_with_the_run(cfg):
     big = grid.estimate_resources(grid.run_settings(cfg, "74M", "10B", "W4A4", 32, 0), 2048)
     assert 500 < small["mem_mb"] < 2048 and small["runtime"] >= 5
     assert big["mem_mb"] > small["mem_mb"] and big["runtime"] > 100 * small["runtime"]
+
+
+def test_ablation_adds_each_override_alone_without_repeats(cfg):
+    cfg = {**cfg, "grid": {**cfg["grid"], "ablation": {
+        "sizes": ["0.1M"], "tokens": ["100K"], "groups": [32], "precisions": ["W4A4"],
+        "overrides": ["qkva8", "fc2a8", "fc2w8"]}}}
+    main = {r.run_id for r in grid.grid_runs({**cfg, "grid": {k: v for k, v in cfg["grid"].items() if k != "ablation"}})}
+    extra = {r.run_id for r in grid.grid_runs(cfg)} - main
+    assert extra == {"0.1M/100K/seed0/W4A4-qkva8_g32", "0.1M/100K/seed0/W4A4-fc2w8_g32"}
+    assert grid.token_budgets(cfg) == cfg["grid"]["tokens"]

@@ -171,17 +171,33 @@ def _check_models(cfg: Mapping[str, Any]) -> None:
 def _check_grid(cfg: Mapping[str, Any]) -> None:
     from qatlaw import precision  # imported here: the schema checks must not need torch
 
-    grid, models, training = cfg["grid"], cfg["models"], cfg["training"]
+    _check_cells(cfg, "grid", cfg["grid"])
+    ablation = cfg["grid"].get("ablation")
+    if ablation:
+        _check_cells(cfg, "grid.ablation", ablation)
+        for i, override in enumerate(ablation["overrides"]):
+            for base in ablation["precisions"]:
+                try:
+                    precision.parse(f"{base}-{override}")
+                except ValueError as exc:
+                    raise ConfigError(f"grid.ablation.overrides[{i}]: {exc}") from None
+
+
+def _check_cells(cfg: Mapping[str, Any], key: str, grid: Mapping[str, Any]) -> None:
+    """Sizes, precisions, groups and token budgets of one grid (the main grid or the ablation sub-grid)."""
+    from qatlaw import precision
+
+    models, training = cfg["models"], cfg["training"]
     for i, size in enumerate(grid["sizes"]):
         if size not in models:
-            raise ConfigError(f"grid.sizes[{i}]: size '{size}' is not in the models table (known: {', '.join(models)})")
+            raise ConfigError(f"{key}.sizes[{i}]: size '{size}' is not in the models table (known: {', '.join(models)})")
     for i, name in enumerate(grid["precisions"]):
         try:
             prec = precision.parse(name)
         except ValueError as exc:
-            raise ConfigError(f"grid.precisions[{i}]: {exc}") from None
+            raise ConfigError(f"{key}.precisions[{i}]: {exc}") from None
         if prec.is_baseline:
-            raise ConfigError(f"grid.precisions[{i}]: '{name}' quantizes nothing; the BF16 baseline of every cell is added automatically")
+            raise ConfigError(f"{key}.precisions[{i}]: '{name}' quantizes nothing; the BF16 baseline of every cell is added automatically")
     for i, group in enumerate(grid["groups"]):
         if group == "channel":
             continue
@@ -189,18 +205,18 @@ def _check_grid(cfg: Mapping[str, Any]) -> None:
             for layer, dim in linear_inputs(models[size]).items():
                 if dim % group:
                     raise ConfigError(
-                        f"grid.groups[{i}]: group size {group} does not divide the {layer} input dimension {dim} of size '{size}'"
+                        f"{key}.groups[{i}]: group size {group} does not divide the {layer} input dimension {dim} of size '{size}'"
                     )
     for i, value in enumerate(grid["tokens"]):
         try:
             tokens = parse_tokens(value)
         except ValueError as exc:
-            raise ConfigError(f"grid.tokens[{i}]: {exc}") from None
+            raise ConfigError(f"{key}.tokens[{i}]: {exc}") from None
         for size in grid["sizes"]:
             step = models[size].get("batch_size", training["batch_size"]) * training["seq_len"]
             if tokens < step:
                 raise ConfigError(
-                    f"grid.tokens[{i}]: {tokens} tokens is less than one optimizer step of size '{size}' ({step} tokens)"
+                    f"{key}.tokens[{i}]: {tokens} tokens is less than one optimizer step of size '{size}' ({step} tokens)"
                 )
 
 
@@ -232,8 +248,3 @@ def source_ids(cfg: Mapping[str, Any]) -> dict[str, str]:
             n_user += 1
             out[f"user{n_user}"] = spec
     return out
-
-
-def token_budgets(cfg: Mapping[str, Any]) -> list[int]:
-    """The grid's token budgets as integers."""
-    return [parse_tokens(v) for v in cfg["grid"]["tokens"]]

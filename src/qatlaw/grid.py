@@ -125,17 +125,30 @@ def run_settings(cfg: Mapping[str, Any], size: str, tokens: int | str, precision
 
 
 def grid_runs(cfg: Mapping[str, Any]) -> list[RunSettings]:
-    """Every run of the grid: one BF16 baseline per (size, tokens, seed), then each precision × group."""
-    runs = []
-    grid = cfg["grid"]
-    for size in grid["sizes"]:
-        for tokens in grid["tokens"]:
-            for seed in grid["seeds"]:
-                runs.append(run_settings(cfg, size, tokens, BASELINE, None, seed))
-                for name in grid["precisions"]:
-                    for group in grid["groups"]:
-                        runs.append(run_settings(cfg, size, tokens, name, group, seed))
-    return runs
+    """Every run: per (size, tokens, seed) one BF16 baseline and each precision × group, for the main grid and
+    then the ablation sub-grid (each base precision with each override alone), without repeats."""
+    runs: dict[str, RunSettings] = {}
+
+    def add_cells(sub: Mapping[str, Any], precisions: list[str]) -> None:
+        for size in sub["sizes"]:
+            for tokens in sub["tokens"]:
+                for seed in cfg["grid"]["seeds"]:
+                    for name, group in [(BASELINE, None)] + [(p, g) for p in precisions for g in sub["groups"]]:
+                        run = run_settings(cfg, size, tokens, name, group, seed)
+                        runs.setdefault(run.run_id, run)
+
+    add_cells(cfg["grid"], cfg["grid"]["precisions"])
+    ablation = cfg["grid"].get("ablation")
+    if ablation:
+        bases = ablation["precisions"]
+        add_cells(ablation, bases + [f"{b}-{o}" for b in bases for o in ablation["overrides"]])
+    return list(runs.values())
+
+
+def token_budgets(cfg: Mapping[str, Any]) -> list[str | int]:
+    """Every token budget of the main grid and the ablation sub-grid, as written in the config."""
+    ablation = cfg["grid"].get("ablation") or {"tokens": []}
+    return list(dict.fromkeys([*cfg["grid"]["tokens"], *ablation["tokens"]]))
 
 
 def effective_group(s: RunSettings) -> int | None:
