@@ -132,3 +132,20 @@ def test_parse_tokens(value, expected):
 
 def test_linear_inputs_cover_the_four_layer_types():
     assert config.linear_inputs({"hidden": 64, "ffn": 256}) == {"qkv": 64, "o": 64, "fc1": 64, "fc2": 256}
+
+
+def test_cli_validate_counts_the_runs(capsys):
+    from qatlaw.cli import main
+
+    assert main(["validate", str(ROOT / "config.yaml")]) == 0
+    assert "config OK: 48 runs (4 BF16 baselines, 44 QAT)" in capsys.readouterr().out
+
+
+def test_cli_reports_a_bad_config_in_one_line(tmp_path, capsys):
+    from qatlaw.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grid:\n  groups: [48]\n")
+    assert main(["validate", str(ROOT / "config.yaml"), str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["qatlaw validate: error: grid.groups[0]: group size 48 does not divide the qkv input dimension 64 of size '0.1M'"]

@@ -19,13 +19,11 @@ log = logging.getLogger("qatlaw")
 
 
 def _validate(args: argparse.Namespace) -> None:
-    from qatlaw import config
+    from qatlaw import config, grid
 
-    cfg = config.load(*args.configs)
-    grid = cfg["grid"]
-    cells = len(grid["sizes"]) * len(grid["tokens"]) * len(grid["seeds"])
-    qat = cells * len(grid["groups"]) * len(grid["precisions"])
-    print(f"config OK: {cells} BF16 baselines + {qat} QAT runs")
+    runs = grid.grid_runs(config.load(*args.configs))
+    baselines = sum(run.is_baseline for run in runs)
+    print(f"config OK: {len(runs)} runs ({baselines} BF16 baselines, {len(runs) - baselines} QAT)")
 
 
 def _fetch(args: argparse.Namespace) -> None:
