@@ -32,6 +32,27 @@ def synthetic_docs(source: str, n: int, seed: int) -> list[Document]:
     return docs
 
 
+OUTPUTS = ("tokenizer.json", "train.parquet", "val.parquet", "documents.parquet", "manifest.json")
+
+
+def tokenize(parts: list[Path], out_dir: Path, vocab_size: int = 512) -> dict[str, Path]:
+    """Run the tokenization stage on document files; return the output paths by name."""
+    out = {name: out_dir / name for name in OUTPUTS}
+    data.tokenize_corpus(
+        parts,
+        tokenizer_path=out["tokenizer.json"],
+        train_path=out["train.parquet"],
+        val_path=out["val.parquet"],
+        documents_path=out["documents.parquet"],
+        manifest_path=out["manifest.json"],
+        vocab_size=vocab_size,
+        min_frequency=2,
+        val_fraction=0.1,
+        seed=7,
+    )
+    return out
+
+
 @pytest.fixture(scope="module")
 def tokenized(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("data")
@@ -40,20 +61,7 @@ def tokenized(tmp_path_factory) -> dict[str, Path]:
         path = root / f"{source}.parquet"
         write_documents(synthetic_docs(source, 60, seed=k), path, min_chars=50)
         parts.append(path)
-    out = {name: root / f"{name}" for name in ("tokenizer.json", "train.parquet", "val.parquet", "documents.parquet", "manifest.json")}
-    data.tokenize_corpus(
-        parts,
-        tokenizer_path=out["tokenizer.json"],
-        train_path=out["train.parquet"],
-        val_path=out["val.parquet"],
-        documents_path=out["documents.parquet"],
-        manifest_path=out["manifest.json"],
-        vocab_size=512,
-        min_frequency=2,
-        val_fraction=0.1,
-        seed=7,
-    )
-    return out
+    return tokenize(parts, root)
 
 
 def test_tokenize_detokenize_round_trip(tokenized):
@@ -124,39 +132,16 @@ def test_split_always_has_both_sides():
 
 def test_tokenize_is_reproducible(tmp_path, tokenized):
     parts = [tokenized["train.parquet"].parent / f"{s}.parquet" for s in ("alpha", "beta")]
-    out = {n: tmp_path / n for n in ("t.json", "train.parquet", "val.parquet", "d.parquet", "m.json")}
-    data.tokenize_corpus(
-        parts,
-        tokenizer_path=out["t.json"],
-        train_path=out["train.parquet"],
-        val_path=out["val.parquet"],
-        documents_path=out["d.parquet"],
-        manifest_path=out["m.json"],
-        vocab_size=512,
-        min_frequency=2,
-        val_fraction=0.1,
-        seed=7,
-    )
-    assert out["t.json"].read_bytes() == tokenized["tokenizer.json"].read_bytes()
+    out = tokenize(parts, tmp_path)
+    assert out["tokenizer.json"].read_bytes() == tokenized["tokenizer.json"].read_bytes()
     assert np.array_equal(data.load_tokens(out["train.parquet"]), data.load_tokens(tokenized["train.parquet"]))
 
 
 def test_vocab_larger_than_the_corpus_supports_is_an_error(tmp_path, tokenized):
     parts = [tokenized["train.parquet"].parent / "alpha.parquet"]
     with pytest.raises(data.DataError, match="data.vocab_size: the corpus supports only"):
-        data.tokenize_corpus(
-            parts,
-            tokenizer_path=tmp_path / "t.json",
-            train_path=tmp_path / "train.parquet",
-            val_path=tmp_path / "val.parquet",
-            documents_path=tmp_path / "d.parquet",
-            manifest_path=tmp_path / "m.json",
-            vocab_size=60000,
-            min_frequency=2,
-            val_fraction=0.1,
-            seed=7,
-        )
-    assert not (tmp_path / "m.json").exists()
+        tokenize(parts, tmp_path, vocab_size=60000)
+    assert not (tmp_path / "manifest.json").exists()
 
 
 def test_budgets_beyond_the_training_split_need_allow_repeat():
