@@ -1,6 +1,6 @@
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from qatlaw.model import Model, ModelConfig, QuantOptions, non_embedding_params
 from qatlaw.quant import QATLinear
@@ -103,7 +103,7 @@ def test_quantization_changes_output():
 
 def test_fc2_override_changes_only_fc2_act():
     base, mixed = make("W4A4", G16), make("W4A4-fc2a8", G16)
-    for m0, m1 in zip(base.qat_linears(), mixed.qat_linears()):
+    for m0, m1 in zip(base.qat_linears(), mixed.qat_linears(), strict=True):
         assert m0.quant.weight.bits == m1.quant.weight.bits == 4
         assert (m0.quant.act.bits, m1.quant.act.bits) == ((4, 8) if m0.layer_type == "fc2" else (4, 4))
 
@@ -116,11 +116,11 @@ def test_quantized_needs_options():
 def test_output_projections_scaled_init():
     cfg = ModelConfig(vocab_size=64, n_layers=8, hidden=64, ffn=256, n_heads=4, n_kv_heads=2, seq_len=16)
     model = make(cfg=cfg)
-    std = lambda m: m.weight.std().item()
-    assert std(model.blocks[0].attn.qkv) == pytest.approx(0.02, rel=0.1)
-    assert std(model.blocks[0].mlp.fc2) == pytest.approx(0.02 / 4, rel=0.1)
-    assert std(model.blocks[0].attn.o) == pytest.approx(0.02 / 4, rel=0.15)
-    assert std(model.tok_emb) == pytest.approx(0.02, rel=0.1)
+    block = model.blocks[0]
+    assert block.attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert block.mlp.fc2.weight.std().item() == pytest.approx(0.02 / 4, rel=0.1)  # 1/sqrt(2·8) = 1/4
+    assert block.attn.o.weight.std().item() == pytest.approx(0.02 / 4, rel=0.15)
+    assert model.tok_emb.weight.std().item() == pytest.approx(0.02, rel=0.1)
 
 
 @pytest.mark.parametrize("precision, opts", [

@@ -2,7 +2,14 @@ import pickle
 
 import pytest
 
-from qatlaw.precision import LAYER_TYPES, LayerQuant, Precision, TensorQuant, canonical, parse
+from qatlaw.precision import (
+    LAYER_TYPES,
+    LayerQuant,
+    Precision,
+    TensorQuant,
+    canonical,
+    parse,
+)
 
 
 def bits(p: Precision) -> dict[str, tuple[int, int]]:

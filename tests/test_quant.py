@@ -190,7 +190,7 @@ def test_gamma_gradient_matches_autograd_reference(clip, fmt):
             y = fake_quant(xr, 4, 8, clip=clip, fmt=fmt, gamma=gamma)
         y.backward(grad_out)
         results.append((y.detach(), xr.grad, gamma.grad))
-    for ref, got in zip(*results):
+    for ref, got in zip(*results, strict=True):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
@@ -216,10 +216,10 @@ def test_bf16_input_keeps_dtype():
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(bits=4, group_size=7), dict(bits=4, group_size=0), dict(bits=4, group_size=-8),
-    dict(bits=4, group_size="token"), dict(bits=4, group_size=64), dict(bits=1, group_size=8),
-    dict(bits=16, group_size=8), dict(bits=8, group_size=8, fmt="fp4"),
-    dict(bits=4, group_size=8, clip="asym"), dict(bits=4, group_size=8, fmt="nf4"),
+    {"bits": 4, "group_size": 7}, {"bits": 4, "group_size": 0}, {"bits": 4, "group_size": -8},
+    {"bits": 4, "group_size": "token"}, {"bits": 4, "group_size": 64}, {"bits": 1, "group_size": 8},
+    {"bits": 16, "group_size": 8}, {"bits": 8, "group_size": 8, "fmt": "fp4"},
+    {"bits": 4, "group_size": 8, "clip": "asym"}, {"bits": 4, "group_size": 8, "fmt": "nf4"},
 ])
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):

@@ -20,13 +20,13 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from qatlaw.precision import Precision, parse
 from qatlaw.quant import LAC, QATLinear, QuantOptions
 
-__all__ = ["ModelConfig", "Model", "QuantOptions", "non_embedding_params"]
+__all__ = ["Model", "ModelConfig", "QuantOptions", "non_embedding_params"]
 
 INIT_STD = 0.02
 

@@ -21,9 +21,9 @@ settings have the same canonical name.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping
 
 LAYER_TYPES = ("qkv", "o", "fc1", "fc2")
 VALID_BITS = (2, 3, 4, 5, 6, 7, 8, 16)

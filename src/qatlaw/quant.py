@@ -18,12 +18,13 @@ learnable clipping factor γ per group index shared across tokens
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from qatlaw.precision import LayerQuant
 
