@@ -40,6 +40,7 @@ def write_user_project(workdir: Path, **data_overrides) -> None:
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
     cfg["data"].update({"sources": ["texts/*.txt"], "vocab_size": 600, "val_fraction": 0.1, **data_overrides})
     cfg["grid"]["tokens"] = ["4K", "8K"]
+    del cfg["grid"]["ablation"]
     (workdir / "config.yaml").write_text(yaml.safe_dump(cfg))
 
 
