@@ -1,0 +1,169 @@
+"""Quantization error of every run, δ_p = loss(p) − loss(BF16 baseline of the same size, tokens and seed), and
+its split into a weight and an activation part (paper §4.3, Fig. 6 and 8).
+
+``decomposition.parquet`` (:func:`decomposition`), one row per (size, tokens_requested, seed, group, metric):
+
+| column | meaning |
+|---|---|
+| ``size``, ``N``, ``D``, ``tokens_requested``, ``seed``, ``group``, ``G`` | the cell and group, as in ``runs.parquet`` |
+| ``D_over_N`` | tokens per parameter |
+| ``metric`` | ``loss`` (δ of the smoothed training loss, the paper's) or ``val_loss`` (of the validation loss) |
+| ``delta_W4A4``, ``delta_W4A16``, ``delta_W16A4`` | δ of the W4A4 run, the weight-only and the activation-only run |
+| ``sum_components`` | δ_W4A16 + δ_W16A4 |
+| ``ratio_R`` | δ_W16A4 / δ_W4A16 (> 1: the activation error dominates; paper 1.2–1.67) |
+| ``delta_W4A4_fc2a8``, ``delta_W16A4_fc2a8`` | δ of the same with the FC2 input at 8 bit |
+| ``ratio_R_fc2a8`` | δ_W16A4-fc2a8 / δ_W4A16 (paper 0.85–1.10) |
+
+A δ whose run is missing or diverged is NaN, and so is everything computed from it.
+
+``decomposition_fit.parquet`` (:func:`decomposition_fit`), one row per metric: ``metric``, ``k`` (slope of
+δ_W4A4 ≈ k · (δ_W4A16 + δ_W16A4) through the origin; paper 0.906), ``r2`` (uncentred R², 1 − Σ(y − kx)² / Σy²),
+``n`` (rows used), ``n_dropped`` (rows with a NaN δ).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from qatlaw.errors import QatlawError
+from qatlaw.io import atomic_path
+
+log = logging.getLogger("qatlaw.decompose")
+
+CELL = ["size", "tokens_requested", "seed"]
+DELTA_COLUMNS = (
+    "run_id", "size", "N", "D", "tokens_requested", "seed", "precision", "group", "G",
+    "loss", "val_loss", "baseline_loss", "baseline_val_loss", "delta", "delta_val", "diverged",
+)
+
+
+class DecomposeError(QatlawError):
+    """The run table cannot give quantization errors (missing columns or baselines)."""
+
+
+def delta_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per QAT run with its δ on the smoothed training loss (``delta``) and on the validation loss
+    (``delta_val``). ``diverged`` is true when the run or its baseline diverged (δ is then NaN)."""
+    needed = {"run_id", "size", "N", "D", "tokens_requested", "seed", "precision", "group", "G", "loss",
+              "val_loss", "diverged"}
+    missing = sorted(needed - set(runs.columns))
+    if missing:
+        raise DecomposeError(f"run table lacks columns {', '.join(missing)}")
+    is_base = runs["precision"] == "BF16"
+    base = runs[is_base].set_index(CELL)
+    if base.index.duplicated().any():
+        raise DecomposeError(f"more than one BF16 baseline for cell {base.index[base.index.duplicated()][0]}")
+    qat = runs[~is_base]
+    keys = pd.MultiIndex.from_frame(qat[CELL])
+    orphans = ~keys.isin(base.index)
+    if orphans.any():
+        raise DecomposeError(f"run {qat['run_id'][orphans].iloc[0]} has no BF16 baseline with the same size, tokens and seed")
+    matched = base.reindex(keys)
+    out = qat.assign(
+        baseline_loss=matched["loss"].to_numpy(),
+        baseline_val_loss=matched["val_loss"].to_numpy(),
+        diverged=qat["diverged"].to_numpy() | matched["diverged"].to_numpy(),
+    )
+    out = out.assign(
+        delta=(out["loss"] - out["baseline_loss"]).where(~out["diverged"]),
+        delta_val=(out["val_loss"] - out["baseline_val_loss"]).where(~out["diverged"]),
+    )
+    if out["diverged"].any():
+        log.warning("%d runs have no δ because they or their baseline diverged", int(out["diverged"].sum()))
+    return out.loc[:, list(DELTA_COLUMNS)].reset_index(drop=True)
+
+
+# --- weight/activation decomposition (paper §1.5, §3.2) -------------------------------------------------------
+
+DECOMP_KEY = ["size", "tokens_requested", "seed", "group"]
+METRICS = {"loss": "delta", "val_loss": "delta_val"}
+COMPONENTS = {  # decomposition column -> precision of its runs
+    "delta_W4A4": "W4A4", "delta_W4A16": "W4A16", "delta_W16A4": "W16A4",
+    "delta_W4A4_fc2a8": "W4A4-fc2a8", "delta_W16A4_fc2a8": "W16A4-fc2a8",
+}
+DECOMPOSITION_COLUMNS = (
+    "size", "N", "D", "tokens_requested", "D_over_N", "seed", "group", "G", "metric",
+    "delta_W4A4", "delta_W4A16", "delta_W16A4", "sum_components", "ratio_R",
+    "delta_W4A4_fc2a8", "delta_W16A4_fc2a8", "ratio_R_fc2a8",
+)
+FIT_COLUMNS = ("metric", "k", "r2", "n", "n_dropped")
+PAPER_K = 0.906  # δ_W4A4 ≈ 0.906 · (δ_W4A16 + δ_W16A4), paper Fig. 6
+
+
+def read_runs(path: str | Path) -> pd.DataFrame:
+    """The run table ``runs.parquet``; DecomposeError when it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise DecomposeError(f"{path}: run table not found")
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as exc:
+        raise DecomposeError(f"{path}: not a readable Parquet run table ({str(exc).splitlines()[0]})") from None
+
+
+def decomposition(deltas: pd.DataFrame) -> pd.DataFrame:
+    """δ_W4A4 next to its weight part δ_W4A16 and activation part δ_W16A4, per cell and group.
+
+    One row per (size, tokens_requested, seed, group) holding any of the five precisions of ``COMPONENTS``,
+    and per metric (``loss``: δ of the smoothed training loss, ``val_loss``: of the validation loss). A δ whose
+    run is missing or diverged is NaN, and so is everything computed from it. ``sum_components`` =
+    δ_W4A16 + δ_W16A4; ``ratio_R`` = δ_W16A4 / δ_W4A16 (> 1: activation error dominates); ``ratio_R_fc2a8`` =
+    δ_W16A4-fc2a8 / δ_W4A16. ``N``, ``G`` are the cell's; ``D`` the most tokens any of its runs trained.
+    """
+    runs = deltas[deltas["precision"].isin(COMPONENTS.values())]
+    if runs.empty:
+        raise DecomposeError(f"no runs of precision {', '.join(COMPONENTS.values())} to decompose")
+    long = runs.melt(id_vars=DECOMP_KEY + ["precision"], value_vars=list(METRICS.values()),
+                     var_name="metric", value_name="value")
+    long["metric"] = long["metric"].map({v: k for k, v in METRICS.items()})
+    wide = long.pivot(index=DECOMP_KEY + ["metric"], columns="precision", values="value")
+    wide = wide.reindex(columns=list(COMPONENTS.values()))
+    wide.columns = list(COMPONENTS)
+    facts = runs.groupby(DECOMP_KEY)[["N", "D", "G"]].max()
+    out = wide.reset_index().join(facts, on=DECOMP_KEY)
+    out = out.assign(
+        D_over_N=out["D"] / out["N"],
+        sum_components=out["delta_W4A16"] + out["delta_W16A4"],
+        ratio_R=out["delta_W16A4"] / out["delta_W4A16"],
+        ratio_R_fc2a8=out["delta_W16A4_fc2a8"] / out["delta_W4A16"],
+    )
+    return out.loc[:, list(DECOMPOSITION_COLUMNS)].sort_values(
+        ["metric", "N", "size", "tokens_requested", "seed", "G"], ignore_index=True)
+
+
+def decomposition_fit(decomp: pd.DataFrame) -> pd.DataFrame:
+    """Least squares through the origin, δ_W4A4 ≈ k · (δ_W4A16 + δ_W16A4), one row per metric.
+
+    ``r2`` is the uncentred R² of a fit through the origin, 1 − Σ(y − kx)² / Σy² (the share of Σy² the line
+    explains; the centred R² is not meaningful without an intercept). ``n`` rows are used, ``n_dropped`` had a
+    NaN δ. The paper's k is ``PAPER_K`` = 0.906.
+    """
+    rows = []
+    for metric, part in decomp.groupby("metric", sort=True):
+        ok = part[["delta_W4A4", "sum_components"]].notna().all(axis=1)
+        x, y = part.loc[ok, "sum_components"].to_numpy(float), part.loc[ok, "delta_W4A4"].to_numpy(float)
+        sxx, syy = float((x * x).sum()), float((y * y).sum())
+        k = float((x * y).sum()) / sxx if sxx > 0 else float("nan")
+        r2 = 1 - float(((y - k * x) ** 2).sum()) / syy if sxx > 0 and syy > 0 else float("nan")
+        if not ok.all():
+            log.warning("decomposition fit (%s): %d of %d rows dropped for a missing δ", metric, int((~ok).sum()),
+                        len(ok))
+        rows.append((metric, k, r2, int(ok.sum()), int((~ok).sum())))
+    return pd.DataFrame(rows, columns=list(FIT_COLUMNS))
+
+
+def run_decompose(runs_path: str | Path, decomposition_path: str | Path, fit_path: str | Path) -> pd.DataFrame:
+    """Read ``runs.parquet``, write the decomposition table and its fit (schemas in the module docstring)."""
+    decomp = decomposition(delta_table(read_runs(runs_path)))
+    fit = decomposition_fit(decomp)
+    with atomic_path(decomposition_path) as tmp:
+        decomp.to_parquet(tmp, index=False)
+    with atomic_path(fit_path) as tmp:
+        fit.to_parquet(tmp, index=False)
+    for row in fit.itertuples():
+        log.info("δ_W4A4 ≈ %.3f · (δ_W4A16 + δ_W16A4) on %s (uncentred R² %.3f, n %d; paper k %.3f)",
+                 row.k, row.metric, row.r2, row.n, PAPER_K)
+    return fit

@@ -1,0 +1,169 @@
+"""Per-layer quantization error of trained models: how well each linear layer's weight and input activation
+survive 4-bit fake quantization at several group sizes.
+
+Each model (``model.pt`` as written by :mod:`qatlaw.train`) runs one fixed batch, the first ``n_tokens``
+validation tokens cut into windows of its ``seq_len``; forward hooks on every
+:class:`~qatlaw.quant.QATLinear` see the layer's input before the layer's own fake quantization. Each tensor
+(the weight, ``(out, in)``, and the input, ``(tokens, in)``) is fake-quantized with
+:func:`qatlaw.quant.fake_quant` (plain AbsMax, no LAC, the run's ``clip`` and ``format``) for every group size
+that divides its row length ``in``.
+
+``layer_error.parquet`` (:func:`run_layer_error`), one row per run, layer, tensor and group size:
+
+| column | meaning |
+|---|---|
+| ``run_id``, ``size``, ``precision`` | the run, as in ``runs.parquet`` |
+| ``run_group`` | the group the run was trained with (``32``, ``channel``, ``none`` for BF16) |
+| ``layer_index`` | block number, from 0 |
+| ``layer_type`` | ``qkv``, ``o``, ``fc1`` or ``fc2`` |
+| ``tensor`` | ``weight`` or ``activation`` (the layer's input) |
+| ``in_features`` | row length of the tensor (the layer's input dimension) |
+| ``group`` | measured group size as a string: ``32`` … or ``channel`` (one group per row) |
+| ``G`` | the same as an integer (``channel``: ``in_features``) |
+| ``bits`` | bit width of the measurement (4) |
+| ``rel_mse`` | mean((Q(x) − x)²) / mean(x²) |
+| ``qsnr_db`` | −10 · log10(rel_mse) (inf when the tensor lies on its grid) |
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from qatlaw.data import load_tokens
+from qatlaw.errors import QatlawError
+from qatlaw.grid import RunSettings
+from qatlaw.io import atomic_path
+from qatlaw.model import Model, ModelConfig
+from qatlaw.quant import GroupSize, QATLinear, fake_quant
+from qatlaw.train import quant_options
+
+log = logging.getLogger("qatlaw.layer_error")
+
+DEFAULT_TOKENS = 4096
+DEFAULT_GROUPS: tuple[GroupSize, ...] = (32, 64, 128, 256, "channel")
+RUN_COLUMNS = ("run_id", "size", "precision", "run_group")
+LAYER_ERROR_COLUMNS = RUN_COLUMNS + (
+    "layer_index", "layer_type", "tensor", "in_features", "group", "G", "bits", "rel_mse", "qsnr_db",
+)
+
+
+class AnalysisError(QatlawError):
+    """A trained model or the validation tokens cannot be analysed."""
+
+
+def load_run(path: str | Path) -> tuple[Model, RunSettings]:
+    """Rebuild a trained model from its ``model.pt`` (in eval mode) with its run settings."""
+    path = Path(path)
+    if not path.is_file():
+        raise AnalysisError(f"{path}: model file not found")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        settings = RunSettings(**saved["settings"])
+        model = Model(ModelConfig(**saved["model_config"]), settings.precision, quant_options(settings))
+        model.load_state_dict(saved["model"])
+    except (OSError, RuntimeError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as exc:
+        raise AnalysisError(f"{path}: not a model.pt written by training ({str(exc).splitlines()[0]})") from None
+    return model.eval(), settings
+
+
+def token_windows(tokens: np.ndarray, n_tokens: int, seq_len: int) -> torch.Tensor:
+    """The first ``n_tokens`` tokens (at most) as non-overlapping windows, shape (windows, seq_len)."""
+    n_windows = min(n_tokens, len(tokens)) // seq_len
+    if n_windows < 1:
+        raise AnalysisError(f"{min(n_tokens, len(tokens))} validation tokens are less than one window of {seq_len}")
+    return torch.from_numpy(tokens[: n_windows * seq_len].astype(np.int64)).view(n_windows, seq_len)
+
+
+@torch.no_grad()
+def visit_layer_inputs(model: Model, idx: torch.Tensor, visit: Callable[[QATLinear, torch.Tensor], None]) -> None:
+    """Run ``idx`` through the model and call ``visit(layer, x)`` for every quantized linear layer, in forward
+    order, with its input ``x`` of shape (tokens, in_features) as it enters the layer (before its fake quant)."""
+    def hook(layer: QATLinear, args: tuple[torch.Tensor, ...]) -> None:
+        visit(layer, args[0].detach().reshape(-1, layer.in_features))
+
+    handles = [layer.register_forward_pre_hook(hook) for layer in model.qat_linears()]
+    try:
+        model(idx)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def relative_mse(x: torch.Tensor, bits: int, group: GroupSize, clip: str = "paper", fmt: str = "int") -> float:
+    """mean((Q(x) − x)²) / mean(x²) of group-wise fake quantization along the last dim; NaN for x = 0."""
+    power = float(x.square().double().sum())
+    noise = float((fake_quant(x, bits, group, clip=clip, fmt=fmt) - x).square().double().sum())
+    return noise / power if power > 0 else float("nan")
+
+
+def qsnr_db(rel_mse: float) -> float:
+    """Quantization signal-to-noise ratio in dB, −10 · log10(rel_mse)."""
+    return math.inf if rel_mse == 0 else -10 * math.log10(rel_mse)
+
+
+def layer_error(model: Model, idx: torch.Tensor, groups: Iterable[GroupSize] = DEFAULT_GROUPS, *, bits: int = 4,
+                clip: str = "paper", fmt: str = "int") -> pd.DataFrame:
+    """Quantization error of every quantized linear layer's weight and input on batch ``idx``
+    (the columns of ``layer_error.parquet`` from ``layer_index`` on)."""
+    groups = list(groups)
+    rows = []
+
+    def visit(layer: QATLinear, x: torch.Tensor) -> None:
+        n = layer.in_features
+        for tensor, values in (("weight", layer.weight.detach()), ("activation", x)):
+            for group in groups:
+                g = n if group == "channel" else int(group)
+                if n % g:
+                    continue
+                err = relative_mse(values, bits, group, clip, fmt)
+                rows.append((layer.layer_index, layer.layer_type, tensor, n, str(group), g, bits, err, qsnr_db(err)))
+
+    visit_layer_inputs(model, idx, visit)
+    return pd.DataFrame(rows, columns=list(LAYER_ERROR_COLUMNS[len(RUN_COLUMNS):]))
+
+
+def analyse_models(model_paths: Sequence[str | Path], val_path: str | Path, n_tokens: int,
+                   analyse: Callable[[Model, RunSettings, torch.Tensor], pd.DataFrame]) -> pd.DataFrame:
+    """Concatenate ``analyse(model, settings, windows)`` over the models, each row prefixed by its run's
+    ``RUN_COLUMNS``; every model sees the first ``n_tokens`` tokens of the validation shard."""
+    tokens = load_tokens(val_path)
+    frames = []
+    for path in model_paths:
+        model, s = load_run(path)
+        if len(tokens) and int(tokens.max()) >= model.cfg.vocab_size:
+            raise AnalysisError(f"{val_path}: token id {int(tokens.max())} is out of range for {path} "
+                                f"(vocabulary {model.cfg.vocab_size})")
+        frame = analyse(model, s, token_windows(tokens, n_tokens, s.seq_len))
+        run = {"run_id": s.run_id, "size": s.size, "precision": s.precision,
+               "run_group": "none" if s.group is None else str(s.group)}
+        frames.append(frame.assign(**run).loc[:, list(RUN_COLUMNS) + list(frame.columns)])
+    if not frames:
+        raise AnalysisError("no model files given")
+    return pd.concat(frames, ignore_index=True)
+
+
+def run_layer_error(model_paths: Sequence[str | Path], val_path: str | Path, out_path: str | Path, *,
+                    n_tokens: int = DEFAULT_TOKENS, groups: Iterable[GroupSize | str] = DEFAULT_GROUPS,
+                    bits: int = 4, threads: int = 1) -> pd.DataFrame:
+    """Measure every model's per-layer quantization error and write ``layer_error.parquet``."""
+    torch.set_num_threads(threads)
+    try:
+        groups = [g if g == "channel" else int(g) for g in groups]
+    except ValueError:
+        raise AnalysisError(f"group sizes must be integers or 'channel', got {list(groups)}") from None
+    t0 = time.perf_counter()
+    table = analyse_models(model_paths, val_path, n_tokens,
+                           lambda m, s, idx: layer_error(m, idx, groups, bits=bits, clip=s.clip, fmt=s.format))
+    with atomic_path(out_path) as tmp:
+        table.to_parquet(tmp, index=False)
+    log.info("layer error of %d models (%d rows) in %.1f s", len(model_paths), len(table), time.perf_counter() - t0)
+    return table
