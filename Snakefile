@@ -21,6 +21,9 @@ wildcard_constraints:
 
 include: "rules/data.smk"
 include: "rules/train.smk"
+include: "rules/decompose.smk"
+include: "rules/outliers.smk"
+include: "rules/mixed.smk"
 
 
 rule all:

@@ -20,7 +20,16 @@ RUNS = {run.run_id: run for run in grid.grid_runs(config)}
 
 def final_outputs():
     """Targets of the default run."""
-    return ["results/data/manifest.json", "results/runs.parquet"]
+    return [
+        "results/data/manifest.json",
+        "results/runs.parquet",
+        "results/analysis/decomposition.parquet",
+        "results/analysis/decomposition_fit.parquet",
+        "results/analysis/layer_error.parquet",
+        "results/analysis/outliers.parquet",
+        "results/analysis/mixed_precision.parquet",
+        "results/analysis/mixed_ranking.parquet",
+    ]
 
 
 def corpus_parts():
@@ -46,6 +55,11 @@ def allow_repeat_flag():
 def run_summaries():
     """Summary Parquet of every run of the grid."""
     return [f"results/runs/{run_id}/summary.parquet" for run_id in RUNS]
+
+
+def run_models():
+    """Final weights of every run of the grid."""
+    return [f"results/runs/{run_id}/model.pt" for run_id in RUNS]
 
 
 def _run(wildcards):

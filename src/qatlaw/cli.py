@@ -122,6 +122,31 @@ def _runs(args: argparse.Namespace) -> None:
     log.info("%d runs (%d diverged) -> %s", len(table), int(table["diverged"].sum()), args.out)
 
 
+def _decompose(args: argparse.Namespace) -> None:
+    from qatlaw import decompose
+
+    decompose.run_decompose(args.runs, args.out, args.fit)
+
+
+def _mixed(args: argparse.Namespace) -> None:
+    from qatlaw import mixed
+
+    mixed.run_mixed(args.runs, args.out, args.ranking)
+
+
+def _layer_error(args: argparse.Namespace) -> None:
+    from qatlaw import layer_error
+
+    layer_error.run_layer_error(args.models, args.val, args.out, n_tokens=args.tokens, groups=args.groups,
+                                bits=args.bits, threads=args.threads)
+
+
+def _outliers(args: argparse.Namespace) -> None:
+    from qatlaw import outliers
+
+    outliers.run_outliers(args.models, args.val, args.out, n_tokens=args.tokens, threads=args.threads)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     p = argparse.ArgumentParser(prog="qatlaw", description=__doc__)
@@ -179,6 +204,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("summaries", nargs="+")
     s.add_argument("--out", required=True)
     s.set_defaults(func=_runs)
+
+    s = sub.add_parser("decompose", help="δ per run, weight/activation decomposition and its fit")
+    s.add_argument("--runs", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--fit", required=True)
+    s.set_defaults(func=_decompose)
+
+    s = sub.add_parser("mixed", help="mixed-precision ablation: δ change of each layer override")
+    s.add_argument("--runs", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--ranking", required=True)
+    s.set_defaults(func=_mixed)
+
+    for name, func, helptext in (
+        ("layer-error", _layer_error, "per-layer quantization error (relative MSE, QSNR) of trained models"),
+        ("outliers", _outliers, "kurtosis and outlier statistics of every linear layer's input"),
+    ):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("models", nargs="+", help="model.pt files of finished runs")
+        s.add_argument("--val", required=True, help="validation token shard")
+        s.add_argument("--out", required=True)
+        s.add_argument("--tokens", type=int, default=4096, help="validation tokens fed through each model")
+        s.add_argument("--threads", type=int, default=1)
+        if func is _layer_error:
+            s.add_argument("--groups", nargs="+", default=["32", "64", "128", "256", "channel"])
+            s.add_argument("--bits", type=int, default=4)
+        s.set_defaults(func=func)
     return p
 
 

@@ -115,8 +115,8 @@ def validate(config: Mapping[str, Any]) -> dict[str, Any]:
     """Validate a config mapping against the schema and the semantic rules; return a copy with defaults."""
     schema = load_schema()
     cfg = copy.deepcopy(dict(config))
-    cfg.setdefault("training", {})
-    cfg.setdefault("quant", {})
+    for section in ("training", "quant", "analysis"):
+        cfg.setdefault(section, {})
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
     if errors:
