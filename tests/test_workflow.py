@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -39,8 +40,10 @@ def write_user_project(workdir: Path, **data_overrides) -> None:
         (workdir / "texts" / f"doc{i:02d}.txt").write_text(body)
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
     cfg["data"].update({"sources": ["texts/*.txt"], "vocab_size": 600, "val_fraction": 0.1, **data_overrides})
-    cfg["grid"]["tokens"] = ["4K", "8K"]
+    cfg["grid"].update(sizes=["0.1M"], tokens=["4K", "8K"], groups=[32], precisions=["W4A4", "W4A16", "W16A4", "W4A4-fc2a8"])
     del cfg["grid"]["ablation"]
+    cfg["training"]["eval_tokens"] = 2048
+    cfg["analysis"]["tokens"] = 1024
     (workdir / "config.yaml").write_text(yaml.safe_dump(cfg))
 
 
@@ -51,7 +54,7 @@ def test_lint_is_clean():
 
 
 @pytest.mark.slow
-def test_data_stage_on_a_user_corpus(tmp_path):
+def test_whole_workflow_on_a_user_corpus(tmp_path):
     write_user_project(tmp_path)
     result = run_snakemake(tmp_path, "--cores", "2")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -61,6 +64,15 @@ def test_data_stage_on_a_user_corpus(tmp_path):
     assert manifest["splits"]["train"]["tokens"] == pq.ParquetFile(data_dir / "train.parquet").metadata.num_rows
     budget = json.loads((data_dir / "budget.json").read_text())
     assert set(budget["epochs"]) == {"4000", "8000"}
+    runs = pd.read_parquet(tmp_path / "results" / "runs.parquet")
+    assert len(runs) == 2 * 5 and set(runs["precision"]) == {"BF16", "W4A4", "W4A16", "W16A4", "W4A4-fc2a8"}
+    assert not runs["diverged"].any()
+    analysis = tmp_path / "results" / "analysis"
+    decomposition = pd.read_parquet(analysis / "decomposition.parquet")
+    assert len(decomposition) == 2 * 2  # two cells x two metrics
+    layers = pd.read_parquet(analysis / "outliers.parquet")
+    assert len(layers) == 10 * 2 * 4  # runs x blocks x layer types
+    assert set(pd.read_parquet(analysis / "mixed_precision.parquet")["precision"]) == {"W4A4-fc2a8"}
     # nothing left to do on a second run
     again = run_snakemake(tmp_path, "--cores", "2", "--dry-run")
     assert "Nothing to be done" in again.stdout + again.stderr
