@@ -1,0 +1,313 @@
+"""Law fitting: known constants recovered from synthetic runs, the QuEST runs, robustness, run_fits tables."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from qatlaw import decompose, fit
+
+QUEST = Path(__file__).parent / "data" / "quest" / "runs_for_scaling.json"
+
+# Paper Table 1: (k, γN, γD, γG) per precision (γG of the FC2-8-bit rows as assigned in PAPER.md §1.4)
+TABLE1 = {
+    "W4A4": (0.1582, 0.2186, 0.0745, 0.7779),
+    "W4A16": (0.2522, 0.3589, 0.1610, 0.3533),
+    "W16A4": (0.1004, 0.1816, 0.0331, 0.9812),
+    "W4A4-fc2a8": (0.3519, 0.2637, 0.0964, 0.3407),
+    "W16A4-fc2a8": (0.1273, 0.2347, 0.0827, 0.4491),
+}
+CHIN = {"E": 1.9279, "A": 237.7042, "alpha": 0.3022, "B": 596.2490, "beta": 0.3022}
+# The paper's grid: N (non-embedding) with its hidden size (the G of per-channel runs), D, groups
+SIZES = {"74M": (74.3e6, 768), "145M": (144.7e6, 1024), "297M": (297.3e6, 1536), "595M": (594.5e6, 1536)}
+TOKENS = {"10B": 10e9, "20B": 20e9, "50B": 50e9, "100B": 100e9}
+GROUPS = ("32", "64", "128", "256", "channel")
+NOISE = 0.01
+
+
+def law(precision: str) -> dict[str, float]:
+    return dict(zip(fit.DELTA_CONSTANTS, TABLE1[precision]))
+
+
+def delta_grid(precision: str, noise: float = 0.0, seed: int = 0) -> pd.DataFrame:
+    """δ of every (N, D, G) of the paper's grid from Table 1, times exp(noise · standard normal)."""
+    rng = np.random.default_rng(seed)
+    rows = [{"N": n, "D": d, "G": hidden if g == "channel" else int(g), "group": g}
+            for (n, hidden), d, g in itertools.product(SIZES.values(), TOKENS.values(), GROUPS)]
+    df = pd.DataFrame(rows)
+    delta = fit.predict_delta(law(precision), df["N"], df["D"], df["G"])
+    return df.assign(delta=delta * np.exp(noise * rng.standard_normal(len(df))))
+
+
+def loss_grid(noise: float = 0.0, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame([{"N": n, "D": d} for (n, _), d in itertools.product(SIZES.values(), TOKENS.values())])
+    return df.assign(loss=fit.predict_loss(CHIN, df["N"], df["D"]) * np.exp(noise * rng.standard_normal(len(df))))
+
+
+def relative(fitted: dict, true: dict) -> dict[str, float]:
+    return {c: abs(fitted[c] / v - 1) for c, v in true.items()}
+
+
+# ---------------------------------------------------------------------------------------------- known answers
+
+@pytest.mark.parametrize("precision", TABLE1)
+def test_delta_law_recovers_table1_exactly_without_noise(precision):
+    out = fit.fit_delta(delta_grid(precision))
+    assert out["n_runs"] == 80 and out["n_dropped"] == 0
+    assert max(relative(out, law(precision)).values()) < 1e-3
+
+
+def test_delta_law_with_one_percent_noise_is_within_its_statistical_precision():
+    """Within 5%, or 4 least-squares standard errors where the grid cannot do better at 1% noise: k is an
+    extrapolation to N = D = 1 (standard error 5.5%) and γD of W16A4 is small (0.0331, standard error 4.7%)."""
+    for i, precision in enumerate(TABLE1):
+        df = delta_grid(precision, NOISE, seed=i)
+        x = np.column_stack([np.ones(len(df)), -np.log(df["N"]), np.log(df["D"]), np.log(np.log2(df["G"]))])
+        se = NOISE * np.sqrt(np.diag(np.linalg.inv(x.T @ x)))
+        true = law(precision)
+        rel_se = dict(zip(fit.DELTA_CONSTANTS, [se[0]] + [s / true[c] for s, c in zip(se[1:], fit.DELTA_CONSTANTS[1:])]))
+        out = fit.fit_delta(df)
+        for c, err in relative(out, true).items():
+            assert err < max(0.05, 4 * rel_se[c]), (precision, c, err)
+        assert abs(out["gamma_N"] / true["gamma_N"] - 1) < 0.05 and abs(out["gamma_G"] / true["gamma_G"] - 1) < 0.05
+        clean = delta_grid(precision)
+        pred = fit.predict_delta(out, clean["N"], clean["D"], clean["G"])
+        assert fit.relative_error(pred, clean["delta"]) < 0.01
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_chinchilla_recovers_table1_exactly_without_noise(tie):
+    out = fit.fit_chinchilla(loss_grid(), tie_exponents=tie, inits=32)
+    assert out["n_runs"] == 16
+    assert max(relative(out, CHIN).values()) < 1e-3
+
+
+def test_chinchilla_with_one_percent_noise_fits_the_losses_but_not_the_constants():
+    """On a 4 × 4 grid E, A and α trade off against each other: 1% noise moves A by ~70% (E can even reach
+    0). The bootstrap intervals, refitted from every local optimum, are correspondingly wide and contain the
+    truth; the law itself reproduces the noiseless losses to within the noise."""
+    noisy, clean = loss_grid(NOISE, seed=1), loss_grid()
+    out = fit.fit_chinchilla(noisy, inits=32, n_boot=25)
+    assert fit.relative_error(fit.predict_loss(out, clean["N"], clean["D"]), clean["loss"]) < NOISE
+    assert relative(out, CHIN)["A"] > 0.5
+    for c, (low, high) in out["ci"].items():
+        assert low <= CHIN[c] <= high, c
+    assert out["ci"]["A"][1] / out["ci"]["A"][0] > 10
+
+
+def test_epm_reproduces_paper_appendix_h():
+    """PAPER.md §1.7: W4A4 at G = 128, and with the FC2 input at 8 bit."""
+    for precision, expected in (("W4A4", (0.78, 0.71, 0.69)), ("W4A4-fc2a8", (0.84, 0.80, 0.78))):
+        got = fit.epm(np.array([74.3e6, 594.5e6, 973.1e6]), np.array([10e9, 100e9, 200e9]), 128, law(precision), CHIN)
+        np.testing.assert_allclose(got, expected, atol=0.02)
+
+
+def test_epm_law_recovers_eff_per_group():
+    """δ generated by the EPM law itself, eff = 0.9 for G = 32 and 0.7 for channel: one eff per group label."""
+    df = delta_grid("W4A4")
+    df = df[df["group"].isin(["32", "channel"])]
+    eff = df["group"].map({"32": 0.9, "channel": 0.7})
+    df = df.assign(delta=fit.epm_delta(CHIN, eff.to_numpy(), df["N"].to_numpy()))
+    assert fit.fit_epm(df, CHIN) == pytest.approx({"32": 0.9, "channel": 0.7}, rel=1e-6)
+    assert fit.fit_epm(df.drop(columns="group"), CHIN) == pytest.approx(
+        {"32": 0.9, "768": 0.7, "1024": 0.7, "1536": 0.7}, rel=1e-6)
+
+
+def test_relative_error_is_mean_absolute_relative_difference():
+    assert fit.relative_error([1.1, 0.8], [1.0, 1.0]) == pytest.approx(0.15)
+
+
+# ------------------------------------------------------------------------------------------------- QuEST
+
+@pytest.fixture(scope="module")
+def quest() -> pd.DataFrame:
+    runs = pd.DataFrame(json.loads(QUEST.read_text()))
+    return runs.rename(columns={"non_embedding_parameters": "N", "tokens": "D"})
+
+
+def test_quest_w4a4_error_falls_with_size_along_d_100n(quest):
+    """QuEST trains at D ≈ 100 N, so log δ = c + s·log N with s = γD − γN (paper W4A4: 0.0745 − 0.2186 =
+    −0.144). W4A4 runs of the TrustQuantizer pair (plain RMS-scaled quantizer, no Hadamard rotation; one of the
+    two most common W4A4 pairs, and the closest to the paper's AbsMax) give s ≈ −0.171."""
+    bf16 = quest[(quest["w_quant"] == "NoQuantizer") & (quest["a_quant"] == "NoQuantizer")].set_index("N")
+    w4a4 = quest[(quest["w_bits"] == 4) & (quest["a_bits"] == 4) & (quest["w_quant"] == "TrustQuantizer")
+                 & (quest["a_quant"] == "TrustQuantizer")].set_index("N")
+    assert len(w4a4) == 6 and w4a4.index.isin(bf16.index).all()
+    np.testing.assert_allclose(w4a4["D"] / w4a4.index, 100, rtol=0.04)
+    delta = w4a4["loss"] - bf16.loc[w4a4.index, "loss"]
+    assert (delta > 0).all()
+    slope, _ = np.polyfit(np.log(delta.index.to_numpy(float)), np.log(delta.to_numpy()), 1)
+    assert -0.35 < slope < -0.05
+    assert slope == pytest.approx(-0.1706, abs=1e-3)
+
+
+def test_quest_bf16_chinchilla_fit_and_unidentified_delta_law(quest):
+    bf16 = quest[(quest["w_quant"] == "NoQuantizer") & (quest["a_quant"] == "NoQuantizer")]
+    out = fit.fit_chinchilla(bf16, inits=32)
+    assert out["n_runs"] == 6 and 0 < out["alpha"] < 1
+    assert fit.relative_error(fit.predict_loss(out, bf16["N"], bf16["D"]), bf16["loss"]) < 0.003
+    # one granularity (per-row quantizers) and D ∝ N: the unified law's exponents are not identified
+    w4a4 = quest[(quest["w_bits"] == 4) & (quest["a_bits"] == 4) & (quest["w_quant"] == "TrustQuantizer")]
+    delta = w4a4["loss"].to_numpy() - bf16.set_index("N").loc[w4a4["N"], "loss"].to_numpy()
+    with pytest.raises(fit.FitError, match="G takes a single value"):
+        fit.fit_delta(w4a4.assign(G=768, delta=delta))
+
+
+# ------------------------------------------------------------------------------------------------- robustness
+
+def test_diverged_nan_and_non_positive_runs_are_dropped_and_counted(caplog):
+    df = delta_grid("W4A4").assign(diverged=False)
+    df.loc[0, "delta"] = np.nan
+    df.loc[1, "delta"] = -0.01
+    df.loc[2, "delta"] = 0.0
+    df.loc[3, ["delta", "diverged"]] = [50.0, True]  # would wreck the fit if it were used
+    with caplog.at_level(logging.WARNING, logger="qatlaw.fit"):
+        out = fit.fit_delta(df)
+    assert (out["n_runs"], out["n_dropped"]) == (76, 4)
+    assert max(relative(out, law("W4A4")).values()) < 1e-3
+    assert "dropped 4 of 80 runs" in caplog.text
+
+
+def test_unfittable_inputs_raise_fit_error():
+    df = delta_grid("W4A4")
+    with pytest.raises(fit.FitError, match="lacks columns G, delta"):
+        fit.fit_delta(df.drop(columns=["G", "delta"]))
+    with pytest.raises(fit.FitError, match="0 usable runs for 4 parameters"):
+        fit.fit_delta(df.assign(delta=np.nan))
+    with pytest.raises(fit.FitError, match="3 usable runs for 4 parameters"):
+        fit.fit_delta(df.iloc[[0, 7, 30]])
+    with pytest.raises(fit.FitError, match="column D takes a single value"):
+        fit.fit_delta(df[df["D"] == 10e9])
+    assert fit.fit_delta(df[df["D"] == 10e9], use_D=False)["gamma_D"] == 0.0
+    with pytest.raises(fit.FitError, match="lacks columns loss"):
+        fit.fit_chinchilla(df)
+    with pytest.raises(fit.FitError, match="3 usable runs for 4 parameters"):
+        fit.fit_chinchilla(loss_grid().iloc[[0, 5, 10]])
+    with pytest.raises(fit.FitError, match="column N takes a single value"):
+        fit.fit_chinchilla(loss_grid().iloc[:4])
+
+
+def test_bootstrap_intervals_cover_the_true_constants():
+    """90% intervals on 1%-noise data, independent noise per precision: 18 of 20 expected to cover the truth,
+    fewer than 15 has a probability of about 1%."""
+    covered = []
+    for i, precision in enumerate(TABLE1):
+        out = fit.fit_delta(delta_grid(precision, NOISE, seed=10 + i), n_boot=60, seed=i)
+        assert set(out["ci"]) == set(fit.DELTA_CONSTANTS)
+        for c, v in law(precision).items():
+            low, high = out["ci"][c]
+            assert low <= out[c] <= high
+            covered.append(low <= v <= high)
+    assert sum(covered) >= 15, sum(covered)
+    no_d = fit.fit_delta(delta_grid("W4A4", NOISE), use_D=False, n_boot=20)
+    assert "gamma_D" not in no_d["ci"] and no_d["gamma_D"] == 0.0
+
+
+def test_bootstrap_is_seeded():
+    df = delta_grid("W4A16", NOISE)
+    first = fit.fit_delta(df, n_boot=10, seed=3)["ci"]
+    assert fit.fit_delta(df, n_boot=10, seed=3)["ci"] == first
+    assert fit.fit_delta(df, n_boot=10, seed=4)["ci"] != first
+
+
+def test_no_intervals_when_too_few_resamples_can_be_fitted(caplog):
+    exact = loss_grid().iloc[[0, 5, 10, 15]]  # 4 runs for the 4 tied Chinchilla constants
+    with caplog.at_level(logging.WARNING, logger="qatlaw.fit"):
+        result = fit.fit_chinchilla(exact, n_boot=40, seed=0)
+    assert all(np.isnan(low) and np.isnan(high) for low, high in result["ci"].values())
+    assert "no intervals" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------- run_fits
+
+def run_table(noise: float = NOISE, seed: int = 0) -> pd.DataFrame:
+    """A run table on 3 × 3 of the paper's sizes and tokens, groups 32/128/channel, W4A4 and W4A16, with
+    Table-1 losses: BF16 = Chinchilla × noise, QAT = BF16 + δ × noise; plus a W4A4-qkva8 ablation of 2 runs."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    cells = itertools.product(list(SIZES.items())[1:], list(TOKENS.items())[1:])
+    for (size, (n, hidden)), (tokens, d) in cells:
+        cell = {"size": size, "N": int(n), "D": int(d), "tokens_requested": int(d), "seed": 0, "diverged": False}
+        base = float(fit.predict_loss(CHIN, n, d)) * np.exp(noise * rng.standard_normal())
+        rows.append(cell | {"run_id": f"{size}/{tokens}/seed0/BF16", "precision": "BF16", "group": "none",
+                            "G": None, "loss": base})
+        for precision, group in itertools.product(("W4A4", "W4A16", "W4A4-qkva8"), ("32", "128", "channel")):
+            if precision == "W4A4-qkva8" and (group != "32" or size != "595M" or tokens == "100B"):
+                continue
+            g = hidden if group == "channel" else int(group)
+            delta = float(fit.predict_delta(law(precision.split("-")[0]), n, d, g))
+            rows.append(cell | {"run_id": f"{size}/{tokens}/seed0/{precision}_g{group}", "precision": precision,
+                                "group": group, "G": g, "loss": base + delta * np.exp(noise * rng.standard_normal())})
+    runs = pd.DataFrame(rows).astype({"G": "Int64"})
+    return runs.assign(val_loss=runs["loss"])
+
+
+@pytest.fixture(scope="module")
+def fitted() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    runs = run_table()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fit, "CHINCHILLA_INITS", 16)
+        return (runs, *fit.run_fits(decompose.delta_table(runs), runs, n_boot=10))
+
+
+def test_run_fits_tables_have_the_documented_columns(fitted, tmp_path):
+    runs, params, predictions, comparison = fitted
+    assert list(params.columns) == list(fit.PARAMS_COLUMNS)
+    assert list(predictions.columns) == list(fit.PREDICTIONS_COLUMNS)
+    assert list(comparison.columns) == list(fit.COMPARISON_COLUMNS)
+    assert set(params["law"]) == {"chinchilla", "unified", "no_D", "epm"}
+    assert set(predictions["held_out"]) == {"none", "largest_N", "largest_D"}
+    assert predictions["G"].dtype == "Int64" and predictions.loc[predictions["law"] == "chinchilla", "G"].isna().all()
+    epm_constants = params.loc[(params["law"] == "epm") & (params["precision"] == "W4A4"), "constant"]
+    assert sorted(epm_constants) == ["eff_G128", "eff_G32", "eff_Gchannel"]
+    in_sample = predictions[predictions["held_out"] == "none"]
+    # chinchilla on 9 BF16 runs; 3 δ laws × 27 runs × 2 precisions; the EPM law of the 2-run ablation
+    assert len(in_sample) == 9 + 3 * 27 * 2 + 2
+    np.testing.assert_allclose(in_sample["residual"], in_sample["predicted"] - in_sample["observed"])
+    fit.write_fits(params, predictions, comparison, tmp_path / "fit")
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "fit" / "comparison.parquet"), comparison)
+    assert len(pd.read_parquet(tmp_path / "fit" / "predictions.parquet")) == len(predictions)
+
+
+def test_run_fits_recovers_the_laws_and_ranks_the_baselines(fitted):
+    runs, params, predictions, comparison = fitted
+    comp = comparison.set_index(["law", "precision"])
+    for precision in ("W4A4", "W4A16"):
+        unified = comp.loc[("unified", precision)]
+        assert unified["n_runs"] == 27 and unified["rel_error"] < 0.02
+        assert unified["heldout_largest_N_rel_error"] < 0.05 and unified["heldout_largest_D_rel_error"] < 0.05
+        assert comp.loc[("no_D", precision), "rel_error"] > 2 * unified["rel_error"]
+        assert comp.loc[("epm", precision), "rel_error"] > 2 * unified["rel_error"]
+        assert comp.loc[("no_D", precision), "heldout_largest_D_rel_error"] > 0.05
+    assert comp.loc[("chinchilla", "BF16"), "rel_error"] < 0.01
+    w4a4 = params[(params["law"] == "unified") & (params["precision"] == "W4A4")].set_index("constant")
+    assert w4a4.loc["gamma_G", "value"] == pytest.approx(law("W4A4")["gamma_G"], rel=0.1)
+    assert (w4a4["ci_low"] <= w4a4["value"]).all() and (w4a4["value"] <= w4a4["ci_high"]).all()
+    # the 2-run ablation cannot be fitted: NaN rows and counts, no crash
+    skipped = params[(params["precision"] == "W4A4-qkva8") & (params["law"] == "unified")]
+    assert skipped["value"].isna().all() and (skipped["n_runs"] == 2).all()
+    assert np.isnan(comp.loc[("unified", "W4A4-qkva8"), "rel_error"])
+
+
+def test_predict_from_params_uses_the_fitted_laws(fitted):
+    runs, params, _, _ = fitted
+    got = fit.predict_from_params(params, 973e6, 200e9, 128, "W4A4")
+    unified = params[(params["law"] == "unified") & (params["precision"] == "W4A4")]
+    chin = params[params["law"] == "chinchilla"]
+    delta_params = dict(zip(unified["constant"], unified["value"]))
+    chin_params = dict(zip(chin["constant"], chin["value"]))
+    assert got["delta"] == pytest.approx(fit.predict_delta(delta_params, 973e6, 200e9, 128))
+    assert got["delta"] == pytest.approx(fit.predict_delta(law("W4A4"), 973e6, 200e9, 128), rel=0.1)
+    assert got["qat_loss"] == pytest.approx(got["bf16_loss"] + got["delta"])
+    assert got["epm"] == pytest.approx(float(fit.epm(973e6, 200e9, 128, delta_params, chin_params)))
+    with pytest.raises(fit.FitError, match="no unified law for precision W2A2"):
+        fit.predict_from_params(params, 1e9, 1e10, 128, "W2A2")
+    with pytest.raises(fit.FitError, match="W4A4-qkva8 was not fitted"):
+        fit.predict_from_params(params, 1e9, 1e10, 128, "W4A4-qkva8")
