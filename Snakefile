@@ -24,6 +24,7 @@ include: "rules/train.smk"
 include: "rules/decompose.smk"
 include: "rules/outliers.smk"
 include: "rules/mixed.smk"
+include: "rules/fit.smk"
 
 
 rule all:

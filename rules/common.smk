@@ -29,6 +29,9 @@ def final_outputs():
         "results/analysis/outliers.parquet",
         "results/analysis/mixed_precision.parquet",
         "results/analysis/mixed_ranking.parquet",
+        "results/fit/params.parquet",
+        "results/fit/predictions.parquet",
+        "results/fit/comparison.parquet",
     ]
 
 

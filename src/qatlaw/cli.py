@@ -147,6 +147,31 @@ def _outliers(args: argparse.Namespace) -> None:
     outliers.run_outliers(args.models, args.val, args.out, n_tokens=args.tokens, threads=args.threads)
 
 
+def _fit(args: argparse.Namespace) -> None:
+    from qatlaw import decompose, fit
+
+    runs = decompose.read_runs(args.runs)
+    params, predictions, comparison = fit.run_fits(decompose.delta_table(runs), runs, n_boot=args.bootstrap,
+                                                   seed=args.seed)
+    fit.write_fits(params, predictions, comparison, args.out_dir)
+    for row in comparison.itertuples():
+        log.info("%s %s: relative error %.1f%% over %d runs", row.law, row.precision, 100 * row.rel_error, row.n_runs)
+
+
+def _predict(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from qatlaw import fit, precision
+
+    try:
+        name = precision.canonical(args.precision)
+    except ValueError as exc:
+        raise fit.FitError(str(exc)) from None
+    params = pd.read_parquet(args.params)
+    result = fit.predict_from_params(params, args.N, args.D, args.G, name)
+    print(" ".join(f"{key}={value:.6g}" for key, value in result.items()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     p = argparse.ArgumentParser(prog="qatlaw", description=__doc__)
@@ -216,6 +241,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--ranking", required=True)
     s.set_defaults(func=_mixed)
+
+    s = sub.add_parser("fit", help="fit the Chinchilla law, the unified QAT law and the baselines")
+    s.add_argument("--runs", required=True)
+    s.add_argument("--out-dir", required=True, help="writes params, predictions and comparison Parquet files")
+    s.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the 90%% intervals")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_fit)
+
+    s = sub.add_parser("predict", help="predict δ, the BF16 and QAT loss and the EPM from fitted constants")
+    s.add_argument("--params", required=True, help="results/fit/params.parquet")
+    s.add_argument("--N", type=float, required=True, help="non-embedding parameters")
+    s.add_argument("--D", type=float, required=True, help="training tokens")
+    s.add_argument("--G", type=float, required=True, help="group size (per-channel: the row length)")
+    s.add_argument("--precision", default="W4A4")
+    s.set_defaults(func=_predict)
 
     for name, func, helptext in (
         ("layer-error", _layer_error, "per-layer quantization error (relative MSE, QSNR) of trained models"),

@@ -115,7 +115,7 @@ def validate(config: Mapping[str, Any]) -> dict[str, Any]:
     """Validate a config mapping against the schema and the semantic rules; return a copy with defaults."""
     schema = load_schema()
     cfg = copy.deepcopy(dict(config))
-    for section in ("training", "quant", "analysis"):
+    for section in ("training", "quant", "analysis", "fit"):
         cfg.setdefault(section, {})
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
