@@ -73,6 +73,10 @@ def test_whole_workflow_on_a_user_corpus(tmp_path):
     layers = pd.read_parquet(analysis / "outliers.parquet")
     assert len(layers) == 10 * 2 * 4  # runs x blocks x layer types
     assert set(pd.read_parquet(analysis / "mixed_precision.parquet")["precision"]) == {"W4A4-fc2a8"}
+    params = pd.read_parquet(tmp_path / "results" / "fit" / "params.parquet")
+    chinchilla = params[params["law"] == "chinchilla"]
+    assert set(chinchilla["constant"]) == {"A", "B", "E", "alpha", "beta"}
+    assert set(params["precision"]) >= {"BF16", "W4A4", "W4A16", "W16A4", "W4A4-fc2a8"}
     # nothing left to do on a second run
     again = run_snakemake(tmp_path, "--cores", "2", "--dry-run")
     assert "Nothing to be done" in again.stdout + again.stderr
