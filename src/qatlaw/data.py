@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from qatlaw.corpus import read_documents
 from qatlaw.errors import QatlawError
-from qatlaw.io import atomic_path, write_json
+from qatlaw.io import atomic_path, write_json, write_parquet
 
 EOS = "<|endoftext|>"
 SHARD_COLUMNS = ("token", "doc")
@@ -176,8 +176,7 @@ def tokenize_corpus(
             "tokens": counts,
         }
     )
-    with atomic_path(documents_path) as tmp:
-        table.to_parquet(tmp, index=False)
+    write_parquet(table, documents_path)
     with atomic_path(tokenizer_path) as tmp:
         tok.save(str(tmp))
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import pandas as pd
 
 from qatlaw.errors import QatlawError
-from qatlaw.io import atomic_path
+from qatlaw.io import write_parquet
 
 log = logging.getLogger("qatlaw.decompose")
 
@@ -159,10 +159,8 @@ def run_decompose(runs_path: str | Path, decomposition_path: str | Path, fit_pat
     """Read ``runs.parquet``, write the decomposition table and its fit (schemas in the module docstring)."""
     decomp = decomposition(delta_table(read_runs(runs_path)))
     fit = decomposition_fit(decomp)
-    with atomic_path(decomposition_path) as tmp:
-        decomp.to_parquet(tmp, index=False)
-    with atomic_path(fit_path) as tmp:
-        fit.to_parquet(tmp, index=False)
+    write_parquet(decomp, decomposition_path)
+    write_parquet(fit, fit_path)
     for row in fit.itertuples():
         log.info("δ_W4A4 ≈ %.3f · (δ_W4A16 + δ_W16A4) on %s (uncentred R² %.3f, n %d; paper k %.3f)",
                  row.k, row.metric, row.r2, row.n, PAPER_K)

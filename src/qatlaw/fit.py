@@ -64,7 +64,7 @@ from scipy.stats import qmc
 from threadpoolctl import threadpool_limits
 
 from qatlaw.errors import QatlawError
-from qatlaw.io import atomic_path
+from qatlaw.io import write_parquet
 from qatlaw.precision import BASELINE
 
 log = logging.getLogger("qatlaw.fit")
@@ -527,8 +527,7 @@ def write_fits(params: pd.DataFrame, predictions: pd.DataFrame, comparison: pd.D
                out_dir: str | Path) -> None:
     """Write params, predictions and comparison as ``<out_dir>/<name>.parquet``, each atomically."""
     for name, table in (("params", params), ("predictions", predictions), ("comparison", comparison)):
-        with atomic_path(Path(out_dir) / f"{name}.parquet") as tmp:
-            table.to_parquet(tmp, index=False)
+        write_parquet(table, Path(out_dir) / f"{name}.parquet")
 
 
 def _law_constants(params: pd.DataFrame, law: str, precision: str) -> dict[str, float]:

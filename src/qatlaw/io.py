@@ -8,7 +8,10 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @contextmanager
@@ -30,3 +33,9 @@ def write_json(data: Any, path: str | Path) -> None:
     """Write JSON atomically, pretty-printed with sorted keys."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_parquet(table: pd.DataFrame, path: str | Path) -> None:
+    """Write a DataFrame to Parquet atomically, without its index."""
+    with atomic_path(path) as tmp:
+        table.to_parquet(tmp, index=False)

@@ -41,7 +41,7 @@ import torch
 from qatlaw.data import load_tokens
 from qatlaw.errors import QatlawError
 from qatlaw.grid import RunSettings
-from qatlaw.io import atomic_path
+from qatlaw.io import write_parquet
 from qatlaw.model import Model, ModelConfig
 from qatlaw.quant import GroupSize, QATLinear, fake_quant
 from qatlaw.train import quant_options
@@ -163,7 +163,6 @@ def run_layer_error(model_paths: Sequence[str | Path], val_path: str | Path, out
     t0 = time.perf_counter()
     table = analyse_models(model_paths, val_path, n_tokens,
                            lambda m, s, idx: layer_error(m, idx, groups, bits=bits, clip=s.clip, fmt=s.format))
-    with atomic_path(out_path) as tmp:
-        table.to_parquet(tmp, index=False)
+    write_parquet(table, out_path)
     log.info("layer error of %d models (%d rows) in %.1f s", len(model_paths), len(table), time.perf_counter() - t0)
     return table

@@ -35,7 +35,7 @@ import pandas as pd
 from qatlaw import precision as prec
 from qatlaw.decompose import DECOMP_KEY, METRICS, delta_table, read_runs
 from qatlaw.errors import QatlawError
-from qatlaw.io import atomic_path
+from qatlaw.io import write_parquet
 
 log = logging.getLogger("qatlaw.mixed")
 
@@ -110,10 +110,8 @@ def run_mixed(runs_path: str | Path, out_path: str | Path, ranking_path: str | P
     """Read ``runs.parquet``; write the per-run comparison and the ranking (schemas in the module docstring)."""
     mixed = mixed_precision(delta_table(read_runs(runs_path)))
     ranked = ranking(mixed)
-    with atomic_path(out_path) as tmp:
-        mixed.to_parquet(tmp, index=False)
-    with atomic_path(ranking_path) as tmp:
-        ranked.to_parquet(tmp, index=False)
+    write_parquet(mixed, out_path)
+    write_parquet(ranked, ranking_path)
     for row in ranked.itertuples():
         log.info("%s %s-%s: mean relative change of δ %+.1f%% over %d cells", row.metric, row.base_precision,
                  row.override, 100 * row.mean_relative_change, row.n_relative)

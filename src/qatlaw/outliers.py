@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from qatlaw.io import atomic_path
+from qatlaw.io import write_parquet
 from qatlaw.layer_error import (
     DEFAULT_TOKENS,
     RUN_COLUMNS,
@@ -91,7 +91,6 @@ def run_outliers(model_paths: Sequence[str | Path], val_path: str | Path, out_pa
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     table = analyse_models(model_paths, val_path, n_tokens, lambda m, s, idx: outlier_stats(m, idx))
-    with atomic_path(out_path) as tmp:
-        table.to_parquet(tmp, index=False)
+    write_parquet(table, out_path)
     log.info("outliers of %d models (%d rows) in %.1f s", len(model_paths), len(table), time.perf_counter() - t0)
     return table

@@ -29,7 +29,7 @@ import torch
 
 from qatlaw.errors import QatlawError
 from qatlaw.grid import RunSettings, effective_group
-from qatlaw.io import atomic_path
+from qatlaw.io import atomic_path, write_parquet
 from qatlaw.model import Model, ModelConfig, non_embedding_params
 from qatlaw.quant import QuantOptions
 
@@ -237,11 +237,9 @@ def train_run(
     }
     with atomic_path(model_path) as tmp:
         torch.save({"settings": asdict(s), "model_config": asdict(model.cfg), "model": model.state_dict()}, tmp)
-    with atomic_path(metrics_path) as tmp:
-        metrics.to_parquet(tmp, index=False)
+    write_parquet(metrics, metrics_path)
     frame = pd.DataFrame([summary], columns=list(SUMMARY_COLUMNS)).astype({"G": "Int64"})
-    with atomic_path(summary_path) as tmp:
-        frame.to_parquet(tmp, index=False)
+    write_parquet(frame, summary_path)
     checkpoint_path.unlink(missing_ok=True)
     log.info("%s: done: loss %.4f val_loss %.4f in %.1f s (%.0f tok/s)%s", s.run_id, summary["loss"], val_loss,
              wall, summary["tokens_per_s"], " DIVERGED" if diverged else "")
@@ -257,6 +255,5 @@ def collect_runs(summary_paths: list[str | Path], out_path: str | Path) -> pd.Da
             raise TrainError(f"{path}: expected one run summary row with columns {', '.join(SUMMARY_COLUMNS)}")
         frames.append(frame)
     table = pd.concat(frames, ignore_index=True).sort_values("run_id", ignore_index=True)
-    with atomic_path(out_path) as tmp:
-        table.to_parquet(tmp, index=False)
+    write_parquet(table, out_path)
     return table
