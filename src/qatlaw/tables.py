@@ -1,0 +1,208 @@
+"""The paper's tables from the fit outputs, next to the paper's numbers, as CSV and Markdown.
+
+Every table is one function ``<name>(<inputs>, out_stem)`` that writes ``<out_stem>.csv`` and
+``<out_stem>.md`` (e.g. ``results/tables/table1_constants``) and returns the table. ``TABLES`` names the input
+files each table reads (keys of :data:`qatlaw.plots.INPUTS`); :func:`make_table` is the entry point for the
+workflow.
+
+- ``table1_constants`` (paper Table 1): the unified law's k, γN, γD, γG per precision and the Chinchilla
+  constants, with their 90% bootstrap intervals. Columns ``setting``, ``law``, ``precision``, ``constant``,
+  ``value``, ``ci_low``, ``ci_high``, ``paper``, ``n_runs``, ``n_dropped``.
+- ``table2_laws`` (paper Table 2): mean relative error |δ̂ − δ|/δ of the EPM laws (one per granularity) and of
+  the unified law, per precision. Columns ``precision``, ``method``, ``law``, ``n_laws``, ``n_runs``,
+  ``rel_error_pct``, ``heldout_largest_N_pct``, ``heldout_largest_D_pct``, ``paper_rel_error_pct``.
+- ``table4_no_D`` (paper Table 4): relative error of the unified law without and with its D term. Columns
+  ``precision``, ``n_runs``, ``without_D_pct``, ``with_D_pct``, ``heldout_largest_D_without_pct``,
+  ``heldout_largest_D_with_pct``, ``paper_without_D_pct``, ``paper_with_D_pct``.
+
+A law that could not be fitted shows NaN (Markdown: "not fitted"); a missing input file or column is a
+:class:`qatlaw.plots.PlotError`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from qatlaw import fit
+from qatlaw.io import atomic_path
+from qatlaw.plots import CONSTANT_SYMBOLS, PlotError, read_input
+from qatlaw.precision import BASELINE
+
+TABLES: dict[str, tuple[str, ...]] = {
+    "table1_constants": ("params",),
+    "table2_laws": ("comparison", "params"),
+    "table4_no_D": ("comparison", "params"),
+}
+PAPER_TABLE1: dict[str, dict[str, float]] = {  # paper Table 1 (γG of the FC2-8-bit rows as in PAPER.md §1.4)
+    "W4A4": {"k": 0.1582, "gamma_N": 0.2186, "gamma_D": 0.0745, "gamma_G": 0.7779},
+    "W4A16": {"k": 0.2522, "gamma_N": 0.3589, "gamma_D": 0.1610, "gamma_G": 0.3533},
+    "W16A4": {"k": 0.1004, "gamma_N": 0.1816, "gamma_D": 0.0331, "gamma_G": 0.9812},
+    "W4A4-fc2a8": {"k": 0.3519, "gamma_N": 0.2637, "gamma_D": 0.0964, "gamma_G": 0.3407},
+    "W16A4-fc2a8": {"k": 0.1273, "gamma_N": 0.2347, "gamma_D": 0.0827, "gamma_G": 0.4491},
+}
+PAPER_CHINCHILLA = {"E": 1.9279, "A": 237.7042, "alpha": 0.3022, "B": 596.2490, "beta": 0.3022}
+PAPER_TABLE2 = {("W4A16", "epm"): 19.3, ("W4A4", "epm"): 8.5, ("W4A16", "unified"): 5.2, ("W4A4", "unified"): 4.7}
+PAPER_TABLE4 = {"W4A4": (8.6, 4.7), "W4A16": (13.8, 5.2)}  # relative error (%) without, with the D term
+SETTINGS = {"W4A4": "δ_W4A4", "W4A16": "δ_W4A16 (weight only)", "W16A4": "δ_W16A4 (activation only)",
+            "W4A4-fc2a8": "δ_W4A4, FC2 input 8 bit", "W16A4-fc2a8": "δ_W16A4, FC2 input 8 bit"}
+METHODS = {"epm": "EPM, one law per G (Eq. 3)", "unified": "unified law (Eq. 5)"}
+TABLE1_COLUMNS = ("setting", "law", "precision", "constant", "value", "ci_low", "ci_high", "paper", "n_runs",
+                  "n_dropped")
+TABLE2_COLUMNS = ("precision", "method", "law", "n_laws", "n_runs", "rel_error_pct", "heldout_largest_N_pct",
+                  "heldout_largest_D_pct", "paper_rel_error_pct")
+TABLE4_COLUMNS = ("precision", "n_runs", "without_D_pct", "with_D_pct", "heldout_largest_D_without_pct",
+                  "heldout_largest_D_with_pct", "paper_without_D_pct", "paper_with_D_pct")
+
+
+def _precisions(params: pd.DataFrame) -> list[str]:
+    """The paper's precisions present in a params table, in its order, then any other precision whose unified
+    law was fitted (the single-cell ablation precisions are left out)."""
+    unified = params[params["law"] == "unified"]
+    present = set(unified["precision"])
+    fitted = set(unified.loc[unified["value"].notna(), "precision"])
+    return [p for p in PAPER_TABLE1 if p in present] + sorted(fitted - set(PAPER_TABLE1))
+
+
+def _pct(value: float) -> float:
+    """A fraction as a percentage (NaN stays NaN)."""
+    return 100 * float(value) if np.isfinite(value) else math.nan
+
+
+def _percent(value: float, missing: str = "n/a") -> str:
+    """A percentage cell of the Markdown tables."""
+    return f"{value:.1f}%" if np.isfinite(value) else missing
+
+
+def _cell(value: object) -> str:
+    """A Markdown cell: numbers to 4 significant digits, NaN as 'not fitted'."""
+    if isinstance(value, float | np.floating):
+        return "not fitted" if not np.isfinite(value) else f"{value:.4g}"
+    return "" if value is None or value is pd.NA else str(value)
+
+
+def _write(table: pd.DataFrame, out_stem: str | Path, title: str, notes: str,
+           markdown: Callable[[pd.Series], list[str]], header: list[str]) -> None:
+    """Write ``<out_stem>.csv`` (the table) and ``<out_stem>.md`` (title, Markdown rows, notes)."""
+    with atomic_path(Path(f"{out_stem}.csv")) as tmp:
+        table.to_csv(tmp, index=False)
+    lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(markdown(row)) + " |" for _, row in table.iterrows()]
+    with atomic_path(Path(f"{out_stem}.md")) as tmp:
+        tmp.write_text("\n".join(lines + ["", notes, ""]))
+
+
+def table1_constants(params: str | Path, out_stem: str | Path) -> pd.DataFrame:
+    """Paper Table 1: fitted constants of the unified law per precision and of Chinchilla, with intervals."""
+    prm = read_input(params, "params")
+    rows = []
+    blocks = [("unified", p, SETTINGS.get(p, f"δ_{p}"), fit.DELTA_CONSTANTS, PAPER_TABLE1.get(p, {}))
+              for p in _precisions(prm)]
+    blocks.append(("chinchilla", BASELINE, "Chinchilla (BF16 loss)", ("E", "A", "alpha", "B", "beta"),
+                   PAPER_CHINCHILLA))
+    for law, precision, setting, names, paper in blocks:
+        fitted = prm[(prm["law"] == law) & (prm["precision"] == precision)].set_index("constant")
+        for name in names:
+            row = fitted.loc[name] if name in fitted.index else None
+            rows.append({"setting": setting, "law": law, "precision": precision, "constant": name,
+                         "value": math.nan if row is None else float(row["value"]),
+                         "ci_low": math.nan if row is None else float(row["ci_low"]),
+                         "ci_high": math.nan if row is None else float(row["ci_high"]),
+                         "paper": paper.get(name, math.nan),
+                         "n_runs": pd.NA if row is None else int(row["n_runs"]),
+                         "n_dropped": pd.NA if row is None else int(row["n_dropped"])})
+    table = pd.DataFrame(rows, columns=list(TABLE1_COLUMNS)).astype({"n_runs": "Int64", "n_dropped": "Int64"})
+
+    def markdown(row: pd.Series) -> list[str]:
+        ci = f"[{row['ci_low']:.4g}, {row['ci_high']:.4g}]" if np.isfinite([row["ci_low"], row["ci_high"]]).all() \
+            else "–"
+        return [row["setting"], CONSTANT_SYMBOLS[row["constant"]], _cell(row["value"]), ci,
+                _cell(row["paper"]) if np.isfinite(row["paper"]) else "–",
+                f"{_cell(row['n_runs'])} ({_cell(row['n_dropped'])} dropped)"]
+    _write(table, out_stem, "Table 1: fitted constants (this run vs the paper)",
+           "δ = k · D^γD · (log2 G)^γG / N^γN per precision; L = E + A/N^α + B/D^β for BF16. 90% bootstrap "
+           "intervals over runs; dropped runs diverged or had δ ≤ 0.", markdown,
+           ["setting", "constant", "fitted", "90% CI", "paper", "runs"])
+    return table
+
+
+def table2_laws(comparison: str | Path, params: str | Path, out_stem: str | Path) -> pd.DataFrame:
+    """Paper Table 2: relative error of the EPM laws (one per granularity) vs the one unified law."""
+    comp, prm = read_input(comparison, "comparison"), read_input(params, "params")
+    rows = []
+    for precision in _precisions(prm):
+        for law, method in METHODS.items():
+            match = comp[(comp["law"] == law) & (comp["precision"] == precision)]
+            if match.empty:
+                continue
+            row = match.iloc[0]
+            values = prm.loc[(prm["law"] == law) & (prm["precision"] == precision), "value"]
+            n_laws = int(values.notna().any()) if law == "unified" else int(values.notna().sum())
+            rows.append({"precision": precision, "method": method, "law": law, "n_laws": n_laws,
+                         "n_runs": int(row["n_runs"]), "rel_error_pct": _pct(row["rel_error"]),
+                         "heldout_largest_N_pct": _pct(row["heldout_largest_N_rel_error"]),
+                         "heldout_largest_D_pct": _pct(row["heldout_largest_D_rel_error"]),
+                         "paper_rel_error_pct": PAPER_TABLE2.get((precision, law), math.nan)})
+    table = pd.DataFrame(rows, columns=list(TABLE2_COLUMNS))
+
+    def markdown(row: pd.Series) -> list[str]:
+        return [row["precision"], row["method"], str(row["n_laws"]), str(row["n_runs"]),
+                *(_percent(row[c]) for c in ("rel_error_pct", "heldout_largest_N_pct", "heldout_largest_D_pct")),
+                _percent(row["paper_rel_error_pct"], "–")]
+    _write(table, out_stem, "Table 2: EPM laws vs the unified law (mean relative error |δ̂ − δ|/δ)",
+           "In sample, and on the runs of the largest N / largest D predicted by a refit without them.", markdown,
+           ["precision", "method", "laws fitted", "runs", "relative error", "held-out largest N",
+            "held-out largest D", "paper"])
+    return table
+
+
+def table4_no_D(comparison: str | Path, params: str | Path, out_stem: str | Path) -> pd.DataFrame:
+    """Paper Table 4: relative error of the unified law without (no_D) and with its D term."""
+    comp = read_input(comparison, "comparison").set_index(["law", "precision"])
+    rows = []
+    for precision in _precisions(read_input(params, "params")):
+        without = comp.loc[("no_D", precision)] if ("no_D", precision) in comp.index else None
+        with_d = comp.loc[("unified", precision)] if ("unified", precision) in comp.index else None
+        paper = PAPER_TABLE4.get(precision, (math.nan, math.nan))
+        rows.append({"precision": precision,
+                     "n_runs": int((with_d if with_d is not None else without)["n_runs"]),
+                     "without_D_pct": _pct(without["rel_error"]) if without is not None else math.nan,
+                     "with_D_pct": _pct(with_d["rel_error"]) if with_d is not None else math.nan,
+                     "heldout_largest_D_without_pct":
+                         _pct(without["heldout_largest_D_rel_error"]) if without is not None else math.nan,
+                     "heldout_largest_D_with_pct":
+                         _pct(with_d["heldout_largest_D_rel_error"]) if with_d is not None else math.nan,
+                     "paper_without_D_pct": paper[0], "paper_with_D_pct": paper[1]})
+    table = pd.DataFrame(rows, columns=list(TABLE4_COLUMNS))
+
+    def markdown(row: pd.Series) -> list[str]:
+        return [row["precision"], str(row["n_runs"]),
+                *(_percent(row[c]) for c in TABLE4_COLUMNS[2:6]),
+                *(_percent(row[c], "–") for c in TABLE4_COLUMNS[6:])]
+    _write(table, out_stem, "Table 4: the unified law without and with the D term (mean relative error)",
+           "Without D: δ = k · (log2 G)^γG / N^γN. Held out: the runs of the largest D, predicted by a refit "
+           "without them.", markdown,
+           ["precision", "runs", "without D", "with D", "held-out largest D, without D",
+            "held-out largest D, with D", "paper without D", "paper with D"])
+    return table
+
+
+TABLE_FUNCTIONS: dict[str, Callable[..., pd.DataFrame]] = {
+    "table1_constants": table1_constants,
+    "table2_laws": table2_laws,
+    "table4_no_D": table4_no_D,
+}
+
+
+def make_table(name: str, inputs: Mapping[str, str | Path], out_stem: str | Path) -> pd.DataFrame:
+    """Write table ``name`` of ``TABLES`` as ``<out_stem>.csv`` and ``.md`` from its input files."""
+    if name not in TABLES:
+        raise PlotError(f"unknown table {name!r} (known: {', '.join(TABLES)})")
+    missing = [key for key in TABLES[name] if key not in inputs]
+    if missing:
+        raise PlotError(f"table {name}: no input file given for {', '.join(missing)}")
+    return TABLE_FUNCTIONS[name](**{key: inputs[key] for key in TABLES[name]}, out_stem=out_stem)
