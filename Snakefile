@@ -8,6 +8,9 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 
 
@@ -25,6 +28,7 @@ include: "rules/decompose.smk"
 include: "rules/outliers.smk"
 include: "rules/mixed.smk"
 include: "rules/fit.smk"
+include: "rules/figures.smk"
 
 
 rule all:

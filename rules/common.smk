@@ -3,7 +3,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from qatlaw import config as qconfig
-from qatlaw import corpus, grid
+from qatlaw import corpus, grid, plots, tables
 
 
 try:
@@ -32,6 +32,8 @@ def final_outputs():
         "results/fit/params.parquet",
         "results/fit/predictions.parquet",
         "results/fit/comparison.parquet",
+        *expand("results/figures/{figure}.{ext}", figure=plots.FIGURES, ext=["png", "svg"]),
+        *expand("results/tables/{table}.{ext}", table=tables.TABLES, ext=["csv", "md"]),
     ]
 
 
@@ -85,3 +87,18 @@ def train_mem_mb(wildcards):
 def train_runtime(wildcards):
     """Minutes to request for one training run."""
     return grid.estimate_resources(_run(wildcards), config["data"]["vocab_size"])["runtime"]
+
+
+def run_metrics():
+    """Per-step metrics of every run of the grid."""
+    return [f"results/runs/{run_id}/metrics.parquet" for run_id in RUNS]
+
+
+def named_inputs(keys):
+    """Workflow files of the given input roles (see qatlaw.plots.INPUTS)."""
+    return {key: plots.INPUTS[key] for key in keys}
+
+
+def input_args(keys):
+    """The same as KEY=PATH arguments for `qatlaw figure` / `qatlaw table`."""
+    return " ".join(f"{key}={path}" for key, path in named_inputs(keys).items())

@@ -172,6 +172,28 @@ def _predict(args: argparse.Namespace) -> None:
     print(" ".join(f"{key}={value:.6g}" for key, value in result.items()))
 
 
+def _named_inputs(pairs: Sequence[str]) -> dict[str, str]:
+    inputs = {}
+    for pair in pairs:
+        key, sep, path = pair.partition("=")
+        if not sep or not key or not path:
+            raise ConfigError(f"--input {pair!r}: expected KEY=PATH")
+        inputs[key] = path
+    return inputs
+
+
+def _figure(args: argparse.Namespace) -> None:
+    from qatlaw import plots
+
+    plots.make_figure(args.name, _named_inputs(args.input), args.out, args.caption)
+
+
+def _table(args: argparse.Namespace) -> None:
+    from qatlaw import tables
+
+    tables.make_table(args.name, _named_inputs(args.input), args.out_stem)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     p = argparse.ArgumentParser(prog="qatlaw", description=__doc__)
@@ -256,6 +278,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--G", type=float, required=True, help="group size (per-channel: the row length)")
     s.add_argument("--precision", default="W4A4")
     s.set_defaults(func=_predict)
+
+    s = sub.add_parser("figure", help="draw one paper figure (PNG and SVG) from workflow Parquet outputs")
+    s.add_argument("name")
+    s.add_argument("--input", nargs="+", required=True, metavar="KEY=PATH", help="input files by role")
+    s.add_argument("--out", required=True, help="PNG path; the SVG is written beside it")
+    s.add_argument("--caption", default="", help="grid description printed under the figure")
+    s.set_defaults(func=_figure)
+
+    s = sub.add_parser("table", help="write one paper table as CSV and Markdown")
+    s.add_argument("name")
+    s.add_argument("--input", nargs="+", required=True, metavar="KEY=PATH")
+    s.add_argument("--out-stem", required=True, help="writes <stem>.csv and <stem>.md")
+    s.set_defaults(func=_table)
 
     for name, func, helptext in (
         ("layer-error", _layer_error, "per-layer quantization error (relative MSE, QSNR) of trained models"),

@@ -1,0 +1,51 @@
+# Figures stage: one rule per paper figure and table, drawn from Parquet outputs only (never by re-training).
+# Rules are generated from qatlaw.plots.FIGURES / qatlaw.tables.TABLES, which name each one's inputs.
+
+for _figure, _keys in plots.FIGURES.items():
+
+    rule:
+        name:
+            f"figure_{_figure}"
+        input:
+            **named_inputs(_keys),
+            metrics=run_metrics() if _figure == "training_curves" else [],
+        output:
+            png=report(
+                f"results/figures/{_figure}.png",
+                caption=f"../report/{_figure}.rst",
+                category="Figures",
+            ),
+            svg=f"results/figures/{_figure}.svg",
+        params:
+            figure=_figure,
+            inputs=input_args(_keys),
+            caption=plots.grid_caption(config["grid"]),
+        log:
+            f"results/logs/figures/{_figure}.log",
+        conda:
+            "../envs/analysis.yaml"
+        shell:
+            "qatlaw figure {params.figure} --input {params.inputs} --out {output.png} "
+            "--caption {params.caption:q} > {log} 2>&1"
+
+
+for _table, _keys in tables.TABLES.items():
+
+    rule:
+        name:
+            f"table_{_table}"
+        input:
+            **named_inputs(_keys),
+        output:
+            csv=report(f"results/tables/{_table}.csv", category="Tables"),
+            md=f"results/tables/{_table}.md",
+        params:
+            table=_table,
+            inputs=input_args(_keys),
+            stem=subpath(output.csv, strip_suffix=".csv"),
+        log:
+            f"results/logs/tables/{_table}.log",
+        conda:
+            "../envs/analysis.yaml"
+        shell:
+            "qatlaw table {params.table} --input {params.inputs} --out-stem {params.stem} > {log} 2>&1"
