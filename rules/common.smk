@@ -102,3 +102,18 @@ def named_inputs(keys):
 def input_args(keys):
     """The same as KEY=PATH arguments for `qatlaw figure` / `qatlaw table`."""
     return " ".join(f"{key}={path}" for key, path in named_inputs(keys).items())
+
+
+FIGURE_CATEGORIES = {
+    "training_curves": "1. Training",
+    "fig6_decomposition": "2. Weight vs activation error",
+    "fig7_components": "2. Weight vs activation error",
+    "fig8_ratio": "2. Weight vs activation error",
+    "fig9_outliers": "3. Outliers and mixed precision",
+    "mixed_layer_ranking": "3. Outliers and mixed precision",
+}
+
+
+def figure_category(figure):
+    """Report category of a figure: the stage it belongs to (law-fit figures by default)."""
+    return FIGURE_CATEGORIES.get(figure, "4. Scaling law fit")

@@ -13,7 +13,7 @@ for _figure, _keys in plots.FIGURES.items():
             png=report(
                 f"results/figures/{_figure}.png",
                 caption=f"../report/{_figure}.rst",
-                category="Figures",
+                category=figure_category(_figure),
             ),
             svg=f"results/figures/{_figure}.svg",
         params:
@@ -37,7 +37,7 @@ for _table, _keys in tables.TABLES.items():
         input:
             **named_inputs(_keys),
         output:
-            csv=report(f"results/tables/{_table}.csv", category="Tables"),
+            csv=report(f"results/tables/{_table}.csv", category="5. Tables"),
             md=f"results/tables/{_table}.md",
         params:
             table=_table,
