@@ -15,6 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from qatlaw import plots, tables
+
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
@@ -77,6 +79,11 @@ def test_whole_workflow_on_a_user_corpus(tmp_path):
     chinchilla = params[params["law"] == "chinchilla"]
     assert set(chinchilla["constant"]) == {"A", "B", "E", "alpha", "beta"}
     assert set(params["precision"]) >= {"BF16", "W4A4", "W4A16", "W16A4", "W4A4-fc2a8"}
+    figures = tmp_path / "results" / "figures"
+    assert {p.stem for p in figures.glob("*.png")} == set(plots.FIGURES)
+    assert {p.name for p in (tmp_path / "results" / "tables").iterdir()} == {
+        f"{t}.{ext}" for t in tables.TABLES for ext in ("csv", "md")
+    }
     # nothing left to do on a second run
     again = run_snakemake(tmp_path, "--cores", "2", "--dry-run")
     assert "Nothing to be done" in again.stdout + again.stderr
