@@ -3,7 +3,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from qatlaw import config as qconfig
-from qatlaw import corpus, grid, plots, tables
+from qatlaw import corpus, grid, outputs
 
 
 try:
@@ -32,8 +32,8 @@ def final_outputs():
         "results/fit/params.parquet",
         "results/fit/predictions.parquet",
         "results/fit/comparison.parquet",
-        *expand("results/figures/{figure}.{ext}", figure=plots.FIGURES, ext=["png", "svg"]),
-        *expand("results/tables/{table}.{ext}", table=tables.TABLES, ext=["csv", "md"]),
+        *expand("results/figures/{figure}.{ext}", figure=outputs.FIGURES, ext=["png", "svg"]),
+        *expand("results/tables/{table}.{ext}", table=outputs.TABLES, ext=["csv", "md"]),
     ]
 
 
@@ -95,8 +95,8 @@ def run_metrics():
 
 
 def named_inputs(keys):
-    """Workflow files of the given input roles (see qatlaw.plots.INPUTS)."""
-    return {key: plots.INPUTS[key] for key in keys}
+    """Workflow files of the given input roles (see qatlaw.outputs.INPUTS)."""
+    return {key: outputs.INPUTS[key] for key in keys}
 
 
 def input_args(keys):

@@ -1,7 +1,7 @@
 # Figures stage: one rule per paper figure and table, drawn from Parquet outputs only (never by re-training).
-# Rules are generated from qatlaw.plots.FIGURES / qatlaw.tables.TABLES, which name each one's inputs.
+# Rules are generated from qatlaw.outputs.FIGURES / qatlaw.outputs.TABLES, which name each one's inputs.
 
-for _figure, _keys in plots.FIGURES.items():
+for _figure, _keys in outputs.FIGURES.items():
 
     rule:
         name:
@@ -19,7 +19,7 @@ for _figure, _keys in plots.FIGURES.items():
         params:
             figure=_figure,
             inputs=input_args(_keys),
-            caption=plots.grid_caption(config["grid"]),
+            caption=outputs.grid_caption(config["grid"]),
         log:
             f"results/logs/figures/{_figure}.log",
         conda:
@@ -29,7 +29,7 @@ for _figure, _keys in plots.FIGURES.items():
             "--caption {params.caption:q} > {log} 2>&1"
 
 
-for _table, _keys in tables.TABLES.items():
+for _table, _keys in outputs.TABLES.items():
 
     rule:
         name:

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qatlaw import decompose, fit, mixed, plots
+from qatlaw import decompose, fit, mixed, outputs, plots
 from qatlaw.precision import LAYER_TYPES
 
 SIZES = {"s1": (100_000, 64), "s2": (300_000, 128), "s3": (1_000_000, 256)}  # N, hidden size
@@ -121,7 +121,7 @@ def write_results(root: Path, fitted: bool = True) -> dict[str, Path]:
     tables = {"runs": runs, "decomposition": decomp, "decomposition_fit": decompose.decomposition_fit(decomp),
               "outliers": outlier_table(runs), "mixed_ranking": mixed.ranking(mix), "params": params,
               "predictions": predictions}
-    paths = {key: root / plots.INPUTS[key] for key in tables}
+    paths = {key: root / outputs.INPUTS[key] for key in tables}
     for key, table in tables.items():
         paths[key].parent.mkdir(parents=True, exist_ok=True)
         table.to_parquet(paths[key], index=False)
@@ -159,7 +159,7 @@ EXPECTED_NOTES = {"fig4_trends": "1 dropped (δ≤0)", "fig7_components": "W16A4
                   "fig1_contour": "1 observed δ≤0 shown as ×", "fig12_fc2_fit": "W16A4-fc2a8 not fitted"}
 
 
-@pytest.mark.parametrize("name", list(plots.FIGURES))
+@pytest.mark.parametrize("name", list(outputs.FIGURES))
 def test_every_figure_renders(name: str, results: dict[str, Path], tmp_path: Path):
     png = tmp_path / f"{name}.png"
     plots.make_figure(name, results, png, CAPTION)
@@ -168,7 +168,7 @@ def test_every_figure_renders(name: str, results: dict[str, Path], tmp_path: Pat
 
 
 # every figure that reads a law, but fig7, which draws its trends with fig4's code
-UNFITTED = [n for n, keys in plots.FIGURES.items() if {"params", "predictions"} & set(keys) and n != "fig7_components"]
+UNFITTED = [n for n, keys in outputs.FIGURES.items() if {"params", "predictions"} & set(keys) and n != "fig7_components"]
 
 
 @pytest.mark.parametrize("name", UNFITTED)
@@ -210,4 +210,4 @@ def test_training_curves_need_the_metrics_of_every_run(results: dict[str, Path],
 
 def test_grid_caption():
     grid = {"sizes": ["0.1M", "0.3M"], "tokens": ["100K", "200K"], "groups": [32, "channel"], "seeds": [0]}
-    assert plots.grid_caption(grid) == "sizes 0.1M,0.3M · tokens 100K,200K · G 32,channel · seeds 0"
+    assert outputs.grid_caption(grid) == "sizes 0.1M,0.3M · tokens 100K,200K · G 32,channel · seeds 0"

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from qatlaw import plots, tables
+from qatlaw import outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -80,9 +80,9 @@ def test_whole_workflow_on_a_user_corpus(tmp_path):
     assert set(chinchilla["constant"]) == {"A", "B", "E", "alpha", "beta"}
     assert set(params["precision"]) >= {"BF16", "W4A4", "W4A16", "W16A4", "W4A4-fc2a8"}
     figures = tmp_path / "results" / "figures"
-    assert {p.stem for p in figures.glob("*.png")} == set(plots.FIGURES)
+    assert {p.stem for p in figures.glob("*.png")} == set(outputs.FIGURES)
     assert {p.name for p in (tmp_path / "results" / "tables").iterdir()} == {
-        f"{t}.{ext}" for t in tables.TABLES for ext in ("csv", "md")
+        f"{t}.{ext}" for t in outputs.TABLES for ext in ("csv", "md")
     }
     # nothing left to do on a second run
     again = run_snakemake(tmp_path, "--cores", "2", "--dry-run")

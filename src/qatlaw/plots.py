@@ -1,9 +1,9 @@
 """The paper's figures (and two beyond it), drawn from the workflow's Parquet outputs only, never by training.
 
 Every figure is one function ``<name>(<inputs>, out_png, caption_grid)`` that writes ``out_png`` and an SVG
-with the same stem (reproducible: no dates, fixed SVG ids). ``FIGURES`` names the input files each figure
-reads (keys of ``INPUTS``, the default paths); :func:`make_figure` is the one entry point for the workflow.
-``caption_grid`` (see :func:`grid_caption`) is printed under the figure with notes on what was left out, e.g.
+with the same stem (reproducible: no dates, fixed SVG ids). ``qatlaw.outputs.FIGURES`` names the input files each
+figure reads (keys of ``qatlaw.outputs.INPUTS``, the default paths); :func:`make_figure` is the one entry point for the workflow.
+``caption_grid`` (see :func:`qatlaw.outputs.grid_caption`) is printed under the figure with notes on what was left out, e.g.
 "2 dropped (δ≤0)": a non-positive δ cannot go on a log axis. Missing precisions, unfitted laws (NaN constants)
 and empty panels are drawn as explanations, never errors; only a missing input file or a missing column is
 a :class:`PlotError`.
@@ -46,33 +46,9 @@ from qatlaw.errors import QatlawError
 from qatlaw.grid import format_tokens
 from qatlaw.io import atomic_path
 from qatlaw.mixed import RANKING_COLUMNS
+from qatlaw.outputs import FIGURES
 from qatlaw.precision import BASELINE, LAYER_TYPES
 
-INPUTS: dict[str, str] = {
-    "runs": "results/runs.parquet",
-    "decomposition": "results/analysis/decomposition.parquet",
-    "decomposition_fit": "results/analysis/decomposition_fit.parquet",
-    "outliers": "results/analysis/outliers.parquet",
-    "mixed_ranking": "results/analysis/mixed_ranking.parquet",
-    "params": "results/fit/params.parquet",
-    "predictions": "results/fit/predictions.parquet",
-    "comparison": "results/fit/comparison.parquet",  # tables only
-}
-FIGURES: dict[str, tuple[str, ...]] = {
-    "fig1_contour": ("params", "decomposition"),
-    "fig4_trends": ("params", "decomposition"),
-    "fig5_fit": ("predictions", "params"),
-    "fig6_decomposition": ("decomposition", "decomposition_fit"),
-    "fig7_components": ("params", "decomposition"),
-    "fig8_ratio": ("decomposition",),
-    "fig9_outliers": ("outliers", "runs", "decomposition"),
-    "fig10_chinchilla": ("predictions", "params"),
-    "fig11_components_fit": ("predictions", "params"),
-    "fig12_fc2_fit": ("predictions", "params"),
-    "fig16_epm": ("params", "decomposition"),
-    "mixed_layer_ranking": ("mixed_ranking",),
-    "training_curves": ("runs",),  # and runs/<run_id>/metrics.parquet beside runs.parquet
-}
 COLUMNS: dict[str, tuple[str, ...]] = {  # the columns each input must have
     "runs": ("run_id", "size", "N", "D", "tokens_requested", "group", "G", "precision", "seed", "loss"),
     "decomposition": DECOMPOSITION_COLUMNS,
@@ -942,9 +918,3 @@ def make_figure(name: str, inputs: Mapping[str, str | Path], out_png: str | Path
     if missing:
         raise PlotError(f"figure {name}: no input file given for {', '.join(missing)}")
     FIGURE_FUNCTIONS[name](**{key: inputs[key] for key in FIGURES[name]}, out_png=out_png, caption_grid=caption_grid)
-
-
-def grid_caption(grid: Mapping[str, Sequence]) -> str:
-    """The caption line of a config's grid, e.g. 'sizes 0.1M,0.3M · tokens 100K,200K · G 32,channel · seeds 0'."""
-    parts = [("sizes", "sizes"), ("tokens", "tokens"), ("G", "groups"), ("seeds", "seeds")]
-    return " · ".join(f"{label} {','.join(str(v) for v in grid[key])}" for label, key in parts if key in grid)

@@ -30,14 +30,10 @@ import pandas as pd
 
 from qatlaw import fit
 from qatlaw.io import atomic_path
+from qatlaw.outputs import TABLES
 from qatlaw.plots import CONSTANT_SYMBOLS, PlotError, read_input
 from qatlaw.precision import BASELINE
 
-TABLES: dict[str, tuple[str, ...]] = {
-    "table1_constants": ("params",),
-    "table2_laws": ("comparison", "params"),
-    "table4_no_D": ("comparison", "params"),
-}
 PAPER_TABLE1: dict[str, dict[str, float]] = {  # paper Table 1 (γG of the FC2-8-bit rows as in PAPER.md §1.4)
     "W4A4": {"k": 0.1582, "gamma_N": 0.2186, "gamma_D": 0.0745, "gamma_G": 0.7779},
     "W4A16": {"k": 0.2522, "gamma_N": 0.3589, "gamma_D": 0.1610, "gamma_G": 0.3533},

@@ -1,0 +1,45 @@
+"""The catalogue of the workflow's figures and tables: their names and the Parquet inputs each one reads.
+
+Kept free of plotting imports, so the Snakefile can build one rule per figure without loading matplotlib.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+INPUTS: dict[str, str] = {
+    "runs": "results/runs.parquet",
+    "decomposition": "results/analysis/decomposition.parquet",
+    "decomposition_fit": "results/analysis/decomposition_fit.parquet",
+    "outliers": "results/analysis/outliers.parquet",
+    "mixed_ranking": "results/analysis/mixed_ranking.parquet",
+    "params": "results/fit/params.parquet",
+    "predictions": "results/fit/predictions.parquet",
+    "comparison": "results/fit/comparison.parquet",  # tables only
+}
+FIGURES: dict[str, tuple[str, ...]] = {
+    "fig1_contour": ("params", "decomposition"),
+    "fig4_trends": ("params", "decomposition"),
+    "fig5_fit": ("predictions", "params"),
+    "fig6_decomposition": ("decomposition", "decomposition_fit"),
+    "fig7_components": ("params", "decomposition"),
+    "fig8_ratio": ("decomposition",),
+    "fig9_outliers": ("outliers", "runs", "decomposition"),
+    "fig10_chinchilla": ("predictions", "params"),
+    "fig11_components_fit": ("predictions", "params"),
+    "fig12_fc2_fit": ("predictions", "params"),
+    "fig16_epm": ("params", "decomposition"),
+    "mixed_layer_ranking": ("mixed_ranking",),
+    "training_curves": ("runs",),  # and runs/<run_id>/metrics.parquet beside runs.parquet
+}
+TABLES: dict[str, tuple[str, ...]] = {
+    "table1_constants": ("params",),
+    "table2_laws": ("comparison", "params"),
+    "table4_no_D": ("comparison", "params"),
+}
+
+
+def grid_caption(grid: Mapping[str, Sequence]) -> str:
+    """The caption line of a config's grid, e.g. 'sizes 0.1M,0.3M · tokens 100K,200K · G 32,channel · seeds 0'."""
+    parts = [("sizes", "sizes"), ("tokens", "tokens"), ("G", "groups"), ("seeds", "seeds")]
+    return " · ".join(f"{label} {','.join(str(v) for v in grid[key])}" for label, key in parts if key in grid)
