@@ -79,14 +79,35 @@ def run_settings_json(wildcards):
     return _run(wildcards).to_json()
 
 
+def _train_resources(wildcards):
+    training = config["training"]
+    return grid.estimate_resources(_run(wildcards), config["data"]["vocab_size"], threads=training["threads"],
+                                   gpus=training["gpus_per_run"])
+
+
 def train_mem_mb(wildcards):
     """Memory to request for one training run."""
-    return grid.estimate_resources(_run(wildcards), config["data"]["vocab_size"])["mem_mb"]
+    return _train_resources(wildcards)["mem_mb"]
 
 
-def train_runtime(wildcards):
-    """Minutes to request for one training run."""
-    return grid.estimate_resources(_run(wildcards), config["data"]["vocab_size"])["runtime"]
+def train_runtime(wildcards, attempt):
+    """Minutes to request for one training run: the estimate × the attempt (`--retries`), so a run that hit its
+    wall-time limit is resubmitted with more time and resumes from its checkpoint."""
+    return _train_resources(wildcards)["runtime"] * attempt
+
+
+def train_execution():
+    """How training jobs execute, as resources of the train rule (not params), so that changing them retrains
+    nothing: GPUs per run (above 1: torchrun data parallel), device, checkpoint interval, torch.compile, and
+    sequences per micro-batch (0 = the whole batch)."""
+    training = config["training"]
+    return {
+        "gpu": training["gpus_per_run"],
+        "train_device": training["device"],
+        "checkpoint_every": training["checkpoint_every"],
+        "compile": int(training["compile"]),
+        "micro_batch_size": training["micro_batch_size"] or 0,
+    }
 
 
 def run_metrics():

@@ -1,5 +1,7 @@
 # Training stage: one job per grid cell (BF16 baselines once per size/tokens/seed), then the run table.
 # Resumable checkpoints live in results/checkpoints/, outside the outputs that Snakemake deletes on failure.
+# How runs execute (threads, GPUs, device, checkpoint interval, compile, micro-batch) comes from threads and
+# resources, which are not rerun triggers, so changing it retrains nothing; the run is identified by params.settings.
 
 
 rule train:
@@ -19,6 +21,7 @@ rule train:
     resources:
         mem_mb=train_mem_mb,
         runtime=train_runtime,
+        **train_execution(),
     log:
         "results/logs/train/{size}/{tokens}/seed{seed}/{variant}.log",
     benchmark:
@@ -28,7 +31,9 @@ rule train:
     shell:
         "qatlaw train --settings {params.settings:q} --train-tokens {input.train} --val-tokens {input.val} "
         "--manifest {input.manifest} --summary {output.summary} --metrics {output.metrics} "
-        "--model {output.model} --checkpoint {params.checkpoint} > {log} 2>&1"
+        "--model {output.model} --checkpoint {params.checkpoint} --threads {threads} --gpus {resources.gpu} "
+        "--device {resources.train_device} --checkpoint-every {resources.checkpoint_every} "
+        "--compile {resources.compile} --micro-batch-size {resources.micro_batch_size} > {log} 2>&1"
 
 
 rule runs:

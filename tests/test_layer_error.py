@@ -19,8 +19,7 @@ VOCAB = 64
 SETTINGS = RunSettings(
     size="toy", layers=2, hidden=32, ffn=64, heads=4, kv_heads=2, lr=3e-3, batch_size=4, tokens=1024,
     precision="W4A4", group="channel", seed=0, seq_len=16, warmup_fraction=0.1, min_lr_ratio=0.1, beta1=0.9,
-    beta2=0.95, weight_decay=0.1, grad_clip=1.0, loss_ema=0.9, eval_tokens=256, checkpoint_every=4, threads=1,
-    compile=False, clip="paper", format="int", lac="paper",
+    beta2=0.95, weight_decay=0.1, grad_clip=1.0, loss_ema=0.9, eval_tokens=256, clip="paper", format="int", lac="paper",
 )
 
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from qatlaw import train
+from qatlaw import data, train
 from qatlaw.grid import RunSettings
 
 VOCAB = 64
@@ -22,8 +25,7 @@ def settings(**changes) -> RunSettings:
     base = RunSettings(
         size="toy", layers=2, hidden=32, ffn=64, heads=4, kv_heads=2, lr=3e-3, batch_size=4, tokens=4 * 16 * 12,
         precision="W4A4", group=16, seed=0, seq_len=16, warmup_fraction=0.1, min_lr_ratio=0.1, beta1=0.9,
-        beta2=0.95, weight_decay=0.1, grad_clip=1.0, loss_ema=0.9, eval_tokens=256, checkpoint_every=4, threads=1,
-        compile=False, clip="paper", format="int", lac="paper",
+        beta2=0.95, weight_decay=0.1, grad_clip=1.0, loss_ema=0.9, eval_tokens=256, clip="paper", format="int", lac="paper",
     )
     return dataclasses.replace(base, **changes)
 
@@ -39,11 +41,12 @@ def tokens() -> tuple[np.ndarray, np.ndarray]:
     return stream[:5000].astype(np.uint16), stream[5000:].astype(np.uint16)
 
 
-def run(tmp_path, s: RunSettings, tokens, name: str = "run") -> dict:
+def run(tmp_path, s: RunSettings, tokens, name: str = "run", **execution) -> dict:
     out = tmp_path / name
     return train.train_run(
         s, train_tokens=tokens[0], val_tokens=tokens[1], manifest=MANIFEST, summary_path=out / "summary.parquet",
         metrics_path=out / "metrics.parquet", model_path=out / "model.pt", checkpoint_path=out / "ckpt" / "ckpt.pt",
+        execution=train.Execution(**{"checkpoint_every": 4, "device": "cpu", **execution}),
     )
 
 
@@ -186,3 +189,55 @@ def test_collect_runs_checks_each_summary(tmp_path, tokens):
     pd.DataFrame({"loss": [1.0]}).to_parquet(bad)
     with pytest.raises(train.TrainError, match="bad.parquet: expected one run summary row"):
         train.collect_runs([bad], tmp_path / "runs2.parquet")
+
+
+def test_micro_batches_give_the_same_training(tmp_path, tokens):
+    whole = run(tmp_path, settings(), tokens, "whole")
+    micro = run(tmp_path, settings(), tokens, "micro", micro_batch_size=1)
+    a = pd.read_parquet(tmp_path / "whole" / "metrics.parquet")["loss"]
+    b = pd.read_parquet(tmp_path / "micro" / "metrics.parquet")["loss"]
+    assert np.allclose(a, b, rtol=0, atol=1e-4)
+    assert micro["loss"] == pytest.approx(whole["loss"], abs=1e-4)
+
+
+def test_execution_is_not_part_of_the_run_identity():
+    assert "threads" not in settings().to_json() and "checkpoint_every" not in settings().to_json()
+    assert train.settings_hash(settings(), MANIFEST) == train.settings_hash(settings(), MANIFEST)
+
+
+def test_unknown_device_is_refused():
+    with pytest.raises(train.TrainError, match="device"):
+        train.Execution(device="tpu").torch_device()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error():
+    with pytest.raises(train.TrainError, match="no CUDA GPU"):
+        train.Execution(device="cuda").torch_device()
+
+
+@pytest.mark.slow
+def test_data_parallel_run_under_torchrun_matches_one_process(tmp_path, tokens):
+    """`qatlaw train --gpus 2` relaunches itself under torchrun; two gloo processes on CPU, each with half of
+    every batch, train the same model as one process."""
+    for name, part in zip(("train", "val"), tokens):
+        data.write_shard(part, np.zeros(len(part), dtype=np.uint32), tmp_path / f"{name}.parquet", VOCAB)
+    (tmp_path / "manifest.json").write_text(json.dumps(MANIFEST))
+    out = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "qatlaw", "train", "--settings", settings().to_json(),
+         "--train-tokens", str(tmp_path / "train.parquet"), "--val-tokens", str(tmp_path / "val.parquet"),
+         "--manifest", str(tmp_path / "manifest.json"), "--summary", str(out / "summary.parquet"),
+         "--metrics", str(out / "metrics.parquet"), "--model", str(out / "model.pt"),
+         "--checkpoint", str(out / "ckpt.pt"), "--gpus", "2", "--device", "cpu", "--checkpoint-every", "4"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = run(tmp_path, settings(), tokens, "single")
+    ddp = pd.read_parquet(out / "summary.parquet").iloc[0]
+    assert ddp["device"] == "2x cpu" and single["device"] == "cpu"
+    a = pd.read_parquet(tmp_path / "single" / "metrics.parquet")["loss"]
+    b = pd.read_parquet(out / "metrics.parquet")["loss"]
+    assert np.allclose(a, b, rtol=0, atol=1e-4)
+    assert ddp["loss"] == pytest.approx(single["loss"], abs=1e-4)
+    assert ddp["val_loss"] == pytest.approx(single["val_loss"], abs=1e-4)

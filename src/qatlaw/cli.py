@@ -96,6 +96,15 @@ def _budget(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     import json
+    import subprocess
+
+    if args.gpus > 1 and "WORLD_SIZE" not in os.environ:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}",
+                  "-m", "qatlaw", *args.argv]
+        log.info("data parallel over %d GPUs: %s", args.gpus, " ".join(launch[:6]))
+        if subprocess.run(launch).returncode:
+            raise QatlawError(f"torchrun with {args.gpus} processes failed (see the log above)")
+        return
 
     from qatlaw import data, train
     from qatlaw.grid import RunSettings
@@ -112,6 +121,9 @@ def _train(args: argparse.Namespace) -> None:
         metrics_path=args.metrics,
         model_path=args.model,
         checkpoint_path=args.checkpoint,
+        execution=train.Execution(threads=args.threads, checkpoint_every=args.checkpoint_every,
+                                  compile=bool(args.compile), device=args.device,
+                                  micro_batch_size=args.micro_batch_size or None),
     )
 
 
@@ -245,6 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics", required=True)
     s.add_argument("--model", required=True)
     s.add_argument("--checkpoint", required=True, help="resumable checkpoint (kept outside the rule's outputs)")
+    s.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    s.add_argument("--gpus", type=int, default=0, help="GPUs; above 1, rerun under torchrun, data parallel")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s.add_argument("--checkpoint-every", type=int, default=200, help="optimizer steps between checkpoints")
+    s.add_argument("--compile", type=int, choices=[0, 1], default=0, help="1: torch.compile the model")
+    s.add_argument("--micro-batch-size", type=int, default=0,
+                   help="sequences per forward/backward pass (gradient accumulation); 0: the whole batch")
     s.set_defaults(func=_train)
 
     s = sub.add_parser("runs", help="collect run summaries into one table")
@@ -313,6 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; known errors print one line and exit with status 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
     try:
         args.func(args)

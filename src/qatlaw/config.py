@@ -124,6 +124,7 @@ def validate(config: Mapping[str, Any]) -> dict[str, Any]:
     _fill_defaults(cfg, schema, schema)
     _check_models(cfg)
     _check_grid(cfg)
+    _check_execution(cfg)
     _check_sources(cfg)
     return cfg
 
@@ -218,6 +219,21 @@ def _check_cells(cfg: Mapping[str, Any], key: str, grid: Mapping[str, Any]) -> N
                 raise ConfigError(
                     f"{key}.tokens[{i}]: {tokens} tokens is less than one optimizer step of size '{size}' ({step} tokens)"
                 )
+
+
+def _check_execution(cfg: Mapping[str, Any]) -> None:
+    """Every grid size's batch splits evenly over the GPUs of a run and into micro-batches."""
+    training = cfg["training"]
+    gpus, micro = max(1, training["gpus_per_run"]), training["micro_batch_size"]
+    sizes = dict.fromkeys([*cfg["grid"]["sizes"], *(cfg["grid"].get("ablation") or {}).get("sizes", [])])
+    for size in sizes:
+        batch = cfg["models"][size].get("batch_size", training["batch_size"])
+        if batch % gpus:
+            raise ConfigError(f"training.gpus_per_run: batch of {batch} sequences of size '{size}' does not split over {gpus} GPUs")
+        if micro is not None and (batch // gpus) % micro:
+            raise ConfigError(
+                f"training.micro_batch_size: {micro} does not divide the {batch // gpus} sequences per GPU of size '{size}'"
+            )
 
 
 def _check_sources(cfg: Mapping[str, Any]) -> None:

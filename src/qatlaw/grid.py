@@ -15,6 +15,9 @@ from qatlaw.errors import QatlawError
 BASELINE = prec.BASELINE
 # Conservative CPU training speed used for the runtime resource: FLOP/s per thread (see README "Resources").
 CPU_FLOPS_PER_THREAD = 5e9
+# Sustained bf16 training FLOP/s of one data-centre GPU (A100: 312 TFLOP/s peak at about 1/3 utilisation).
+GPU_FLOPS_PER_GPU = 1e14
+GPU_HOST_MEM_MB = 32000
 
 
 class GridError(QatlawError):
@@ -70,9 +73,6 @@ class RunSettings:
     grad_clip: float
     loss_ema: float
     eval_tokens: int
-    checkpoint_every: int
-    threads: int
-    compile: bool
     clip: str
     format: str
     lac: str
@@ -118,8 +118,7 @@ def run_settings(cfg: Mapping[str, Any], size: str, tokens: int | str, precision
         seed=seed, seq_len=training["seq_len"], warmup_fraction=training["warmup_fraction"],
         min_lr_ratio=training["min_lr_ratio"], beta1=training["beta1"], beta2=training["beta2"],
         weight_decay=training["weight_decay"], grad_clip=training["grad_clip"], loss_ema=training["loss_ema"],
-        eval_tokens=training["eval_tokens"], checkpoint_every=training["checkpoint_every"],
-        threads=training["threads"], compile=training["compile"], clip=quant["clip"], format=quant["format"],
+        eval_tokens=training["eval_tokens"], clip=quant["clip"], format=quant["format"],
         lac=quant["lac"],
     )
 
@@ -159,19 +158,22 @@ def effective_group(s: RunSettings) -> int | None:
     return s.hidden if s.group == "channel" else int(s.group)
 
 
+def estimate_resources(s: RunSettings, vocab_size: int, threads: int = 1, gpus: int = 0) -> dict[str, int]:
+    """Memory (MB) and runtime (minutes) to request for a run, on CPU threads or on ``gpus`` GPUs.
 
-
-def estimate_resources(s: RunSettings, vocab_size: int) -> dict[str, int]:
-    """Memory (MB) and runtime (minutes) to request for a run on CPU.
-
-    Memory: fp32 weights, gradients and two AdamW moments, plus activations of one batch (about 24 floats per
-    hidden unit per layer and the logits), with 500 MB for the interpreter and torch. Runtime: 6·(N + V·h)·D
-    FLOPs at ``CPU_FLOPS_PER_THREAD`` per thread, doubled for fake quantization and margin, plus 5 minutes.
+    Training costs 6·(N + V·h)·D FLOPs. On CPU: at ``CPU_FLOPS_PER_THREAD`` per thread, doubled for fake
+    quantization and margin, plus 5 minutes; memory is fp32 weights, gradients and two AdamW moments plus the
+    activations of one batch (about 24 floats per hidden unit per layer and the logits), with 500 MB for the
+    interpreter and torch. On GPUs: at ``GPU_FLOPS_PER_GPU`` per GPU, ×1.5 for fake quantization and margin, plus
+    15 minutes; host memory ``GPU_HOST_MEM_MB`` per GPU (tokens and data loading; the model lives on the GPU).
     """
     n = s.layers * (2 * s.hidden**2 + 2 * s.hidden * s.kv_heads * (s.hidden // s.heads) + 3 * s.hidden * s.ffn)
+    flops = 6 * (n + vocab_size * s.hidden) * s.tokens
+    if gpus > 0:
+        runtime = 15 + math.ceil(1.5 * flops / (GPU_FLOPS_PER_GPU * gpus) / 60)
+        return {"mem_mb": GPU_HOST_MEM_MB * gpus, "runtime": int(runtime)}
     params = n + 2 * vocab_size * s.hidden
     activations = s.batch_size * s.seq_len * (24 * s.hidden * s.layers + 3 * vocab_size)
     mem_mb = 500 + (16 * params + 4 * activations) // 2**20
-    flops = 6 * (n + vocab_size * s.hidden) * s.tokens
-    runtime = 5 + math.ceil(2 * flops / (CPU_FLOPS_PER_THREAD * s.threads) / 60)
+    runtime = 5 + math.ceil(2 * flops / (CPU_FLOPS_PER_THREAD * threads) / 60)
     return {"mem_mb": int(mem_mb), "runtime": int(runtime)}

@@ -10,16 +10,23 @@ Recipe (paper §4.1, App. F): AdamW β = (beta1, beta2), weight decay on the mat
 ``min_lr_ratio`` × peak. On CPU everything runs in fp32 (the "BF16" name is the paper's; bf16 autocast is only
 used on CUDA). The reported ``loss`` is the bias-corrected EMA of the training loss (the paper's "smoothed
 training loss"); ``val_loss`` is the mean loss on the first ``eval_tokens`` held-out tokens.
+
+How a run executes (:class:`Execution`: device, threads, micro-batching, ``torch.compile``, checkpoint interval)
+is not part of its identity: changing it neither retrains finished runs nor invalidates checkpoints. On CUDA the
+forward pass runs under bf16 autocast with TF32 matmuls and fused AdamW; launched by ``torchrun`` with several
+processes, one run is trained data-parallel (each rank takes an equal share of every batch, rank 0 writes).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import contextlib
 import math
+import os
 import time
-from collections.abc import Mapping
-from dataclasses import asdict
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +45,54 @@ log = logging.getLogger("qatlaw.train")
 SUMMARY_COLUMNS = (
     "run_id", "size", "N", "D", "tokens_requested", "group", "G", "precision", "seed", "loss", "val_loss",
     "final_step_loss", "steps", "tokens_per_step", "epochs", "lr", "wall_s", "tokens_per_s", "diverged",
-    "resumed", "vocab_size", "seq_len", "clip", "format", "lac",
+    "resumed", "vocab_size", "seq_len", "clip", "format", "lac", "device",
 )
 METRIC_COLUMNS = ("step", "tokens", "loss", "loss_ema", "lr", "grad_norm", "tokens_per_s")
 
 
 class TrainError(QatlawError):
     """A run cannot start: bad settings or data."""
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How a run is executed (not what is trained): the same run on another device, thread count or
+    micro-batch size gives the same model up to floating-point rounding."""
+
+    threads: int = 1
+    checkpoint_every: int = 200
+    compile: bool = False
+    device: str = "auto"
+    micro_batch_size: int | None = None
+
+    def torch_device(self, local_rank: int = 0) -> torch.device:
+        """'auto' is CUDA when available, else CPU; each data-parallel rank gets its own GPU."""
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise TrainError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise TrainError("device is cuda but torch sees no CUDA GPU")
+        if self.device == "cpu" or not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", local_rank)
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """This process's place in a data-parallel run (world size 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Parallel:
+        """Rank and world size set by torchrun (WORLD_SIZE, RANK, LOCAL_RANK)."""
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
 
 def model_config(s: RunSettings, vocab_size: int) -> ModelConfig:
@@ -76,7 +124,7 @@ class TokenBatches:
     """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
-        self.tokens = torch.from_numpy(tokens.astype(np.int64))
+        self.tokens = tokens
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.n_windows = (len(tokens) - 1) // seq_len
         if self.n_windows < batch_size:
@@ -95,8 +143,8 @@ class TokenBatches:
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and next-token targets of batch ``step``, each (batch_size, seq_len)."""
-        starts = torch.from_numpy(self.windows(step) * self.seq_len)
-        rows = self.tokens[starts[:, None] + torch.arange(self.seq_len + 1)]
+        starts = self.windows(step) * self.seq_len
+        rows = torch.from_numpy(self.tokens[starts[:, None] + np.arange(self.seq_len + 1)].astype(np.int64))
         return rows[:, :-1], rows[:, 1:]
 
 
@@ -108,19 +156,27 @@ def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> 
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def make_optimizer(model: Model, s: RunSettings) -> torch.optim.AdamW:
-    """AdamW with weight decay on the linear layers' matrices only."""
+def make_optimizer(model: Model, s: RunSettings, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW with weight decay on the linear layers' matrices only (``fused``: one CUDA kernel per step)."""
     decay = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     decay_ids = {id(p) for p in decay}
     no_decay = [p for p in model.parameters() if id(p) not in decay_ids]
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=s.lr, betas=(s.beta1, s.beta2),
+        lr=s.lr, betas=(s.beta1, s.beta2), fused=fused or None,
     )
 
 
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (the paper's BF16 training); nothing on CPU, which trains in fp32."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 @torch.no_grad()
-def evaluate(model: Model, tokens: np.ndarray, seq_len: int, max_tokens: int, batch_size: int) -> float:
+def evaluate(model: Model, tokens: np.ndarray, seq_len: int, max_tokens: int, batch_size: int,
+             device: torch.device = torch.device("cpu")) -> float:
     """Mean next-token loss over the first ``max_tokens`` tokens, in non-overlapping windows."""
     n_windows = min(len(tokens) - 1, max_tokens) // seq_len
     if n_windows < 1:
@@ -131,8 +187,9 @@ def evaluate(model: Model, tokens: np.ndarray, seq_len: int, max_tokens: int, ba
     total, count = 0.0, 0
     for start in range(0, n_windows, batch_size):
         w = torch.arange(start, min(n_windows, start + batch_size))
-        rows = data[(w * seq_len)[:, None] + torch.arange(seq_len + 1)]
-        _, loss = model(rows[:, :-1], rows[:, 1:])
+        rows = data[(w * seq_len)[:, None] + torch.arange(seq_len + 1)].to(device)
+        with autocast(device):
+            _, loss = model(rows[:, :-1], rows[:, 1:])
         total += loss.item() * len(w)
         count += len(w)
     model.train(was_training)
@@ -145,6 +202,18 @@ def settings_hash(s: RunSettings, manifest: Mapping[str, Any]) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def micro_batches(x: torch.Tensor, y: torch.Tensor, size: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
+    """Slices of a batch of at most ``size`` rows, each with its share of the batch's rows."""
+    size = size or len(x)
+    for start in range(0, len(x), size):
+        yield x[start:start + size], y[start:start + size], min(size, len(x) - start) / len(x)
+
+
+def _device_name(device: torch.device, par: Parallel) -> str:
+    name = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    return name if par.world == 1 else f"{par.world}x {name}"
+
+
 def train_run(
     s: RunSettings,
     *,
@@ -155,18 +224,29 @@ def train_run(
     metrics_path: str | Path,
     model_path: str | Path,
     checkpoint_path: str | Path,
+    execution: Execution = Execution(),
 ) -> dict[str, Any]:
     """Train one run to its token budget (resuming from ``checkpoint_path`` if it matches) and write its outputs.
 
     The summary row is written last. A run whose loss becomes non-finite stops early and is recorded with
-    ``diverged = True`` instead of failing.
+    ``diverged = True`` instead of failing. Under ``torchrun`` every rank calls this; rank 0 writes.
     """
-    torch.set_num_threads(s.threads)
+    par = Parallel.from_env()
+    torch.set_num_threads(execution.threads)
     vocab = int(manifest["vocab_size"])
     if s.steps < 1:
         raise TrainError(f"{s.run_id}: {s.tokens} tokens is less than one step of {s.tokens_per_step}")
-    model = build_model(s, vocab)
-    opt = make_optimizer(model, s)
+    if s.batch_size % par.world:
+        raise TrainError(f"{s.run_id}: batch of {s.batch_size} sequences does not split over {par.world} processes")
+    device = execution.torch_device(par.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if par.world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    model = build_model(s, vocab).to(device)
+    opt = make_optimizer(model, s, fused=device.type == "cuda")
     batches = TokenBatches(train_tokens, s.seq_len, s.batch_size, s.seed)
     warmup = max(1, round(s.warmup_fraction * s.steps))
     identity = settings_hash(s, manifest)
@@ -174,7 +254,7 @@ def train_run(
 
     step, ema, rows, diverged, resumed, wall_before = 0, 0.0, [], False, False, 0.0
     if checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
         if state.get("identity") == identity:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
@@ -183,10 +263,12 @@ def train_run(
             log.info("%s: resuming from checkpoint %s at step %d/%d", s.run_id, checkpoint_path, step, s.steps)
         else:
             log.warning("%s: ignoring checkpoint %s written for other settings or data", s.run_id, checkpoint_path)
-    step_fn = torch.compile(model) if s.compile else model
+    step_fn = torch.compile(model) if execution.compile else model
+    if par.world > 1:
+        step_fn = torch.nn.parallel.DistributedDataParallel(step_fn, device_ids=[device] if device.type == "cuda" else None)
 
-    log.info("%s: N=%d, %d steps of %d tokens, lr %.2e, warm-up %d", s.run_id, non_embedding_params(model.cfg),
-             s.steps, s.tokens_per_step, s.lr, warmup)
+    log.info("%s: N=%d, %d steps of %d tokens, lr %.2e, warm-up %d, on %s", s.run_id,
+             non_embedding_params(model.cfg), s.steps, s.tokens_per_step, s.lr, warmup, _device_name(device, par))
     t0, first_step = time.perf_counter(), step
     log_every = max(1, s.steps // 20)
     while step < s.steps:
@@ -195,14 +277,23 @@ def train_run(
         for group in opt.param_groups:
             group["lr"] = lr
         x, y = batches.batch(step)
-        _, loss = step_fn(x, y)
-        loss_value = loss.item()
+        x, y = x[par.rank::par.world].to(device), y[par.rank::par.world].to(device)
+        opt.zero_grad(set_to_none=True)
+        parts = list(micro_batches(x, y, execution.micro_batch_size))
+        loss_sum = torch.zeros((), device=device)
+        for i, (xm, ym, share) in enumerate(parts):
+            sync = i == len(parts) - 1 or par.world == 1
+            with (contextlib.nullcontext() if sync else step_fn.no_sync()), autocast(device):
+                _, loss = step_fn(xm, ym)
+            (loss if len(parts) == 1 else loss * share).backward()
+            loss_sum += loss.detach() * share
+        if par.world > 1:
+            torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+        loss_value = loss_sum.item()
         if not math.isfinite(loss_value):
             diverged = True
             log.warning("%s: loss is %s at step %d; stopping (diverged)", s.run_id, loss_value, step)
             break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip).item()
         opt.step()
         ema = s.loss_ema * ema + (1 - s.loss_ema) * loss_value
@@ -214,15 +305,14 @@ def train_run(
             eta = (time.perf_counter() - t0) / (step - first_step) * (s.steps - step)
             log.info("%s: step %d/%d loss %.4f ema %.4f lr %.2e %.0f tok/s ETA %.0f s", s.run_id, step, s.steps,
                      loss_value, ema_debiased, lr, tps, eta)
-        if step % s.checkpoint_every == 0 and step < s.steps:
+        if step % execution.checkpoint_every == 0 and step < s.steps and par.is_main:
             with atomic_path(checkpoint_path) as tmp:
                 torch.save({"identity": identity, "step": step, "ema": ema, "rows": rows,
                             "wall_s": wall_before + time.perf_counter() - t0,
                             "model": model.state_dict(), "optimizer": opt.state_dict()}, tmp)
 
     wall = wall_before + time.perf_counter() - t0
-    val_loss = float("nan") if diverged else evaluate(model, val_tokens, s.seq_len, s.eval_tokens, s.batch_size)
-    metrics = pd.DataFrame(rows, columns=list(METRIC_COLUMNS))
+    val_loss = float("nan") if diverged else evaluate(model, val_tokens, s.seq_len, s.eval_tokens, s.batch_size, device)
     trained = len(rows) * s.tokens_per_step
     summary = {
         "run_id": s.run_id, "size": s.size, "N": non_embedding_params(model.cfg), "D": trained,
@@ -233,16 +323,20 @@ def train_run(
         "tokens_per_step": s.tokens_per_step, "epochs": trained / max(1, len(train_tokens)), "lr": s.lr,
         "wall_s": wall, "tokens_per_s": trained / wall if wall > 0 else float("nan"), "diverged": diverged,
         "resumed": resumed, "vocab_size": vocab, "seq_len": s.seq_len, "clip": s.clip, "format": s.format,
-        "lac": s.lac,
+        "lac": s.lac, "device": _device_name(device, par),
     }
-    with atomic_path(model_path) as tmp:
-        torch.save({"settings": asdict(s), "model_config": asdict(model.cfg), "model": model.state_dict()}, tmp)
-    write_parquet(metrics, metrics_path)
-    frame = pd.DataFrame([summary], columns=list(SUMMARY_COLUMNS)).astype({"G": "Int64"})
-    write_parquet(frame, summary_path)
-    checkpoint_path.unlink(missing_ok=True)
-    log.info("%s: done: loss %.4f val_loss %.4f in %.1f s (%.0f tok/s)%s", s.run_id, summary["loss"], val_loss,
-             wall, summary["tokens_per_s"], " DIVERGED" if diverged else "")
+    if par.is_main:
+        with atomic_path(model_path) as tmp:
+            torch.save({"settings": asdict(s), "model_config": asdict(model.cfg), "model": model.cpu().state_dict()}, tmp)
+        write_parquet(pd.DataFrame(rows, columns=list(METRIC_COLUMNS)), metrics_path)
+        frame = pd.DataFrame([summary], columns=list(SUMMARY_COLUMNS)).astype({"G": "Int64"})
+        write_parquet(frame, summary_path)
+        checkpoint_path.unlink(missing_ok=True)
+        log.info("%s: done: loss %.4f val_loss %.4f in %.1f s (%.0f tok/s)%s", s.run_id, summary["loss"], val_loss,
+                 wall, summary["tokens_per_s"], " DIVERGED" if diverged else "")
+    if par.world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return summary
 
 
