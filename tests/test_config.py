@@ -28,8 +28,20 @@ def test_default_config_is_valid_and_gets_defaults(base):
 
 
 @pytest.mark.parametrize("grid", sorted(p.name for p in (ROOT / "config").glob("*.yaml") if p.name != "schema.yaml"))
-def test_every_shipped_grid_validates_over_the_default(grid):
+def test_every_shipped_grid_validates_over_the_default(grid, tmp_path, monkeypatch):
+    # user corpora (the paper grid's OLMo-mix files) are globs relative to the working directory
+    monkeypatch.chdir(tmp_path)
+    for spec in yaml.safe_load((ROOT / "config" / grid).read_text()).get("data", {}).get("sources", []):
+        if "/" in spec:
+            (tmp_path / spec.replace("*", "part")).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / spec.replace("*", "part")).write_text("placeholder")
     config.load(ROOT / "config.yaml", ROOT / "config" / grid)
+
+
+def test_paper_grid_without_its_corpus_names_the_missing_source(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(config.ConfigError, match=r"^data.sources\[0\]: 'olmo-mix/\*.parquet' .* matches no file"):
+        config.load(ROOT / "config.yaml", ROOT / "config" / "paper.yaml")
 
 
 def test_schema_file_in_config_dir_is_the_package_schema():
@@ -72,6 +84,11 @@ BAD = [
     (('training', 'learning_rate'), 1.0, "training: unknown key 'learning_rate'"),
     (('quant', 'clip'), "asym", "quant.clip"),
     (('training', 'device'), "tpu", "training.device"),
+    (('training', 'warmup_steps'), 0, "training.warmup_steps"),
+    (('grid', 'extra'), [{"sizes": ["7M"], "tokens": ["100K"], "groups": [32], "precisions": ["W4A4"]}],
+     "grid.extra[0].sizes[0]: size '7M'"),
+    (('grid', 'extra'), [{"sizes": ["0.1M"], "tokens": ["100K"], "groups": [48], "precisions": ["W4A4"]}],
+     "grid.extra[0].groups[0]: group size 48 does not divide"),
     (('training', 'gpus_per_run'), 3, "training.gpus_per_run: batch of 16 sequences of size '0.1M' does not split over 3 GPUs"),
     (('training', 'micro_batch_size'), 5, "training.micro_batch_size: 5 does not divide the 16 sequences per GPU"),
     (('training', 'micro_batch_size'), 0, "training.micro_batch_size"),

@@ -241,3 +241,9 @@ def test_data_parallel_run_under_torchrun_matches_one_process(tmp_path, tokens):
     assert np.allclose(a, b, rtol=0, atol=1e-4)
     assert ddp["loss"] == pytest.approx(single["loss"], abs=1e-4)
     assert ddp["val_loss"] == pytest.approx(single["val_loss"], abs=1e-4)
+
+
+def test_fixed_warmup_steps_override_the_fraction():
+    assert settings().warmup == round(0.1 * settings().steps)
+    assert settings(warmup_steps=3).warmup == 3
+    assert settings(warmup_steps=10**6).warmup == settings().steps

@@ -123,6 +123,21 @@ def test_bad_config_fails_before_any_job(tmp_path, edit, expected):
     assert not (tmp_path / "results").exists()
 
 
+def test_paper_grid_schedules_every_run_of_the_paper(tmp_path):
+    """config/paper.yaml: 4 sizes x 4 budgets x (BF16 + 5 precisions x 5 groups) + 973M validation at 2 budgets
+    x (BF16 + W4A4 x 5 groups) + 4 new ablation runs at 595M/100B/G128 = 416 + 12 + 4 training jobs."""
+    shutil.copy(ROOT / "config.yaml", tmp_path / "config.yaml")
+    (tmp_path / "olmo-mix").mkdir()
+    pd.DataFrame({"text": ["a document"]}).to_parquet(tmp_path / "olmo-mix" / "part-0.parquet")
+    result = run_snakemake(tmp_path, "--configfile", str(ROOT / "config" / "paper.yaml"), "--dry-run", "--cores", "1")
+    assert result.returncode == 0, result.stderr
+    counts = dict(line.split()[:2] for line in result.stdout.splitlines() if line.split()[:1] in (["train"], ["fit"]))
+    assert counts == {"train": str(4 * 4 * (1 + 5 * 5) + 2 * (1 + 5) + 4), "fit": "1"}
+    assert "74M/10B/seed0/W4A4_g32" in result.stdout and "973M/200B/seed0/W4A4_gchannel" in result.stdout
+    assert "595M/100B/seed0/W4A4-qkva8_g128" in result.stdout
+    assert not (tmp_path / "results").exists()
+
+
 def test_malformed_config_yaml_fails(tmp_path):
     shutil.copy(ROOT / "config.yaml", tmp_path / "config.yaml")
     with open(tmp_path / "config.yaml", "a") as fh:

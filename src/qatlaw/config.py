@@ -173,6 +173,8 @@ def _check_grid(cfg: Mapping[str, Any]) -> None:
     from qatlaw import precision  # imported here: the schema checks must not need torch
 
     _check_cells(cfg, "grid", cfg["grid"])
+    for i, extra in enumerate(cfg["grid"]["extra"]):
+        _check_cells(cfg, f"grid.extra[{i}]", extra)
     ablation = cfg["grid"].get("ablation")
     if ablation:
         _check_cells(cfg, "grid.ablation", ablation)
@@ -185,7 +187,7 @@ def _check_grid(cfg: Mapping[str, Any]) -> None:
 
 
 def _check_cells(cfg: Mapping[str, Any], key: str, grid: Mapping[str, Any]) -> None:
-    """Sizes, precisions, groups and token budgets of one grid (the main grid or the ablation sub-grid)."""
+    """Sizes, precisions, groups and token budgets of one grid (the main grid, an extra or the ablation sub-grid)."""
     from qatlaw import precision
 
     models, training = cfg["models"], cfg["training"]
@@ -225,7 +227,8 @@ def _check_execution(cfg: Mapping[str, Any]) -> None:
     """Every grid size's batch splits evenly over the GPUs of a run and into micro-batches."""
     training = cfg["training"]
     gpus, micro = max(1, training["gpus_per_run"]), training["micro_batch_size"]
-    sizes = dict.fromkeys([*cfg["grid"]["sizes"], *(cfg["grid"].get("ablation") or {}).get("sizes", [])])
+    subgrids = [cfg["grid"], *cfg["grid"]["extra"], cfg["grid"].get("ablation") or {}]
+    sizes = dict.fromkeys(size for sub in subgrids for size in sub.get("sizes", []))
     for size in sizes:
         batch = cfg["models"][size].get("batch_size", training["batch_size"])
         if batch % gpus:

@@ -76,6 +76,7 @@ class RunSettings:
     clip: str
     format: str
     lac: str
+    warmup_steps: int | None = None
 
     @property
     def run_id(self) -> str:
@@ -89,6 +90,13 @@ class RunSettings:
     @property
     def steps(self) -> int:
         return self.tokens // self.tokens_per_step
+
+    @property
+    def warmup(self) -> int:
+        """Warm-up steps: ``warmup_steps`` if set (capped at the run's steps), else ``warmup_fraction`` of them."""
+        if self.warmup_steps is not None:
+            return max(1, min(self.warmup_steps, self.steps))
+        return max(1, round(self.warmup_fraction * self.steps))
 
     @property
     def is_baseline(self) -> bool:
@@ -119,13 +127,14 @@ def run_settings(cfg: Mapping[str, Any], size: str, tokens: int | str, precision
         min_lr_ratio=training["min_lr_ratio"], beta1=training["beta1"], beta2=training["beta2"],
         weight_decay=training["weight_decay"], grad_clip=training["grad_clip"], loss_ema=training["loss_ema"],
         eval_tokens=training["eval_tokens"], clip=quant["clip"], format=quant["format"],
-        lac=quant["lac"],
+        lac=quant["lac"], warmup_steps=training["warmup_steps"],
     )
 
 
 def grid_runs(cfg: Mapping[str, Any]) -> list[RunSettings]:
-    """Every run: per (size, tokens, seed) one BF16 baseline and each precision × group, for the main grid and
-    then the ablation sub-grid (each base precision with each override alone), without repeats."""
+    """Every run: per (size, tokens, seed) one BF16 baseline and each precision × group, for the main grid, the
+    extra sub-grids and then the ablation sub-grid (each base precision with each override alone), without
+    repeats."""
     runs: dict[str, RunSettings] = {}
 
     def add_cells(sub: Mapping[str, Any], precisions: list[str]) -> None:
@@ -137,6 +146,8 @@ def grid_runs(cfg: Mapping[str, Any]) -> list[RunSettings]:
                         runs.setdefault(run.run_id, run)
 
     add_cells(cfg["grid"], cfg["grid"]["precisions"])
+    for extra in cfg["grid"].get("extra", []):
+        add_cells(extra, extra["precisions"])
     ablation = cfg["grid"].get("ablation")
     if ablation:
         bases = ablation["precisions"]
@@ -145,9 +156,9 @@ def grid_runs(cfg: Mapping[str, Any]) -> list[RunSettings]:
 
 
 def token_budgets(cfg: Mapping[str, Any]) -> list[str | int]:
-    """Every token budget of the main grid and the ablation sub-grid, as written in the config."""
-    ablation = cfg["grid"].get("ablation") or {"tokens": []}
-    return list(dict.fromkeys([*cfg["grid"]["tokens"], *ablation["tokens"]]))
+    """Every token budget of the main grid and its sub-grids, as written in the config."""
+    subgrids = [cfg["grid"], *cfg["grid"].get("extra", []), cfg["grid"].get("ablation") or {}]
+    return list(dict.fromkeys(tokens for sub in subgrids for tokens in sub.get("tokens", [])))
 
 
 def effective_group(s: RunSettings) -> int | None:

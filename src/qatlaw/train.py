@@ -248,7 +248,7 @@ def train_run(
     model = build_model(s, vocab).to(device)
     opt = make_optimizer(model, s, fused=device.type == "cuda")
     batches = TokenBatches(train_tokens, s.seq_len, s.batch_size, s.seed)
-    warmup = max(1, round(s.warmup_fraction * s.steps))
+    warmup = s.warmup
     identity = settings_hash(s, manifest)
     checkpoint_path = Path(checkpoint_path)
 
