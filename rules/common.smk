@@ -16,6 +16,12 @@ validate(config, schema="../config/schema.yaml")
 
 SOURCES = qconfig.source_ids(config)
 RUNS = {run.run_id: run for run in grid.grid_runs(config)}
+# With training.runs_per_job > 1, runs are trained in jobs of several runs of one cell (rule train_batch<i>).
+TRAIN_BATCHES = (
+    [[run.run_id for run in batch] for batch in grid.batch_runs(list(RUNS.values()), config["training"]["runs_per_job"])]
+    if config["training"]["runs_per_job"] > 1
+    else []
+)
 
 
 def final_outputs():
@@ -94,6 +100,45 @@ def train_runtime(wildcards, attempt):
     """Minutes to request for one training run: the estimate × the attempt (`--retries`), so a run that hit its
     wall-time limit is resubmitted with more time and resumes from its checkpoint."""
     return _train_resources(wildcards)["runtime"] * attempt
+
+
+# Inputs and command of a training job (rule train, or train_batch<i> with several runs per job).
+TRAIN_INPUTS = {
+    "train": "results/data/train.parquet",
+    "val": "results/data/val.parquet",
+    "manifest": "results/data/manifest.json",
+    "budget": "results/data/budget.json",
+}
+TRAIN_SHELL = (
+    "qatlaw train --settings {params.settings:q} --train-tokens {input.train} --val-tokens {input.val} "
+    "--manifest {input.manifest} --summary {output.summary} --metrics {output.metrics} "
+    "--model {output.model} --checkpoint {params.checkpoint} --threads {threads} --gpus {resources.gpu} "
+    "--device {resources.train_device} --checkpoint-every {resources.checkpoint_every} "
+    "--compile {resources.compile} --micro-batch-size {resources.micro_batch_size} > {log} 2>&1"
+)
+
+
+def batch_files(batch, name):
+    """One output file (summary.parquet, metrics.parquet, model.pt) of every run of a training batch."""
+    return [f"results/runs/{run_id}/{name}" for run_id in batch]
+
+
+def batch_settings_json(batch):
+    """The settings of a batch's runs, as the JSON list that `qatlaw train` reads."""
+    return "[" + ", ".join(RUNS[run_id].to_json() for run_id in batch) + "]"
+
+
+def batch_checkpoints(batch):
+    """Resumable checkpoint of every run of a batch, outside the outputs."""
+    return [f"results/checkpoints/{run_id}/ckpt.pt" for run_id in batch]
+
+
+def batch_resources(batch):
+    """A batch needs the largest memory of its runs and the sum of their runtimes."""
+    training = config["training"]
+    estimates = [grid.estimate_resources(RUNS[run_id], config["data"]["vocab_size"], threads=training["threads"],
+                                         gpus=training["gpus_per_run"]) for run_id in batch]
+    return {"mem_mb": max(e["mem_mb"] for e in estimates), "runtime": sum(e["runtime"] for e in estimates)}
 
 
 def train_execution():

@@ -4,36 +4,59 @@
 # resources, which are not rerun triggers, so changing it retrains nothing; the run is identified by params.settings.
 
 
-rule train:
-    input:
-        train="results/data/train.parquet",
-        val="results/data/val.parquet",
-        manifest="results/data/manifest.json",
-        budget="results/data/budget.json",
-    output:
-        summary="results/runs/{size}/{tokens}/seed{seed}/{variant}/summary.parquet",
-        metrics="results/runs/{size}/{tokens}/seed{seed}/{variant}/metrics.parquet",
-        model="results/runs/{size}/{tokens}/seed{seed}/{variant}/model.pt",
-    params:
-        settings=run_settings_json,
-        checkpoint="results/checkpoints/{size}/{tokens}/seed{seed}/{variant}/ckpt.pt",
-    threads: config["training"]["threads"]
-    resources:
-        mem_mb=train_mem_mb,
-        runtime=train_runtime,
-        **train_execution(),
-    log:
-        "results/logs/train/{size}/{tokens}/seed{seed}/{variant}.log",
-    benchmark:
-        "results/benchmarks/train/{size}/{tokens}/seed{seed}/{variant}.tsv"
-    conda:
-        "../envs/train.yaml"
-    shell:
-        "qatlaw train --settings {params.settings:q} --train-tokens {input.train} --val-tokens {input.val} "
-        "--manifest {input.manifest} --summary {output.summary} --metrics {output.metrics} "
-        "--model {output.model} --checkpoint {params.checkpoint} --threads {threads} --gpus {resources.gpu} "
-        "--device {resources.train_device} --checkpoint-every {resources.checkpoint_every} "
-        "--compile {resources.compile} --micro-batch-size {resources.micro_batch_size} > {log} 2>&1"
+if config["training"]["runs_per_job"] == 1:
+
+    rule train:
+        input:
+            **TRAIN_INPUTS,
+        output:
+            summary="results/runs/{size}/{tokens}/seed{seed}/{variant}/summary.parquet",
+            metrics="results/runs/{size}/{tokens}/seed{seed}/{variant}/metrics.parquet",
+            model="results/runs/{size}/{tokens}/seed{seed}/{variant}/model.pt",
+        params:
+            settings=run_settings_json,
+            checkpoint="results/checkpoints/{size}/{tokens}/seed{seed}/{variant}/ckpt.pt",
+        threads: config["training"]["threads"]
+        resources:
+            mem_mb=train_mem_mb,
+            runtime=train_runtime,
+            **train_execution(),
+        log:
+            "results/logs/train/{size}/{tokens}/seed{seed}/{variant}.log",
+        benchmark:
+            "results/benchmarks/train/{size}/{tokens}/seed{seed}/{variant}.tsv"
+        conda:
+            "../envs/train.yaml"
+        shell:
+            TRAIN_SHELL
+
+else:
+    for i, batch in enumerate(TRAIN_BATCHES):
+
+        rule:
+            name:
+                f"train_batch{i}"
+            input:
+                **TRAIN_INPUTS,
+            output:
+                summary=batch_files(batch, "summary.parquet"),
+                metrics=batch_files(batch, "metrics.parquet"),
+                model=batch_files(batch, "model.pt"),
+            params:
+                settings=batch_settings_json(batch),
+                checkpoint=batch_checkpoints(batch),
+            threads: config["training"]["threads"]
+            resources:
+                **batch_resources(batch),
+                **train_execution(),
+            log:
+                f"results/logs/train/batch{i}.log",
+            benchmark:
+                f"results/benchmarks/train/batch{i}.tsv"
+            conda:
+                "../envs/train.yaml"
+            shell:
+                TRAIN_SHELL
 
 
 rule runs:

@@ -77,3 +77,25 @@ def test_ablation_adds_each_override_alone_without_repeats(cfg):
     extra = {r.run_id for r in grid.grid_runs(cfg)} - main
     assert extra == {"0.1M/100K/seed0/W4A4-qkva8_g32", "0.1M/100K/seed0/W4A4-fc2w8_g32"}
     assert grid.token_budgets(cfg) == cfg["grid"]["tokens"]
+
+
+def test_batches_keep_cells_apart_and_cover_every_run_once():
+    cfg = config.load(ROOT / "config.yaml")
+    runs = grid.grid_runs(cfg)
+    batches = grid.batch_runs(runs, 6)
+    assert sorted(r.run_id for b in batches for r in b) == sorted(r.run_id for r in runs)
+    assert all(len({(r.size, r.tokens, r.seed) for r in b}) == 1 for b in batches)
+    assert max(len(b) for b in batches) <= 6
+    # 4 main cells of 11 runs (6 + 5), the ablation's 4 runs join cell 0.1M/100K (15 = 5 + 5 + 5)
+    assert sorted(len(b) for b in batches) == [5, 5, 5, 5, 5, 5, 6, 6, 6]
+    assert sorted(r.run_id for [r] in grid.batch_runs(runs, 1)) == sorted(r.run_id for r in runs)
+
+
+def test_settings_json_of_several_runs():
+    runs = grid.grid_runs(config.load(ROOT / "config.yaml"))[:2]
+    text = "[" + ", ".join(r.to_json() for r in runs) + "]"
+    assert grid.RunSettings.many_from_json(text) == runs
+    with pytest.raises(grid.GridError, match="expected the settings of one run, got 2"):
+        grid.RunSettings.from_json(text)
+    with pytest.raises(grid.GridError, match="empty list"):
+        grid.RunSettings.many_from_json("[]")

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from qatlaw import data, train
+from qatlaw.cli import main as cli_main
 from qatlaw.grid import RunSettings
 
 VOCAB = 64
@@ -247,3 +248,36 @@ def test_fixed_warmup_steps_override_the_fraction():
     assert settings().warmup == round(0.1 * settings().steps)
     assert settings(warmup_steps=3).warmup == 3
     assert settings(warmup_steps=10**6).warmup == settings().steps
+
+
+def test_several_runs_in_one_process_equal_separate_processes(tmp_path, tokens):
+    """`qatlaw train` with a list of runs (rule train_batch<i>) trains each exactly as it would alone."""
+    for name, part in zip(("train", "val"), tokens):
+        data.write_shard(part, np.zeros(len(part), dtype=np.uint32), tmp_path / f"{name}.parquet", VOCAB)
+    (tmp_path / "manifest.json").write_text(json.dumps(MANIFEST))
+    runs = [settings(precision="BF16", group=None), settings(precision="W4A16", group=16)]
+
+    def cli(runs, out):
+        files = {name: [str(tmp_path / out / r.run_id / name) for r in runs]
+                 for name in ("summary.parquet", "metrics.parquet", "model.pt", "ckpt.pt")}
+        argv = ["train", "--settings", "[" + ", ".join(r.to_json() for r in runs) + "]",
+                "--train-tokens", str(tmp_path / "train.parquet"), "--val-tokens", str(tmp_path / "val.parquet"),
+                "--manifest", str(tmp_path / "manifest.json"), "--summary", *files["summary.parquet"],
+                "--metrics", *files["metrics.parquet"], "--model", *files["model.pt"], "--checkpoint", *files["ckpt.pt"],
+                "--device", "cpu"]
+        assert cli_main(argv) == 0
+        return [pd.read_parquet(path) for path in files["metrics.parquet"]]
+
+    together = cli(runs, "together")
+    alone = [cli([r], f"alone{i}")[0] for i, r in enumerate(runs)]
+    for a, b in zip(together, alone):
+        pd.testing.assert_frame_equal(a.drop(columns="tokens_per_s"), b.drop(columns="tokens_per_s"))
+    assert not together[0]["loss"].equals(together[1]["loss"])
+
+
+def test_batch_with_mismatched_output_paths_is_refused(tmp_path, capsys):
+    argv = ["train", "--settings", "[" + settings().to_json() + ", " + settings(seed=1).to_json() + "]",
+            "--train-tokens", "t", "--val-tokens", "v", "--manifest", "m", "--summary", "s1", "--metrics", "m1", "m2",
+            "--model", "a", "b", "--checkpoint", "c", "d"]
+    assert cli_main(argv) == 2
+    assert "--summary: 1 paths for 2 runs" in capsys.readouterr().err

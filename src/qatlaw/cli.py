@@ -109,22 +109,26 @@ def _train(args: argparse.Namespace) -> None:
     from qatlaw import data, train
     from qatlaw.grid import RunSettings
 
-    settings = RunSettings.from_json(args.settings)
+    runs = RunSettings.many_from_json(args.settings)
+    paths = {name: getattr(args, name) for name in ("summary", "metrics", "model", "checkpoint")}
+    for name, values in paths.items():
+        if len(values) != len(runs):
+            raise QatlawError(f"--{name}: {len(values)} paths for {len(runs)} runs in --settings")
     manifest = json.loads(Path(args.manifest).read_text())
     vocab = int(manifest["vocab_size"])
-    train.train_run(
-        settings,
-        train_tokens=data.load_tokens(args.train_tokens, vocab_size=vocab),
-        val_tokens=data.load_tokens(args.val_tokens, vocab_size=vocab),
-        manifest=manifest,
-        summary_path=args.summary,
-        metrics_path=args.metrics,
-        model_path=args.model,
-        checkpoint_path=args.checkpoint,
-        execution=train.Execution(threads=args.threads, checkpoint_every=args.checkpoint_every,
-                                  compile=bool(args.compile), device=args.device,
-                                  micro_batch_size=args.micro_batch_size or None),
-    )
+    train_tokens = data.load_tokens(args.train_tokens, vocab_size=vocab)
+    val_tokens = data.load_tokens(args.val_tokens, vocab_size=vocab)
+    execution = train.Execution(threads=args.threads, checkpoint_every=args.checkpoint_every,
+                                compile=bool(args.compile), device=args.device,
+                                micro_batch_size=args.micro_batch_size or None)
+    for i, settings in enumerate(runs):
+        if len(runs) > 1:
+            log.info("run %d of %d in this job: %s", i + 1, len(runs), settings.run_id)
+        train.train_run(
+            settings, train_tokens=train_tokens, val_tokens=val_tokens, manifest=manifest,
+            summary_path=paths["summary"][i], metrics_path=paths["metrics"][i], model_path=paths["model"][i],
+            checkpoint_path=paths["checkpoint"][i], execution=execution,
+        )
 
 
 def _runs(args: argparse.Namespace) -> None:
@@ -248,15 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-repeat", action="store_true")
     s.add_argument("--out", required=True)
     s.set_defaults(func=_budget)
-    s = sub.add_parser("train", help="train one grid cell (resumes from its checkpoint)")
-    s.add_argument("--settings", required=True, help="RunSettings as JSON")
+    s = sub.add_parser("train", help="train grid cells, one after another (each resumes from its checkpoint)")
+    s.add_argument("--settings", required=True, help="RunSettings as JSON: one object, or a list of runs")
     s.add_argument("--train-tokens", required=True)
     s.add_argument("--val-tokens", required=True)
     s.add_argument("--manifest", required=True)
-    s.add_argument("--summary", required=True)
-    s.add_argument("--metrics", required=True)
-    s.add_argument("--model", required=True)
-    s.add_argument("--checkpoint", required=True, help="resumable checkpoint (kept outside the rule's outputs)")
+    s.add_argument("--summary", required=True, nargs="+")
+    s.add_argument("--metrics", required=True, nargs="+")
+    s.add_argument("--model", required=True, nargs="+")
+    s.add_argument("--checkpoint", required=True, nargs="+", help="resumable checkpoint (kept outside the rule's outputs)")
     s.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     s.add_argument("--gpus", type=int, default=0, help="GPUs; above 1, rerun under torchrun, data parallel")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -108,8 +108,20 @@ class RunSettings:
 
     @classmethod
     def from_json(cls, text: str) -> RunSettings:
+        runs = cls.many_from_json(text)
+        if len(runs) != 1:
+            raise GridError(f"expected the settings of one run, got {len(runs)}")
+        return runs[0]
+
+    @classmethod
+    def many_from_json(cls, text: str) -> list[RunSettings]:
+        """Runs from one JSON object or a non-empty list of them."""
         try:
-            return cls(**json.loads(text))
+            data = json.loads(text)
+            items = data if isinstance(data, list) else [data]
+            if not items:
+                raise TypeError("empty list of runs")
+            return [cls(**item) for item in items]
         except (TypeError, json.JSONDecodeError) as exc:
             raise GridError(f"run settings are not valid: {exc}") from None
 
@@ -153,6 +165,19 @@ def grid_runs(cfg: Mapping[str, Any]) -> list[RunSettings]:
         bases = ablation["precisions"]
         add_cells(ablation, bases + [f"{b}-{o}" for b in bases for o in ablation["overrides"]])
     return list(runs.values())
+
+
+def batch_runs(runs: list[RunSettings], per_job: int) -> list[list[RunSettings]]:
+    """Runs split into training jobs of at most ``per_job`` runs; a job never mixes (size, tokens, seed) cells,
+    and a cell's runs are spread evenly over its jobs (11 runs at 6 per job: 6 + 5)."""
+    cells: dict[tuple, list[RunSettings]] = {}
+    for run in runs:
+        cells.setdefault((run.size, run.tokens, run.seed), []).append(run)
+    jobs = []
+    for cell in cells.values():
+        n_jobs = math.ceil(len(cell) / per_job)
+        jobs += [cell[i::n_jobs] for i in range(n_jobs)]
+    return jobs
 
 
 def token_budgets(cfg: Mapping[str, Any]) -> list[str | int]:
