@@ -134,11 +134,12 @@ def batch_checkpoints(batch):
 
 
 def batch_resources(batch):
-    """A batch needs the largest memory of its runs and the sum of their runtimes."""
+    """A batch needs the largest memory of its runs and the sum of their runtimes, × the attempt (`--retries`)."""
     training = config["training"]
     estimates = [grid.estimate_resources(RUNS[run_id], config["data"]["vocab_size"], threads=training["threads"],
                                          gpus=training["gpus_per_run"]) for run_id in batch]
-    return {"mem_mb": max(e["mem_mb"] for e in estimates), "runtime": sum(e["runtime"] for e in estimates)}
+    runtime = sum(e["runtime"] for e in estimates)
+    return {"mem_mb": max(e["mem_mb"] for e in estimates), "runtime": lambda wildcards, attempt: runtime * attempt}
 
 
 def train_execution():

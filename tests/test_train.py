@@ -281,3 +281,12 @@ def test_batch_with_mismatched_output_paths_is_refused(tmp_path, capsys):
             "--model", "a", "b", "--checkpoint", "c", "d"]
     assert cli_main(argv) == 2
     assert "--summary: 1 paths for 2 runs" in capsys.readouterr().err
+
+
+def test_unreadable_checkpoint_is_ignored_with_a_warning(tmp_path, tokens, caplog):
+    (tmp_path / "run" / "ckpt").mkdir(parents=True)
+    (tmp_path / "run" / "ckpt" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    with caplog.at_level(logging.WARNING, logger="qatlaw.train"):
+        summary = run(tmp_path, settings(), tokens)
+    assert not summary["resumed"] and summary["steps"] == settings().steps
+    assert "ignoring unreadable checkpoint" in caplog.text

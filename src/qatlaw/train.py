@@ -202,6 +202,17 @@ def settings_hash(s: RunSettings, manifest: Mapping[str, Any]) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def _read_checkpoint(path: Path, device: torch.device) -> dict | None:
+    """A run's checkpoint, or None when there is none or it cannot be read (then the run starts over)."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except Exception as exc:  # a damaged file of any kind must not block the run forever
+        log.warning("ignoring unreadable checkpoint %s (%s: %s); starting from step 0", path, type(exc).__name__, exc)
+        return None
+
+
 def micro_batches(x: torch.Tensor, y: torch.Tensor, size: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
     """Slices of a batch of at most ``size`` rows, each with its share of the batch's rows."""
     size = size or len(x)
@@ -253,8 +264,8 @@ def train_run(
     checkpoint_path = Path(checkpoint_path)
 
     step, ema, rows, diverged, resumed, wall_before = 0, 0.0, [], False, False, 0.0
-    if checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+    state = _read_checkpoint(checkpoint_path, device)
+    if state is not None:
         if state.get("identity") == identity:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
