@@ -5,6 +5,18 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
+from snakemake.exceptions import WorkflowError
+
+from qatlaw.config import ConfigError, read_yaml
+
+
+# Malformed YAML in config.yaml: one line naming the file and line (Snakemake's own parser names neither).
+try:
+    read_yaml("config.yaml")
+except ConfigError as exc:
+    raise WorkflowError(f"invalid config: {exc}") from None
+
+
 configfile: "config.yaml"
 
 

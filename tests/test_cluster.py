@@ -12,7 +12,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from test_workflow import ROOT, run_snakemake, write_user_project
 
 PROFILES = ROOT / "profiles"

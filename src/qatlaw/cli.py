@@ -69,12 +69,11 @@ def _tokenize(args: argparse.Namespace) -> None:
 
 
 def _budget(args: argparse.Namespace) -> None:
-    import json
 
     from qatlaw import config, data
     from qatlaw.io import write_json
 
-    manifest = json.loads(Path(args.manifest).read_text())
+    manifest = _read_manifest(args.manifest)
     budgets = []
     for value in args.tokens:
         try:
@@ -94,8 +93,19 @@ def _budget(args: argparse.Namespace) -> None:
         log.info("budget %d tokens = %.3f epochs", b, e)
 
 
-def _train(args: argparse.Namespace) -> None:
+def _read_manifest(path: str) -> dict:
+    """The data stage's manifest.json; a missing or damaged one is a one-line error."""
     import json
+
+    try:
+        manifest = json.loads(Path(path).read_text())
+        int(manifest["vocab_size"])
+        return manifest
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise QatlawError(f"{path}: not a readable data manifest ({type(exc).__name__}: {exc}); rerun the data stage") from None
+
+
+def _train(args: argparse.Namespace) -> None:
     import subprocess
 
     if args.gpus > 1 and "WORLD_SIZE" not in os.environ:
@@ -114,21 +124,26 @@ def _train(args: argparse.Namespace) -> None:
     for name, values in paths.items():
         if len(values) != len(runs):
             raise QatlawError(f"--{name}: {len(values)} paths for {len(runs)} runs in --settings")
-    manifest = json.loads(Path(args.manifest).read_text())
+    manifest = _read_manifest(args.manifest)
     vocab = int(manifest["vocab_size"])
     train_tokens = data.load_tokens(args.train_tokens, vocab_size=vocab)
     val_tokens = data.load_tokens(args.val_tokens, vocab_size=vocab)
     execution = train.Execution(threads=args.threads, checkpoint_every=args.checkpoint_every,
                                 compile=bool(args.compile), device=args.device,
                                 micro_batch_size=args.micro_batch_size or None)
+    # Several runs in one job: each keeps its final checkpoint until all are done, so that a job killed after
+    # some finished redoes their outputs from those checkpoints instead of training them again.
     for i, settings in enumerate(runs):
         if len(runs) > 1:
             log.info("run %d of %d in this job: %s", i + 1, len(runs), settings.run_id)
         train.train_run(
             settings, train_tokens=train_tokens, val_tokens=val_tokens, manifest=manifest,
             summary_path=paths["summary"][i], metrics_path=paths["metrics"][i], model_path=paths["model"][i],
-            checkpoint_path=paths["checkpoint"][i], execution=execution,
+            checkpoint_path=paths["checkpoint"][i], execution=execution, keep_checkpoint=len(runs) > 1,
         )
+    if len(runs) > 1:
+        for checkpoint in paths["checkpoint"]:
+            Path(checkpoint).unlink(missing_ok=True)
 
 
 def _runs(args: argparse.Namespace) -> None:
@@ -175,7 +190,6 @@ def _fit(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    import pandas as pd
 
     from qatlaw import fit, precision
 
@@ -183,7 +197,7 @@ def _predict(args: argparse.Namespace) -> None:
         name = precision.canonical(args.precision)
     except ValueError as exc:
         raise fit.FitError(str(exc)) from None
-    params = pd.read_parquet(args.params)
+    params = fit.read_params(args.params)
     result = fit.predict_from_params(params, args.N, args.D, args.G, name)
     print(" ".join(f"{key}={value:.6g}" for key, value in result.items()))
 

@@ -25,6 +25,7 @@ from qatlaw.io import atomic_path, write_json, write_parquet
 
 EOS = "<|endoftext|>"
 SHARD_COLUMNS = ("token", "doc")
+SHARD_SCHEMA = "token (uint16/uint32), doc (uint32)"
 _ENCODE_CHUNK = 512
 
 
@@ -109,16 +110,19 @@ def load_tokens(path: str | Path, vocab_size: int | None = None) -> np.ndarray:
     """Token column of a shard as an array; clear DataError for a corrupt file, a wrong schema or bad ids."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: token shard not found")
+        raise DataError(f"{path}: token shard not found (expected a Parquet file with columns {SHARD_SCHEMA})")
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"{path}: not a readable Parquet token shard ({str(exc).splitlines()[0]})") from None
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"{path}: not a readable Parquet token shard ({reason}); expected columns {SHARD_SCHEMA}") from None
     if tuple(table.column_names) != SHARD_COLUMNS or not pa.types.is_unsigned_integer(table.schema.field("token").type):
-        raise DataError(f"{path}: expected columns token (uint16/uint32), doc (uint32), got {table.schema.to_string(show_schema_metadata=False)!r}")
+        got = ", ".join(f"{f.name} ({f.type})" for f in table.schema) or "no columns"
+        raise DataError(f"{path}: expected columns {SHARD_SCHEMA}; got {got}")
     tokens = table.column("token").to_numpy()
     if vocab_size is not None and len(tokens) and int(tokens.max()) >= vocab_size:
-        raise DataError(f"{path}: token id {int(tokens.max())} is out of range for vocabulary size {vocab_size}")
+        raise DataError(f"{path}: token id {int(tokens.max())} is out of range for vocabulary size {vocab_size} "
+                        "(a shard from another tokenizer?)")
     return tokens
 
 

@@ -29,11 +29,16 @@ from pathlib import Path
 import pandas as pd
 
 from qatlaw.errors import QatlawError
-from qatlaw.io import write_parquet
+from qatlaw.io import read_parquet, write_parquet
 
 log = logging.getLogger("qatlaw.decompose")
 
 CELL = ["size", "tokens_requested", "seed"]
+# The columns of runs.parquet that the analyses and the fits read (a hand-made run table needs only these).
+RUN_TABLE_COLUMNS = ("run_id", "size", "N", "D", "tokens_requested", "seed", "precision", "group", "G", "loss",
+                     "val_loss", "diverged")
+RUN_TABLE_KINDS = {"N": "number", "D": "number", "tokens_requested": "number", "seed": "number",
+                   "G": "number", "loss": "number", "val_loss": "number", "diverged": "bool"}
 DELTA_COLUMNS = (
     "run_id", "size", "N", "D", "tokens_requested", "seed", "precision", "group", "G",
     "loss", "val_loss", "baseline_loss", "baseline_val_loss", "delta", "delta_val", "diverged",
@@ -47,9 +52,7 @@ class DecomposeError(QatlawError):
 def delta_table(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per QAT run with its δ on the smoothed training loss (``delta``) and on the validation loss
     (``delta_val``). ``diverged`` is true when the run or its baseline diverged (δ is then NaN)."""
-    needed = {"run_id", "size", "N", "D", "tokens_requested", "seed", "precision", "group", "G", "loss",
-              "val_loss", "diverged"}
-    missing = sorted(needed - set(runs.columns))
+    missing = sorted(set(RUN_TABLE_COLUMNS) - set(runs.columns))
     if missing:
         raise DecomposeError(f"run table lacks columns {', '.join(missing)}")
     is_base = runs["precision"] == "BF16"
@@ -94,14 +97,9 @@ PAPER_K = 0.906  # δ_W4A4 ≈ 0.906 · (δ_W4A16 + δ_W16A4), paper Fig. 6
 
 
 def read_runs(path: str | Path) -> pd.DataFrame:
-    """The run table ``runs.parquet``; DecomposeError when it is missing or unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise DecomposeError(f"{path}: run table not found")
-    try:
-        return pd.read_parquet(path)
-    except (OSError, ValueError) as exc:
-        raise DecomposeError(f"{path}: not a readable Parquet run table ({str(exc).splitlines()[0]})") from None
+    """The run table ``runs.parquet``, checked: DecomposeError naming the file and ``RUN_TABLE_COLUMNS`` when
+    it is missing, unreadable (e.g. truncated) or lacks a column the analyses and fits need."""
+    return read_parquet(path, RUN_TABLE_COLUMNS, "run table", kinds=RUN_TABLE_KINDS, error=DecomposeError)
 
 
 def decomposition(deltas: pd.DataFrame) -> pd.DataFrame:

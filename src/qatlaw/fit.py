@@ -64,7 +64,7 @@ from scipy.stats import qmc
 from threadpoolctl import threadpool_limits
 
 from qatlaw.errors import QatlawError
-from qatlaw.io import write_parquet
+from qatlaw.io import read_parquet, write_parquet
 from qatlaw.precision import BASELINE
 
 log = logging.getLogger("qatlaw.fit")
@@ -77,6 +77,18 @@ CHINCHILLA_BOX = np.array([[0.0, 25.0], [0.0, 25.0], [-1.0, 1.5], [0.0, 2.0], [0
 # Half-widths of the start box around the least-squares solution: log k, then every exponent.
 DELTA_SPREAD = (2.0, 0.5)
 LBFGS_OPTIONS = {"maxiter": 1000}
+# From DESCENT_MIN_STARTS starts on, _best_of first descends from all starts at once (one vectorized objective
+# call per step for every start still moving) and then polishes only the best POLISH_STARTS distinct end points
+# with L-BFGS-B; the descent stops where L-BFGS-B's default tolerances would (projected gradient, relative
+# decrease). Fits with fewer starts (the defaults: 128 Chinchilla and 16 δ starts, bootstrap refits from at most
+# BOOT_STARTS optima) run L-BFGS-B from every start, so their results do not depend on the descent.
+DESCENT_MIN_STARTS = 256
+POLISH_STARTS = 16
+DESCENT_MAXITER = 1000
+DESCENT_PGTOL = 1e-5
+DESCENT_FTOL = 2.220446049250313e-09
+DESCENT_BACKTRACKS = 40
+ARMIJO_C1 = 1e-4
 BOOT_STARTS = 4
 BOOT_QUANTILES = (0.05, 0.95)
 MIN_BOOT_SHARE = 0.5
@@ -128,13 +140,120 @@ def _loglinear_objective(theta: np.ndarray, x: np.ndarray, y: np.ndarray,
     return loss, x.T @ psi
 
 
+def _huber_rows(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_huber` of every row of r (one row per parameter vector): the row sums and the derivatives."""
+    z = r / delta
+    c = np.clip(z, -1.0, 1.0)
+    return np.einsum("ij,ij->i", c, z - 0.5 * c), c / delta
+
+
+def _chinchilla_objective_rows(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray,
+                               tie: bool, huber_delta: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_chinchilla_objective` of every row of theta (starts × parameters) in one pass: (S,) losses and
+    (S, p) gradients."""
+    a, b, e, alpha = (theta[:, i:i + 1] for i in range(4))
+    beta = alpha if tie else theta[:, 4:5]
+    u1, u2 = a - alpha * log_n, b - beta * log_d
+    top = np.maximum(np.maximum(u1, u2), e)
+    t1, t2, t3 = np.exp(u1 - top), np.exp(u2 - top), np.exp(e - top)
+    total = t1 + t2 + t3
+    loss, psi = _huber_rows(top + np.log(total) - log_l, huber_delta)
+    q = psi / total
+    p1, p2 = q * t1, q * t2
+    g_alpha, g_beta = -(p1 @ log_n), -(p2 @ log_d)
+    grad = [p1.sum(1), p2.sum(1), np.einsum("ij,ij->i", q, t3)] + ([g_alpha + g_beta] if tie else [g_alpha, g_beta])
+    return loss, np.column_stack(grad)
+
+
+def _loglinear_objective_rows(theta: np.ndarray, x: np.ndarray, y: np.ndarray,
+                              huber_delta: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_loglinear_objective` of every row of theta in one pass."""
+    loss, psi = _huber_rows(theta @ x.T - y, huber_delta)
+    return loss, psi @ x
+
+
+# The per-start objectives and their vectorized forms (same value and gradient, rows of parameters)
+_ROWS = {_chinchilla_objective: _chinchilla_objective_rows, _loglinear_objective: _loglinear_objective_rows}
+
+
+def _descend(objective_rows: Callable, starts: np.ndarray, args: tuple,
+             lower: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Projected BFGS with Armijo backtracking from every start at once, each step one call of the vectorized
+    objective for the starts still moving. Returns the end points' objectives (inf where a start never had a
+    finite one) and parameters. Variables at their lower bound whose gradient points outwards stay fixed for the
+    step; a start stops at L-BFGS-B's default tolerances or when backtracking finds no decrease."""
+    x = np.maximum(np.array(starts, dtype=float), lower)
+    n_starts, p = x.shape
+    f, g = objective_rows(x, *args)
+    f = np.where(np.isfinite(f) & np.isfinite(g).all(1), f, np.inf)
+    moving = np.isfinite(f)
+    inv_h = np.tile(np.eye(p), (n_starts, 1, 1))
+    first = np.ones(n_starts, dtype=bool)
+    for _ in range(DESCENT_MAXITER):
+        fixed = (x <= lower) & (g > 0)
+        moving &= np.abs(np.where(fixed, 0.0, g)).max(1) > DESCENT_PGTOL
+        idx = np.flatnonzero(moving)
+        if not idx.size:
+            break
+        xa, fa, ga, ha, fx = x[idx], f[idx], g[idx], inv_h[idx], fixed[idx]
+        gf = np.where(fx, 0.0, ga)
+        d = np.where(fx, 0.0, -np.einsum("sij,sj->si", ha, gf))
+        reset = ~((d * ga).sum(1) < 0)  # not a descent direction: steepest descent, forget the curvature
+        d[reset], ha[reset] = -gf[reset], np.eye(p)
+        step = np.where(first[idx], np.minimum(1.0, 1.0 / np.linalg.norm(gf, axis=1)), 1.0)
+        xn, fn, gn = xa.copy(), fa.copy(), ga.copy()
+        todo = np.arange(len(idx))
+        for _ in range(DESCENT_BACKTRACKS):
+            cand = np.maximum(xa[todo] + step[todo, None] * d[todo], lower)
+            fc, gc = objective_rows(cand, *args)
+            ok = np.isfinite(fc) & np.isfinite(gc).all(1)
+            ok &= fc <= fa[todo] + ARMIJO_C1 * ((cand - xa[todo]) * ga[todo]).sum(1)
+            done = todo[ok]
+            xn[done], fn[done], gn[done] = cand[ok], fc[ok], gc[ok]
+            todo = todo[~ok]
+            if not todo.size:
+                break
+            step[todo] *= 0.5
+        stuck = np.zeros(len(idx), dtype=bool)
+        stuck[todo] = True
+        s, yv = xn - xa, gn - ga
+        sy = (s * yv).sum(1)
+        update = ~stuck & (sy > 1e-10 * np.linalg.norm(s, axis=1) * np.linalg.norm(yv, axis=1))
+        if update.any():
+            s_u, y_u, h_u = s[update], yv[update], ha[update]
+            rho = 1.0 / sy[update]
+            scale = np.where(first[idx][update], sy[update] / (y_u * y_u).sum(1), 1.0)
+            h_u = h_u * scale[:, None, None]
+            v = np.eye(p) - rho[:, None, None] * s_u[:, :, None] * y_u[:, None, :]
+            ha[update] = v @ h_u @ v.transpose(0, 2, 1) + rho[:, None, None] * s_u[:, :, None] * s_u[:, None, :]
+        flat = (fa - fn) <= DESCENT_FTOL * np.maximum(np.maximum(np.abs(fa), np.abs(fn)), 1.0)
+        x[idx], f[idx], g[idx], inv_h[idx] = xn, fn, gn, ha
+        first[idx] = False
+        moving[idx[stuck | flat]] = False
+    return f, x
+
+
 def _best_of(objective: Callable, starts: np.ndarray, args: tuple, huber_delta: float,
              bounds: list | None = None) -> tuple[np.ndarray, float, np.ndarray]:
     """L-BFGS-B from every start: the best parameters, their summed Huber loss, and the best local optima with
-    distinct objectives (at most BOOT_STARTS, best first), from which bootstrap refits start."""
+    distinct objectives (at most BOOT_STARTS, best first), from which bootstrap refits start.
+
+    From DESCENT_MIN_STARTS starts on, all of them first descend together (:func:`_descend`, vectorized over
+    the starts) and L-BFGS-B then polishes the best POLISH_STARTS end points with distinct objectives: 1000
+    starts then take seconds instead of tens of seconds, and reach the same best optimum."""
+    starts = np.atleast_2d(np.asarray(starts, dtype=float))
     ends = []
     # L-BFGS-B makes many tiny BLAS calls; waking BLAS threads for each makes a fit 10-30x slower on a busy machine
     with threadpool_limits(limits=1, user_api="blas"):
+        lower = _lower_bounds(bounds, starts.shape[1])
+        if len(starts) >= DESCENT_MIN_STARTS and objective in _ROWS and lower is not None:
+            f, x = _descend(_ROWS[objective], starts, args, lower)
+            picked: dict[str, np.ndarray] = {}
+            for i in np.argsort(f, kind="stable"):
+                if not np.isfinite(f[i]) or len(picked) == POLISH_STARTS:
+                    break
+                picked.setdefault(f"{f[i]:.6g}", x[i])
+            starts = np.array(list(picked.values())) if picked else starts[:0]
         for x0 in starts:
             res = minimize(objective, x0, args=args, jac=True, method="L-BFGS-B", bounds=bounds,
                            options=LBFGS_OPTIONS)
@@ -149,6 +268,16 @@ def _best_of(objective: Callable, starts: np.ndarray, args: tuple, huber_delta: 
         if len(optima) == BOOT_STARTS:
             break
     return ends[0][1], ends[0][0] * huber_delta**2, np.array(list(optima.values()))
+
+
+def _lower_bounds(bounds: list | None, n_params: int) -> np.ndarray | None:
+    """Lower bounds as an array (-inf where free) for :func:`_descend`; None if some variable has an upper
+    bound, which the vectorized descent does not handle."""
+    if bounds is None:
+        return np.full(n_params, -np.inf)
+    if any(high is not None for _, high in bounds):
+        return None
+    return np.array([-np.inf if low is None else float(low) for low, _ in bounds])
 
 
 def _halton(n: int, low: np.ndarray, high: np.ndarray) -> np.ndarray:
@@ -528,6 +657,12 @@ def write_fits(params: pd.DataFrame, predictions: pd.DataFrame, comparison: pd.D
     """Write params, predictions and comparison as ``<out_dir>/<name>.parquet``, each atomically."""
     for name, table in (("params", params), ("predictions", predictions), ("comparison", comparison)):
         write_parquet(table, Path(out_dir) / f"{name}.parquet")
+
+
+def read_params(path: str | Path) -> pd.DataFrame:
+    """A params table (``params.parquet``), checked: FitError naming the file and ``PARAMS_COLUMNS`` when it is
+    missing, unreadable (e.g. truncated) or lacks a column."""
+    return read_parquet(path, PARAMS_COLUMNS, "params table", kinds={"value": "number"}, error=FitError)
 
 
 def _law_constants(params: pd.DataFrame, law: str, precision: str) -> dict[str, float]:

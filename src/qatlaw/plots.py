@@ -44,7 +44,7 @@ from qatlaw import fit
 from qatlaw.decompose import DECOMPOSITION_COLUMNS, FIT_COLUMNS, PAPER_K
 from qatlaw.errors import QatlawError
 from qatlaw.grid import format_tokens
-from qatlaw.io import atomic_path
+from qatlaw.io import atomic_path, read_parquet
 from qatlaw.mixed import RANKING_COLUMNS
 from qatlaw.outputs import FIGURES
 from qatlaw.precision import BASELINE, LAYER_TYPES
@@ -88,18 +88,9 @@ class PlotError(QatlawError):
 # ---------------------------------------------------------------------------------------------- inputs
 
 def read_input(path: str | Path, key: str) -> pd.DataFrame:
-    """Input ``key`` of ``COLUMNS`` from ``path``; PlotError when the file is missing, unreadable or lacks a column."""
-    path = Path(path)
-    if not path.is_file():
-        raise PlotError(f"{path}: {key} table not found")
-    try:
-        df = pd.read_parquet(path)
-    except (OSError, ValueError) as exc:
-        raise PlotError(f"{path}: not a readable Parquet {key} table ({str(exc).splitlines()[0]})") from None
-    missing = [c for c in COLUMNS[key] if c not in df.columns]
-    if missing:
-        raise PlotError(f"{path}: {key} table lacks columns {', '.join(missing)}")
-    return df
+    """Input ``key`` of ``COLUMNS`` from ``path``; PlotError naming the file and the expected columns when it is
+    missing, unreadable (e.g. truncated) or lacks a column."""
+    return read_parquet(path, COLUMNS[key], f"{key} table", error=PlotError)
 
 
 def _decomposition(path: str | Path) -> pd.DataFrame:

@@ -19,9 +19,9 @@ processes, one run is trained data-parallel (each rank takes an equal share of e
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-import contextlib
 import math
 import os
 import time
@@ -36,7 +36,7 @@ import torch
 
 from qatlaw.errors import QatlawError
 from qatlaw.grid import RunSettings, effective_group
-from qatlaw.io import atomic_path, write_parquet
+from qatlaw.io import atomic_path, read_parquet, write_parquet
 from qatlaw.model import Model, ModelConfig, non_embedding_params
 from qatlaw.quant import QuantOptions
 
@@ -236,11 +236,14 @@ def train_run(
     model_path: str | Path,
     checkpoint_path: str | Path,
     execution: Execution = Execution(),
+    keep_checkpoint: bool = False,
 ) -> dict[str, Any]:
     """Train one run to its token budget (resuming from ``checkpoint_path`` if it matches) and write its outputs.
 
     The summary row is written last. A run whose loss becomes non-finite stops early and is recorded with
     ``diverged = True`` instead of failing. Under ``torchrun`` every rank calls this; rank 0 writes.
+    ``keep_checkpoint``: leave a checkpoint of the finished run (the caller deletes it), so that a job of several
+    runs that dies later redoes a finished run's outputs without training it again.
     """
     par = Parallel.from_env()
     torch.set_num_threads(execution.threads)
@@ -270,7 +273,7 @@ def train_run(
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             step, ema, rows, wall_before = state["step"], state["ema"], state["rows"], state["wall_s"]
-            resumed = True
+            diverged, resumed = state.get("diverged", False), True
             log.info("%s: resuming from checkpoint %s at step %d/%d", s.run_id, checkpoint_path, step, s.steps)
         else:
             log.warning("%s: ignoring checkpoint %s written for other settings or data", s.run_id, checkpoint_path)
@@ -282,7 +285,14 @@ def train_run(
              non_embedding_params(model.cfg), s.steps, s.tokens_per_step, s.lr, warmup, _device_name(device, par))
     t0, first_step = time.perf_counter(), step
     log_every = max(1, s.steps // 20)
-    while step < s.steps:
+
+    def save_checkpoint() -> None:
+        with atomic_path(checkpoint_path) as tmp:
+            torch.save({"identity": identity, "step": step, "ema": ema, "rows": rows, "diverged": diverged,
+                        "wall_s": wall_before + time.perf_counter() - t0,
+                        "model": model.state_dict(), "optimizer": opt.state_dict()}, tmp)
+
+    while step < s.steps and not diverged:
         t_step = time.perf_counter()
         lr = lr_at(step, s.steps, s.lr, warmup, s.min_lr_ratio)
         for group in opt.param_groups:
@@ -317,10 +327,7 @@ def train_run(
             log.info("%s: step %d/%d loss %.4f ema %.4f lr %.2e %.0f tok/s ETA %.0f s", s.run_id, step, s.steps,
                      loss_value, ema_debiased, lr, tps, eta)
         if step % execution.checkpoint_every == 0 and step < s.steps and par.is_main:
-            with atomic_path(checkpoint_path) as tmp:
-                torch.save({"identity": identity, "step": step, "ema": ema, "rows": rows,
-                            "wall_s": wall_before + time.perf_counter() - t0,
-                            "model": model.state_dict(), "optimizer": opt.state_dict()}, tmp)
+            save_checkpoint()
 
     wall = wall_before + time.perf_counter() - t0
     val_loss = float("nan") if diverged else evaluate(model, val_tokens, s.seq_len, s.eval_tokens, s.batch_size, device)
@@ -337,12 +344,15 @@ def train_run(
         "lac": s.lac, "device": _device_name(device, par),
     }
     if par.is_main:
+        if keep_checkpoint and not (resumed and first_step == step):
+            save_checkpoint()
         with atomic_path(model_path) as tmp:
             torch.save({"settings": asdict(s), "model_config": asdict(model.cfg), "model": model.cpu().state_dict()}, tmp)
         write_parquet(pd.DataFrame(rows, columns=list(METRIC_COLUMNS)), metrics_path)
         frame = pd.DataFrame([summary], columns=list(SUMMARY_COLUMNS)).astype({"G": "Int64"})
         write_parquet(frame, summary_path)
-        checkpoint_path.unlink(missing_ok=True)
+        if not keep_checkpoint:
+            checkpoint_path.unlink(missing_ok=True)
         log.info("%s: done: loss %.4f val_loss %.4f in %.1f s (%.0f tok/s)%s", s.run_id, summary["loss"], val_loss,
                  wall, summary["tokens_per_s"], " DIVERGED" if diverged else "")
     if par.world > 1:
@@ -355,7 +365,7 @@ def collect_runs(summary_paths: list[str | Path], out_path: str | Path) -> pd.Da
     """Concatenate run summaries into one table (one row per run), checking each file's columns."""
     frames = []
     for path in summary_paths:
-        frame = pd.read_parquet(path)
+        frame = read_parquet(path, SUMMARY_COLUMNS, "run summary", error=TrainError)
         if tuple(frame.columns) != SUMMARY_COLUMNS or len(frame) != 1:
             raise TrainError(f"{path}: expected one run summary row with columns {', '.join(SUMMARY_COLUMNS)}")
         frames.append(frame)
