@@ -188,8 +188,13 @@ def test_collect_runs_checks_each_summary(tmp_path, tokens):
     assert table.loc[table["precision"] == "BF16", "G"].isna().all()
     bad = tmp_path / "bad.parquet"
     pd.DataFrame({"loss": [1.0]}).to_parquet(bad)
-    with pytest.raises(train.TrainError, match="bad.parquet: expected one run summary row"):
+    with pytest.raises(train.TrainError, match="bad.parquet: run summary lacks columns run_id, .*; expected columns"):
         train.collect_runs([bad], tmp_path / "runs2.parquet")
+    two_rows = tmp_path / "two.parquet"
+    pd.concat([pd.read_parquet(tmp_path / "a" / "summary.parquet")] * 2).to_parquet(two_rows)
+    with pytest.raises(train.TrainError, match="two.parquet: expected one run summary row"):
+        train.collect_runs([two_rows], tmp_path / "runs3.parquet")
+    assert not (tmp_path / "runs2.parquet").exists() and not (tmp_path / "runs3.parquet").exists()
 
 
 def test_micro_batches_give_the_same_training(tmp_path, tokens):
