@@ -136,45 +136,65 @@ def _grid(bits: int, clip: Clip, fmt: Fmt) -> tuple[float, float, float, Callabl
     raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
 
 
+_TINY = torch.finfo(torch.float32).tiny
+
+
 def _scale(absmax: torch.Tensor, gamma: torch.Tensor | None, divisor: float) -> torch.Tensor:
-    """Per-group step size; kept above zero so all-zero groups give zeros."""
-    scale = absmax / divisor if gamma is None else absmax * gamma.unsqueeze(-1) / divisor
-    return scale.clamp_min_(torch.finfo(torch.float32).tiny)
+    """Per-group step size (``absmax`` is overwritten); kept above zero so all-zero groups give zeros."""
+    scale = absmax.div_(divisor) if gamma is None else absmax.mul_(gamma.unsqueeze(-1)).div_(divisor)
+    return scale.clamp_min_(_TINY)
+
+
+def _round_(u: torch.Tensor, to_grid: Callable) -> torch.Tensor:
+    """``to_grid(u)``, in place where the rounding has an in-place form."""
+    return u.round_() if to_grid is torch.round else to_grid(u)
 
 
 class _FakeQuant(torch.autograd.Function):
     """Fake quantization of ``xg`` of shape (..., n_groups, G), one scale per
     group, with the gradients documented in :func:`fake_quant`.
 
-    Without γ the backward equals that of ``x + (q - x).detach()`` but costs
-    no extra passes and saves no tensors; with γ it equals autograd through
-    ``clamp(u + (round(u) - u).detach()) · scale`` while saving only the
-    input.
+    Speed (every op here is a full pass over the tensor, and on CPU these
+    passes cost as much as the layer's matmul at the small sizes): without γ
+    the forward allocates one buffer (``|x|``, then ``x/scale`` in place,
+    rounded, clamped and scaled in place) and the backward is the identity,
+    no tensors saved. With γ the forward also derives what the backward
+    needs, so the backward is one product and one reduction instead of
+    recomputing the quantization: the mask of unclamped elements (the
+    gradient w.r.t. ``x``) and ``e`` = ∂output/∂γ per element (the gradient
+    w.r.t. γ is the sum of ``grad · e`` over the elements that share a γ).
     """
 
     @staticmethod
     def forward(ctx, xg, gamma, divisor, qmin, qmax, to_grid):
-        absmax = xg.abs().amax(dim=-1, keepdim=True)
+        buf = torch.abs(xg)
+        absmax = buf.amax(dim=-1, keepdim=True)
+        if gamma is None:
+            scale = _scale(absmax, None, divisor)
+            u = torch.div(xg, scale, out=buf)
+            return _round_(u, to_grid).clamp_(qmin, qmax).mul_(scale)
+        unit = absmax / divisor  # ∂scale/∂γ (before the clamp at tiny, as before)
         scale = _scale(absmax, gamma, divisor)
-        if gamma is not None:
-            ctx.save_for_backward(xg, absmax, gamma)
-            ctx.grid = divisor, qmin, qmax, to_grid
-        return to_grid(xg / scale).clamp_(qmin, qmax).mul_(scale)
+        u = torch.div(xg, scale, out=buf)
+        rounded = to_grid(u)
+        code = rounded.clamp(qmin, qmax)
+        # 1.0 where the code is not clamped (a float mask: bool masks take CPU kernels several times slower)
+        inside = torch.eq(code, rounded, out=rounded)
+        # output = scale·code, so ∂output/∂scale is code - u where rounding is straight-through, the clamped code
+        # elsewhere (LSQ / PrefixQuant); times ∂scale/∂γ = absmax/divisor
+        e = torch.addcmul(code, u, inside, value=-1.0, out=u).mul_(unit)
+        ctx.save_for_backward(e, inside, gamma)
+        return code.mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
         if not ctx.saved_tensors:  # no γ: straight-through
             return grad, None, None, None, None, None
-        xg, absmax, gamma = ctx.saved_tensors
-        divisor, qmin, qmax, to_grid = ctx.grid
-        u = xg / _scale(absmax, gamma, divisor)
-        rounded = to_grid(u)
-        code = rounded.clamp(qmin, qmax)
-        inside = code == rounded
-        # output = scale·code: d/dscale is code - u where rounding is
-        # straight-through, the clamped code elsewhere (LSQ / PrefixQuant)
-        grad_scale = (grad * torch.where(inside, code - u, code)).sum(-1, keepdim=True)
-        grad_gamma = (grad_scale * absmax / divisor).squeeze(-1).sum_to_size(gamma.shape)
+        e, inside, gamma = ctx.saved_tensors
+        if gamma.numel() == 1:  # one γ (e.g. per-token activations): a single dot product
+            grad_gamma = torch.dot(grad.reshape(-1), e.reshape(-1)).reshape(gamma.shape)
+        else:
+            grad_gamma = (grad * e).sum(-1).sum_to_size(gamma.shape)
         return grad * inside, grad_gamma.to(gamma.dtype), None, None, None, None
 
 

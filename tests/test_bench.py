@@ -1,0 +1,132 @@
+"""Benchmark smoke tests: every section runs on the smallest size with tiny repeats and gives finite, positive
+numbers in the documented columns (no timing asserts: the machine is shared). Plus the fast multistart path of
+the fitter, which the fit benchmark exercises, against L-BFGS-B from every start."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from qatlaw import bench, fit
+from qatlaw.config import load
+
+CONFIG = Path(__file__).resolve().parents[1] / "config.yaml"
+SMALLEST = "0.1M"
+
+
+def positive(table: pd.DataFrame, columns: list[str]) -> None:
+    for col in columns:
+        values = table[col].to_numpy(float)
+        assert np.isfinite(values).all() and (values > 0).all(), (col, values)
+
+
+@pytest.fixture(scope="module")
+def cfg() -> dict:
+    return load(CONFIG)
+
+
+def test_matmul_peak_is_finite_and_positive():
+    row = bench.matmul_peak(1, n=128, repeats=2)
+    assert row["n"] == 128 and row["gflops_best"] >= row["gflops"] > 0
+
+
+def test_training_table_on_the_smallest_size(cfg):
+    table = bench.measure_training(cfg, [SMALLEST], modes=["eager"], repeats=2, steps=1, warmup=1,
+                                   peak_gflops=50.0, log=lambda _: None)
+    assert list(table[["precision", "group"]].itertuples(index=False, name=None)) == [
+        ("BF16", "none"), ("W4A4", "32"), ("W4A4", "channel")]
+    assert set(table["mode"]) == {"eager"} and (table["size"] == SMALLEST).all()
+    positive(table, ["N", "tokens_per_step", "step_ms", "step_ms_min", "cpu_ms", "tokens_per_s", "gflop_per_step",
+                     "gflops", "frac_peak", "ratio", "ratio_wall"])
+    assert (table["step_ms_min"] <= table["step_ms"]).all()
+    assert table.loc[table["precision"] == "BF16", "ratio"].item() == 1.0
+    # FLOPs per step: 6·(N + V·h) + 12·L·h·T per token, from the config's shape of the size
+    arch, vocab, seq = cfg["models"][SMALLEST], cfg["data"]["vocab_size"], cfg["training"]["seq_len"]
+    per_token = 6 * (table["N"].iloc[0] + vocab * arch["hidden"]) + 12 * arch["layers"] * arch["hidden"] * seq
+    assert table["gflop_per_step"].iloc[0] == pytest.approx(per_token * table["tokens_per_step"].iloc[0] / 1e9)
+
+
+def test_fit_table_and_synthetic_runs():
+    runs = bench.synthetic_runs(40)
+    assert len(runs) == 40 and (runs[["N", "D", "G", "delta", "loss"]] > 0).all().all()
+    table = bench.measure_fits(n_runs=40, inits=8, n_boot=2, log=lambda _: None)
+    assert list(table["law"]) == ["unified (fit_delta)", "chinchilla (fit_chinchilla)"]
+    positive(table, ["runs", "inits", "fit_s", "objective", "default_inits_s"])
+    # a difference of two timings (with and without resamples): finite, and at least zero
+    assert np.isfinite(table["s_per_resample"]).all() and (table["s_per_resample"] >= 0).all()
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_many_starts_reach_the_lbfgsb_optimum(monkeypatch, tie):
+    """From DESCENT_MIN_STARTS starts on, the starts descend together and only the best are polished; the
+    optimum must be the one L-BFGS-B finds from every start."""
+    runs, starts = bench.synthetic_runs(60, seed=3), fit.DESCENT_MIN_STARTS
+    fast = fit.fit_chinchilla(runs, tie_exponents=tie, inits=starts)
+    monkeypatch.setattr(fit, "DESCENT_MIN_STARTS", starts + 1)  # L-BFGS-B from every start
+    slow = fit.fit_chinchilla(runs, tie_exponents=tie, inits=starts)
+    assert fast["objective"] <= slow["objective"] * (1 + 1e-9)
+    for name in fit.CHINCHILLA_CONSTANTS:
+        assert fast[name] == pytest.approx(slow[name], rel=1e-3)
+
+
+def test_vectorized_objectives_match_the_per_start_ones():
+    rng = np.random.default_rng(0)
+    log_n, log_d = rng.uniform(10, 20, 30), rng.uniform(15, 23, 30)
+    log_l = np.log(1.9 + np.exp(5 - 0.3 * log_n) + np.exp(6 - 0.3 * log_d))
+    x, y = rng.normal(size=(30, 4)), rng.normal(size=30)
+    for tie, p in ((True, 4), (False, 5)):
+        thetas = rng.uniform(0, 2, (7, p)) * [10, 10, 1, 1, 1][:p]
+        rows = fit._chinchilla_objective_rows(thetas, log_n, log_d, log_l, tie, 1e-3)
+        for i, theta in enumerate(thetas):
+            f, g = fit._chinchilla_objective(theta, log_n, log_d, log_l, tie, 1e-3)
+            assert rows[0][i] == pytest.approx(f, rel=1e-12) and rows[1][i] == pytest.approx(g, rel=1e-9, abs=1e-9)
+    thetas = rng.normal(size=(5, 4))
+    rows = fit._loglinear_objective_rows(thetas, x, y, 1e-3)
+    for i, theta in enumerate(thetas):
+        f, g = fit._loglinear_objective(theta, x, y, 1e-3)
+        assert rows[0][i] == pytest.approx(f, rel=1e-12) and rows[1][i] == pytest.approx(g, rel=1e-9)
+
+
+def test_pipeline_overhead_from_a_results_directory(tmp_path):
+    header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+    for i, (s, rss) in enumerate([(20.0, 800.0), (30.0, 700.0)]):
+        path = tmp_path / "benchmarks" / "train" / "0.1M" / "100K" / "seed0" / f"run{i}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(header + f"{s}\t0:00:{int(s)}\t{rss}\t1\t1\t1\t0\t0\t90\t{s}\n")
+        summary = tmp_path / "runs" / "0.1M" / "100K" / "seed0" / f"run{i}" / "summary.parquet"
+        summary.parent.mkdir(parents=True)
+        pd.DataFrame({"run_id": [f"run{i}"], "wall_s": [s - 5.0]}).to_parquet(summary)
+    (tmp_path / "benchmarks" / "fit.tsv").write_text(header + "10.0\t0:00:10\t300\t1\t1\t1\t0\t0\t90\t10\n")
+    out = bench.pipeline_overhead(tmp_path, 100.0, cores=2)
+    assert (out["train_jobs"], out["run_summaries"], out["benchmarked_jobs"]) == (2, 2, 3)
+    assert (out["train_jobs_s"], out["train_loop_s"], out["other_jobs_s"]) == (50.0, 40.0, 10.0)
+    assert out["per_train_job_overhead_s"] == 5.0 and out["max_train_rss_mib"] == 800.0
+    assert out["core_s"] == 200.0 and out["train_loop_share"] == pytest.approx(0.2)
+    assert out["outside_training_share"] == pytest.approx(0.8) and out["jobs_over_2GiB"] == 0
+    assert math.isnan(bench.pipeline_overhead(tmp_path)["outside_training_share"])
+    (tmp_path / "wall.txt").write_text("real 123.5\nuser 200.0\nsys 3.0\n")
+    assert bench.read_wall_seconds(tmp_path / "wall.txt") == 123.5
+    (tmp_path / "wall.txt").write_text("\nreal\t11m2.5s\nuser\t0m1s\n")
+    assert bench.read_wall_seconds(tmp_path / "wall.txt") == 662.5
+    (tmp_path / "wall.txt").write_text("661.2\n")
+    assert bench.read_wall_seconds(tmp_path / "wall.txt") == 661.2
+
+
+def test_cli_quick_writes_every_table(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert bench.main(["--quick", "--config", str(CONFIG), "--sections", "peak,train,fit,pipeline", "--repeats", "2",
+                       "--fit-runs", "30", "--fit-inits", "4", "--fit-boot", "1", "--results", str(tmp_path / "none"),
+                       "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "### Training throughput" in printed and "pipeline: skipped" in printed
+    names = sorted(p.stem for p in out.glob("*.parquet"))
+    assert names == ["fit", "machine", "peak", "targets", "train"]
+    machine = pd.read_parquet(out / "machine.parquet")
+    assert machine["logical_cpus"].item() >= 1 and machine["torch"].item()
+    targets = pd.read_parquet(out / "targets.parquet")
+    assert list(targets.columns) == ["target", "measured", "bound", "met"]
+    assert np.isfinite(targets["measured"]).all() and (targets["measured"] > 0).all()
