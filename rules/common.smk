@@ -85,10 +85,15 @@ def run_settings_json(wildcards):
     return _run(wildcards).to_json()
 
 
-def _train_resources(wildcards):
+def _estimate(run):
+    """Memory and runtime of one run on the configured threads or GPUs."""
     training = config["training"]
-    return grid.estimate_resources(_run(wildcards), config["data"]["vocab_size"], threads=training["threads"],
+    return grid.estimate_resources(run, config["data"]["vocab_size"], threads=training["threads"],
                                    gpus=training["gpus_per_run"])
+
+
+def _train_resources(wildcards):
+    return _estimate(_run(wildcards))
 
 
 def train_mem_mb(wildcards):
@@ -135,9 +140,7 @@ def batch_checkpoints(batch):
 
 def batch_resources(batch):
     """A batch needs the largest memory of its runs and the sum of their runtimes, × the attempt (`--retries`)."""
-    training = config["training"]
-    estimates = [grid.estimate_resources(RUNS[run_id], config["data"]["vocab_size"], threads=training["threads"],
-                                         gpus=training["gpus_per_run"]) for run_id in batch]
+    estimates = [_estimate(RUNS[run_id]) for run_id in batch]
     runtime = sum(e["runtime"] for e in estimates)
     return {"mem_mb": max(e["mem_mb"] for e in estimates), "runtime": lambda wildcards, attempt: runtime * attempt}
 

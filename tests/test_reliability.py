@@ -26,7 +26,6 @@ import ast
 import logging
 import math
 import os
-import random
 import re
 import shutil
 import signal
@@ -42,6 +41,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from test_workflow import write_texts
 
 from qatlaw import config, decompose, fit, grid, outputs, plots
 from qatlaw.io import write_json, write_parquet
@@ -59,12 +59,7 @@ LINUX_PROC = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="fi
 def write_project(workdir: Path, *, grid_cfg: dict | None = None, training: dict | None = None,
                   models: dict | None = None, data: dict | None = None) -> Path:
     """A project dir whose corpus is 40 generated text files (~50K training tokens at vocabulary 600)."""
-    rng = random.Random(0)
-    words = ["".join(rng.choices("etaoinshrdlucmfwypvbgk", k=rng.randint(2, 9))) for _ in range(400)]
-    (workdir / "texts").mkdir(parents=True)
-    for i in range(40):
-        body = " ".join(" ".join(rng.choices(words, k=12)).capitalize() + "." for _ in range(30))
-        (workdir / "texts" / f"doc{i:02d}.txt").write_text(body)
+    write_texts(workdir)
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
     cfg["data"].update({"sources": ["texts/*.txt"], "vocab_size": 600, "val_fraction": 0.1, **(data or {})})
     cfg["grid"] = {"sizes": ["0.1M"], "tokens": ["4K"], "groups": [32], "precisions": ["W4A4"], "seeds": [0],

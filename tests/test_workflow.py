@@ -32,14 +32,19 @@ def run_snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def write_user_project(workdir: Path, **data_overrides) -> None:
-    """A project dir with a config.yaml whose corpus is the user's own text files."""
+def write_texts(workdir: Path) -> None:
+    """A user corpus: 40 generated text files in workdir/texts (~50K training tokens at vocabulary 600)."""
     rng = random.Random(0)
     words = ["".join(rng.choices("etaoinshrdlucmfwypvbgk", k=rng.randint(2, 9))) for _ in range(400)]
     (workdir / "texts").mkdir(parents=True)
     for i in range(40):
         body = " ".join(" ".join(rng.choices(words, k=12)).capitalize() + "." for _ in range(30))
         (workdir / "texts" / f"doc{i:02d}.txt").write_text(body)
+
+
+def write_user_project(workdir: Path, **data_overrides) -> None:
+    """A project dir with a config.yaml whose corpus is the user's own text files."""
+    write_texts(workdir)
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
     cfg["data"].update({"sources": ["texts/*.txt"], "vocab_size": 600, "val_fraction": 0.1, **data_overrides})
     cfg["grid"].update(sizes=["0.1M"], tokens=["4K", "8K"], groups=[32], precisions=["W4A4", "W4A16", "W16A4", "W4A4-fc2a8"])
