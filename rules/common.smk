@@ -145,6 +145,12 @@ def batch_resources(batch):
     return {"mem_mb": max(e["mem_mb"] for e in estimates), "runtime": lambda wildcards, attempt: runtime * attempt}
 
 
+def batch_priority(batch):
+    """Scheduling priority of a training batch: its training GFLOPs, so that the longest jobs start first and
+    the short ones fill the cores at the end."""
+    return sum(grid.training_flops(RUNS[run_id], config["data"]["vocab_size"]) for run_id in batch) // 10**9
+
+
 def train_execution():
     """How training jobs execute, as resources of the train rule (not params), so that changing them retrains
     nothing: GPUs per run (above 1: torchrun data parallel), device, checkpoint interval, torch.compile, and

@@ -20,13 +20,14 @@ for _figure, _keys in outputs.FIGURES.items():
             figure=_figure,
             inputs=input_args(_keys),
             caption=outputs.grid_caption(config["grid"]),
+            metric=config["fit"]["metric"],
         log:
             f"results/logs/figures/{_figure}.log",
         conda:
             "../envs/analysis.yaml"
         shell:
             "qatlaw figure {params.figure} --input {params.inputs} --out {output.png} "
-            "--caption {params.caption:q} > {log} 2>&1"
+            "--caption {params.caption:q} --metric {params.metric} > {log} 2>&1"
 
 
 for _table, _keys in outputs.TABLES.items():

@@ -13,6 +13,7 @@ rule fit:
         out_dir=subpath(output.params, parent=True),
         bootstrap=config["fit"]["bootstrap"],
         seed=config["fit"]["seed"],
+        metric=config["fit"]["metric"],
     log:
         "results/logs/fit.log",
     benchmark:
@@ -21,4 +22,4 @@ rule fit:
         "../envs/analysis.yaml"
     shell:
         "qatlaw fit --runs {input} --out-dir {params.out_dir} --bootstrap {params.bootstrap} "
-        "--seed {params.seed} > {log} 2>&1"
+        "--seed {params.seed} --metric {params.metric} > {log} 2>&1"

@@ -46,6 +46,7 @@ else:
                 settings=batch_settings_json(batch),
                 checkpoint=batch_checkpoints(batch),
             threads: config["training"]["threads"]
+            priority: batch_priority(batch)
             resources:
                 **batch_resources(batch),
                 **train_execution(),

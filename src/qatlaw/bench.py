@@ -159,6 +159,10 @@ def _build_case(cfg: dict, size: str, precision: str, group: int | str | None, m
 
     s = run_settings(cfg, size, cfg["grid"]["tokens"][0], precision, group, 0)
     model = build_model(s, int(cfg["data"]["vocab_size"]))
+    if mode == "compile":
+        # every case is its own graph of the same code; past dynamo's recompile limit (8) it would silently run
+        # eager, so the limit is raised to the cases one process compiles
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     forward = torch.compile(model) if mode == "compile" else model
     return _Case(size, precision, group, mode, model, make_optimizer(model, s), forward,
                  TokenBatches(tokens, s.seq_len, s.batch_size, s.seed), s)

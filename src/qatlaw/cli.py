@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from qatlaw.config import ConfigError
+from qatlaw.config import METRICS, ConfigError
 from qatlaw.errors import QatlawError
 
 log = logging.getLogger("qatlaw")
@@ -183,7 +183,7 @@ def _fit(args: argparse.Namespace) -> None:
 
     runs = decompose.read_runs(args.runs)
     params, predictions, comparison = fit.run_fits(decompose.delta_table(runs), runs, n_boot=args.bootstrap,
-                                                   seed=args.seed)
+                                                   seed=args.seed, metric=args.metric)
     fit.write_fits(params, predictions, comparison, args.out_dir)
     for row in comparison.itertuples():
         log.info("%s %s: relative error %.1f%% over %d runs", row.law, row.precision, 100 * row.rel_error, row.n_runs)
@@ -215,7 +215,7 @@ def _named_inputs(pairs: Sequence[str]) -> dict[str, str]:
 def _figure(args: argparse.Namespace) -> None:
     from qatlaw import plots
 
-    plots.make_figure(args.name, _named_inputs(args.input), args.out, args.caption)
+    plots.make_figure(args.name, _named_inputs(args.input), args.out, args.caption, metric=args.metric)
 
 
 def _table(args: argparse.Namespace) -> None:
@@ -306,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-dir", required=True, help="writes params, predictions and comparison Parquet files")
     s.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the 90%% intervals")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--metric", choices=METRICS, default=METRICS[0],
+                   help="loss fitted: val_loss (validation, default) or loss (smoothed training loss, the paper's)")
     s.set_defaults(func=_fit)
 
     s = sub.add_parser("predict", help="predict δ, the BF16 and QAT loss and the EPM from fitted constants")
@@ -321,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input", nargs="+", required=True, metavar="KEY=PATH", help="input files by role")
     s.add_argument("--out", required=True, help="PNG path; the SVG is written beside it")
     s.add_argument("--caption", default="", help="grid description printed under the figure")
+    s.add_argument("--metric", choices=METRICS, default=METRICS[0], help="δ of val_loss (default) or loss")
     s.set_defaults(func=_figure)
 
     s = sub.add_parser("table", help="write one paper table as CSV and Markdown")

@@ -20,6 +20,8 @@ import yaml
 from qatlaw.errors import QatlawError
 
 SCHEMA_PATH = Path(__file__).with_name("schema.yaml")
+# The losses a δ and a law can be measured on (config key fit.metric), the default first.
+METRICS = ("val_loss", "loss")
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
 
 

@@ -10,6 +10,10 @@ Laws (N non-embedding parameters, D training tokens, G the integer group length 
                   eff ∈ (0, 1] is the only free parameter, one per granularity (the "5 laws" of Table 2; the
                   run table's ``group`` label, so all ``channel`` runs share one eff whatever their G).
 
+Every law is fitted to one metric (``run_fits(metric=...)``, config ``fit.metric``): ``val_loss``, the
+validation loss and its δ (the default: at CPU scale the smoothed training loss of a short run is far noisier),
+or ``loss``, the smoothed training loss (the paper's).
+
 Every law is fitted the Chinchilla way: the Huber loss (δ_H = 1e-3) of the log-space residuals
 log(predicted) − log(observed), summed over runs, minimized with L-BFGS-B and the analytic gradient, keeping
 the best of several starts. The Chinchilla law is non-convex (α, β ≥ 0 are its only bounds) and starts from
@@ -579,14 +583,23 @@ def _require(df: pd.DataFrame, columns: tuple[str, ...], what: str) -> None:
         raise FitError(f"run_fits: {what} lacks columns {', '.join(missing)}")
 
 
-def run_fits(deltas: pd.DataFrame, runs: pd.DataFrame, *, n_boot: int = 200,
-             seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+# metric -> (loss column of the run table, δ column of the delta table) that the laws are fitted to
+METRIC_COLUMNS = {"val_loss": ("val_loss", "delta_val"), "loss": ("loss", "delta")}
+
+
+def run_fits(deltas: pd.DataFrame, runs: pd.DataFrame, *, n_boot: int = 200, seed: int = 0,
+             metric: str = "val_loss") -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Every law of the study: Chinchilla on the non-diverged BF16 runs of ``runs``, and for every precision of
-    ``deltas`` (:func:`qatlaw.decompose.delta_table`) the unified, no_D and EPM laws. Returns the params,
-    predictions and comparison tables of the module docstring; a law that cannot be fitted leaves NaN rows
-    and a warning."""
-    _require(runs, ("run_id", "precision", "N", "D", "G", "loss"), "run table")
-    _require(deltas, ("run_id", "precision", "N", "D", "G", "delta"), "delta table")
+    ``deltas`` (:func:`qatlaw.decompose.delta_table`) the unified, no_D and EPM laws, all on ``metric``:
+    ``val_loss`` (the validation loss and its δ, ``delta_val``) or ``loss`` (the smoothed training loss and
+    ``delta``). Returns the params, predictions and comparison tables of the module docstring; a law that
+    cannot be fitted leaves NaN rows and a warning."""
+    if metric not in METRIC_COLUMNS:
+        raise FitError(f"run_fits: metric must be one of {', '.join(METRIC_COLUMNS)}, got {metric!r}")
+    loss_col, delta_col = METRIC_COLUMNS[metric]
+    _require(runs, ("run_id", "precision", "N", "D", "G", loss_col), "run table")
+    _require(deltas, ("run_id", "precision", "N", "D", "G", delta_col), "delta table")
+    runs, deltas = runs.assign(loss=runs[loss_col]), deltas.assign(delta=deltas[delta_col])
     bf16 = runs[runs["precision"] == BASELINE]
     chin_fits: dict[tuple, dict | FitError] = {}
 

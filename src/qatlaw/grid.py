@@ -77,6 +77,15 @@ class RunSettings:
     format: str
     lac: str
     warmup_steps: int | None = None
+    weight_ema: float = 0.0
+
+    @property
+    def weight_ema_decay(self) -> float:
+        """Per-step decay of the weight average: its time constant is ``weight_ema`` × the run's steps
+        (0: no average, the final weights are scored)."""
+        if self.weight_ema <= 0:
+            return 0.0
+        return 1.0 - 1.0 / max(1.0, self.weight_ema * self.steps)
 
     @property
     def run_id(self) -> str:
@@ -139,20 +148,20 @@ def run_settings(cfg: Mapping[str, Any], size: str, tokens: int | str, precision
         min_lr_ratio=training["min_lr_ratio"], beta1=training["beta1"], beta2=training["beta2"],
         weight_decay=training["weight_decay"], grad_clip=training["grad_clip"], loss_ema=training["loss_ema"],
         eval_tokens=training["eval_tokens"], clip=quant["clip"], format=quant["format"],
-        lac=quant["lac"], warmup_steps=training["warmup_steps"],
+        lac=quant["lac"], warmup_steps=training["warmup_steps"], weight_ema=float(training["weight_ema"]),
     )
 
 
 def grid_runs(cfg: Mapping[str, Any]) -> list[RunSettings]:
     """Every run: per (size, tokens, seed) one BF16 baseline and each precision × group, for the main grid, the
-    extra sub-grids and then the ablation sub-grid (each base precision with each override alone), without
+    extra sub-grids (each with its own seeds, by default the main grid's) and then the ablation sub-grid (each base precision with each override alone), without
     repeats."""
     runs: dict[str, RunSettings] = {}
 
     def add_cells(sub: Mapping[str, Any], precisions: list[str]) -> None:
         for size in sub["sizes"]:
             for tokens in sub["tokens"]:
-                for seed in cfg["grid"]["seeds"]:
+                for seed in sub.get("seeds", cfg["grid"]["seeds"]):
                     for name, group in [(BASELINE, None)] + [(p, g) for p in precisions for g in sub["groups"]]:
                         run = run_settings(cfg, size, tokens, name, group, seed)
                         runs.setdefault(run.run_id, run)
@@ -194,6 +203,15 @@ def effective_group(s: RunSettings) -> int | None:
     return s.hidden if s.group == "channel" else int(s.group)
 
 
+def _non_embedding(s: RunSettings) -> int:
+    return s.layers * (2 * s.hidden**2 + 2 * s.hidden * s.kv_heads * (s.hidden // s.heads) + 3 * s.hidden * s.ffn)
+
+
+def training_flops(s: RunSettings, vocab_size: int) -> int:
+    """FLOPs of a run's training, 6·(N + V·h)·D (the LM head included: at CPU sizes it is much of the work)."""
+    return 6 * (_non_embedding(s) + vocab_size * s.hidden) * s.tokens
+
+
 def estimate_resources(s: RunSettings, vocab_size: int, threads: int = 1, gpus: int = 0) -> dict[str, int]:
     """Memory (MB) and runtime (minutes) to request for a run, on CPU threads or on ``gpus`` GPUs.
 
@@ -203,12 +221,11 @@ def estimate_resources(s: RunSettings, vocab_size: int, threads: int = 1, gpus: 
     interpreter and torch. On GPUs: at ``GPU_FLOPS_PER_GPU`` per GPU, ×1.5 for fake quantization and margin, plus
     15 minutes; host memory ``GPU_HOST_MEM_MB`` per GPU (tokens and data loading; the model lives on the GPU).
     """
-    n = s.layers * (2 * s.hidden**2 + 2 * s.hidden * s.kv_heads * (s.hidden // s.heads) + 3 * s.hidden * s.ffn)
-    flops = 6 * (n + vocab_size * s.hidden) * s.tokens
+    flops = training_flops(s, vocab_size)
     if gpus > 0:
         runtime = 15 + math.ceil(1.5 * flops / (GPU_FLOPS_PER_GPU * gpus) / 60)
         return {"mem_mb": GPU_HOST_MEM_MB * gpus, "runtime": int(runtime)}
-    params = n + 2 * vocab_size * s.hidden
+    params = _non_embedding(s) + 2 * vocab_size * s.hidden
     activations = s.batch_size * s.seq_len * (24 * s.hidden * s.layers + 3 * vocab_size)
     mem_mb = 500 + (16 * params + 4 * activations) // 2**20
     runtime = 5 + math.ceil(2 * flops / (CPU_FLOPS_PER_THREAD * threads) / 60)

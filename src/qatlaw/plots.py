@@ -15,6 +15,7 @@ N is the non-embedding parameter count, D the training tokens, G the quantizatio
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import textwrap
 from collections.abc import Callable, Mapping, Sequence
@@ -61,7 +62,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {  # the columns each input must have
     "metrics": ("step", "tokens", "loss_ema"),
 }
 PRECISION_ORDER = (BASELINE, "W4A4", "W4A16", "W16A4", "W4A4-fc2a8", "W16A4-fc2a8")
-METRIC = "loss"  # the paper's δ: of the smoothed training loss
+METRIC = "val_loss"  # default δ: of the validation loss ("loss": of the smoothed training loss, the paper's)
 PAPER_FC2A8_CHANGE = {"G=32": -0.205, "G=256": -0.429}  # paper Fig. 9b, relative change of δ_W4A4
 HELD_OUT_MARKERS = {"none": "o", "largest_N": "^", "largest_D": "s"}
 HELD_OUT_COLORS = {"largest_N": "tab:red", "largest_D": "tab:green"}
@@ -93,10 +94,10 @@ def read_input(path: str | Path, key: str) -> pd.DataFrame:
     return read_parquet(path, COLUMNS[key], f"{key} table", error=PlotError)
 
 
-def _decomposition(path: str | Path) -> pd.DataFrame:
-    """Rows of the paper's metric from ``decomposition.parquet``, with numeric N, D and G."""
+def _decomposition(path: str | Path, metric: str) -> pd.DataFrame:
+    """Rows of ``metric`` from ``decomposition.parquet``, with numeric N, D and G."""
     df = read_input(path, "decomposition")
-    df = df[df["metric"] == METRIC].copy()
+    df = df[df["metric"] == metric].copy()
     for col in ("N", "D", "G", "tokens_requested"):
         df[col] = pd.to_numeric(df[col]).astype(float)
     df["group"] = df["group"].astype(str)
@@ -349,9 +350,9 @@ def _trend_legend(fig: Figure, decomp: pd.DataFrame, colors: dict[str, tuple], f
 
 @_styled
 def fig1_contour(params: str | Path, decomposition: str | Path, out_png: str | Path, caption_grid: str,
-                 G: int | None = None) -> None:
+                 G: int | None = None, metric: str = METRIC) -> None:
     """δ_W4A4 iso-lines of the unified law over log10 N × log10 D at a fixed G, observed runs as points."""
-    prm, decomp = read_input(params, "params"), _decomposition(decomposition)
+    prm, decomp = read_input(params, "params"), _decomposition(decomposition, metric)
     G = _numeric_G(decomp, G)
     law = constants(prm, "unified", "W4A4")
     fig, axes = _figure(1, 1, (7.5, 5.5))
@@ -396,9 +397,9 @@ def fig1_contour(params: str | Path, decomposition: str | Path, out_png: str | P
 
 
 @_styled
-def fig4_trends(params: str | Path, decomposition: str | Path, out_png: str | Path, caption_grid: str) -> None:
+def fig4_trends(params: str | Path, decomposition: str | Path, out_png: str | Path, caption_grid: str, metric: str = METRIC) -> None:
     """δ_W4A4 vs N, vs D and vs G: observed cells and the fitted unified law."""
-    prm, decomp = read_input(params, "params"), _decomposition(decomposition)
+    prm, decomp = read_input(params, "params"), _decomposition(decomposition, metric)
     fig, axes = _figure(1, 3, (14, 4.6))
     colors = _group_colors(_group_order(decomp))
     n_dropped = _trend_panels(axes[0], decomp, prm, "W4A4", "delta_W4A4", colors)
@@ -411,9 +412,9 @@ def fig4_trends(params: str | Path, decomposition: str | Path, out_png: str | Pa
 
 
 @_styled
-def fig7_components(params: str | Path, decomposition: str | Path, out_png: str | Path, caption_grid: str) -> None:
+def fig7_components(params: str | Path, decomposition: str | Path, out_png: str | Path, caption_grid: str, metric: str = METRIC) -> None:
     """Weight-only (W4A16) and activation-only (W16A4) δ vs N, D and G, observed and fitted."""
-    prm, decomp = read_input(params, "params"), _decomposition(decomposition)
+    prm, decomp = read_input(params, "params"), _decomposition(decomposition, metric)
     fig, axes = _figure(2, 3, (14, 8.5))
     colors = _group_colors(_group_order(decomp))
     notes = []
@@ -543,11 +544,11 @@ def fig12_fc2_fit(predictions: str | Path, params: str | Path, out_png: str | Pa
 
 @_styled
 def fig6_decomposition(decomposition: str | Path, decomposition_fit: str | Path, out_png: str | Path,
-                       caption_grid: str) -> None:
+                       caption_grid: str, metric: str = METRIC) -> None:
     """δ_W4A4 vs δ_W4A16 + δ_W16A4 per cell, coloured by group, with the fitted and the paper's slope k."""
-    decomp = _decomposition(decomposition)
+    decomp = _decomposition(decomposition, metric)
     kfit = read_input(decomposition_fit, "decomposition_fit")
-    kfit = kfit[kfit["metric"] == METRIC]
+    kfit = kfit[kfit["metric"] == metric]
     fig, axes = _figure(1, 1, (7.8, 5.8))
     ax = axes[0, 0]
     rows = decomp[np.isfinite(decomp[["delta_W4A4", "sum_components"]].astype(float)).all(axis=1)]
@@ -579,10 +580,10 @@ def fig6_decomposition(decomposition: str | Path, decomposition_fit: str | Path,
 
 
 @_styled
-def fig8_ratio(decomposition: str | Path, out_png: str | Path, caption_grid: str) -> None:
+def fig8_ratio(decomposition: str | Path, out_png: str | Path, caption_grid: str, metric: str = METRIC) -> None:
     """Heatmaps of R = δ_W16A4 / δ_W4A16 over (N, D) for the finest and coarsest group, without and with the
     FC2 input at 8 bit."""
-    decomp = _decomposition(decomposition)
+    decomp = _decomposition(decomposition, metric)
     order = _group_order(decomp)
     groups = list(dict.fromkeys([order[0], order[-1]])) if order else []
     fig, axes = _figure(2, max(len(groups), 1), (5.2 * max(len(groups), 1) + 1.2, 8.2))
@@ -637,11 +638,11 @@ def _heatmap(ax: Axes, grid: pd.DataFrame, norm: TwoSlopeNorm) -> None:
 
 @_styled
 def fig9_outliers(outliers: str | Path, runs: str | Path, decomposition: str | Path, out_png: str | Path,
-                  caption_grid: str) -> None:
+                  caption_grid: str, metric: str = METRIC) -> None:
     """(a) Input kurtosis per linear-layer type, BF16 vs W4A4, in the largest cell; (b) δ_W4A4 vs G with and
     without the FC2 input at 8 bit at the largest N and D."""
     out, table = read_input(outliers, "outliers"), read_input(runs, "runs")
-    decomp = _decomposition(decomposition)
+    decomp = _decomposition(decomposition, metric)
     fig, axes = _figure(1, 2, (13, 5.2))
     notes = [_kurtosis_panel(axes[0, 0], out, table), _fc2_panel(axes[0, 1], decomp)]
     _save(fig, out_png, caption_grid, notes)
@@ -719,10 +720,10 @@ def _fc2_panel(ax: Axes, decomp: pd.DataFrame) -> str:
 
 @_styled
 def fig16_epm(params: str | Path, decomposition: str | Path, out_png: str | Path, caption_grid: str,
-              G: int | None = None) -> None:
+              G: int | None = None, metric: str = METRIC) -> None:
     """Effective parameter multiplier of the unified law over log10 N × log10 D at a fixed G, W4A4 and (when
     fitted) W4A4-fc2a8, with the EPM = 0.5 line (4 bit beats lossless 8 bit above it)."""
-    prm, decomp = read_input(params, "params"), _decomposition(decomposition)
+    prm, decomp = read_input(params, "params"), _decomposition(decomposition, metric)
     G = _numeric_G(decomp, G)
     chin = constants(prm, "chinchilla", BASELINE)
     precisions = ["W4A4"] + (["W4A4-fc2a8"] if constants(prm, "unified", "W4A4-fc2a8") is not None else [])
@@ -774,10 +775,10 @@ def fig16_epm(params: str | Path, decomposition: str | Path, out_png: str | Path
 # ---------------------------------------------------------------------------------------------- beyond the paper
 
 @_styled
-def mixed_layer_ranking(mixed_ranking: str | Path, out_png: str | Path, caption_grid: str) -> None:
+def mixed_layer_ranking(mixed_ranking: str | Path, out_png: str | Path, caption_grid: str, metric: str = METRIC) -> None:
     """Mean relative change of δ when one tensor goes to 8 bit, per override (best first), with n per bar."""
     rank = read_input(mixed_ranking, "mixed_ranking")
-    rank = rank[rank["metric"] == METRIC]
+    rank = rank[rank["metric"] == metric]
     rank = rank.assign(other_base=rank["base_precision"] != "W4A4").sort_values(
         ["other_base", "base_precision", "rank"], ignore_index=True)
     fig, axes = _figure(1, 1, (8.5, 1.6 + 0.45 * max(len(rank), 3)))
@@ -901,11 +902,15 @@ FIGURE_FUNCTIONS: dict[str, Callable[..., None]] = {
 }
 
 
-def make_figure(name: str, inputs: Mapping[str, str | Path], out_png: str | Path, caption_grid: str) -> None:
-    """Draw figure ``name`` of ``FIGURES`` from its input files (keys as in ``FIGURES[name]``)."""
+def make_figure(name: str, inputs: Mapping[str, str | Path], out_png: str | Path, caption_grid: str,
+                metric: str = METRIC) -> None:
+    """Draw figure ``name`` of ``FIGURES`` from its input files (keys as in ``FIGURES[name]``); figures of
+    quantization errors show δ of ``metric`` (``val_loss`` or ``loss``)."""
     if name not in FIGURES:
         raise PlotError(f"unknown figure {name!r} (known: {', '.join(FIGURES)})")
     missing = [key for key in FIGURES[name] if key not in inputs]
     if missing:
         raise PlotError(f"figure {name}: no input file given for {', '.join(missing)}")
-    FIGURE_FUNCTIONS[name](**{key: inputs[key] for key in FIGURES[name]}, out_png=out_png, caption_grid=caption_grid)
+    func = FIGURE_FUNCTIONS[name]
+    extra = {"metric": metric} if "metric" in inspect.signature(func).parameters else {}
+    func(**{key: inputs[key] for key in FIGURES[name]}, out_png=out_png, caption_grid=caption_grid, **extra)

@@ -9,7 +9,9 @@ Recipe (paper §4.1, App. F): AdamW β = (beta1, beta2), weight decay on the mat
 (not on norms, embeddings or LAC γ), gradient-norm clipping, linear warm-up then cosine decay to
 ``min_lr_ratio`` × peak. On CPU everything runs in fp32 (the "BF16" name is the paper's; bf16 autocast is only
 used on CUDA). The reported ``loss`` is the bias-corrected EMA of the training loss (the paper's "smoothed
-training loss"); ``val_loss`` is the mean loss on the first ``eval_tokens`` held-out tokens.
+training loss"); ``val_loss`` is the mean loss on the first ``eval_tokens`` held-out tokens, scored with the
+exponential moving average of the weights when ``weight_ema`` > 0 (else with the final weights, which
+``val_loss_last`` always scores).
 
 How a run executes (:class:`Execution`: device, threads, micro-batching, ``torch.compile``, checkpoint interval)
 is not part of its identity: changing it neither retrains finished runs nor invalidates checkpoints. On CUDA the
@@ -44,7 +46,7 @@ log = logging.getLogger("qatlaw.train")
 
 SUMMARY_COLUMNS = (
     "run_id", "size", "N", "D", "tokens_requested", "group", "G", "precision", "seed", "loss", "val_loss",
-    "final_step_loss", "steps", "tokens_per_step", "epochs", "lr", "wall_s", "tokens_per_s", "diverged",
+    "val_loss_last", "final_step_loss", "steps", "tokens_per_step", "epochs", "lr", "wall_s", "tokens_per_s", "diverged",
     "resumed", "vocab_size", "seq_len", "clip", "format", "lac", "device",
 )
 METRIC_COLUMNS = ("step", "tokens", "loss", "loss_ema", "lr", "grad_norm", "tokens_per_s")
@@ -196,6 +198,35 @@ def evaluate(model: Model, tokens: np.ndarray, seq_len: int, max_tokens: int, ba
     return total / count
 
 
+class WeightAverage:
+    """Exponential moving average of a model's parameters, updated after every optimizer step."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.params = [p for p in model.parameters()]
+        self.average = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - self.decay)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchange the model's parameters and the average (twice restores the model)."""
+        for p, a in zip(self.params, self.average):
+            tmp = p.detach().clone()
+            p.copy_(a)
+            a.copy_(tmp)
+
+    def state_dict(self) -> list[torch.Tensor]:
+        return self.average
+
+    def load_state_dict(self, state: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for a, saved in zip(self.average, state):
+                a.copy_(saved)
+
+
 def settings_hash(s: RunSettings, manifest: Mapping[str, Any]) -> str:
     """Identity of a run for resuming: its settings and the exact token data."""
     key = s.to_json() + manifest["corpus_sha256"] + manifest["tokenizer_sha256"]
@@ -261,6 +292,7 @@ def train_run(
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     model = build_model(s, vocab).to(device)
     opt = make_optimizer(model, s, fused=device.type == "cuda")
+    average = WeightAverage(model, s.weight_ema_decay) if s.weight_ema > 0 else None
     batches = TokenBatches(train_tokens, s.seq_len, s.batch_size, s.seed)
     warmup = s.warmup
     identity = settings_hash(s, manifest)
@@ -272,11 +304,17 @@ def train_run(
         if state.get("identity") == identity:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
+            if average is not None:
+                average.load_state_dict(state["weight_average"])
             step, ema, rows, wall_before = state["step"], state["ema"], state["rows"], state["wall_s"]
             diverged, resumed = state.get("diverged", False), True
             log.info("%s: resuming from checkpoint %s at step %d/%d", s.run_id, checkpoint_path, step, s.steps)
         else:
             log.warning("%s: ignoring checkpoint %s written for other settings or data", s.run_id, checkpoint_path)
+    if execution.compile:
+        # a fresh compile per run: dynamo's cache of graphs per code object is bounded (8 by default), and a job
+        # of several runs (each precision and G its own graph) would otherwise fall back to eager unannounced
+        torch._dynamo.reset()
     step_fn = torch.compile(model) if execution.compile else model
     if par.world > 1:
         step_fn = torch.nn.parallel.DistributedDataParallel(step_fn, device_ids=[device] if device.type == "cuda" else None)
@@ -290,7 +328,8 @@ def train_run(
         with atomic_path(checkpoint_path) as tmp:
             torch.save({"identity": identity, "step": step, "ema": ema, "rows": rows, "diverged": diverged,
                         "wall_s": wall_before + time.perf_counter() - t0,
-                        "model": model.state_dict(), "optimizer": opt.state_dict()}, tmp)
+                        "model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "weight_average": None if average is None else average.state_dict()}, tmp)
 
     while step < s.steps and not diverged:
         t_step = time.perf_counter()
@@ -317,6 +356,8 @@ def train_run(
             break
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip).item()
         opt.step()
+        if average is not None:
+            average.update()
         ema = s.loss_ema * ema + (1 - s.loss_ema) * loss_value
         step += 1
         ema_debiased = ema / (1 - s.loss_ema**step)
@@ -330,13 +371,19 @@ def train_run(
             save_checkpoint()
 
     wall = wall_before + time.perf_counter() - t0
-    val_loss = float("nan") if diverged else evaluate(model, val_tokens, s.seq_len, s.eval_tokens, s.batch_size, device)
+    val_loss_last = val_loss = float("nan")
+    if not diverged:
+        val_loss_last = val_loss = evaluate(model, val_tokens, s.seq_len, s.eval_tokens, s.batch_size, device)
+        if average is not None:
+            average.swap()  # the averaged weights are the run's model from here on
+            val_loss = evaluate(model, val_tokens, s.seq_len, s.eval_tokens, s.batch_size, device)
     trained = len(rows) * s.tokens_per_step
     summary = {
         "run_id": s.run_id, "size": s.size, "N": non_embedding_params(model.cfg), "D": trained,
         "tokens_requested": s.tokens, "group": "none" if s.group is None else str(s.group),
         "G": effective_group(s), "precision": s.precision, "seed": s.seed,
         "loss": float("nan") if diverged or not rows else rows[-1][3], "val_loss": val_loss,
+        "val_loss_last": val_loss_last,
         "final_step_loss": rows[-1][2] if rows else float("nan"), "steps": len(rows),
         "tokens_per_step": s.tokens_per_step, "epochs": trained / max(1, len(train_tokens)), "lr": s.lr,
         "wall_s": wall, "tokens_per_s": trained / wall if wall > 0 else float("nan"), "diverged": diverged,
@@ -345,7 +392,11 @@ def train_run(
     }
     if par.is_main:
         if keep_checkpoint and not (resumed and first_step == step):
+            if average is not None:
+                average.swap()  # the checkpoint holds the training state: final weights, their average aside
             save_checkpoint()
+            if average is not None:
+                average.swap()
         with atomic_path(model_path) as tmp:
             torch.save({"settings": asdict(s), "model_config": asdict(model.cfg), "model": model.cpu().state_dict()}, tmp)
         write_parquet(pd.DataFrame(rows, columns=list(METRIC_COLUMNS)), metrics_path)
@@ -353,8 +404,8 @@ def train_run(
         write_parquet(frame, summary_path)
         if not keep_checkpoint:
             checkpoint_path.unlink(missing_ok=True)
-        log.info("%s: done: loss %.4f val_loss %.4f in %.1f s (%.0f tok/s)%s", s.run_id, summary["loss"], val_loss,
-                 wall, summary["tokens_per_s"], " DIVERGED" if diverged else "")
+        log.info("%s: done: loss %.4f val_loss %.4f (final weights %.4f) in %.1f s (%.0f tok/s)%s", s.run_id,
+                 summary["loss"], val_loss, val_loss_last, wall, summary["tokens_per_s"], " DIVERGED" if diverged else "")
     if par.world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
