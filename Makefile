@@ -1,6 +1,7 @@
 # Two commands on a fresh machine (Python 3.11, git):
 #   make run    installs into .venv, then runs the default workflow (snakemake --cores 2)
 #   make test   installs into .venv, then runs the test suite
+#   make reference   the laptop grid from a clean results/, shipped as reference/laptop/ (about 80 min, 2 cores)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
@@ -9,7 +10,7 @@ CORES ?= 2
 # Workflow shell commands call `qatlaw` and `snakemake` from the virtual environment.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test lint dry-run clean
+.PHONY: install run test lint dry-run clean reference
 
 install: $(STAMP)
 
@@ -27,6 +28,15 @@ dry-run: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+REFERENCE_CONFIGS := config.yaml config/laptop.yaml
+
+reference: install
+	@test ! -e results/runs.parquet || { echo "make reference: results/ holds another grid's runs; move it away first (the reference is timed from a clean results/)"; exit 2; }
+	start=$$(date +%s); $(BIN)/snakemake --cores $(CORES) --show-failed-logs --configfile config/laptop.yaml \
+	  && echo $$(( $$(date +%s) - start )) > results/wall_s
+	$(BIN)/qatlaw reference $(REFERENCE_CONFIGS) --results results --out reference/laptop \
+	  --wall-file results/wall_s --command "make reference" --title "laptop grid (config/laptop.yaml)"
 
 lint: install
 	$(BIN)/snakemake --lint

@@ -41,6 +41,7 @@ include: "rules/outliers.smk"
 include: "rules/mixed.smk"
 include: "rules/fit.smk"
 include: "rules/figures.smk"
+include: "rules/findings.smk"
 
 
 rule all:

@@ -38,6 +38,8 @@ def final_outputs():
         "results/fit/params.parquet",
         "results/fit/predictions.parquet",
         "results/fit/comparison.parquet",
+        "results/fit/bootstrap.parquet",
+        "results/FINDINGS.md",
         *expand("results/figures/{figure}.{ext}", figure=outputs.FIGURES, ext=["png", "svg"]),
         *expand("results/tables/{table}.{ext}", table=outputs.TABLES, ext=["csv", "md"]),
     ]

@@ -9,6 +9,7 @@ rule fit:
         params="results/fit/params.parquet",
         predictions="results/fit/predictions.parquet",
         comparison="results/fit/comparison.parquet",
+        bootstrap="results/fit/bootstrap.parquet",
     params:
         out_dir=subpath(output.params, parent=True),
         bootstrap=config["fit"]["bootstrap"],

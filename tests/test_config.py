@@ -65,7 +65,7 @@ BAD = [
     (('grid', 'precisions'), ["W4A4-xxa8"], "grid.precisions[0]"),
     (('grid', 'precisions'), ["W16A16"], "quantizes nothing"),
     (('grid', 'groups'), [32, 48], "grid.groups[1]: group size 48 does not divide"),
-    (('grid', 'groups'), [128], "does not divide the qkv input dimension 64 of size '0.1M'"),
+    (('grid', 'groups'), [128], "does not divide the qkv input dimension 32 of size '0.03M'"),
     (('grid', 'groups'), ["token"], "grid.groups[0]"),
     (('grid', 'groups'), [0], "grid.groups[0]"),
     (('grid', 'sizes'), ["0.1M", "5M"], "grid.sizes[1]: size '5M' is not in the models table"),
@@ -89,8 +89,8 @@ BAD = [
      "grid.extra[0].sizes[0]: size '7M'"),
     (('grid', 'extra'), [{"sizes": ["0.1M"], "tokens": ["100K"], "groups": [48], "precisions": ["W4A4"]}],
      "grid.extra[0].groups[0]: group size 48 does not divide"),
-    (('training', 'gpus_per_run'), 3, "training.gpus_per_run: batch of 16 sequences of size '0.1M' does not split over 3 GPUs"),
-    (('training', 'micro_batch_size'), 5, "training.micro_batch_size: 5 does not divide the 16 sequences per GPU"),
+    (('training', 'gpus_per_run'), 3, "training.gpus_per_run: batch of 32 sequences of size '0.03M' does not split over 3 GPUs"),
+    (('training', 'micro_batch_size'), 5, "training.micro_batch_size: 5 does not divide the 32 sequences per GPU"),
     (('training', 'micro_batch_size'), 0, "training.micro_batch_size"),
     (('grid', 'ablation'), {"sizes": ["0.1M"], "tokens": ["100K"], "groups": [32], "precisions": ["W4A4"],
                             "overrides": ["fc3a8"]}, "grid.ablation.overrides[0]"),
@@ -159,7 +159,7 @@ def test_cli_validate_counts_the_runs(capsys):
     from qatlaw.cli import main
 
     assert main(["validate", str(ROOT / "config.yaml")]) == 0
-    assert "config OK: 48 runs (4 BF16 baselines, 44 QAT)" in capsys.readouterr().out
+    assert "config OK: 38 runs (4 BF16 baselines, 34 QAT)" in capsys.readouterr().out
 
 
 def test_cli_reports_a_bad_config_in_one_line(tmp_path, capsys):
@@ -169,4 +169,4 @@ def test_cli_reports_a_bad_config_in_one_line(tmp_path, capsys):
     bad.write_text("grid:\n  groups: [48]\n")
     assert main(["validate", str(ROOT / "config.yaml"), str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["qatlaw validate: error: grid.groups[0]: group size 48 does not divide the qkv input dimension 64 of size '0.1M'"]
+    assert err == ["qatlaw validate: error: grid.groups[0]: group size 48 does not divide the qkv input dimension 32 of size '0.03M'"]

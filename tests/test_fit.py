@@ -250,15 +250,15 @@ def run_table(noise: float = NOISE, seed: int = 0) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def fitted() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def fitted() -> tuple[pd.DataFrame, fit.FitTables]:
     runs = run_table()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fit, "CHINCHILLA_INITS", 16)
-        return (runs, *fit.run_fits(decompose.delta_table(runs), runs, n_boot=10))
+        return runs, fit.run_fits(decompose.delta_table(runs), runs, n_boot=10)
 
 
 def test_run_fits_tables_have_the_documented_columns(fitted, tmp_path):
-    runs, params, predictions, comparison = fitted
+    runs, (params, predictions, comparison, bootstrap) = fitted
     assert list(params.columns) == list(fit.PARAMS_COLUMNS)
     assert list(predictions.columns) == list(fit.PREDICTIONS_COLUMNS)
     assert list(comparison.columns) == list(fit.COMPARISON_COLUMNS)
@@ -271,13 +271,22 @@ def test_run_fits_tables_have_the_documented_columns(fitted, tmp_path):
     # chinchilla on 9 BF16 runs; 3 δ laws × 27 runs × 2 precisions; the EPM law of the 2-run ablation
     assert len(in_sample) == 9 + 3 * 27 * 2 + 2
     np.testing.assert_allclose(in_sample["residual"], in_sample["predicted"] - in_sample["observed"])
-    fit.write_fits(params, predictions, comparison, tmp_path / "fit")
+    fit.write_fits(fitted[1], tmp_path / "fit")
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "fit" / "comparison.parquet"), comparison)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "fit" / "bootstrap.parquet"), bootstrap)
+    # the stored draws are the ones behind the intervals
+    assert list(bootstrap.columns) == list(fit.BOOTSTRAP_COLUMNS)
+    assert set(bootstrap["law"]) == {"chinchilla", "unified", "no_D"}
+    quantiles = bootstrap.groupby(["law", "precision", "constant"])["value"].quantile(list(fit.BOOT_QUANTILES))
+    ci = params.set_index(["law", "precision", "constant"])
+    for (law, precision, constant, q), value in quantiles.items():
+        column = "ci_low" if q == fit.BOOT_QUANTILES[0] else "ci_high"
+        assert value == pytest.approx(ci.loc[(law, precision, constant), column], rel=1e-12, abs=1e-12)
     assert len(pd.read_parquet(tmp_path / "fit" / "predictions.parquet")) == len(predictions)
 
 
 def test_run_fits_recovers_the_laws_and_ranks_the_baselines(fitted):
-    runs, params, predictions, comparison = fitted
+    runs, (params, predictions, comparison, bootstrap) = fitted
     comp = comparison.set_index(["law", "precision"])
     for precision in ("W4A4", "W4A16"):
         unified = comp.loc[("unified", precision)]
@@ -297,7 +306,7 @@ def test_run_fits_recovers_the_laws_and_ranks_the_baselines(fitted):
 
 
 def test_predict_from_params_uses_the_fitted_laws(fitted):
-    runs, params, _, _ = fitted
+    runs, (params, *_) = fitted
     got = fit.predict_from_params(params, 973e6, 200e9, 128, "W4A4")
     unified = params[(params["law"] == "unified") & (params["precision"] == "W4A4")]
     chin = params[params["law"] == "chinchilla"]
@@ -311,3 +320,15 @@ def test_predict_from_params_uses_the_fitted_laws(fitted):
         fit.predict_from_params(params, 1e9, 1e10, 128, "W2A2")
     with pytest.raises(fit.FitError, match="W4A4-qkva8 was not fitted"):
         fit.predict_from_params(params, 1e9, 1e10, 128, "W4A4-qkva8")
+
+
+def test_metric_chooses_the_loss_the_laws_are_fitted_to():
+    runs = run_table()
+    scrambled = runs.assign(loss=runs["loss"].sample(frac=1.0, random_state=0).to_numpy())  # val_loss intact
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fit, "CHINCHILLA_INITS", 16)
+        on_val = fit.run_fits(decompose.delta_table(scrambled), scrambled, n_boot=0, metric="val_loss").params
+        clean = fit.run_fits(decompose.delta_table(runs), runs, n_boot=0, metric="loss").params
+    pd.testing.assert_frame_equal(on_val, clean)
+    with pytest.raises(fit.FitError, match="metric must be one of val_loss, loss, got 'ppl'"):
+        fit.run_fits(decompose.delta_table(runs), runs, metric="ppl")

@@ -30,7 +30,7 @@ def test_grid_has_one_baseline_per_cell_and_every_qat_run(cfg):
 def test_default_grid_covers_the_study(cfg):
     g = cfg["grid"]
     assert len(g["sizes"]) >= 2 and len(g["tokens"]) >= 2 and len(g["groups"]) >= 2
-    assert {"W4A4", "W4A16", "W16A4", "W4A4-fc2a8", "W16A4-fc2a8"} <= set(g["precisions"])
+    assert {"W4A4", "W4A16", "W16A4", "W4A4-fc2a8"} <= set(g["precisions"])
 
 
 def test_run_settings_follow_the_size_table(cfg):
@@ -71,11 +71,11 @@ def test_resource_estimates_grow_with_the_run(cfg):
 
 def test_ablation_adds_each_override_alone_without_repeats(cfg):
     cfg = {**cfg, "grid": {**cfg["grid"], "ablation": {
-        "sizes": ["0.1M"], "tokens": ["100K"], "groups": [32], "precisions": ["W4A4"],
+        "sizes": ["0.1M"], "tokens": ["1M"], "groups": [16], "precisions": ["W4A4"],
         "overrides": ["qkva8", "fc2a8", "fc2w8"]}}}
     main = {r.run_id for r in grid.grid_runs({**cfg, "grid": {k: v for k, v in cfg["grid"].items() if k != "ablation"}})}
     extra = {r.run_id for r in grid.grid_runs(cfg)} - main
-    assert extra == {"0.1M/100K/seed0/W4A4-qkva8_g32", "0.1M/100K/seed0/W4A4-fc2w8_g32"}
+    assert extra == {"0.1M/1M/seed0/W4A4-qkva8_g16", "0.1M/1M/seed0/W4A4-fc2w8_g16"}
     assert grid.token_budgets(cfg) == cfg["grid"]["tokens"]
 
 
@@ -86,8 +86,8 @@ def test_batches_keep_cells_apart_and_cover_every_run_once():
     assert sorted(r.run_id for b in batches for r in b) == sorted(r.run_id for r in runs)
     assert all(len({(r.size, r.tokens, r.seed) for r in b}) == 1 for b in batches)
     assert max(len(b) for b in batches) <= 6
-    # 4 main cells of 11 runs (6 + 5), the ablation's 4 runs join cell 0.1M/100K (15 = 5 + 5 + 5)
-    assert sorted(len(b) for b in batches) == [5, 5, 5, 5, 5, 5, 6, 6, 6]
+    # 4 main cells of 9 runs (5 + 4), the ablation's 2 new runs join cell 0.1M/1M (11 = 6 + 5)
+    assert sorted(len(b) for b in batches) == [4, 4, 4, 5, 5, 5, 5, 6]
     assert sorted(r.run_id for [r] in grid.batch_runs(runs, 1)) == sorted(r.run_id for r in runs)
 
 
@@ -99,3 +99,38 @@ def test_settings_json_of_several_runs():
         grid.RunSettings.from_json(text)
     with pytest.raises(grid.GridError, match="empty list"):
         grid.RunSettings.many_from_json("[]")
+
+
+def test_extra_sub_grids_take_their_own_seeds(cfg):
+    main = {k: v for k, v in cfg["grid"].items() if k != "ablation"}
+    cfg = {**cfg, "grid": {**main, "extra": [
+        {"sizes": ["0.1M"], "tokens": ["100K"], "groups": [32], "precisions": ["W4A4"], "seeds": [0, 1, 2]}]}}
+    cfg = config.validate(cfg)
+    runs = grid.grid_runs(cfg)
+    assert {r.seed for r in runs if r.size == "0.1M" and r.tokens == 100_000 and r.precision == "W4A4"} == {0, 1, 2}
+    # the main grid keeps its own seeds
+    assert {r.seed for r in runs if r.tokens == 2_000_000} == set(main["seeds"])
+
+
+def test_laptop_grid_covers_what_a_law_needs():
+    """config/laptop.yaml: >= 3 sizes over >= 8x in N, >= 3 budgets over >= 8x in D with D/N >= 10 in every cell,
+    >= 3 groups over >= 2x in log2 G, W4A4, W4A16, W16A4 and W4A4-fc2a8, and one cell with >= 3 seeds."""
+    import math
+
+    from qatlaw.model import non_embedding_params
+    from qatlaw.train import model_config
+
+    laptop = config.load(ROOT / "config.yaml", ROOT / "config" / "laptop.yaml")
+    runs = grid.grid_runs(laptop)
+    n = {r.size: non_embedding_params(model_config(r, laptop["data"]["vocab_size"])) for r in runs}
+    assert len(n) >= 3 and max(n.values()) / min(n.values()) >= 8
+    tokens = {r.tokens for r in runs}
+    assert len(tokens) >= 3 and max(tokens) / min(tokens) >= 8
+    assert min(r.tokens / n[r.size] for r in runs) >= 10
+    log_g = {math.log2(grid.effective_group(r)) for r in runs if not r.is_baseline}
+    assert len(log_g) >= 3 and max(log_g) / min(log_g) >= 2
+    assert {"W4A4", "W4A16", "W16A4", "W4A4-fc2a8"} <= {r.precision for r in runs}
+    seeds: dict[tuple, set] = {}
+    for r in runs:
+        seeds.setdefault((r.size, r.tokens, r.precision, r.group), set()).add(r.seed)
+    assert max(len(s) for s in seeds.values()) >= 3

@@ -55,10 +55,11 @@ def synthetic_runs() -> pd.DataFrame:
     )
 
 
-def fit_tables(runs: pd.DataFrame, deltas: pd.DataFrame, fitted: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+def fit_tables(runs: pd.DataFrame, deltas: pd.DataFrame, fitted: bool) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """params and predictions tables with the fit module's columns: the true constants with ±20% intervals
     (every law NaN unless ``fitted``); predictions in sample and for the largest N and D held out."""
-    params, preds = [], []
+    params, preds, draws = [], [], []
+    rng = np.random.default_rng(0)
 
     def add(law: str, precision: str, values: dict, n_runs: int, n_dropped: int) -> None:
         for name, value in values.items():
@@ -92,10 +93,14 @@ def fit_tables(runs: pd.DataFrame, deltas: pd.DataFrame, fitted: bool) -> tuple[
         add("no_D", precision, law | {"gamma_D": 0.0}, len(ok), len(sub) - len(ok))
         add("epm", precision, {f"eff_G{g}": 0.8 for g in GROUPS}, len(ok), len(sub) - len(ok))
         if usable:
+            for draw in range(20):  # bootstrap refits scattered around the law
+                draws += [{"law": "unified", "precision": precision, "draw": draw, "constant": name,
+                           "value": value * (1 + 0.05 * rng.standard_normal())} for name, value in law.items()]
             predict("unified", precision, ok, "delta",
                     np.asarray(fit.predict_delta(law, ok["N"], ok["D"], ok["G"].astype(float)), float))
     predictions = pd.concat(preds, ignore_index=True) if preds else pd.DataFrame(columns=fit.PREDICTIONS_COLUMNS)
-    return pd.DataFrame(params, columns=fit.PARAMS_COLUMNS), predictions.loc[:, list(fit.PREDICTIONS_COLUMNS)]
+    return (pd.DataFrame(params, columns=fit.PARAMS_COLUMNS), predictions.loc[:, list(fit.PREDICTIONS_COLUMNS)],
+            pd.DataFrame(draws, columns=fit.BOOTSTRAP_COLUMNS).astype({"draw": int, "value": float}))
 
 
 def outlier_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -117,10 +122,10 @@ def write_results(root: Path, fitted: bool = True) -> dict[str, Path]:
     deltas = decompose.delta_table(runs)
     decomp = decompose.decomposition(deltas)
     mix = mixed.mixed_precision(deltas)
-    params, predictions = fit_tables(runs, deltas, fitted)
+    params, predictions, bootstrap = fit_tables(runs, deltas, fitted)
     tables = {"runs": runs, "decomposition": decomp, "decomposition_fit": decompose.decomposition_fit(decomp),
               "outliers": outlier_table(runs), "mixed_ranking": mixed.ranking(mix), "params": params,
-              "predictions": predictions}
+              "predictions": predictions, "bootstrap": bootstrap}
     paths = {key: root / outputs.INPUTS[key] for key in tables}
     for key, table in tables.items():
         paths[key].parent.mkdir(parents=True, exist_ok=True)
@@ -211,3 +216,10 @@ def test_training_curves_need_the_metrics_of_every_run(results: dict[str, Path],
 def test_grid_caption():
     grid = {"sizes": ["0.1M", "0.3M"], "tokens": ["100K", "200K"], "groups": [32, "channel"], "seeds": [0]}
     assert outputs.grid_caption(grid) == "sizes 0.1M,0.3M · tokens 100K,200K · G 32,channel · seeds 0"
+
+
+def test_grid_caption_lists_the_sub_grids_values():
+    grid = {"sizes": ["0.1M"], "tokens": ["1M"], "groups": [8], "seeds": [0],
+            "extra": [{"sizes": ["0.3M"], "tokens": ["1M", "4M"], "groups": [8, 64], "seeds": [0, 1]}]}
+    assert outputs.grid_caption(grid) == ("sizes 0.1M,0.3M · tokens 1M,4M · G 8,64 · seeds 0,1 · 1 sub-grids "
+                                          "(not a full product)")

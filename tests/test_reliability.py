@@ -64,7 +64,7 @@ def write_project(workdir: Path, *, grid_cfg: dict | None = None, training: dict
     cfg["data"].update({"sources": ["texts/*.txt"], "vocab_size": 600, "val_fraction": 0.1, **(data or {})})
     cfg["grid"] = {"sizes": ["0.1M"], "tokens": ["4K"], "groups": [32], "precisions": ["W4A4"], "seeds": [0],
                    **(grid_cfg or {})}
-    cfg["training"].update({"eval_tokens": 2048, **(training or {})})
+    cfg["training"].update({"eval_tokens": 2048, "batch_size": 16, "compile": False, **(training or {})})
     if "device" in config.load_schema()["properties"]["training"]["properties"]:
         cfg["training"]["device"] = "cpu"  # bit-for-bit comparisons are a CPU promise
     cfg["models"].update(models or {})
@@ -480,7 +480,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     with pytest.MonkeyPatch.context() as patch:  # fewer Chinchilla starts: only the files' schema matters here
         patch.setattr(fit, "CHINCHILLA_INITS", 8)
         fitted = fit.run_fits(decompose.delta_table(runs), runs, n_boot=0)
-    fit.write_fits(*fitted, root)
+    fit.write_fits(fitted, root)
     from qatlaw import outliers
     outliers.run_outliers([paths["model"]], paths["val_tokens"], analysis["outliers"], n_tokens=512)
     return paths | analysis
@@ -504,7 +504,7 @@ class Stage:
 
 
 def _train_argv(p: dict[str, Path], out: Path) -> list[str]:
-    cfg = config.load(ROOT / "config.yaml", {"training": {"eval_tokens": 1024}})
+    cfg = config.load(ROOT / "config.yaml", {"training": {"eval_tokens": 1024, "batch_size": 16}})
     settings = grid.run_settings(cfg, "0.1M", 2048, "W4A4", 32, 0).to_json()
     return ["train", "--settings", settings, "--train-tokens", str(p["train_tokens"]), "--val-tokens",
             str(p["val_tokens"]), "--manifest", str(p["manifest"]), "--summary", str(out / "summary.parquet"),

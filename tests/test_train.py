@@ -295,3 +295,39 @@ def test_unreadable_checkpoint_is_ignored_with_a_warning(tmp_path, tokens, caplo
         summary = run(tmp_path, settings(), tokens)
     assert not summary["resumed"] and summary["steps"] == settings().steps
     assert "ignoring unreadable checkpoint" in caplog.text
+
+
+def test_weight_average_is_scored_and_resumes_exactly(tmp_path, tokens, monkeypatch):
+    plain = run(tmp_path, settings(), tokens, "plain")
+    s = settings(weight_ema=0.25)
+    averaged = run(tmp_path, s, tokens, "averaged")
+    # the same training (the average is only read at the end); the final weights score as without it
+    assert averaged["loss"] == plain["loss"] and averaged["val_loss_last"] == plain["val_loss"]
+    assert averaged["val_loss"] != averaged["val_loss_last"]
+    # the saved model is the average: scoring it again gives val_loss
+    saved = torch.load(tmp_path / "averaged" / "model.pt", weights_only=False)
+    model = train.build_model(s, VOCAB)
+    model.load_state_dict(saved["model"])
+    assert train.evaluate(model, tokens[1], s.seq_len, s.eval_tokens, s.batch_size) == pytest.approx(
+        averaged["val_loss"], abs=1e-6)
+    # its hand-computed decay: time constant 25% of the 12 steps
+    assert s.weight_ema_decay == pytest.approx(1 - 1 / 3)
+
+    real_batch = train.TokenBatches.batch
+
+    def crash_at_step_6(self, step):
+        if step == 6:
+            raise KeyboardInterrupt("simulated kill")
+        return real_batch(self, step)
+
+    monkeypatch.setattr(train.TokenBatches, "batch", crash_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, s, tokens, "crashed")
+    monkeypatch.setattr(train.TokenBatches, "batch", real_batch)
+    resumed = run(tmp_path, s, tokens, "crashed")
+    assert resumed["resumed"] and resumed["val_loss"] == pytest.approx(averaged["val_loss"], abs=1e-6)
+
+
+def test_without_a_weight_average_both_validation_losses_agree(tmp_path, tokens):
+    summary = run(tmp_path, settings(precision="BF16", group=None), tokens)
+    assert summary["val_loss_last"] == summary["val_loss"]

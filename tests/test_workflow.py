@@ -49,7 +49,8 @@ def write_user_project(workdir: Path, **data_overrides) -> None:
     cfg["data"].update({"sources": ["texts/*.txt"], "vocab_size": 600, "val_fraction": 0.1, **data_overrides})
     cfg["grid"].update(sizes=["0.1M"], tokens=["4K", "8K"], groups=[32], precisions=["W4A4", "W4A16", "W16A4", "W4A4-fc2a8"])
     del cfg["grid"]["ablation"]
-    cfg["training"]["eval_tokens"] = 2048
+    # budgets of a few steps, trained eager (compiling would take longer than these runs train)
+    cfg["training"].update(eval_tokens=2048, batch_size=16, compile=False)
     cfg["analysis"]["tokens"] = 1024
     (workdir / "config.yaml").write_text(yaml.safe_dump(cfg))
 

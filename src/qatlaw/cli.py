@@ -182,11 +182,28 @@ def _fit(args: argparse.Namespace) -> None:
     from qatlaw import decompose, fit
 
     runs = decompose.read_runs(args.runs)
-    params, predictions, comparison = fit.run_fits(decompose.delta_table(runs), runs, n_boot=args.bootstrap,
-                                                   seed=args.seed, metric=args.metric)
-    fit.write_fits(params, predictions, comparison, args.out_dir)
-    for row in comparison.itertuples():
+    tables = fit.run_fits(decompose.delta_table(runs), runs, n_boot=args.bootstrap, seed=args.seed,
+                          metric=args.metric)
+    fit.write_fits(tables, args.out_dir)
+    for row in tables.comparison.itertuples():
         log.info("%s %s: relative error %.1f%% over %d runs", row.law, row.precision, 100 * row.rel_error, row.n_runs)
+
+
+def _findings(args: argparse.Namespace) -> None:
+    from qatlaw import findings
+
+    table = findings.run_findings(args.results, args.out, args.parquet, args.metric, args.title)
+    counts = table["verdict"].value_counts()
+    log.info("%d findings: %s -> %s", len(table), ", ".join(f"{k} {v}" for k, v in counts.items()), args.out)
+
+
+def _reference(args: argparse.Namespace) -> None:
+    from qatlaw import config, reference
+
+    cfg = config.load(*args.configs)
+    wall = float(Path(args.wall_file).read_text().split()[0]) if args.wall_file else None
+    out = reference.package(args.results, args.out, cfg, wall_s=wall, command=args.command, title=args.title)
+    log.info("reference results -> %s", out)
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -303,12 +320,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("fit", help="fit the Chinchilla law, the unified QAT law and the baselines")
     s.add_argument("--runs", required=True)
-    s.add_argument("--out-dir", required=True, help="writes params, predictions and comparison Parquet files")
+    s.add_argument("--out-dir", required=True,
+                   help="writes params, predictions, comparison and bootstrap Parquet files")
     s.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the 90%% intervals")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--metric", choices=METRICS, default=METRICS[0],
                    help="loss fitted: val_loss (validation, default) or loss (smoothed training loss, the paper's)")
     s.set_defaults(func=_fit)
+
+    s = sub.add_parser("findings", help="the paper's findings beside a results folder's numbers (FINDINGS.md)")
+    s.add_argument("--results", required=True, help="a results folder (results/ or reference/<grid>/)")
+    s.add_argument("--out", required=True, help="FINDINGS.md to write")
+    s.add_argument("--parquet", required=True, help="findings.parquet to write")
+    s.add_argument("--metric", choices=METRICS, default=METRICS[0])
+    s.add_argument("--title", default="Findings")
+    s.set_defaults(func=_findings)
+
+    s = sub.add_parser("reference", help="ship a finished results folder as reference/<grid>/")
+    s.add_argument("configs", nargs="+", help="the config files the grid ran with, merged in order")
+    s.add_argument("--results", default="results")
+    s.add_argument("--out", required=True, help="e.g. reference/laptop")
+    s.add_argument("--wall-file", help="file holding the workflow's wall time in seconds")
+    s.add_argument("--command", default="", help="the command that produced the results (recorded)")
+    s.add_argument("--title", default="reference grid")
+    s.set_defaults(func=_reference)
 
     s = sub.add_parser("predict", help="predict δ, the BF16 and QAT loss and the EPM from fitted constants")
     s.add_argument("--params", required=True, help="results/fit/params.parquet")

@@ -49,6 +49,10 @@ Outputs of :func:`run_fits` (``results/fit/``, written by :func:`write_fits`):
 ``largest_N`` / ``largest_D``: the run has the fit's largest N / D and the prediction comes from a refit
 without those runs; for epm the held-out refit also refits A and α without them).
 
+``bootstrap.parquet``, the bootstrap refits behind the intervals, one row per (law, precision, draw, constant):
+``law``, ``precision``, ``draw`` (resample number; resamples that could not be fitted are absent), ``constant``,
+``value``. A law's draws give its prediction bands (evaluate the law at each draw, take percentiles).
+
 ``comparison.parquet``, one row per law and precision: ``law``, ``precision``, ``rel_error`` (mean in-sample
 |δ̂ − δ| / δ, or loss for chinchilla), ``n_runs``, ``heldout_largest_N_rel_error``,
 ``heldout_largest_D_rel_error`` (NaN where the refit is not possible).
@@ -59,6 +63,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -102,6 +107,7 @@ DELTA_CONSTANTS = ("k", "gamma_N", "gamma_D", "gamma_G")
 PARAMS_COLUMNS = ("law", "precision", "constant", "value", "ci_low", "ci_high", "n_runs", "n_dropped", "objective")
 PREDICTIONS_COLUMNS = ("run_id", "law", "precision", "N", "D", "G", "observed", "predicted", "residual",
                        "rel_error", "held_out")
+BOOTSTRAP_COLUMNS = ("law", "precision", "draw", "constant", "value")
 COMPARISON_COLUMNS = ("law", "precision", "rel_error", "n_runs", "heldout_largest_N_rel_error",
                       "heldout_largest_D_rel_error")
 
@@ -329,9 +335,10 @@ def _usable(df: pd.DataFrame, value: str, columns: tuple[str, ...], what: str,
 
 
 def _bootstrap(refit: Callable[[np.ndarray], dict | None], n: int, names: tuple[str, ...], n_boot: int,
-               seed: int, what: str) -> dict[str, tuple[float, float]]:
+               seed: int, what: str) -> tuple[dict[str, tuple[float, float]], pd.DataFrame]:
     """5th/95th percentiles of every constant over n_boot refits on resampled runs (refit gives None for a
-    resample that cannot identify every constant); NaN when fewer than MIN_BOOT_SHARE of them could be fitted,
+    resample that cannot identify every constant), and the refits themselves (one row per usable resample, one
+    column per constant); NaN intervals and no draws when fewer than MIN_BOOT_SHARE of them could be fitted,
     since the usable resamples would then be a biased few."""
     rng = np.random.default_rng(seed)
     samples = [s for s in (refit(rng.integers(0, n, n)) for _ in range(n_boot)) if s is not None]
@@ -341,10 +348,10 @@ def _bootstrap(refit: Callable[[np.ndarray], dict | None], n: int, names: tuple[
     if len(samples) < MIN_BOOT_SHARE * n_boot:
         log.warning("%s: no intervals: only %d of %d resamples could be fitted (too few runs for the constants)",
                     what, len(samples), n_boot)
-        return {name: (np.nan, np.nan) for name in names}
+        return {name: (np.nan, np.nan) for name in names}, pd.DataFrame(columns=list(names), dtype=float)
     table = pd.DataFrame(samples, columns=list(names))
     low, high = (table.quantile(q) for q in BOOT_QUANTILES)
-    return {name: (float(low[name]), float(high[name])) for name in names}
+    return {name: (float(low[name]), float(high[name])) for name in names}, table
 
 
 # ------------------------------------------------------------------------------------------------- chinchilla
@@ -383,7 +390,7 @@ def fit_chinchilla(df: pd.DataFrame, tie_exponents: bool = True, *, n_boot: int 
             args = (*(lg[idx] for lg in logs), tie_exponents, huber_delta)
             best = _best_of(_chinchilla_objective, optima, args, huber_delta, bounds)[0]
             return _chinchilla_constants(best, tie_exponents)
-        out["ci"] = _bootstrap(refit, len(data), CHINCHILLA_CONSTANTS, n_boot, seed, what)
+        out["ci"], out["draws"] = _bootstrap(refit, len(data), CHINCHILLA_CONSTANTS, n_boot, seed, what)
     return out
 
 
@@ -438,7 +445,7 @@ def fit_delta(df: pd.DataFrame, *, use_D: bool = True, n_boot: int = 0, seed: in
                 return None
             best = _best_of(_loglinear_objective, [theta], (x[idx], y[idx], huber_delta), huber_delta)[0]
             return _delta_constants(best, use_D)
-        out["ci"] = _bootstrap(refit, len(data), names, n_boot, seed, what)
+        out["ci"], out["draws"] = _bootstrap(refit, len(data), names, n_boot, seed, what)
     return out
 
 
@@ -475,7 +482,7 @@ def _epm_fits(df: pd.DataFrame, chin_params: dict, *, n_boot: int = 0, seed: int
             def refit(idx: np.ndarray, x=x, y=y, theta=theta) -> dict:
                 c = _best_of(_loglinear_objective, [theta], (x[idx], y[idx], huber_delta), huber_delta)[0][0]
                 return {"eff": _eff(c, alpha)}
-            result["ci"] = _bootstrap(refit, len(y), ("eff",), n_boot, seed, f"{what} G {label}")["eff"]
+            result["ci"] = _bootstrap(refit, len(y), ("eff",), n_boot, seed, f"{what} G {label}")[0]["eff"]
         fits[label] = result
     return fits, n_dropped
 
@@ -514,7 +521,17 @@ def relative_error(pred: ArrayLike, obs: ArrayLike) -> float:
 def _record(fit: dict, names: tuple[str, ...]) -> dict:
     """The parts of a fitter's result that the output tables need."""
     return {"values": {c: fit[c] for c in names}, "ci": fit.get("ci", {}), "n_runs": fit["n_runs"],
-            "n_dropped": fit["n_dropped"], "objective": fit["objective"]}
+            "n_dropped": fit["n_dropped"], "objective": fit["objective"],
+            "draws": fit.get("draws", pd.DataFrame(columns=list(names), dtype=float))}
+
+
+def _draw_rows(law: str, precision: str, rec: dict) -> pd.DataFrame:
+    """The bootstrap refits of a law, one row per (draw, constant)."""
+    draws = rec.get("draws")
+    if draws is None or draws.empty:
+        return pd.DataFrame(columns=list(BOOTSTRAP_COLUMNS))
+    long = draws.reset_index(names="draw").melt(id_vars="draw", var_name="constant", value_name="value")
+    return long.assign(law=law, precision=precision).loc[:, list(BOOTSTRAP_COLUMNS)]
 
 
 def _param_rows(law: str, precision: str, rec: dict) -> list[dict]:
@@ -542,8 +559,10 @@ Predictor = Callable[[dict, pd.DataFrame], np.ndarray]
 
 
 def _assess(law: str, precision: str, runs: pd.DataFrame, columns: tuple[str, ...], fit: Fitter,
-            predict: Predictor, constants: tuple[str, ...], n_boot: int) -> tuple[list[dict], list, dict]:
-    """Params rows, prediction frames and comparison row of one law: fitted in-sample (with bootstrap), then
+            predict: Predictor, constants: tuple[str, ...], n_boot: int) -> tuple[list[dict], list, dict,
+                                                                                  pd.DataFrame]:
+    """Params rows, prediction frames, comparison row and bootstrap draws of one law: fitted in-sample (with
+    bootstrap), then
     refitted without the runs of the largest N, and without those of the largest D, to predict them.
     ``fit(runs, n_boot, held_out)`` gets held_out = (column, value) of the runs left out, or None."""
     data, ok = _numeric(runs, columns, f"{law} {precision}")
@@ -555,7 +574,7 @@ def _assess(law: str, precision: str, runs: pd.DataFrame, columns: tuple[str, ..
         log.warning("%s law for %s not fitted: %s", law, precision, exc)
         skipped = {"values": dict.fromkeys(constants, np.nan), "ci": {}, "n_runs": int(ok.sum()),
                    "n_dropped": int((~ok).sum()), "objective": np.nan}
-        return _param_rows(law, precision, skipped), [], comparison
+        return _param_rows(law, precision, skipped), [], comparison, _draw_rows(law, precision, skipped)
     valid = runs[ok].assign(observed=data.loc[ok, columns[-1]])
     preds = [_prediction_rows(law, precision, valid, predict(rec, valid), "none")]
     comparison["rel_error"] = float(preds[0]["rel_error"].mean())
@@ -570,7 +589,7 @@ def _assess(law: str, precision: str, runs: pd.DataFrame, columns: tuple[str, ..
         rows = _prediction_rows(law, precision, valid[test], predict(refit, valid[test]), held_out)
         preds.append(rows)
         comparison[f"heldout_{held_out}_rel_error"] = float(rows["rel_error"].mean())
-    return _param_rows(law, precision, rec), preds, comparison
+    return _param_rows(law, precision, rec), preds, comparison, _draw_rows(law, precision, rec)
 
 
 def _table(rows: list, columns: tuple[str, ...]) -> pd.DataFrame:
@@ -583,12 +602,21 @@ def _require(df: pd.DataFrame, columns: tuple[str, ...], what: str) -> None:
         raise FitError(f"run_fits: {what} lacks columns {', '.join(missing)}")
 
 
+class FitTables(NamedTuple):
+    """The outputs of :func:`run_fits` (schemas in the module docstring)."""
+
+    params: pd.DataFrame
+    predictions: pd.DataFrame
+    comparison: pd.DataFrame
+    bootstrap: pd.DataFrame
+
+
 # metric -> (loss column of the run table, δ column of the delta table) that the laws are fitted to
 METRIC_COLUMNS = {"val_loss": ("val_loss", "delta_val"), "loss": ("loss", "delta")}
 
 
 def run_fits(deltas: pd.DataFrame, runs: pd.DataFrame, *, n_boot: int = 200, seed: int = 0,
-             metric: str = "val_loss") -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+             metric: str = "val_loss") -> FitTables:
     """Every law of the study: Chinchilla on the non-diverged BF16 runs of ``runs``, and for every precision of
     ``deltas`` (:func:`qatlaw.decompose.delta_table`) the unified, no_D and EPM laws, all on ``metric``:
     ``val_loss`` (the validation loss and its δ, ``delta_val``) or ``loss`` (the smoothed training loss and
@@ -644,9 +672,9 @@ def run_fits(deltas: pd.DataFrame, runs: pd.DataFrame, *, n_boot: int = 200, see
         eff = _epm_labels(r, pd.to_numeric(r["G"]).astype(float)).map(rec["eff"]).to_numpy(float)
         return epm_delta(rec["chin"], eff, r["N"].to_numpy(float))
 
-    params, preds, comp = _assess("chinchilla", BASELINE, bf16, ("N", "D", "loss"), fit_chin, predict_chin,
-                                  CHINCHILLA_CONSTANTS, n_boot)
-    comparison = [comp]
+    params, preds, comp, draws = _assess("chinchilla", BASELINE, bf16, ("N", "D", "loss"), fit_chin, predict_chin,
+                                         CHINCHILLA_CONSTANTS, n_boot)
+    comparison, boot = [comp], [draws]
     for precision in sorted(p for p in deltas["precision"].dropna().unique() if p != BASELINE):
         sub = deltas[deltas["precision"] == precision]
         granularities = sorted(set(_epm_labels(sub, pd.to_numeric(sub["G"], errors="coerce").dropna())))
@@ -654,21 +682,22 @@ def run_fits(deltas: pd.DataFrame, runs: pd.DataFrame, *, n_boot: int = 200, see
                 ("no_D", ("N", "D", "G", "delta"), delta_fitter(False), predict_law, DELTA_CONSTANTS),
                 ("epm", ("N", "G", "delta"), fit_epm_law, predict_epm, tuple(f"eff_G{g}" for g in granularities)))
         for law, columns, fit, predict, constants in laws:
-            rows, frames, comp = _assess(law, precision, sub, columns, fit, predict, constants, n_boot)
+            rows, frames, comp, draws = _assess(law, precision, sub, columns, fit, predict, constants, n_boot)
             params += rows
             preds += frames
             comparison.append(comp)
+            boot.append(draws)
 
     predictions = pd.concat(preds, ignore_index=True) if preds else _table([], PREDICTIONS_COLUMNS)
     predictions["G"] = pd.to_numeric(predictions["G"]).astype("Int64")
-    return (_table(params, PARAMS_COLUMNS), predictions.loc[:, list(PREDICTIONS_COLUMNS)],
-            _table(comparison, COMPARISON_COLUMNS))
+    bootstrap = pd.concat([b for b in boot if not b.empty] or [_table([], BOOTSTRAP_COLUMNS)], ignore_index=True)
+    return FitTables(_table(params, PARAMS_COLUMNS), predictions.loc[:, list(PREDICTIONS_COLUMNS)],
+                     _table(comparison, COMPARISON_COLUMNS), bootstrap.astype({"draw": int, "value": float}))
 
 
-def write_fits(params: pd.DataFrame, predictions: pd.DataFrame, comparison: pd.DataFrame,
-               out_dir: str | Path) -> None:
-    """Write params, predictions and comparison as ``<out_dir>/<name>.parquet``, each atomically."""
-    for name, table in (("params", params), ("predictions", predictions), ("comparison", comparison)):
+def write_fits(tables: FitTables, out_dir: str | Path) -> None:
+    """Write params, predictions, comparison and bootstrap as ``<out_dir>/<name>.parquet``, each atomically."""
+    for name, table in tables._asdict().items():
         write_parquet(table, Path(out_dir) / f"{name}.parquet")
 
 

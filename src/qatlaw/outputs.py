@@ -16,11 +16,12 @@ INPUTS: dict[str, str] = {
     "params": "results/fit/params.parquet",
     "predictions": "results/fit/predictions.parquet",
     "comparison": "results/fit/comparison.parquet",  # tables only
+    "bootstrap": "results/fit/bootstrap.parquet",
 }
 FIGURES: dict[str, tuple[str, ...]] = {
     "fig1_contour": ("params", "decomposition"),
-    "fig4_trends": ("params", "decomposition"),
-    "fig5_fit": ("predictions", "params"),
+    "fig4_trends": ("params", "decomposition", "bootstrap"),
+    "fig5_fit": ("predictions", "params", "bootstrap"),
     "fig6_decomposition": ("decomposition", "decomposition_fit"),
     "fig7_components": ("params", "decomposition"),
     "fig8_ratio": ("decomposition",),
@@ -40,6 +41,11 @@ TABLES: dict[str, tuple[str, ...]] = {
 
 
 def grid_caption(grid: Mapping[str, Sequence]) -> str:
-    """The caption line of a config's grid, e.g. 'sizes 0.1M,0.3M · tokens 100K,200K · G 32,channel · seeds 0'."""
+    """The caption line of a config's grid, e.g. 'sizes 0.1M,0.3M · tokens 100K,200K · G 32,channel · seeds 0':
+    every value of the main grid and its extra sub-grids (a fractional design is not their product)."""
+    subgrids = [grid, *grid.get("extra", [])]
     parts = [("sizes", "sizes"), ("tokens", "tokens"), ("G", "groups"), ("seeds", "seeds")]
-    return " · ".join(f"{label} {','.join(str(v) for v in grid[key])}" for label, key in parts if key in grid)
+    values = {key: list(dict.fromkeys(str(v) for sub in subgrids for v in sub.get(key, grid.get(key, []))))
+              for _, key in parts}
+    text = " · ".join(f"{label} {','.join(values[key])}" for label, key in parts if values[key])
+    return text + (f" · {len(subgrids) - 1} sub-grids (not a full product)" if len(subgrids) > 1 else "")

@@ -40,6 +40,7 @@ from matplotlib.ticker import (
     NullFormatter,
     NullLocator,
 )
+from numpy.typing import ArrayLike
 
 from qatlaw import fit
 from qatlaw.decompose import DECOMPOSITION_COLUMNS, FIT_COLUMNS, PAPER_K
@@ -59,6 +60,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {  # the columns each input must have
     "params": fit.PARAMS_COLUMNS,
     "predictions": fit.PREDICTIONS_COLUMNS,
     "comparison": fit.COMPARISON_COLUMNS,
+    "bootstrap": fit.BOOTSTRAP_COLUMNS,
     "metrics": ("step", "tokens", "loss_ema"),
 }
 PRECISION_ORDER = (BASELINE, "W4A4", "W4A16", "W16A4", "W4A4-fc2a8", "W16A4-fc2a8")
@@ -105,11 +107,13 @@ def _decomposition(path: str | Path, metric: str) -> pd.DataFrame:
 
 
 def _cells(decomp: pd.DataFrame, column: str) -> pd.DataFrame:
-    """Mean of ``column`` over seeds per (size, tokens_requested, group) with finite values, as ``value``."""
+    """Mean of ``column`` over seeds per (size, tokens_requested, group) with finite values, as ``value``, with
+    the lowest and highest seed (``low``, ``high``) and the number of seeds (``seeds``)."""
     keys = ["size", "tokens_requested", "group"]
     rows = decomp[np.isfinite(decomp[column].astype(float))]
     out = rows.groupby(keys, as_index=False).agg(N=("N", "mean"), D=("D", "mean"), G=("G", "mean"),
-                                                   value=(column, "mean"))
+                                                   value=(column, "mean"), low=(column, "min"),
+                                                   high=(column, "max"), seeds=(column, "size"))
     return out.sort_values(["N", "tokens_requested", "G"], ignore_index=True)
 
 
@@ -273,11 +277,38 @@ def _log10_range(values: pd.Series, pad: float = 0.5) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- trends
 
+def law_band(draws: pd.DataFrame, law: str, precision: str, N: ArrayLike, D: ArrayLike,
+             G: ArrayLike) -> tuple[np.ndarray, np.ndarray] | None:
+    """5th and 95th percentile of a δ law's prediction over its bootstrap draws (None without draws)."""
+    rows = draws[(draws["law"] == law) & (draws["precision"] == precision)]
+    if rows.empty:
+        return None
+    wide = rows.pivot(index="draw", columns="constant", values="value")
+    preds = np.array([fit.predict_delta(draw, N, D, G) for draw in wide.to_dict("records")])
+    low, high = np.quantile(preds, fit.BOOT_QUANTILES, axis=0)
+    return low, high
+
+
+def _observed(ax: Axes, rows: pd.DataFrame, x: str, color: tuple) -> None:
+    """Observed cells: the mean over seeds, with a bar over the seeds' range where a cell has several."""
+    pos = rows[rows["value"] > 0]
+    ax.plot(pos[x], pos["value"], "o", color=color, ms=6)
+    spread = pos[(pos["seeds"] > 1) & (pos["low"] > 0)]
+    if len(spread):
+        ax.errorbar(spread[x], spread["value"], yerr=[spread["value"] - spread["low"], spread["high"] - spread["value"]],
+                    fmt="none", ecolor=color, elinewidth=1.2, capsize=3)
+
+
 def _trend_panels(axes: Sequence[Axes], decomp: pd.DataFrame, params: pd.DataFrame, precision: str,
-                  column: str, colors: dict[str, tuple]) -> int:
+                  column: str, colors: dict[str, tuple], draws: pd.DataFrame | None = None) -> int:
     """δ of one precision vs N (at the largest D), vs D (at the largest N) and vs G (at both) in three axes:
-    observed means over seeds as points, the unified law as lines. Returns how many cells were dropped for
-    δ ≤ 0."""
+    observed means over seeds as points (bars: the seeds' range), the unified law as lines with its 90%
+    bootstrap band where ``draws`` are given. Returns how many cells were dropped for δ ≤ 0."""
+    def band(ax: Axes, grid: np.ndarray, N: ArrayLike, D: ArrayLike, G: ArrayLike, color: tuple) -> None:
+        limits = None if draws is None else law_band(draws, "unified", precision, N, D, G)
+        if limits is not None:
+            ax.fill_between(grid, *limits, color=color, alpha=0.15, lw=0)
+
     cells = _cells(decomp, column)
     law = constants(params, "unified", precision)
     if cells.empty:
@@ -295,8 +326,7 @@ def _trend_panels(axes: Sequence[Axes], decomp: pd.DataFrame, params: pd.DataFra
     for ax, sub, x, title, xlabel in panels:
         for group in [g for g in colors if g in set(sub["group"])]:
             rows = sub[sub["group"] == group].sort_values(x)
-            pos = rows[rows["value"] > 0]
-            ax.plot(pos[x], pos["value"], "o", color=colors[group], ms=6)
+            _observed(ax, rows, x, colors[group])
             if law is not None and rows[x].nunique() > 1:
                 grid = np.geomspace(rows[x].min(), rows[x].max(), 64)
                 other = {c: np.exp(np.interp(np.log(grid), np.log(rows[x]), np.log(rows[c])))
@@ -304,15 +334,17 @@ def _trend_panels(axes: Sequence[Axes], decomp: pd.DataFrame, params: pd.DataFra
                 point = {x: grid, **other}
                 ax.plot(grid, fit.predict_delta(law, point["N"], point["D"], point["G"]), "-",
                         color=colors[group], lw=1.5)
+                band(ax, grid, point["N"], point["D"], point["G"], colors[group])
         _finish_trend(ax, sub, x, title, xlabel, law is not None)
     ax = axes[2]
     sub = at_n[at_n["tokens_requested"] == max_t].sort_values("G")
-    for row in sub[sub["value"] > 0].itertuples():
-        ax.plot(row.G, row.value, "o", color=colors[row.group], ms=6)
+    for group in [g for g in colors if g in set(sub["group"])]:
+        _observed(ax, sub[sub["group"] == group], "G", colors[group])
     if law is not None and sub["G"].nunique() > 1:
         grid = np.geomspace(sub["G"].min(), sub["G"].max(), 64)
         n_fix, d_fix = sub["N"].mean(), sub["D"].mean()
         ax.plot(grid, fit.predict_delta(law, n_fix, d_fix, grid), "-", color="0.25", lw=1.5)
+        band(ax, grid, n_fix, d_fix, grid, (0.25, 0.25, 0.25))
     _finish_trend(ax, sub, "G", f"vs G at N = {si(max_n)}, D = {si(sub['D'].mean()) if len(sub) else '–'}",
                   "G (elements per quantization group)", law is not None)
     return n_dropped
@@ -342,9 +374,9 @@ def _trend_legend(fig: Figure, decomp: pd.DataFrame, colors: dict[str, tuple], f
     G_of = decomp.groupby("group")["G"].agg(lambda g: g.iloc[0] if g.nunique() == 1 else np.nan)
     handles = [Line2D([], [], color=c, marker="o", ls="-" if fitted else "",
                       label=_group_label(g, G_of.get(g))) for g, c in colors.items()]
-    handles += [Line2D([], [], color="0.3", marker="o", ls="", label="observed (mean over seeds)")]
+    handles += [Line2D([], [], color="0.3", marker="o", ls="", label="observed (mean over seeds;\nbar: range of seeds)")]
     if fitted:
-        handles += [Line2D([], [], color="0.3", ls="-", label="unified law (fit)")]
+        handles += [Line2D([], [], color="0.3", ls="-", label="unified law (fit;\nband: 90% bootstrap)")]
     fig.legend(handles=handles, loc="outside right upper", frameon=False)
 
 
@@ -397,12 +429,15 @@ def fig1_contour(params: str | Path, decomposition: str | Path, out_png: str | P
 
 
 @_styled
-def fig4_trends(params: str | Path, decomposition: str | Path, out_png: str | Path, caption_grid: str, metric: str = METRIC) -> None:
-    """δ_W4A4 vs N, vs D and vs G: observed cells and the fitted unified law."""
+def fig4_trends(params: str | Path, decomposition: str | Path, bootstrap: str | Path, out_png: str | Path,
+                caption_grid: str, metric: str = METRIC) -> None:
+    """δ_W4A4 vs N, vs D and vs G: observed cells with their seed range, and the fitted unified law with its 90%
+    bootstrap band."""
     prm, decomp = read_input(params, "params"), _decomposition(decomposition, metric)
+    draws = read_input(bootstrap, "bootstrap")
     fig, axes = _figure(1, 3, (14, 4.6))
     colors = _group_colors(_group_order(decomp))
-    n_dropped = _trend_panels(axes[0], decomp, prm, "W4A4", "delta_W4A4", colors)
+    n_dropped = _trend_panels(axes[0], decomp, prm, "W4A4", "delta_W4A4", colors, draws)
     axes[0, 0].set_ylabel(f"δ_W4A4: {DELTA_LABEL}")
     fitted = constants(prm, "unified", "W4A4") is not None
     _trend_legend(fig, decomp, colors, fitted)
@@ -487,13 +522,28 @@ def _constants_box(ax: Axes, text: str) -> None:
                                                    "edgecolor": "0.8"})
 
 
+def _band_bars(ax: Axes, preds: pd.DataFrame, draws: pd.DataFrame, precision: str) -> bool:
+    """Vertical bars over the in-sample predictions of the unified law: its 90% bootstrap band at each run."""
+    rows = preds[(preds["law"] == "unified") & (preds["precision"] == precision) & (preds["held_out"] == "none")]
+    limits = None if rows.empty else law_band(draws, "unified", precision, rows["N"].to_numpy(float),
+                                              rows["D"].to_numpy(float), rows["G"].to_numpy(float))
+    if limits is None:
+        return False
+    ax.vlines(rows["observed"], *limits, color="tab:blue", alpha=0.35, lw=2, zorder=1)
+    return True
+
+
 def _fit_figure(predictions: str | Path, params: str | Path, out_png: str | Path, caption_grid: str,
-                precisions: Sequence[str], what: str) -> None:
-    """One fit-quality panel of the unified law per precision, on log axes."""
+                precisions: Sequence[str], what: str, bootstrap: str | Path | None = None) -> None:
+    """One fit-quality panel of the unified law per precision, on log axes (with ``bootstrap``: each in-sample
+    prediction's 90% band as a bar)."""
     preds, prm = read_input(predictions, "predictions"), read_input(params, "params")
+    draws = None if bootstrap is None else read_input(bootstrap, "bootstrap")
     fig, axes = _figure(1, len(precisions), (5.6 * len(precisions), 5.4))
     notes = []
     for ax, precision in zip(axes[0], precisions, strict=True):
+        if draws is not None and _band_bars(ax, preds, draws, precision):
+            notes.append("bars: 90% bootstrap band of the law at each run")
         notes.append(_fit_scatter(ax, preds, prm, "unified", precision, True))
         _constants_box(ax, law_text(prm, "unified", precision))
         ax.set_xlabel(f"observed {what}")
@@ -503,9 +553,10 @@ def _fit_figure(predictions: str | Path, params: str | Path, out_png: str | Path
 
 
 @_styled
-def fig5_fit(predictions: str | Path, params: str | Path, out_png: str | Path, caption_grid: str) -> None:
-    """Predicted vs observed δ_W4A4 of the unified law, held-out refits marked."""
-    _fit_figure(predictions, params, out_png, caption_grid, ("W4A4",), "δ_W4A4 (nats)")
+def fig5_fit(predictions: str | Path, params: str | Path, bootstrap: str | Path, out_png: str | Path,
+             caption_grid: str) -> None:
+    """Predicted vs observed δ_W4A4 of the unified law with its 90% bootstrap band, held-out refits marked."""
+    _fit_figure(predictions, params, out_png, caption_grid, ("W4A4",), "δ_W4A4 (nats)", bootstrap)
 
 
 @_styled
