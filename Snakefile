@@ -7,7 +7,11 @@ min_version("9.0")
 
 from snakemake.exceptions import WorkflowError
 
-from qatlaw.config import ConfigError, read_yaml
+from qatlaw.config import ConfigError, read_yaml, use_own_tools
+
+
+# The workflow's own tools (qatlaw, torchrun) come first on the jobs' PATH, however Snakemake was started.
+use_own_tools()
 
 
 # Malformed YAML in config.yaml: one line naming the file and line (Snakemake's own parser names neither).

@@ -16,7 +16,7 @@ validate(config, schema="../config/schema.yaml")
 
 SOURCES = qconfig.source_ids(config)
 RUNS = {run.run_id: run for run in grid.grid_runs(config)}
-# With training.runs_per_job > 1, runs are trained in jobs of several runs of one cell (rule train_batch<i>).
+# With training.runs_per_job > 1, runs are trained in jobs of several runs of one cell (rules named by batch_name).
 TRAIN_BATCHES = (
     [[run.run_id for run in batch] for batch in grid.batch_runs(list(RUNS.values()), config["training"]["runs_per_job"])]
     if config["training"]["runs_per_job"] > 1
@@ -109,7 +109,7 @@ def train_runtime(wildcards, attempt):
     return _train_resources(wildcards)["runtime"] * attempt
 
 
-# Inputs and command of a training job (rule train, or train_batch<i> with several runs per job).
+# Inputs and command of a training job (rule train, or the cell-named rules with several runs per job).
 TRAIN_INPUTS = {
     "train": "results/data/train.parquet",
     "val": "results/data/val.parquet",
@@ -121,7 +121,7 @@ TRAIN_SHELL = (
     "--manifest {input.manifest} --summary {output.summary} --metrics {output.metrics} "
     "--model {output.model} --checkpoint {params.checkpoint} --threads {threads} --gpus {resources.gpu} "
     "--device {resources.train_device} --checkpoint-every {resources.checkpoint_every} "
-    "--compile {resources.compile} --micro-batch-size {resources.micro_batch_size} > {log} 2>&1"
+    "--compile {resources.compile} --micro-batch-size {resources.micro_batch_size} {params.run_logs}> {log.job} 2>&1"
 )
 
 
@@ -145,6 +145,32 @@ def batch_resources(batch):
     estimates = [_estimate(RUNS[run_id]) for run_id in batch]
     runtime = sum(e["runtime"] for e in estimates)
     return {"mem_mb": max(e["mem_mb"] for e in estimates), "runtime": lambda wildcards, attempt: runtime * attempt}
+
+
+def batch_name(i):
+    """Name of training job ``i``: the cell it trains, and which of the cell's jobs it is, e.g.
+    train_0p1M_10M_seed0_1of2 (the size's dots become p: names are Python identifiers)."""
+    run = RUNS[TRAIN_BATCHES[i][0]]
+    cell = [j for j, b in enumerate(TRAIN_BATCHES) if (RUNS[b[0]].size, RUNS[b[0]].tokens, RUNS[b[0]].seed)
+            == (run.size, run.tokens, run.seed)]
+    tokens = grid.format_tokens(run.tokens)
+    return f"train_{run.size.replace('.', 'p')}_{tokens}_seed{run.seed}_{cell.index(i) + 1}of{len(cell)}"
+
+
+def batch_job_log(i):
+    """The log of training job ``i`` (all its runs), beside its runs' own logs."""
+    run = RUNS[TRAIN_BATCHES[i][0]]
+    return f"results/logs/train/{run.size}/{grid.format_tokens(run.tokens)}/seed{run.seed}/{batch_name(i)}.log"
+
+
+def batch_run_logs(batch):
+    """Each run's own log, results/logs/train/<run_id>.log, as with one run per job."""
+    return [f"results/logs/train/{run_id}.log" for run_id in batch]
+
+
+def run_log_flag(batch):
+    """The --run-log flag of a training job of several runs."""
+    return "--run-log " + " ".join(batch_run_logs(batch)) + " "
 
 
 def batch_priority(batch):

@@ -16,13 +16,14 @@ if config["training"]["runs_per_job"] == 1:
         params:
             settings=run_settings_json,
             checkpoint="results/checkpoints/{size}/{tokens}/seed{seed}/{variant}/ckpt.pt",
+            run_logs="",
         threads: config["training"]["threads"]
         resources:
             mem_mb=train_mem_mb,
             runtime=train_runtime,
             **train_execution(),
         log:
-            "results/logs/train/{size}/{tokens}/seed{seed}/{variant}.log",
+            job="results/logs/train/{size}/{tokens}/seed{seed}/{variant}.log",
         benchmark:
             "results/benchmarks/train/{size}/{tokens}/seed{seed}/{variant}.tsv"
         conda:
@@ -35,7 +36,7 @@ else:
 
         rule:
             name:
-                f"train_batch{i}"
+                batch_name(i)
             input:
                 **TRAIN_INPUTS,
             output:
@@ -45,15 +46,17 @@ else:
             params:
                 settings=batch_settings_json(batch),
                 checkpoint=batch_checkpoints(batch),
+                run_logs=run_log_flag(batch),
             threads: config["training"]["threads"]
             priority: batch_priority(batch)
             resources:
                 **batch_resources(batch),
                 **train_execution(),
             log:
-                f"results/logs/train/batch{i}.log",
+                job=batch_job_log(i),
+                runs=batch_run_logs(batch),
             benchmark:
-                f"results/benchmarks/train/batch{i}.tsv"
+                batch_job_log(i).replace("results/logs/", "results/benchmarks/").replace(".log", ".tsv")
             conda:
                 "../envs/train.yaml"
             shell:

@@ -536,7 +536,7 @@ def _stages() -> list[Stage]:
                                                              "--out", str(o / "out.parquet"), "--tokens", "512"],
                 "val_tokens", SHARD, ("out.parquet",), shard=True)
           for cmd in ("layer-error", "outliers")),
-        Stage("predict-params", lambda p, o: ["predict", "--params", str(p["params"]), "--N", "1e9", "--D", "1e11",
+        Stage("predict-params", lambda p, o: ["predict", "--law", str(p["params"]), "--N", "1e9", "--D", "1e11",
                                               "--G", "128"], "params", fit.PARAMS_COLUMNS),
     ]
     for name, keys in outputs.FIGURES.items():

@@ -256,7 +256,7 @@ def test_fixed_warmup_steps_override_the_fraction():
 
 
 def test_several_runs_in_one_process_equal_separate_processes(tmp_path, tokens):
-    """`qatlaw train` with a list of runs (rule train_batch<i>) trains each exactly as it would alone."""
+    """`qatlaw train` with a list of runs (a cell's training job) trains each exactly as it would alone."""
     for name, part in zip(("train", "val"), tokens):
         data.write_shard(part, np.zeros(len(part), dtype=np.uint32), tmp_path / f"{name}.parquet", VOCAB)
     (tmp_path / "manifest.json").write_text(json.dumps(MANIFEST))

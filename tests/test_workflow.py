@@ -90,6 +90,13 @@ def test_whole_workflow_on_a_user_corpus(tmp_path):
     assert {p.name for p in (tmp_path / "results" / "tables").iterdir()} == {
         f"{t}.{ext}" for t in outputs.TABLES for ext in ("csv", "md")
     }
+    assert "| W4A4 gamma_N > 0 |" in (tmp_path / "results" / "FINDINGS.md").read_text()
+    # every run has its own log at results/logs/train/<run_id>.log, also when a job trains several runs, and the
+    # job's log is named after its cell
+    logs = tmp_path / "results" / "logs" / "train"
+    for run_id in runs["run_id"]:
+        assert f"{run_id}: done" in (logs / f"{run_id}.log").read_text(), run_id
+    assert {p.name for p in (logs / "0.1M" / "4K" / "seed0").glob("train_*.log")} == {"train_0p1M_4K_seed0_1of1.log"}
     # nothing left to do on a second run
     again = run_snakemake(tmp_path, "--cores", "2", "--dry-run")
     assert "Nothing to be done" in again.stdout + again.stderr
@@ -151,3 +158,16 @@ def test_malformed_config_yaml_fails(tmp_path):
     result = run_snakemake(tmp_path, "--cores", "1", "--dry-run")
     assert result.returncode != 0
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.slow
+def test_rules_find_the_workflows_tools_without_the_venv_on_path(tmp_path):
+    """`.venv/bin/snakemake` started from a shell whose PATH lacks the venv: the rules still find `qatlaw`."""
+    write_user_project(tmp_path)
+    bare = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
+                           if Path(p).resolve() != Path(sys.executable).parent.resolve())
+    result = subprocess.run([*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path), "--cores", "1",
+                             "results/data/manifest.json"], capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, PATH=bare))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (tmp_path / "results" / "data" / "manifest.json").is_file()

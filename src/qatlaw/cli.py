@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -105,6 +106,23 @@ def _read_manifest(path: str) -> dict:
         raise QatlawError(f"{path}: not a readable data manifest ({type(exc).__name__}: {exc}); rerun the data stage") from None
 
 
+@contextlib.contextmanager
+def _run_log(path: str | None):
+    """While one run of a job trains, also write the log to that run's own file (``--run-log``)."""
+    if path is None:
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, mode="w", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
 def _train(args: argparse.Namespace) -> None:
     import subprocess
 
@@ -121,6 +139,8 @@ def _train(args: argparse.Namespace) -> None:
 
     runs = RunSettings.many_from_json(args.settings)
     paths = {name: getattr(args, name) for name in ("summary", "metrics", "model", "checkpoint")}
+    if args.run_log:
+        paths["run_log"] = args.run_log
     for name, values in paths.items():
         if len(values) != len(runs):
             raise QatlawError(f"--{name}: {len(values)} paths for {len(runs)} runs in --settings")
@@ -136,11 +156,12 @@ def _train(args: argparse.Namespace) -> None:
     for i, settings in enumerate(runs):
         if len(runs) > 1:
             log.info("run %d of %d in this job: %s", i + 1, len(runs), settings.run_id)
-        train.train_run(
-            settings, train_tokens=train_tokens, val_tokens=val_tokens, manifest=manifest,
-            summary_path=paths["summary"][i], metrics_path=paths["metrics"][i], model_path=paths["model"][i],
-            checkpoint_path=paths["checkpoint"][i], execution=execution, keep_checkpoint=len(runs) > 1,
-        )
+        with _run_log(paths["run_log"][i] if args.run_log else None):
+            train.train_run(
+                settings, train_tokens=train_tokens, val_tokens=val_tokens, manifest=manifest,
+                summary_path=paths["summary"][i], metrics_path=paths["metrics"][i], model_path=paths["model"][i],
+                checkpoint_path=paths["checkpoint"][i], execution=execution, keep_checkpoint=len(runs) > 1,
+            )
     if len(runs) > 1:
         for checkpoint in paths["checkpoint"]:
             Path(checkpoint).unlink(missing_ok=True)
@@ -206,17 +227,75 @@ def _reference(args: argparse.Namespace) -> None:
     log.info("reference results -> %s", out)
 
 
-def _predict(args: argparse.Namespace) -> None:
-
-    from qatlaw import fit, precision
-
+def _numbers(text: str) -> list[float]:
+    """A comma-separated list of numbers: '1e9,7e9'."""
     try:
-        name = precision.canonical(args.precision)
-    except ValueError as exc:
-        raise fit.FitError(str(exc)) from None
-    params = fit.read_params(args.params)
-    result = fit.predict_from_params(params, args.N, args.D, args.G, name)
-    print(" ".join(f"{key}={value:.6g}" for key, value in result.items()))
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+def _warn_extrapolation(law, N, D) -> None:
+    from qatlaw import laws
+
+    for line in laws.extrapolation_warnings(law, N, D):
+        print(line, file=sys.stderr)
+
+
+def _laws(args: argparse.Namespace) -> None:
+    from qatlaw import laws
+
+    print("| law | source | precisions | N | D | G |\n|---|---|---|---|---|---|")
+    for law in laws.available():
+        span = {k: f"{lo:.3g}–{hi:.3g}" for k, (lo, hi) in law.ranges.items()}
+        print(f"| {law.name} | {law.source} | {', '.join(law.precisions)} | {span.get('N', '?')} | "
+              f"{span.get('D', '?')} | {span.get('G', '?')} |")
+    print("\n--law NAME picks one (default paper); --law PATH takes a params.parquet (or fit folder) of the workflow")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from qatlaw import laws
+    from qatlaw.io import write_parquet
+
+    law = laws.load(args.law)
+    table = laws.predict(law, args.N, args.D, args.G, args.precision.split(","))
+    _warn_extrapolation(law, args.N, args.D)
+    if args.out:
+        write_parquet(table, args.out)
+    if args.json:
+        print(table.to_json(orient="records", double_precision=6))
+        return
+    print(f"law {law.name}: {law.source}")
+    print(table.to_markdown(index=False, floatfmt=".4g"))
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from qatlaw import laws
+
+    law = laws.load(args.law)
+    table = laws.plan(law, args.N, args.D, args.memory_gb)
+    _warn_extrapolation(law, [args.N], [args.D])
+    budget = "" if args.memory_gb is None else f", weight memory <= {args.memory_gb:g} GB"
+    print(f"law {law.name}: N = {args.N:.3g}, D = {args.D:.3g}{budget}")
+    shown = table.assign(fits=table["fits"].map({True: "yes", False: "no"}),
+                         best=table["best"].map({True: "<- best", False: ""}))
+    print(shown.to_markdown(index=False, floatfmt=".4g"))
+    best = table[table["best"]]
+    bf16 = laws.weight_memory_gb(laws.prec.BASELINE, args.N, 1)
+    print(f"BF16 (no quantization): {bf16:.4g} GB of weights")
+    if best.empty:
+        print("no option fits the memory budget")
+    else:
+        b = best.iloc[0]
+        print(f"best: {b['precision']} at G = {b['G']} (QAT loss {b['qat_loss']:.4g}, δ {b['delta']:.4g}, "
+              f"{b['weight_gb']:.4g} GB)")
+    if args.plot:
+        from qatlaw import plots
+
+        plots.plan_figure(law, args.N, args.D, table, args.plot)
 
 
 def _named_inputs(pairs: Sequence[str]) -> dict[str, str]:
@@ -292,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics", required=True, nargs="+")
     s.add_argument("--model", required=True, nargs="+")
     s.add_argument("--checkpoint", required=True, nargs="+", help="resumable checkpoint (kept outside the rule's outputs)")
+    s.add_argument("--run-log", nargs="+", help="with several runs: each run's own log file (the job log has all)")
     s.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     s.add_argument("--gpus", type=int, default=0, help="GPUs; above 1, rerun under torchrun, data parallel")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -345,13 +425,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--title", default="reference grid")
     s.set_defaults(func=_reference)
 
-    s = sub.add_parser("predict", help="predict δ, the BF16 and QAT loss and the EPM from fitted constants")
-    s.add_argument("--params", required=True, help="results/fit/params.parquet")
-    s.add_argument("--N", type=float, required=True, help="non-embedding parameters")
-    s.add_argument("--D", type=float, required=True, help="training tokens")
-    s.add_argument("--G", type=float, required=True, help="group size (per-channel: the row length)")
-    s.add_argument("--precision", default="W4A4")
+    law_help = "a shipped law (paper, laptop; see `qatlaw laws`) or a params.parquet / fit folder (default paper)"
+    s = sub.add_parser("laws", help="the laws that ship with qatlaw")
+    s.set_defaults(func=_laws)
+
+    s = sub.add_parser("predict", help="δ, the BF16 and the QAT loss of a law on a grid of N, D, G and precisions")
+    s.add_argument("--law", default="paper", help=law_help)
+    s.add_argument("--N", type=_numbers, required=True, help="non-embedding parameters, e.g. 1e9,7e9")
+    s.add_argument("--D", type=_numbers, required=True, help="training tokens, e.g. 1e11,2e12")
+    s.add_argument("--G", type=_numbers, required=True, help="group sizes, e.g. 32,128 (per-channel: the row length)")
+    s.add_argument("--precision", default="W4A4", help="comma-separated precisions, e.g. W4A4,W4A4-fc2a8")
+    s.add_argument("--json", action="store_true", help="print JSON records instead of a table")
+    s.add_argument("--out", help="also write the table to this Parquet file")
     s.set_defaults(func=_predict)
+
+    s = sub.add_parser("plan", help="rank every precision x G option of a law for a model of N parameters on D tokens")
+    s.add_argument("--law", default="paper", help=law_help)
+    s.add_argument("--N", type=float, required=True)
+    s.add_argument("--D", type=float, required=True)
+    s.add_argument("--memory-gb", type=float, help="weight-memory budget in GB (1e9 bytes)")
+    s.add_argument("--plot", help="PNG of δ against D for every option")
+    s.set_defaults(func=_plan)
 
     s = sub.add_parser("figure", help="draw one paper figure (PNG and SVG) from workflow Parquet outputs")
     s.add_argument("name")

@@ -29,6 +29,16 @@ class ConfigError(QatlawError):
     """A configuration value is wrong; the message names the key."""
 
 
+def use_own_tools() -> None:
+    """Put the directory of the running Python (the environment's bin/, holding ``qatlaw``) first on PATH, so
+    that the commands of the workflow's jobs find the package's tools without an activated environment."""
+    import os
+    import sys
+
+    here = str(Path(sys.executable).parent)
+    os.environ["PATH"] = os.pathsep.join([here, *(p for p in os.environ.get("PATH", "").split(os.pathsep) if p)])
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read one YAML mapping, with a one-line error for a missing or malformed file."""
     path = Path(path)

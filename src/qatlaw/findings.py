@@ -140,6 +140,7 @@ def ratio_finding(decomp: pd.DataFrame) -> dict:
     log_r = np.log(r)
     interval = tuple(float(np.exp(v)) for v in _interval(_resampled(len(r), lambda i: float(log_r[i].mean()))))
     verdict = _sign_verdict(math.log(interval[0]), math.log(interval[1]))
+    verdict = (verdict[0], verdict[1].replace("excludes 0", "excludes 1").replace("spans 0", "spans 1"))
     return _row(name + " (geometric mean)", paper, float(np.exp(log_r.mean())), interval, verdict, len(r))
 
 

@@ -965,3 +965,30 @@ def make_figure(name: str, inputs: Mapping[str, str | Path], out_png: str | Path
     func = FIGURE_FUNCTIONS[name]
     extra = {"metric": metric} if "metric" in inspect.signature(func).parameters else {}
     func(**{key: inputs[key] for key in FIGURES[name]}, out_png=out_png, caption_grid=caption_grid, **extra)
+
+
+@_styled
+def plan_figure(law, N: float, D: float, options: pd.DataFrame, out_png: str | Path) -> None:
+    """δ against D (a decade either side of ``D``) at N for every option of a plan (``qatlaw plan --plot``),
+    the best option drawn thick and D marked."""
+    grid = np.geomspace(D / 10, D * 10, 64)
+    fig, axes = _figure(1, 1, (8.5, 5.5))
+    ax = axes[0, 0]
+    palette = dict(zip(sorted(options["precision"].unique()),
+                       sns.color_palette("tab10", options["precision"].nunique())))
+    styles = dict(zip(sorted(options["G"].unique()), ["-", "--", "-.", ":"] * 4))
+    for row in options.itertuples():
+        law_constants = constants(law.params, "unified", row.precision)
+        if law_constants is None:
+            continue
+        ax.plot(grid, fit.predict_delta(law_constants, N, grid, row.G), styles[row.G], color=palette[row.precision],
+                lw=3 if row.best else 1.3, label=f"{row.precision} G={row.G}" + (" (best)" if row.best else ""))
+    ax.axvline(D, color="0.5", lw=1)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    _tidy_log(ax.yaxis)
+    ax.set_xlabel("D (training tokens)")
+    ax.set_ylabel(DELTA_LABEL)
+    ax.set_title(f"law {law.name}: δ at N = {si(N)} (vertical line: D = {si(D)})")
+    fig.legend(loc="outside right upper", fontsize="small", frameon=False)
+    _save(fig, out_png, "", [f"source: {law.source}"])

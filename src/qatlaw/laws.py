@@ -1,0 +1,203 @@
+"""Fitted laws to use without training: which precision, which group size, FC2 at 8 bit or not, for a model of N
+parameters trained on D tokens.
+
+A law is a params table (the schema of ``results/fit/params.parquet``: ``unified`` rows per precision and a
+``chinchilla`` row), where it came from, the (N, D, G) range it was fitted on, and its bootstrap draws when it
+has them. Shipped with the package (:data:`SHIPPED`):
+
+- ``paper``: Table 1 of the paper and its Chinchilla constants (``laws/paper.yaml``);
+- ``laptop``: this project's ``reference/laptop`` fit (``laws/laptop/``: params, bootstrap draws, predictions).
+
+Any folder or ``params.parquet`` the workflow wrote works too: the draws are read from ``bootstrap.parquet``
+beside it and the range from ``predictions.parquet`` (the runs each law was fitted on).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from qatlaw import fit
+from qatlaw import precision as prec
+from qatlaw.config import read_yaml
+from qatlaw.io import read_parquet
+
+LAW_DIR = Path(__file__).with_name("laws")
+SHIPPED = {"paper": LAW_DIR / "paper.yaml", "laptop": LAW_DIR / "laptop"}
+DEFAULT = "paper"
+EXTRAPOLATION = 10.0  # warn when N or D lies more than this factor outside the fitted range
+# Share of a Llama-3-style block's linear weights per layer type (ffn = 8/3 hidden, kv heads = heads / 4):
+# qkv 1.5 h², o h², fc1 2 · 8/3 h², fc2 8/3 h²
+LAYER_SHARES = {"qkv": 1.5, "o": 1.0, "fc1": 16 / 3, "fc2": 8 / 3}
+SCALE_BITS = 16  # one 16-bit scale per group of quantized weights
+PREDICTION_COLUMNS = ("precision", "N", "D", "G", "delta", "delta_low", "delta_high", "bf16_loss", "qat_loss",
+                      "qat_low", "qat_high")
+
+
+class LawError(fit.FitError):
+    """A law cannot be loaded or does not cover a request."""
+
+
+@dataclass(frozen=True)
+class Law:
+    """A fitted law, its source, fitted range and bootstrap draws (empty without them)."""
+
+    name: str
+    source: str
+    params: pd.DataFrame
+    draws: pd.DataFrame
+    ranges: dict[str, tuple[float, float]]
+
+    @property
+    def precisions(self) -> list[str]:
+        """Precisions with a fitted unified law."""
+        unified = self.params[self.params["law"] == "unified"]
+        ok = unified.groupby("precision")["value"].apply(lambda v: bool(np.isfinite(v.astype(float)).all()))
+        return sorted(ok[ok].index, key=lambda p: (len(p), p))
+
+
+def _paper(path: Path) -> Law:
+    spec = read_yaml(path)
+    rows = [{"law": "chinchilla", "precision": prec.BASELINE, "constant": c, "value": float(v)}
+            for c, v in spec["chinchilla"].items()]
+    rows += [{"law": "unified", "precision": p, "constant": c, "value": float(v)}
+             for p, consts in spec["unified"].items() for c, v in consts.items()]
+    params = pd.DataFrame(rows).reindex(columns=list(fit.PARAMS_COLUMNS))
+    ranges = {k: (float(lo), float(hi)) for k, (lo, hi) in spec["range"].items()}
+    return Law("paper", spec["source"], params, pd.DataFrame(columns=list(fit.BOOTSTRAP_COLUMNS)), ranges)
+
+
+def _fitted(name: str, path: Path, source: str) -> Law:
+    folder = path if path.is_dir() else path.parent
+    params = fit.read_params(folder / "params.parquet" if path.is_dir() else path)
+    boot = folder / "bootstrap.parquet"
+    draws = read_parquet(boot, fit.BOOTSTRAP_COLUMNS, "bootstrap table", error=LawError) if boot.is_file() else \
+        pd.DataFrame(columns=list(fit.BOOTSTRAP_COLUMNS))
+    ranges: dict[str, tuple[float, float]] = {}
+    preds_path = folder / "predictions.parquet"
+    if preds_path.is_file():
+        preds = read_parquet(preds_path, fit.PREDICTIONS_COLUMNS, "predictions table", error=LawError)
+        used = preds[preds["held_out"] == "none"]
+        for col in ("N", "D", "G"):
+            values = pd.to_numeric(used[col], errors="coerce").dropna().astype(float)
+            if len(values):
+                ranges[col] = (float(values.min()), float(values.max()))
+    return Law(name, source, params, draws, ranges)
+
+
+def load(spec: str = DEFAULT) -> Law:
+    """A shipped law by name (``paper``, ``laptop``) or the law of a params.parquet (or its folder)."""
+    if spec == "paper":
+        return _paper(SHIPPED["paper"])
+    if spec in SHIPPED:
+        return _fitted(spec, SHIPPED[spec], "this project's reference/laptop fit (config/laptop.yaml, 70 CPU runs)")
+    path = Path(spec)
+    if not path.exists():
+        raise LawError(f"--law {spec}: neither a shipped law ({', '.join(SHIPPED)}) nor an existing file or folder")
+    return _fitted(path.stem if path.is_file() else path.name, path, str(path))
+
+
+def available() -> list[Law]:
+    """Every shipped law."""
+    return [load(name) for name in SHIPPED]
+
+
+def _check(law: Law, precisions: list[str]) -> list[str]:
+    names = []
+    for p in precisions:
+        try:
+            name = prec.canonical(p)
+        except ValueError as exc:
+            raise LawError(f"--precision {p}: {exc}") from None
+        if name not in law.precisions:
+            raise LawError(f"law {law.name} has no fitted unified law for precision {name} "
+                           f"(it has: {', '.join(law.precisions)})")
+        names.append(name)
+    return names
+
+
+def extrapolation_warnings(law: Law, N: np.ndarray, D: np.ndarray) -> list[str]:
+    """One line per quantity (N, D) that lies more than EXTRAPOLATION× outside the law's fitted range."""
+    lines = []
+    for name, values in (("N", N), ("D", D)):
+        if name not in law.ranges:
+            continue
+        lo, hi = law.ranges[name]
+        far = [v for v in np.atleast_1d(values) if v > hi * EXTRAPOLATION or v < lo / EXTRAPOLATION]
+        if far:
+            lines.append(f"warning: {name} = {', '.join(f'{v:.3g}' for v in far)} lies more than {EXTRAPOLATION:g}x "
+                         f"outside the range law {law.name} was fitted on ({lo:.3g} to {hi:.3g}): an extrapolation")
+    return lines
+
+
+def _draw_predictions(law: Law, which: str, precision: str, *args: np.ndarray) -> np.ndarray | None:
+    rows = law.draws[(law.draws["law"] == which) & (law.draws["precision"] == precision)]
+    if rows.empty:
+        return None
+    wide = rows.pivot(index="draw", columns="constant", values="value")
+    predict = fit.predict_delta if which == "unified" else fit.predict_loss
+    return np.array([predict(draw, *args) for draw in wide.to_dict("records")])
+
+
+def predict(law: Law, N: list[float], D: list[float], G: list[float], precisions: list[str]) -> pd.DataFrame:
+    """δ, the BF16 loss and the QAT loss for every precision × N × D × G, with 90% intervals from the law's
+    bootstrap draws where it has them (NaN otherwise). Columns: ``PREDICTION_COLUMNS``."""
+    names = _check(law, precisions)
+    grid = pd.MultiIndex.from_product([names, N, D, G], names=["precision", "N", "D", "G"]).to_frame(index=False)
+    out = []
+    for name, part in grid.groupby("precision", sort=False):
+        n, d, g = (part[c].to_numpy(float) for c in ("N", "D", "G"))
+        point = fit.predict_from_params(law.params, n, d, g, name)
+        deltas = _draw_predictions(law, "unified", name, n, d, g)
+        losses = _draw_predictions(law, "chinchilla", prec.BASELINE, n, d)
+        nan = np.full(len(part), np.nan)
+        low, high = np.quantile(deltas, fit.BOOT_QUANTILES, axis=0) if deltas is not None else (nan, nan)
+        if deltas is not None and losses is not None:
+            k = min(len(deltas), len(losses))  # independent resamples: draw i of one with draw i of the other
+            qlow, qhigh = np.quantile(deltas[:k] + losses[:k], fit.BOOT_QUANTILES, axis=0)
+        else:
+            qlow, qhigh = nan, nan
+        out.append(part.assign(delta=point["delta"], delta_low=low, delta_high=high, bf16_loss=point["bf16_loss"],
+                               qat_loss=point["qat_loss"], qat_low=qlow, qat_high=qhigh))
+    return pd.concat(out, ignore_index=True).loc[:, list(PREDICTION_COLUMNS)]
+
+
+def weight_memory_gb(precision: str, N: float, G: float) -> float:
+    """Weight memory of N non-embedding parameters: each layer type's share of N (``LAYER_SHARES``) at its weight
+    bits, plus one 16-bit scale per group of G quantized weights."""
+    layers = prec.parse(precision).layers
+    total = sum(LAYER_SHARES.values())
+    bits = 0.0
+    for layer, share in LAYER_SHARES.items():
+        w = layers[layer].weight.bits
+        bits += share / total * (w + (SCALE_BITS / G if w < 16 else 0.0))
+    return N * bits / 8 / 1e9
+
+
+def plan_groups(law: Law) -> list[int]:
+    """Group sizes an option may use: the powers of two within the law's fitted G range (32-256 if unknown)."""
+    lo, hi = law.ranges.get("G", (32, 256))
+    return [2**e for e in range(math.ceil(math.log2(lo)), math.floor(math.log2(hi)) + 1)]
+
+
+def plan(law: Law, N: float, D: float, memory_gb: float | None = None) -> pd.DataFrame:
+    """Every precision × G option of the law ranked by predicted QAT loss (best first), with its weight memory,
+    whether it fits ``memory_gb`` and the best option that does (``best``)."""
+    rows = []
+    for name in law.precisions:
+        for G in plan_groups(law):
+            p = predict(law, [N], [D], [G], [name]).iloc[0]
+            rows.append({"precision": name, "G": G, "delta": p["delta"], "qat_loss": p["qat_loss"],
+                         "weight_gb": weight_memory_gb(name, N, G)})
+    table = pd.DataFrame(rows).sort_values(["qat_loss", "delta", "weight_gb"], ignore_index=True)
+    table["fits"] = True if memory_gb is None else table["weight_gb"] <= memory_gb
+    table["rank"] = np.arange(1, len(table) + 1)
+    table["best"] = False
+    fitting = table.index[table["fits"]]
+    if len(fitting):
+        table.loc[fitting[0], "best"] = True
+    return table
