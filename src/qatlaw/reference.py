@@ -89,10 +89,12 @@ def package(results: str | Path, out: str | Path, config: Mapping[str, Any], *, 
     files = [*wanted, *analysis, *figures, *tables, *sorted((results / "runs").glob("*/*/*/*/metrics.parquet"))]
     for path in files:
         _copy(path, stage / path.relative_to(results))
-    (stage / "config.yaml").write_text(yaml.safe_dump(dict(config), sort_keys=False), encoding="utf-8")
+    with atomic_path(stage / "config.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump(dict(config), sort_keys=False), encoding="utf-8")
     info = {"title": title, "command": command, "wall_s": wall_s, "commit": _commit(Path.cwd()),
             "machine": _machine()}
-    (stage / "run.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    with atomic_path(stage / "run.json") as tmp:
+        tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     findings.run_findings(stage, stage / "FINDINGS.md", stage / "findings.parquet",
                           config.get("fit", {}).get("metric", "val_loss"), f"Findings: {title}")
     if out.exists():
