@@ -15,10 +15,12 @@ rule findings:
     params:
         results=subpath(input.runs, parent=True),
         metric=config["fit"]["metric"],
+        note="The measured CPU-scale study, 70 runs with 90% intervals, is reference/laptop/FINDINGS.md "
+        "(make reference re-creates it); a small grid leaves most findings within noise.",
     log:
         "results/logs/findings.log",
     conda:
         "../envs/analysis.yaml"
     shell:
         "qatlaw findings --results {params.results} --out {output.md} --parquet {output.parquet} "
-        "--metric {params.metric} --title 'Findings of this grid' > {log} 2>&1"
+        "--metric {params.metric} --title 'Findings of this grid' --note {params.note:q} > {log} 2>&1"

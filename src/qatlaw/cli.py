@@ -213,7 +213,7 @@ def _fit(args: argparse.Namespace) -> None:
 def _findings(args: argparse.Namespace) -> None:
     from qatlaw import findings
 
-    table = findings.run_findings(args.results, args.out, args.parquet, args.metric, args.title)
+    table = findings.run_findings(args.results, args.out, args.parquet, args.metric, args.title, args.note)
     counts = table["verdict"].value_counts()
     log.info("%d findings: %s -> %s", len(table), ", ".join(f"{k} {v}" for k, v in counts.items()), args.out)
 
@@ -414,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--parquet", required=True, help="findings.parquet to write")
     s.add_argument("--metric", choices=METRICS, default=METRICS[0])
     s.add_argument("--title", default="Findings")
+    s.add_argument("--note", default="", help="a paragraph under the title")
     s.set_defaults(func=_findings)
 
     s = sub.add_parser("reference", help="ship a finished results folder as reference/<grid>/")
