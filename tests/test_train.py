@@ -127,23 +127,28 @@ def test_same_run_twice_gives_identical_losses(tmp_path, tokens):
     assert a.tolist() == b.tolist()
 
 
-def test_crash_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, tokens, monkeypatch, caplog):
-    s = settings()
-    reference = run(tmp_path, s, tokens, "reference")
-
+def crash_at_step_6(tmp_path, s: RunSettings, tokens, monkeypatch) -> None:
+    """Run ``s`` as "crashed" and kill it (KeyboardInterrupt) when it asks for batch 6, after its step-4 checkpoint."""
     real_batch = train.TokenBatches.batch
 
-    def crash_at_step_6(self, step):
+    def batch(self, step):
         if step == 6:
             raise KeyboardInterrupt("simulated kill")
         return real_batch(self, step)
 
-    monkeypatch.setattr(train.TokenBatches, "batch", crash_at_step_6)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, s, tokens, "crashed")
+    with monkeypatch.context() as patch:
+        patch.setattr(train.TokenBatches, "batch", batch)
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path, s, tokens, "crashed")
+
+
+def test_crash_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, tokens, monkeypatch, caplog):
+    s = settings()
+    reference = run(tmp_path, s, tokens, "reference")
+
+    crash_at_step_6(tmp_path, s, tokens, monkeypatch)
     assert (tmp_path / "crashed" / "ckpt" / "ckpt.pt").exists()
     assert not (tmp_path / "crashed" / "summary.parquet").exists()
-    monkeypatch.setattr(train.TokenBatches, "batch", real_batch)
 
     with caplog.at_level(logging.INFO, logger="qatlaw.train"):
         resumed = run(tmp_path, s, tokens, "crashed")
@@ -313,17 +318,7 @@ def test_weight_average_is_scored_and_resumes_exactly(tmp_path, tokens, monkeypa
     # its hand-computed decay: time constant 25% of the 12 steps
     assert s.weight_ema_decay == pytest.approx(1 - 1 / 3)
 
-    real_batch = train.TokenBatches.batch
-
-    def crash_at_step_6(self, step):
-        if step == 6:
-            raise KeyboardInterrupt("simulated kill")
-        return real_batch(self, step)
-
-    monkeypatch.setattr(train.TokenBatches, "batch", crash_at_step_6)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, s, tokens, "crashed")
-    monkeypatch.setattr(train.TokenBatches, "batch", real_batch)
+    crash_at_step_6(tmp_path, s, tokens, monkeypatch)
     resumed = run(tmp_path, s, tokens, "crashed")
     assert resumed["resumed"] and resumed["val_loss"] == pytest.approx(averaged["val_loss"], abs=1e-6)
 

@@ -79,18 +79,22 @@ TARGETS = {"quant_ratio": 1.10, "frac_peak": 0.50, "fit_s": 10.0, "rss_mib": 204
 
 # ------------------------------------------------------------------------------------------------- machine
 
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info(threads: int) -> dict[str, Any]:
     """CPU model, core counts, library versions and the load average (other processes skew every timing)."""
     import torch
 
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "cpu": model, "logical_cpus": os.cpu_count(), "usable_cpus": affinity, "threads": threads,

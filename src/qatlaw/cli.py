@@ -274,6 +274,7 @@ def _predict(args: argparse.Namespace) -> None:
 
 def _plan(args: argparse.Namespace) -> None:
     from qatlaw import laws
+    from qatlaw.precision import BASELINE
 
     law = laws.load(args.law)
     table = laws.plan(law, args.N, args.D, args.memory_gb)
@@ -284,7 +285,7 @@ def _plan(args: argparse.Namespace) -> None:
                          best=table["best"].map({True: "<- best", False: ""}))
     print(shown.to_markdown(index=False, floatfmt=".4g"))
     best = table[table["best"]]
-    bf16 = laws.weight_memory_gb(laws.prec.BASELINE, args.N, 1)
+    bf16 = laws.weight_memory_gb(BASELINE, args.N, 1)
     print(f"BF16 (no quantization): {bf16:.4g} GB of weights")
     if best.empty:
         print("no option fits the memory budget")

@@ -189,7 +189,7 @@ def kurtosis_finding(outliers: pd.DataFrame, precision: str) -> dict:
     return _row(name + ": fc2 − highest other", paper, float(gap.mean()), interval, (verdict[0], reason), len(gap))
 
 
-def held_out_finding(comparison: pd.DataFrame, params: pd.DataFrame) -> dict:
+def held_out_finding(comparison: pd.DataFrame) -> dict:
     """Mean relative error of the W4A4 law refitted without the largest N, on that N's runs."""
     rows = comparison[(comparison["law"] == "unified") & (comparison["precision"] == "W4A4")]
     value = float(rows["heldout_largest_N_rel_error"].iloc[0]) if len(rows) else math.nan
@@ -261,7 +261,7 @@ def findings(results: str | Path, metric: str = "val_loss") -> tuple[pd.DataFram
     noise = seed_noise(decomp)
     rows = [*law_findings(params, draws), decomposition_finding(decomp), ratio_finding(decomp),
             *fc2_findings(decomp), kurtosis_finding(outliers, "BF16"), kurtosis_finding(outliers, "W4A4"),
-            held_out_finding(comparison, params), *chinchilla_findings(params), *seed_finding(noise)]
+            held_out_finding(comparison), *chinchilla_findings(params), *seed_finding(noise)]
     return pd.DataFrame(rows, columns=list(COLUMNS)), noise
 
 

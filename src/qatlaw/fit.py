@@ -455,6 +455,17 @@ def predict_delta(params: dict, N: ArrayLike, D: ArrayLike, G: ArrayLike) -> np.
     return p["k"] * np.power(D, p["gamma_D"]) * np.power(np.log2(G), p["gamma_G"]) / np.power(N, p["gamma_N"])
 
 
+def draw_predictions(draws: pd.DataFrame, law: str, precision: str, *args: ArrayLike) -> np.ndarray | None:
+    """A law's prediction at every one of its bootstrap draws (one row per draw), or None without draws:
+    ``unified`` laws take (N, D, G), ``chinchilla`` (N, D)."""
+    rows = draws[(draws["law"] == law) & (draws["precision"] == precision)]
+    if rows.empty:
+        return None
+    wide = rows.pivot(index="draw", columns="constant", values="value")
+    predict = predict_loss if law == "chinchilla" else predict_delta
+    return np.array([predict(draw, *args) for draw in wide.to_dict("records")])
+
+
 # ------------------------------------------------------------------------------------------------- EPM
 
 def _epm_labels(df: pd.DataFrame, G: pd.Series) -> pd.Series:

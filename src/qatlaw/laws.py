@@ -134,15 +134,6 @@ def extrapolation_warnings(law: Law, N: np.ndarray, D: np.ndarray) -> list[str]:
     return lines
 
 
-def _draw_predictions(law: Law, which: str, precision: str, *args: np.ndarray) -> np.ndarray | None:
-    rows = law.draws[(law.draws["law"] == which) & (law.draws["precision"] == precision)]
-    if rows.empty:
-        return None
-    wide = rows.pivot(index="draw", columns="constant", values="value")
-    predict = fit.predict_delta if which == "unified" else fit.predict_loss
-    return np.array([predict(draw, *args) for draw in wide.to_dict("records")])
-
-
 def predict(law: Law, N: list[float], D: list[float], G: list[float], precisions: list[str]) -> pd.DataFrame:
     """δ, the BF16 loss and the QAT loss for every precision × N × D × G, with 90% intervals from the law's
     bootstrap draws where it has them (NaN otherwise). Columns: ``PREDICTION_COLUMNS``."""
@@ -152,8 +143,8 @@ def predict(law: Law, N: list[float], D: list[float], G: list[float], precisions
     for name, part in grid.groupby("precision", sort=False):
         n, d, g = (part[c].to_numpy(float) for c in ("N", "D", "G"))
         point = fit.predict_from_params(law.params, n, d, g, name)
-        deltas = _draw_predictions(law, "unified", name, n, d, g)
-        losses = _draw_predictions(law, "chinchilla", prec.BASELINE, n, d)
+        deltas = fit.draw_predictions(law.draws, "unified", name, n, d, g)
+        losses = fit.draw_predictions(law.draws, "chinchilla", prec.BASELINE, n, d)
         nan = np.full(len(part), np.nan)
         low, high = np.quantile(deltas, fit.BOOT_QUANTILES, axis=0) if deltas is not None else (nan, nan)
         if deltas is not None and losses is not None:

@@ -280,11 +280,9 @@ def _log10_range(values: pd.Series, pad: float = 0.5) -> np.ndarray:
 def law_band(draws: pd.DataFrame, law: str, precision: str, N: ArrayLike, D: ArrayLike,
              G: ArrayLike) -> tuple[np.ndarray, np.ndarray] | None:
     """5th and 95th percentile of a δ law's prediction over its bootstrap draws (None without draws)."""
-    rows = draws[(draws["law"] == law) & (draws["precision"] == precision)]
-    if rows.empty:
+    preds = fit.draw_predictions(draws, law, precision, N, D, G)
+    if preds is None:
         return None
-    wide = rows.pivot(index="draw", columns="constant", values="value")
-    preds = np.array([fit.predict_delta(draw, N, D, G) for draw in wide.to_dict("records")])
     low, high = np.quantile(preds, fit.BOOT_QUANTILES, axis=0)
     return low, high
 
