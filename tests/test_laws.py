@@ -125,3 +125,12 @@ def test_law_file_without_the_precision(tmp_path):
     assert result.returncode != 0
     assert "has no fitted unified law for precision W16A4" in result.stderr
     assert fit.read_params(tmp_path / "params.parquet") is not None
+
+
+@pytest.mark.parametrize("args", [["--N", "-1", "--D", "1e11"], ["--N", "1e9,2e9", "--D", "1e11"],
+                                  ["--N", "1e9", "--D", "1e11", "--memory-gb", "0"]])
+def test_cli_plan_refuses_a_bad_number_in_one_line(args):
+    result = run("plan", *args)
+    assert result.returncode == 2
+    assert [line for line in result.stderr.splitlines() if "error" in line] == [result.stderr.strip().splitlines()[-1]]
+    assert "positive number" in result.stderr

@@ -238,6 +238,14 @@ def _numbers(text: str) -> list[float]:
     return values
 
 
+def _positive(text: str) -> float:
+    """One positive number."""
+    values = _numbers(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected one positive number, got {text!r}")
+    return values[0]
+
+
 def _warn_extrapolation(law, N, D) -> None:
     from qatlaw import laws
 
@@ -443,9 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("plan", help="rank every precision x G option of a law for a model of N parameters on D tokens")
     s.add_argument("--law", default="paper", help=law_help)
-    s.add_argument("--N", type=float, required=True)
-    s.add_argument("--D", type=float, required=True)
-    s.add_argument("--memory-gb", type=float, help="weight-memory budget in GB (1e9 bytes)")
+    s.add_argument("--N", type=_positive, required=True)
+    s.add_argument("--D", type=_positive, required=True)
+    s.add_argument("--memory-gb", type=_positive, help="weight-memory budget in GB (1e9 bytes)")
     s.add_argument("--plot", help="PNG of δ against D for every option")
     s.set_defaults(func=_plan)
 
