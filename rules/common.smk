@@ -1,20 +1,27 @@
 # Helpers for every stage (config validation and input functions), kept apart from the rules.
+import os
+import shlex
+
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from qatlaw import config as qconfig
-from qatlaw import corpus, grid, outputs
+from qatlaw import corpus, data, grid, outputs
 
 
 try:
     # One line naming the key and the reason, before any job runs.
-    qconfig.validate(config)
+    CHECKED = qconfig.validate(config)
 except qconfig.ConfigError as exc:
     raise WorkflowError(f"invalid config: {exc}") from None
 # Same schema through Snakemake, which also fills in the documented defaults.
 validate(config, schema="../config/schema.yaml")
+# A tokenizer file (data.tokenizer) sets the vocabulary size.
+config["data"]["vocab_size"] = CHECKED["data"]["vocab_size"]
 
 SOURCES = qconfig.source_ids(config)
+# Tokenize jobs, in corpus order: one per corpus file (or per data.shards_per_job files), named in results/data/shards/.
+TOKENIZE_JOBS = data.tokenize_jobs(SOURCES, config["data"]["shards_per_job"])
 RUNS = {run.run_id: run for run in grid.grid_runs(config)}
 # With training.runs_per_job > 1, runs are trained in jobs of several runs of one cell (rules named by batch_name).
 TRAIN_BATCHES = (
@@ -45,19 +52,62 @@ def final_outputs():
     ]
 
 
-def corpus_parts():
-    """Document Parquet of every corpus part, in config order."""
-    return expand("results/data/corpus/{source}.parquet", source=SOURCES)
+def corpus_files():
+    """Every input file of the corpus (package archives and user files), in corpus order."""
+    return [shard.path for shards in TOKENIZE_JOBS.values() for shard in shards]
 
 
-def user_source_files(wildcards):
-    """The files a user corpus part reads, so edits to them re-run the data stage."""
-    return corpus.resolve_user_files(SOURCES[wildcards.source])
+def corpus_shards():
+    """Every shard as SOURCE=PATH, in corpus order (the BPE's sample is drawn from all of them)."""
+    return [shard.spec() for shards in TOKENIZE_JOBS.values() for shard in shards]
 
 
-def user_source_spec(wildcards):
-    """The path or glob of a user corpus part."""
-    return SOURCES[wildcards.source]
+def _tokenize_job(wildcards):
+    if wildcards.job not in TOKENIZE_JOBS:
+        raise WorkflowError(f"tokenize job {wildcards.job} is not part of the configured corpus")
+    return TOKENIZE_JOBS[wildcards.job]
+
+
+def tokenize_job_files(wildcards):
+    """The input files of one tokenize job, so that editing them re-runs it."""
+    return [shard.path for shard in _tokenize_job(wildcards)]
+
+
+def tokenize_job_shards(wildcards):
+    """The shards of one tokenize job, as SOURCE=PATH."""
+    return [shard.spec() for shard in _tokenize_job(wildcards)]
+
+
+def tokenize_outputs(ext):
+    """One output (npy: token file, parquet: document table) of every tokenize job, in corpus order."""
+    return [f"results/data/shards/{job}.{ext}" for job in TOKENIZE_JOBS]
+
+
+def eos_flag():
+    """The --eos-token flag, when data.eos_token is set."""
+    eos = config["data"]["eos_token"]
+    return f"--eos-token {shlex.quote(eos)}" if eos else ""
+
+
+def _size_mb(paths):
+    """MB of the files that exist now (a built-in archive is fetched later: 0 until then)."""
+    return sum(os.path.getsize(p) for p in paths if os.path.isfile(p)) / 1e6
+
+
+def tokenize_runtime(wildcards, attempt):
+    """Minutes for one tokenize job: 10 + 1 per 20 MB of its files (a compressed shard holds ~4× its size in
+    text), × the attempt (`--retries`). Known when the workflow starts, so a dry run shows it."""
+    return int(10 + _size_mb(tokenize_job_files(wildcards)) / 20) * attempt
+
+
+def tokenizer_runtime(wildcards, attempt):
+    """Minutes for training the BPE, which reads every corpus file once for its sample: 30 + 1 per 20 MB."""
+    return int(30 + _size_mb(corpus_files()) / 20) * attempt
+
+
+def gather_runtime(wildcards, attempt):
+    """Minutes for the gather, which copies every token: 30 + 1 per 500 MB of corpus files, × the attempt."""
+    return int(30 + _size_mb(corpus_files()) / 500) * attempt
 
 
 def allow_repeat_flag():
@@ -111,8 +161,8 @@ def train_runtime(wildcards, attempt):
 
 # Inputs and command of a training job (rule train, or the cell-named rules with several runs per job).
 TRAIN_INPUTS = {
-    "train": "results/data/train.parquet",
-    "val": "results/data/val.parquet",
+    "train": "results/data/train.npy",
+    "val": "results/data/val.npy",
     "manifest": "results/data/manifest.json",
     "budget": "results/data/budget.json",
 }

@@ -1,4 +1,5 @@
-# Data stage: fetch corpus packages -> clean documents -> BPE tokenizer, split, token shards, manifest.
+# Data stage: fetch corpus packages -> tokenizer -> one tokenize job per corpus file (scatter) -> gather: the
+# split by document, the memory-mapped token stores train.npy / val.npy, the document table and the manifest.
 
 
 rule fetch_corpus:
@@ -14,72 +15,117 @@ rule fetch_corpus:
         "qatlaw fetch {wildcards.source} --out {output} > {log} 2>&1"
 
 
-rule documents_builtin:
-    input:
-        "resources/corpus/{source}.pkg",
-    output:
-        "results/data/corpus/{source}.parquet",
-    params:
-        min_chars=config["data"]["min_doc_chars"],
-    log:
-        "results/logs/documents/{source}.log",
-    wildcard_constraints:
-        source="|".join(corpus.BUILTIN_SOURCES),
-    conda:
-        "../envs/data.yaml"
-    shell:
-        "qatlaw documents --source {wildcards.source} --archive {input} "
-        "--min-chars {params.min_chars} --out {output} > {log} 2>&1"
+if config["data"]["tokenizer"]:
 
+    rule tokenizer:
+        input:
+            config["data"]["tokenizer"],
+        output:
+            "results/data/tokenizer.json",
+        params:
+            vocab_size=config["data"]["vocab_size"],
+            eos=eos_flag(),
+        log:
+            "results/logs/tokenizer.log",
+        conda:
+            "../envs/data.yaml"
+        shell:
+            "qatlaw tokenizer --from-file {input:q} --vocab-size {params.vocab_size} {params.eos} "
+            "--out {output} > {log} 2>&1"
 
-rule documents_user:
-    input:
-        user_source_files,
-    output:
-        "results/data/corpus/{source}.parquet",
-    params:
-        spec=user_source_spec,
-        text_field=config["data"]["text_field"],
-        min_chars=config["data"]["min_doc_chars"],
-    log:
-        "results/logs/documents/{source}.log",
-    wildcard_constraints:
-        source="user[0-9]+",
-    conda:
-        "../envs/data.yaml"
-    shell:
-        "qatlaw documents --source {params.spec:q} --name {wildcards.source} --text-field {params.text_field:q} "
-        "--min-chars {params.min_chars} --out {output} > {log} 2>&1"
+else:
+
+    rule tokenizer:
+        input:
+            corpus_files(),
+        output:
+            "results/data/tokenizer.json",
+        params:
+            shards=corpus_shards(),
+            vocab_size=config["data"]["vocab_size"],
+            min_frequency=config["data"]["tokenizer_min_frequency"],
+            sample_mb=config["data"]["tokenizer_sample_mb"],
+            val_fraction=config["data"]["val_fraction"],
+            seed=config["data"]["split_seed"],
+            text_field=config["data"]["text_field"],
+            min_chars=config["data"]["min_doc_chars"],
+        threads: 2
+        resources:
+            # the sample's texts, and the BPE trainer's word counts
+            mem_mb=2000 + 16 * config["data"]["tokenizer_sample_mb"],
+            runtime=tokenizer_runtime,
+        log:
+            "results/logs/tokenizer.log",
+        benchmark:
+            "results/benchmarks/tokenizer.tsv"
+        conda:
+            "../envs/data.yaml"
+        shell:
+            "RAYON_NUM_THREADS={threads} qatlaw tokenizer --shards {params.shards:q} --vocab-size {params.vocab_size} "
+            "--min-frequency {params.min_frequency} --sample-mb {params.sample_mb} "
+            "--val-fraction {params.val_fraction} --seed {params.seed} --text-field {params.text_field:q} "
+            "--min-chars {params.min_chars} --out {output} > {log} 2>&1"
 
 
 rule tokenize:
     input:
-        corpus_parts(),
-    output:
+        files=tokenize_job_files,
         tokenizer="results/data/tokenizer.json",
-        train="results/data/train.parquet",
-        val="results/data/val.parquet",
-        documents="results/data/documents.parquet",
-        manifest="results/data/manifest.json",
+    output:
+        # the token file is only read by gather, which copies it into the stores
+        tokens=temp("results/data/shards/{job}.npy"),
+        docs="results/data/shards/{job}.parquet",
     params:
-        vocab_size=config["data"]["vocab_size"],
-        min_frequency=config["data"]["tokenizer_min_frequency"],
-        val_fraction=config["data"]["val_fraction"],
+        shards=tokenize_job_shards,
+        text_field=config["data"]["text_field"],
+        min_chars=config["data"]["min_doc_chars"],
         seed=config["data"]["split_seed"],
-    threads: 2
+        eos=eos_flag(),
+    wildcard_constraints:
+        job="[A-Za-z0-9_.-]+",
+    threads: 1
     resources:
-        mem_mb=6000,
+        mem_mb=2000,
+        runtime=tokenize_runtime,
     log:
-        "results/logs/tokenize.log",
+        "results/logs/tokenize/{job}.log",
     benchmark:
-        "results/benchmarks/tokenize.tsv"
+        "results/benchmarks/tokenize/{job}.tsv"
     conda:
         "../envs/data.yaml"
     shell:
-        "RAYON_NUM_THREADS={threads} qatlaw tokenize --documents {input} "
-        "--tokenizer {output.tokenizer} --train {output.train} --val {output.val} "
-        "--doc-table {output.documents} --manifest {output.manifest} "
-        "--vocab-size {params.vocab_size} --min-frequency {params.min_frequency} "
+        "RAYON_NUM_THREADS={threads} qatlaw tokenize --shards {params.shards:q} --tokenizer {input.tokenizer} "
+        "{params.eos} --text-field {params.text_field:q} --min-chars {params.min_chars} --seed {params.seed} "
+        "--tokens {output.tokens} --docs {output.docs} > {log} 2>&1"
+
+
+rule gather:
+    input:
+        tokens=tokenize_outputs("npy"),
+        docs=tokenize_outputs("parquet"),
+        tokenizer="results/data/tokenizer.json",
+    output:
+        train="results/data/train.npy",
+        val="results/data/val.npy",
+        documents="results/data/documents.parquet",
+        manifest="results/data/manifest.json",
+    params:
+        val_fraction=config["data"]["val_fraction"],
+        seed=config["data"]["split_seed"],
+        eos=eos_flag(),
+    resources:
+        # each document's source and split draw, and one job's document table at a time
+        mem_mb=4000,
+        runtime=gather_runtime,
+    log:
+        "results/logs/gather.log",
+    benchmark:
+        "results/benchmarks/gather.tsv"
+    conda:
+        "../envs/data.yaml"
+    shell:
+        "qatlaw gather --tokens {input.tokens} --docs {input.docs} --tokenizer {input.tokenizer} {params.eos} "
+        "--train {output.train} --val {output.val} --doc-table {output.documents} --manifest {output.manifest} "
         "--val-fraction {params.val_fraction} --seed {params.seed} > {log} 2>&1"
 
 

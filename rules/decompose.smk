@@ -18,7 +18,7 @@ rule decompose:
 rule layer_error:
     input:
         models=run_models(),
-        val="results/data/val.parquet",
+        val="results/data/val.npy",
     output:
         "results/analysis/layer_error.parquet",
     params:

@@ -4,7 +4,7 @@
 rule outliers:
     input:
         models=run_models(),
-        val="results/data/val.parquet",
+        val="results/data/val.npy",
     output:
         "results/analysis/outliers.parquet",
     params:

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import subprocess
 import tarfile
 import zipfile
@@ -25,11 +26,11 @@ from qatlaw.corpus import (
     describe_builtin,
     fetch_builtin,
     read_builtin,
-    read_documents,
+    clean_documents,
+    read_user_file,
     read_user_source,
     resolve_user_files,
     strip_gutenberg,
-    write_documents,
 )
 
 
@@ -308,7 +309,7 @@ def test_user_parquet(tmp_path: Path) -> None:
 def test_user_source_errors(tmp_path: Path) -> None:
     with pytest.raises(CorpusError, match="matches no files"):
         resolve_user_files(str(tmp_path / "*.txt"))
-    with pytest.raises(CorpusError, match="it is a directory"):
+    with pytest.raises(CorpusError, match="holds no supported file"):
         list(read_user_source(str(tmp_path)))
     (tmp_path / "data.csv").write_text("a,b\n")
     with pytest.raises(CorpusError, match="unsupported file .*data.csv"):
@@ -328,56 +329,77 @@ def test_clean_text() -> None:
 
 
 def docs_of(*texts: str) -> list[Document]:
-    return [Document("test", f"d{i}", t) for i, t in enumerate(texts)]
+    return [Document("t", f"d{i}", text) for i, text in enumerate(texts)]
 
 
-def test_write_and_read_documents(tmp_path: Path) -> None:
-    path = tmp_path / "out" / "docs.parquet"
-    stats = write_documents(docs_of("x" * 10, "short", "y  \n" * 5, "z" * 12), path, min_chars=10)
-    assert stats == {"documents": 2, "chars": 22, "dropped": 2}
-    df = read_documents(path)
-    assert list(df.columns) == ["source", "doc_id", "text"]
-    assert df.to_dict("records") == [
-        {"source": "test", "doc_id": "d0", "text": "x" * 10},
-        {"source": "test", "doc_id": "d3", "text": "z" * 12},
-    ]
-    assert sorted(p.name for p in path.parent.iterdir()) == ["docs.parquet"]
+def test_clean_documents_cleans_and_drops_short_ones() -> None:
+    docs = list(clean_documents(docs_of("x" * 10, "short", "y  \n" * 5, "z" * 12), min_chars=10, where="part"))
+    assert [(d.doc_id, d.text) for d in docs] == [("d0", "x" * 10), ("d3", "z" * 12)]
 
 
-def test_write_documents_rejects_duplicate_ids(tmp_path: Path) -> None:
-    path = tmp_path / "docs.parquet"
-    docs = [Document("a", "same", "text one"), Document("b", "same", "text two")]
-    with pytest.raises(CorpusError, match="docs.parquet: duplicate doc_id 'same'"):
-        write_documents(docs, path, min_chars=1)
-    assert list(tmp_path.iterdir()) == []
+def test_clean_documents_rejects_duplicate_ids() -> None:
+    docs = docs_of("one document") + docs_of("another one")
+    with pytest.raises(CorpusError, match="part: duplicate doc_id 'd0'"):
+        list(clean_documents(docs, min_chars=1, where="part"))
 
 
-def test_write_documents_is_atomic(tmp_path: Path) -> None:
-    path = tmp_path / "docs.parquet"
-    write_documents(docs_of("old document"), path, min_chars=1)
-    old = path.read_bytes()
-    seen_during_write: list[bytes] = []
-
-    def failing_docs():
-        yield from docs_of("new document " * 100)
-        seen_during_write.append(path.read_bytes())
-        raise RuntimeError("source broke")
-
-    with pytest.raises(RuntimeError, match="source broke"):
-        write_documents(failing_docs(), path, min_chars=1)
-    assert seen_during_write == [old]
-    assert path.read_bytes() == old
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.parquet"]
+# --- compressed JSON lines and directories (Dolma / OLMo-mix shards) --------------------
 
 
-def test_read_documents_rejects_bad_files(tmp_path: Path) -> None:
-    wrong = tmp_path / "wrong.parquet"
-    pq.write_table(pa.table({"source": ["s"], "id": ["d"], "text": ["t"]}), wrong)
-    with pytest.raises(CorpusError, match=r"wrong.parquet: expected string columns source, doc_id, text"):
-        read_documents(wrong)
-    corrupt = tmp_path / "corrupt.parquet"
-    corrupt.write_bytes(b"PAR1 not really")
-    with pytest.raises(CorpusError, match="corrupt.parquet: not a readable document Parquet file"):
-        read_documents(corrupt)
-    with pytest.raises(CorpusError, match="missing.parquet: document Parquet file not found"):
-        read_documents(tmp_path / "missing.parquet")
+LINES = [{"text": "first document", "id": "a"}, {"text": "second document", "id": "b"}]
+
+
+def write_lines(path: Path, records: list[dict] = LINES) -> Path:
+    """JSON lines compressed as the file's last suffix says (.gz, .zst or none)."""
+    import gzip
+
+    import zstandard
+
+    blob = "".join(json.dumps(r) + "\n" for r in records).encode()
+    if path.suffix == ".gz":
+        blob = gzip.compress(blob)
+    elif path.suffix == ".zst":
+        blob = zstandard.ZstdCompressor().compress(blob)
+    path.write_bytes(blob)
+    return path
+
+
+@pytest.mark.parametrize("name", ["docs.jsonl", "docs.jsonl.gz", "docs.jsonl.zst", "docs.json.gz", "docs.json.zst"])
+def test_compressed_json_lines_are_read_as_plain_ones(tmp_path: Path, name: str) -> None:
+    path = write_lines(tmp_path / name)
+    docs = list(read_user_file(path))
+    assert [(d.doc_id, d.text) for d in docs] == [(f"{path}:1", "first document"), (f"{path}:2", "second document")]
+
+
+def test_a_directory_stands_for_its_supported_files(tmp_path: Path) -> None:
+    (tmp_path / "mix" / "b").mkdir(parents=True)
+    write_lines(tmp_path / "mix" / "b" / "part-1.json.gz")
+    write_lines(tmp_path / "mix" / "part-0.jsonl.zst")
+    pq.write_table(pa.table({"text": ["row"]}), tmp_path / "mix" / "part-2.parquet")
+    (tmp_path / "mix" / "README").write_text("not a shard")
+    (tmp_path / "mix" / "notes.csv").write_text("a,b")
+    files = resolve_user_files(str(tmp_path / "mix"))
+    assert [f.relative_to(tmp_path / "mix").as_posix() for f in files] == ["b/part-1.json.gz", "part-0.jsonl.zst",
+                                                                           "part-2.parquet"]
+    assert len(list(read_user_source(str(tmp_path / "mix")))) == 5
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CorpusError, match="corpus directory .*empty.* holds no supported file"):
+        resolve_user_files(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("name", ["docs.jsonl.gz", "docs.jsonl.zst"])
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_a_damaged_compressed_shard_is_one_line_naming_it(tmp_path: Path, name: str, damage: str) -> None:
+    many = [{"text": f"document number {i} " * 20} for i in range(400)]
+    path = write_lines(tmp_path / name, many)
+    blob = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(blob[: len(blob) // 2])
+    else:  # garbage in the middle of the stream
+        middle = len(blob) // 2
+        path.write_bytes(blob[:middle] + bytes(range(256)) * 4 + blob[middle + 1024:])
+    with pytest.raises(CorpusError) as err:
+        list(read_user_file(path))
+    message = str(err.value)
+    assert message.startswith(str(path)) and "\n" not in message
+    assert re.search(r"corrupt or truncated (gzip|zstd) file|invalid JSON|not UTF-8", message), message

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from qatlaw import layer_error, train
-from qatlaw.data import write_shard
+from qatlaw.tokens import write_tokens
 from qatlaw.grid import RunSettings
 
 VOCAB = 64
@@ -94,8 +94,8 @@ def test_saved_model_round_trips_and_run_writes_the_table(tmp_path):
         torch.testing.assert_close(loaded(idx)[0], model(idx)[0], rtol=0, atol=0)
 
     tokens = np.random.default_rng(0).integers(0, VOCAB, 100).astype(np.uint16)
-    write_shard(tokens, np.zeros(100, np.uint32), tmp_path / "val.parquet", VOCAB)
-    table = layer_error.run_layer_error([tmp_path / "run" / "model.pt"], tmp_path / "val.parquet",
+    write_tokens(tokens, tmp_path / "val.npy", VOCAB)
+    table = layer_error.run_layer_error([tmp_path / "run" / "model.pt"], tmp_path / "val.npy",
                                         tmp_path / "out.parquet", n_tokens=40, groups=["16", "channel"])
     assert list(table.columns) == list(layer_error.LAYER_ERROR_COLUMNS)
     assert len(table) == 2 * 4 * 2 * 2

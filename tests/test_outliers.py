@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from qatlaw import outliers, train
-from qatlaw.data import write_shard
+from qatlaw.tokens import write_tokens
 from qatlaw.grid import RunSettings
 
 VOCAB = 64
@@ -63,9 +63,9 @@ def test_one_row_per_linear_layer(tmp_path):
     path.parent.mkdir()
     torch.save({"settings": asdict(SETTINGS), "model_config": asdict(model.cfg), "model": model.state_dict()}, path)
     tokens = np.random.default_rng(0).integers(0, VOCAB, 200).astype(np.uint16)
-    write_shard(tokens, np.zeros(200, np.uint32), tmp_path / "val.parquet", VOCAB)
+    write_tokens(tokens, tmp_path / "val.npy", VOCAB)
 
-    table = outliers.run_outliers([path], tmp_path / "val.parquet", tmp_path / "outliers.parquet", n_tokens=64)
+    table = outliers.run_outliers([path], tmp_path / "val.npy", tmp_path / "outliers.parquet", n_tokens=64)
     assert list(table.columns) == list(outliers.OUTLIER_COLUMNS)
     assert list(zip(table["layer_index"], table["layer_type"])) == [
         (i, t) for i in range(3) for t in ("qkv", "o", "fc1", "fc2")]

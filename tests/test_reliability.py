@@ -449,15 +449,17 @@ def synthetic_runs(summary_columns: Sequence[str]) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
     """A valid file for every input role of every Parquet-reading `qatlaw` subcommand."""
-    from qatlaw import data, mixed, train
+    from qatlaw import mixed, train
+    from qatlaw.tokens import write_tokens
 
     root = tmp_path_factory.mktemp("inputs")
     rng = np.random.default_rng(0)
-    paths = {"train_tokens": root / "train.parquet", "val_tokens": root / "val.parquet",
+    paths = {"train_tokens": root / "train.npy", "val_tokens": root / "val.npy",
              "manifest": root / "manifest.json", "runs": root / "runs.parquet"}
-    for key, n in (("train_tokens", 6000), ("val_tokens", 3000)):
-        data.write_shard(rng.integers(0, VOCAB, n), np.zeros(n, dtype=np.uint32), paths[key], VOCAB)
-    write_json({"vocab_size": VOCAB, "corpus_sha256": "0" * 64, "tokenizer_sha256": "0" * 64}, paths["manifest"])
+    splits = {split: write_tokens(rng.integers(0, VOCAB, n), paths[f"{split}_tokens"], VOCAB)
+              for split, n in (("train", 6000), ("val", 3000))}
+    write_json({"vocab_size": VOCAB, "corpus_sha256": "0" * 64, "tokenizer_sha256": "0" * 64,
+                "token_dtype": "uint16", "splits": splits}, paths["manifest"])
 
     # one real (one-step) run through the CLI: its summary, metrics and model.pt
     from qatlaw.cli import main
@@ -488,19 +490,21 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
 
 # -------------------------------------------------------------------------------------- 5: corrupt inputs
 
-SHARD = ("token (uint16/uint32)", "doc (uint32)")
+STORE = ("a 1-D .npy array of uint16/uint32 token ids",)
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One Parquet input of one `qatlaw` subcommand."""
+    """One input (a Parquet file, or a token store) of one `qatlaw` subcommand."""
 
     name: str  # test id
     argv: Callable[[dict[str, Path], Path], list[str]]  # (inputs, output dir) -> arguments
     role: str  # the input key that gets corrupted
-    columns: tuple[str, ...]  # the expected columns the error must name
+    columns: tuple[str, ...]  # the expected columns (or, for a token store, its format) the error must name
     outputs: tuple[str, ...] = ()  # files under the output dir that must not appear
-    shard: bool = False  # a token shard: also try ids >= the vocabulary
+    store: bool = False  # a token store (.npy), not Parquet
+    ids_checked: bool = False  # the ids it reads are checked against a model's vocabulary (analyses; training
+    # relies on the check when the store was written, and on the manifest's count)
 
 
 def _train_argv(p: dict[str, Path], out: Path) -> list[str]:
@@ -519,8 +523,8 @@ def _stages() -> list[Stage]:
     from qatlaw import train
 
     stages = [
-        Stage("train-train_tokens", _train_argv, "train_tokens", SHARD, TRAIN_OUTPUTS, shard=True),
-        Stage("train-val_tokens", _train_argv, "val_tokens", SHARD, TRAIN_OUTPUTS, shard=True),
+        Stage("train-train_tokens", _train_argv, "train_tokens", STORE, TRAIN_OUTPUTS, store=True),
+        Stage("train-val_tokens", _train_argv, "val_tokens", STORE, TRAIN_OUTPUTS, store=True),
         Stage("runs-summary", lambda p, o: ["runs", str(p["summary"]), "--out", str(o / "runs.parquet")],
               "summary", train.SUMMARY_COLUMNS, ("runs.parquet",)),
         *(Stage(f"{cmd}-runs", lambda p, o, cmd=cmd, args=args: [cmd, "--runs", str(p["runs"]), *args(o)], "runs",
@@ -534,7 +538,7 @@ def _stages() -> list[Stage]:
                ("params.parquet", "predictions.parquet", "comparison.parquet")))),
         *(Stage(f"{cmd}-val_tokens", lambda p, o, cmd=cmd: [cmd, str(p["model"]), "--val", str(p["val_tokens"]),
                                                              "--out", str(o / "out.parquet"), "--tokens", "512"],
-                "val_tokens", SHARD, ("out.parquet",), shard=True)
+                "val_tokens", STORE, ("out.parquet",), store=True, ids_checked=True)
           for cmd in ("layer-error", "outliers")),
         Stage("predict-params", lambda p, o: ["predict", "--law", str(p["params"]), "--N", "1e9", "--D", "1e11",
                                               "--G", "128"], "params", fit.PARAMS_COLUMNS),
@@ -557,7 +561,8 @@ def _stages() -> list[Stage]:
 
 
 def _corrupt(src: Path, dst: Path, mode: str) -> None:
-    """A truncated copy of ``src``, a Parquet file with other columns, or a shard with ids >= the vocabulary."""
+    """A truncated copy of ``src``, a Parquet file with other columns, or a token store whose first window holds an
+    id >= the vocabulary."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     if mode == "truncated":
         blob = src.read_bytes()
@@ -565,17 +570,17 @@ def _corrupt(src: Path, dst: Path, mode: str) -> None:
     elif mode == "wrong-columns":
         pd.DataFrame({"step": [1, 2], "note": ["a", "b"]}).to_parquet(dst)
     else:
-        from qatlaw import data
+        from qatlaw.tokens import open_tokens, write_tokens
 
-        tokens = data.load_tokens(src).copy()
-        tokens[len(tokens) // 2] = VOCAB + 7
-        data.write_shard(tokens, np.zeros(len(tokens), dtype=np.uint32), dst, VOCAB + 8)
+        tokens = open_tokens(src)[:]
+        tokens[5] = VOCAB + 7
+        write_tokens(tokens, dst, VOCAB + 8)
 
 
 def _cases(marks: Sequence = ()) -> list:
     cases = []
     for stage in _stages():
-        modes = ["truncated", "wrong-columns"] + (["ids>=vocab"] if stage.shard else [])
+        modes = ["truncated", "wrong-columns"] + (["ids>=vocab"] if stage.ids_checked else [])
         for mode in modes:
             cases.append(pytest.param(stage, mode, id=f"{stage.name}-{mode}", marks=list(marks)))
     return cases
@@ -583,7 +588,7 @@ def _cases(marks: Sequence = ()) -> list:
 
 def _prepare(stage: Stage, mode: str, inputs: dict[str, Path], tmp_path: Path) -> tuple[list[str], Path, Path]:
     """Arguments with one input corrupted, the corrupted file, and the (empty) output dir."""
-    bad = tmp_path / "bad" / f"{stage.role}.parquet"
+    bad = tmp_path / "bad" / f"{stage.role}.{'npy' if stage.store else 'parquet'}"
     _corrupt(inputs[stage.role], bad, mode)
     out = tmp_path / "out"
     out.mkdir()
@@ -597,6 +602,8 @@ def _check(argv: list[str], stage: Stage, mode: str, returncode: int, stderr: st
     assert line.startswith(f"qatlaw {argv[0]}: error: {bad}: "), line
     if mode == "ids>=vocab":
         assert f"token id {VOCAB + 7} is out of range" in line, line
+    elif stage.store:
+        assert line.endswith(f"expected {stage.columns[0]}"), line
     else:
         tail = line.split("expected columns ", 1)[-1]
         assert "expected columns " in line and all(c in tail for c in stage.columns), line
@@ -818,14 +825,19 @@ class Writer:
     rerun_writes: str = ""  # what a rerun must write (default: the held output)
 
 
-def _documents_argv(p: dict[str, Path], out: Path) -> list[str]:
+def _tokenize_argv(p: dict[str, Path], out: Path) -> list[str]:
+    from qatlaw import data
+
     texts = out.parent / "texts"
     if not texts.exists():
         texts.mkdir()
         for i in range(300):
             (texts / f"doc{i:03d}.txt").write_text(f"Document {i}. " + "Words of text. " * 40)
-    # `qatlaw documents` streams row groups through one ParquetWriter: the hook holds it after the first one
-    return ["documents", "--source", str(texts / "*.txt"), "--name", "user1", "--out", str(out / "user1.parquet")]
+        data.train_tokenizer(["Document. Words of text. " * 100], 300).save(str(out.parent / "tokenizer.json"))
+    # `qatlaw tokenize` streams batches of documents into one ParquetWriter: the hook holds it after the first one
+    return ["tokenize", "--shards", *(f"user1={f}" for f in sorted(texts.glob("*.txt"))), "--tokenizer",
+            str(out.parent / "tokenizer.json"), "--seed", "0", "--min-chars", "10", "--tokens", str(out / "tokens.npy"),
+            "--docs", str(out / "docs.parquet")]
 
 
 def _train_writer_argv(p: dict[str, Path], out: Path) -> list[str]:
@@ -835,7 +847,7 @@ def _train_writer_argv(p: dict[str, Path], out: Path) -> list[str]:
 
 
 KILLED_WRITERS = [
-    Writer("documents-mid-write", _documents_argv, "write:user1.parquet", ("user1.parquet",)),
+    Writer("tokenize-mid-write", _tokenize_argv, "write:docs.parquet", ("docs.parquet", "tokens.npy")),
     Writer("decompose-mid-write", lambda p, o: ["decompose", "--runs", str(p["runs"]), "--out",
                                                 str(o / "decomposition.parquet"), "--fit", str(o / "fit.parquet")],
            "write:decomposition.parquet", ("decomposition.parquet", "fit.parquet")),

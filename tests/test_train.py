@@ -14,12 +14,19 @@ import pandas as pd
 import pytest
 import torch
 
-from qatlaw import data, train
+from qatlaw import train
 from qatlaw.cli import main as cli_main
 from qatlaw.grid import RunSettings
+from qatlaw.tokens import open_tokens, write_tokens
 
 VOCAB = 64
-MANIFEST = {"vocab_size": VOCAB, "corpus_sha256": "c" * 64, "tokenizer_sha256": "t" * 64}
+MANIFEST = {"vocab_size": VOCAB, "corpus_sha256": "c" * 64, "tokenizer_sha256": "t" * 64, "token_dtype": "uint16"}
+
+
+def write_store(tmp_path, tokens) -> None:
+    """train.npy, val.npy and a manifest that lists them, as the data stage writes them."""
+    splits = {name: write_tokens(part, tmp_path / f"{name}.npy", VOCAB) for name, part in zip(("train", "val"), tokens)}
+    (tmp_path / "manifest.json").write_text(json.dumps(MANIFEST | {"splits": splits}))
 
 
 def settings(**changes) -> RunSettings:
@@ -142,7 +149,11 @@ def crash_at_step_6(tmp_path, s: RunSettings, tokens, monkeypatch) -> None:
             run(tmp_path, s, tokens, "crashed")
 
 
-def test_crash_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, tokens, monkeypatch, caplog):
+@pytest.mark.parametrize("store", ["in memory", "memory-mapped"])
+def test_crash_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, tokens, monkeypatch, caplog, store):
+    if store == "memory-mapped":
+        write_store(tmp_path, tokens)
+        tokens = (open_tokens(tmp_path / "train.npy"), open_tokens(tmp_path / "val.npy"))
     s = settings()
     reference = run(tmp_path, s, tokens, "reference")
 
@@ -231,13 +242,11 @@ def test_cuda_without_a_gpu_is_a_clear_error():
 def test_data_parallel_run_under_torchrun_matches_one_process(tmp_path, tokens):
     """`qatlaw train --gpus 2` relaunches itself under torchrun; two gloo processes on CPU, each with half of
     every batch, train the same model as one process."""
-    for name, part in zip(("train", "val"), tokens):
-        data.write_shard(part, np.zeros(len(part), dtype=np.uint32), tmp_path / f"{name}.parquet", VOCAB)
-    (tmp_path / "manifest.json").write_text(json.dumps(MANIFEST))
+    write_store(tmp_path, tokens)
     out = tmp_path / "ddp"
     result = subprocess.run(
         [sys.executable, "-m", "qatlaw", "train", "--settings", settings().to_json(),
-         "--train-tokens", str(tmp_path / "train.parquet"), "--val-tokens", str(tmp_path / "val.parquet"),
+         "--train-tokens", str(tmp_path / "train.npy"), "--val-tokens", str(tmp_path / "val.npy"),
          "--manifest", str(tmp_path / "manifest.json"), "--summary", str(out / "summary.parquet"),
          "--metrics", str(out / "metrics.parquet"), "--model", str(out / "model.pt"),
          "--checkpoint", str(out / "ckpt.pt"), "--gpus", "2", "--device", "cpu", "--checkpoint-every", "4"],
@@ -262,16 +271,14 @@ def test_fixed_warmup_steps_override_the_fraction():
 
 def test_several_runs_in_one_process_equal_separate_processes(tmp_path, tokens):
     """`qatlaw train` with a list of runs (a cell's training job) trains each exactly as it would alone."""
-    for name, part in zip(("train", "val"), tokens):
-        data.write_shard(part, np.zeros(len(part), dtype=np.uint32), tmp_path / f"{name}.parquet", VOCAB)
-    (tmp_path / "manifest.json").write_text(json.dumps(MANIFEST))
+    write_store(tmp_path, tokens)
     runs = [settings(precision="BF16", group=None), settings(precision="W4A16", group=16)]
 
     def cli(runs, out):
         files = {name: [str(tmp_path / out / r.run_id / name) for r in runs]
                  for name in ("summary.parquet", "metrics.parquet", "model.pt", "ckpt.pt")}
         argv = ["train", "--settings", "[" + ", ".join(r.to_json() for r in runs) + "]",
-                "--train-tokens", str(tmp_path / "train.parquet"), "--val-tokens", str(tmp_path / "val.parquet"),
+                "--train-tokens", str(tmp_path / "train.npy"), "--val-tokens", str(tmp_path / "val.npy"),
                 "--manifest", str(tmp_path / "manifest.json"), "--summary", *files["summary.parquet"],
                 "--metrics", *files["metrics.parquet"], "--model", *files["model.pt"], "--checkpoint", *files["ckpt.pt"],
                 "--device", "cpu"]

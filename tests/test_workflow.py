@@ -10,8 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -42,6 +42,26 @@ def write_texts(workdir: Path) -> None:
         (workdir / "texts" / f"doc{i:02d}.txt").write_text(body)
 
 
+def write_paper_standin(workdir: Path) -> list[Path]:
+    """A stand-in for config/paper.yaml's data: OLMo-mix-style compressed JSON-lines shards in olmo-mix-1124/
+    (nested, as the mix ships) and an HF tokenizer file with <|endoftext|> as olmo2-tokenizer.json."""
+    import gzip
+
+    import zstandard
+
+    from qatlaw import data
+
+    lines = "".join(json.dumps({"id": f"d{i}", "text": f"Document {i} of the stand-in mix. " * 12}) + "\n"
+                    for i in range(30)).encode()
+    shards = [workdir / "olmo-mix-1124" / name for name in
+              ("dclm/part-000.json.gz", "dclm/part-001.json.gz", "pes2o/part-000.jsonl.zst", "wiki/part-000.jsonl.gz")]
+    for path in shards:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(zstandard.ZstdCompressor().compress(lines) if path.suffix == ".zst" else gzip.compress(lines))
+    data.train_tokenizer([lines.decode()], 600).save(str(workdir / "olmo2-tokenizer.json"))
+    return shards
+
+
 def write_user_project(workdir: Path, **data_overrides) -> None:
     """A project dir with a config.yaml whose corpus is the user's own text files."""
     write_texts(workdir)
@@ -69,7 +89,9 @@ def test_whole_workflow_on_a_user_corpus(tmp_path):
     data_dir = tmp_path / "results" / "data"
     manifest = json.loads((data_dir / "manifest.json").read_text())
     assert manifest["sources"]["user1"]["documents"] == 40
-    assert manifest["splits"]["train"]["tokens"] == pq.ParquetFile(data_dir / "train.parquet").metadata.num_rows
+    assert manifest["splits"]["train"]["tokens"] == len(np.load(data_dir / "train.npy", mmap_mode="r"))
+    assert len(manifest["jobs"]) == 40  # one tokenize job per file
+    assert not list((data_dir / "shards").glob("*.npy"))  # the jobs' token files are gone once gathered
     budget = json.loads((data_dir / "budget.json").read_text())
     assert set(budget["epochs"]) == {"4000", "8000"}
     runs = pd.read_parquet(tmp_path / "results" / "runs.parquet")
@@ -138,14 +160,19 @@ def test_bad_config_fails_before_any_job(tmp_path, edit, expected):
 
 def test_paper_grid_schedules_every_run_of_the_paper(tmp_path):
     """config/paper.yaml: 4 sizes x 4 budgets x (BF16 + 5 precisions x 5 groups) + 973M validation at 2 budgets
-    x (BF16 + W4A4 x 5 groups) + 4 new ablation runs at 595M/100B/G128 = 416 + 12 + 4 training jobs."""
+    x (BF16 + W4A4 x 5 groups) + 4 new ablation runs at 595M/100B/G128 = 416 + 12 + 4 training jobs; on a stand-in
+    corpus of four compressed JSON-lines shards, one tokenize job per shard, the user's tokenizer, one gather."""
     shutil.copy(ROOT / "config.yaml", tmp_path / "config.yaml")
-    (tmp_path / "olmo-mix").mkdir()
-    pd.DataFrame({"text": ["a document"]}).to_parquet(tmp_path / "olmo-mix" / "part-0.parquet")
+    shards = write_paper_standin(tmp_path)
     result = run_snakemake(tmp_path, "--configfile", str(ROOT / "config" / "paper.yaml"), "--dry-run", "--cores", "1")
     assert result.returncode == 0, result.stderr
-    counts = dict(line.split()[:2] for line in result.stdout.splitlines() if line.split()[:1] in (["train"], ["fit"]))
-    assert counts == {"train": str(4 * 4 * (1 + 5 * 5) + 2 * (1 + 5) + 4), "fit": "1"}
+    counts = dict(line.split()[:2] for line in result.stdout.splitlines()
+                  if line.split()[:1] in (["train"], ["fit"], ["tokenize"], ["tokenizer"], ["gather"]))
+    assert counts == {"train": str(4 * 4 * (1 + 5 * 5) + 2 * (1 + 5) + 4), "fit": "1", "tokenize": "4",
+                      "tokenizer": "1", "gather": "1"}
+    for shard in shards:  # each shard is the input of its own job
+        assert f"input: {shard.relative_to(tmp_path)}, results/data/tokenizer.json" in result.stdout
+    assert "input: olmo2-tokenizer.json" in result.stdout
     assert "74M/10B/seed0/W4A4_g32" in result.stdout and "973M/200B/seed0/W4A4_gchannel" in result.stdout
     assert "595M/100B/seed0/W4A4-qkva8_g128" in result.stdout
     assert not (tmp_path / "results").exists()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import logging
 import os
 import sys
@@ -38,33 +37,45 @@ def _fetch(args: argparse.Namespace) -> None:
     log.info("fetched %s -> %s (%.1f MB)", args.source, out, out.stat().st_size / 1e6)
 
 
-def _documents(args: argparse.Namespace) -> None:
-    from qatlaw import corpus
-
-    if args.archive:
-        docs = corpus.read_builtin(args.source, Path(args.archive))
-    else:
-        docs = corpus.read_user_source(args.source, text_field=args.text_field)
-    if args.name:
-        docs = (dataclasses.replace(doc, source=args.name) for doc in docs)
-    stats = corpus.write_documents(docs, Path(args.out), min_chars=args.min_chars)
-    log.info("%s: %s", args.source, stats)
-
-
-def _tokenize(args: argparse.Namespace) -> None:
+def _tokenizer(args: argparse.Namespace) -> None:
     from qatlaw import data
 
-    manifest = data.tokenize_corpus(
-        args.documents,
-        tokenizer_path=args.tokenizer,
-        train_path=args.train,
-        val_path=args.val,
-        documents_path=args.doc_table,
-        manifest_path=args.manifest,
-        vocab_size=args.vocab_size,
-        min_frequency=args.min_frequency,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
+    if args.from_file:
+        info = data.copy_tokenizer(args.from_file, args.out, args.vocab_size, args.eos_token)
+        log.info("tokenizer %s: %s -> %s", args.from_file, info, args.out)
+        return
+    if not args.shards or args.vocab_size is None:
+        raise QatlawError("give --from-file, or --shards and --vocab-size to train a BPE")
+    info = data.build_tokenizer(
+        [data.Shard.parse(s) for s in args.shards], args.out, vocab_size=args.vocab_size,
+        min_frequency=args.min_frequency, sample_bytes=args.sample_mb * 2**20, val_fraction=args.val_fraction,
+        seed=args.seed, text_field=args.text_field, min_chars=args.min_chars,
+    )
+    log.info("BPE of %d ids trained on %d of %d documents (%.1f of %.1f MB) -> %s", args.vocab_size,
+             info["documents"], info["corpus_documents"], info["bytes"] / 1e6, info["corpus_bytes"] / 1e6, args.out)
+
+
+def _tokenize_shards(args: argparse.Namespace) -> None:
+    from qatlaw import data
+
+    summary = data.tokenize_shards(
+        [data.Shard.parse(s) for s in args.shards], tokenizer_path=args.tokenizer, tokens_path=args.tokens,
+        docs_path=args.docs, text_field=args.text_field, min_chars=args.min_chars, seed=args.seed,
+        eos_token=args.eos_token,
+    )
+    log.info("%d tokens of %d shard(s) in %.1f s (%.0f tokens/s)", summary["tokens"], len(args.shards),
+             summary["encode_s"], summary["tokens"] / max(summary["encode_s"], 1e-9))
+
+
+def _gather(args: argparse.Namespace) -> None:
+    from qatlaw import data
+
+    if len(args.tokens) != len(args.docs):
+        raise QatlawError(f"--tokens: {len(args.tokens)} token files for {len(args.docs)} document tables (--docs)")
+    manifest = data.gather(
+        list(zip(args.tokens, args.docs, strict=True)), tokenizer_path=args.tokenizer, train_path=args.train,
+        val_path=args.val, documents_path=args.doc_table, manifest_path=args.manifest,
+        val_fraction=args.val_fraction, seed=args.seed, eos_token=args.eos_token,
     )
     log.info("tokens: %s", {k: v["tokens"] for k, v in manifest["splits"].items()})
 
@@ -134,7 +145,7 @@ def _train(args: argparse.Namespace) -> None:
             raise QatlawError(f"torchrun with {args.gpus} processes failed (see the log above)")
         return
 
-    from qatlaw import data, train
+    from qatlaw import tokens, train
     from qatlaw.grid import RunSettings
 
     runs = RunSettings.many_from_json(args.settings)
@@ -145,9 +156,8 @@ def _train(args: argparse.Namespace) -> None:
         if len(values) != len(runs):
             raise QatlawError(f"--{name}: {len(values)} paths for {len(runs)} runs in --settings")
     manifest = _read_manifest(args.manifest)
-    vocab = int(manifest["vocab_size"])
-    train_tokens = data.load_tokens(args.train_tokens, vocab_size=vocab)
-    val_tokens = data.load_tokens(args.val_tokens, vocab_size=vocab)
+    train_tokens = tokens.open_tokens(args.train_tokens, manifest, "train")
+    val_tokens = tokens.open_tokens(args.val_tokens, manifest, "val")
     execution = train.Execution(threads=args.threads, checkpoint_every=args.checkpoint_every,
                                 compile=bool(args.compile), device=args.device,
                                 micro_batch_size=args.micro_batch_size or None)
@@ -343,27 +353,43 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(func=_fetch)
 
-    s = sub.add_parser("documents", help="extract clean documents of one corpus part to Parquet")
-    s.add_argument("--source", required=True, help="built-in name (with --archive) or a path/glob")
-    s.add_argument("--archive", help="package archive of a built-in source")
-    s.add_argument("--name", help="source label of the documents (default: the built-in name, or 'user')")
+    s = sub.add_parser("tokenizer", help="train the BPE on a sample of the corpus, or check and copy a user's tokenizer")
+    s.add_argument("--from-file", help="an HF tokenizers JSON file to use instead of training a BPE")
+    s.add_argument("--shards", nargs="+", help="corpus shards as SOURCE=PATH, in corpus order")
+    s.add_argument("--vocab-size", type=int, help="ids of the BPE (with --from-file: the size it must have)")
+    s.add_argument("--eos-token", help="end-of-text token of a --from-file tokenizer (default: found by name)")
+    s.add_argument("--min-frequency", type=int, default=2)
+    s.add_argument("--sample-mb", type=int, default=256, help="MiB of training documents the BPE is trained on")
+    s.add_argument("--val-fraction", type=float, default=0.02)
+    s.add_argument("--seed", type=int, default=1234)
     s.add_argument("--text-field", default="text")
     s.add_argument("--min-chars", type=int, default=200)
     s.add_argument("--out", required=True)
-    s.set_defaults(func=_documents)
+    s.set_defaults(func=_tokenizer)
 
-    s = sub.add_parser("tokenize", help="train the BPE tokenizer, split by document, write token shards")
-    s.add_argument("--documents", nargs="+", required=True)
+    s = sub.add_parser("tokenize", help="tokenize corpus shards into a token file and a document table")
+    s.add_argument("--shards", nargs="+", required=True, help="SOURCE=PATH, in corpus order")
     s.add_argument("--tokenizer", required=True)
+    s.add_argument("--eos-token")
+    s.add_argument("--text-field", default="text")
+    s.add_argument("--min-chars", type=int, default=200)
+    s.add_argument("--seed", type=int, required=True, help="split seed (each document's draw is stored)")
+    s.add_argument("--tokens", required=True)
+    s.add_argument("--docs", required=True)
+    s.set_defaults(func=_tokenize_shards)
+
+    s = sub.add_parser("gather", help="split by document; write the token stores, document table and manifest")
+    s.add_argument("--tokens", nargs="+", required=True, help="token files of the tokenize jobs, in corpus order")
+    s.add_argument("--docs", nargs="+", required=True, help="their document tables, in the same order")
+    s.add_argument("--tokenizer", required=True)
+    s.add_argument("--eos-token")
     s.add_argument("--train", required=True)
     s.add_argument("--val", required=True)
     s.add_argument("--doc-table", required=True)
     s.add_argument("--manifest", required=True)
-    s.add_argument("--vocab-size", type=int, required=True)
-    s.add_argument("--min-frequency", type=int, default=2)
     s.add_argument("--val-fraction", type=float, required=True)
     s.add_argument("--seed", type=int, required=True)
-    s.set_defaults(func=_tokenize)
+    s.set_defaults(func=_gather)
 
     s = sub.add_parser("budget", help="check the grid's token budgets against the training tokens")
     s.add_argument("--manifest", required=True)

@@ -138,6 +138,7 @@ def validate(config: Mapping[str, Any]) -> dict[str, Any]:
     _check_grid(cfg)
     _check_execution(cfg)
     _check_sources(cfg)
+    _check_tokenizer(cfg)
     return cfg
 
 
@@ -264,6 +265,23 @@ def _check_sources(cfg: Mapping[str, Any]) -> None:
                 f"data.sources[{i}]: '{spec}' is not a built-in source ({', '.join(corpus.BUILTIN_SOURCES)}) "
                 "and matches no file (missing corpus)"
             ) from None
+
+
+def _check_tokenizer(cfg: dict[str, Any]) -> None:
+    """A user tokenizer file must load and have an end-of-text token; it sets data.vocab_size. Without one,
+    data.vocab_size is the size of the BPE to train."""
+    from qatlaw import data
+
+    spec = cfg["data"]
+    if spec.get("tokenizer") is None:
+        if spec.get("vocab_size") is None:
+            raise ConfigError("data.vocab_size: required to train a BPE (or set data.tokenizer to a tokenizer file)")
+        return
+    try:
+        tok = data.load_tokenizer(spec["tokenizer"], spec.get("vocab_size"), spec.get("eos_token"))
+    except data.DataError as exc:
+        raise ConfigError(f"data.tokenizer: {exc}") from None
+    spec["vocab_size"] = data.vocab_size_of(tok)
 
 
 def source_ids(cfg: Mapping[str, Any]) -> dict[str, str]:

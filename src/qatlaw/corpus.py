@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import gzip
 import hashlib
 import json
 import os
@@ -14,16 +15,17 @@ import tarfile
 import tempfile
 import unicodedata
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import zstandard
 
 from qatlaw.errors import QatlawError
-from qatlaw.io import atomic_path
 
 
 class CorpusError(QatlawError):
@@ -105,13 +107,12 @@ BUILTIN_SOURCES: dict[str, BuiltinSource] = {
 
 USER_SOURCE = "user"
 DOCUMENT_COLUMNS = ("source", "doc_id", "text")
-_SCHEMA = pa.schema([(c, pa.string()) for c in DOCUMENT_COLUMNS])
-_TEXT_SUFFIXES = {".txt", ".md"}
-_JSONL_SUFFIXES = {".jsonl", ".json"}
-_PARQUET_SUFFIXES = {".parquet"}
-_USER_SUFFIXES = _TEXT_SUFFIXES | _JSONL_SUFFIXES | _PARQUET_SUFFIXES
+# A user file's format, by its suffix: text (one document per file), JSON lines (one per line) or Parquet (one
+# per row); JSON lines may be gzip- or zstd-compressed, as Dolma and OLMo-mix shards ship.
+_FORMATS = {".txt": "text", ".md": "text", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+_COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}
+_USER_SUFFIXES = sorted([*_FORMATS, *(f"{j}{c}" for j in (".jsonl", ".json") for c in _COMPRESSIONS)])
 _FETCH_TIMEOUT_S = 900
-_WRITE_BATCH = 1024
 
 
 def describe_builtin() -> list[dict]:
@@ -391,19 +392,38 @@ def read_builtin(name: str, archive: Path) -> Iterator[Document]:
 # User sources
 
 
+def user_file_format(path: Path) -> tuple[str, str | None] | None:
+    """(format, compression) of a user corpus file from its suffixes, or None for an unsupported file."""
+    suffixes = [x.lower() for x in path.suffixes[-2:]]
+    compression = _COMPRESSIONS.get(suffixes[-1]) if suffixes else None
+    if compression:
+        fmt = _FORMATS.get(suffixes[0]) if len(suffixes) == 2 else None
+        return (fmt, compression) if fmt == "jsonl" else None
+    fmt = _FORMATS.get(suffixes[-1]) if suffixes else None
+    return (fmt, None) if fmt else None
+
+
 def resolve_user_files(pattern: str) -> list[Path]:
-    """The files a user path or glob (relative to the working directory) names, sorted; all of a supported type."""
+    """The files a user path, glob or directory (relative to the working directory) names, sorted.
+
+    A directory stands for every supported file under it (other files there are skipped); a path or glob must
+    name supported files only.
+    """
     pattern = os.path.expanduser(pattern)
+    if Path(pattern).is_dir():
+        files = sorted(p for p in Path(pattern).rglob("*") if p.is_file() and user_file_format(p))
+        if not files:
+            raise CorpusError(f"corpus directory {pattern!r} holds no supported file ({', '.join(_USER_SUFFIXES)})")
+        return files
     files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
     if not files:
-        hint = f"; it is a directory, use a glob such as {pattern.rstrip('/')}/*.txt" if Path(pattern).is_dir() else ""
-        raise CorpusError(f"corpus path {pattern!r} matches no files (relative to {Path.cwd()}){hint}")
-    bad = [str(f) for f in files if f.suffix.lower() not in _USER_SUFFIXES]
+        raise CorpusError(f"corpus path {pattern!r} matches no files (relative to {Path.cwd()})")
+    bad = [str(f) for f in files if user_file_format(f) is None]
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise CorpusError(
             f"corpus path {pattern!r} matches unsupported file {bad[0]}{more}; "
-            f"supported: {', '.join(sorted(_USER_SUFFIXES))}"
+            f"supported: {', '.join(_USER_SUFFIXES)}"
         )
     return files
 
@@ -412,9 +432,54 @@ def _read_text_file(path: Path) -> Iterator[Document]:
     yield Document(USER_SOURCE, str(path), _decode(path.read_bytes(), str(path)))
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+def _zstd_blocks(raw: BinaryIO) -> Iterator[bytes]:
+    """Decompressed blocks of a zstd file of one or more frames; ZstdError if the last frame is cut short."""
+    block = 1 << 20
+    dobj = zstandard.ZstdDecompressor().decompressobj()
+    started = False
+    while chunk := raw.read(block):
+        while chunk:
+            started = True
+            out = dobj.decompress(chunk)
+            if out:
+                yield out
+            chunk = b""
+            if dobj.eof:  # a frame ended: the next one starts in its unused data
+                chunk, dobj, started = dobj.unused_data, zstandard.ZstdDecompressor().decompressobj(), False
+    if started and not dobj.eof:
+        raise zstandard.ZstdError("the file ends inside a zstd frame")
+
+
+def _lines(blocks: Iterable[bytes]) -> Iterator[bytes]:
+    rest = b""
+    for block in blocks:
+        lines = (rest + block).split(b"\n")
+        rest = lines.pop()
+        yield from lines
+    if rest:
+        yield rest
+
+
+def _iter_lines(path: Path, compression: str | None) -> Iterator[bytes]:
+    """The lines of a file, decompressed on the fly as a stream."""
+    with path.open("rb") as raw:
+        if compression == "gzip":
+            with gzip.GzipFile(fileobj=raw) as stream:
+                yield from stream
+        elif compression == "zstd":
+            yield from _lines(_zstd_blocks(raw))
+        else:
+            yield from raw
+
+
+def _stream_error(path: Path, compression: str, exc: BaseException) -> CorpusError:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return CorpusError(f"{path}: corrupt or truncated {compression} file ({reason}); download it again")
+
+
+def _read_jsonl(path: Path, text_field: str, compression: str | None = None) -> Iterator[Document]:
+    try:
+        for lineno, raw in enumerate(_iter_lines(path, compression), start=1):
             line = _decode(raw, f"{path}:{lineno}").strip()
             if not line:
                 continue
@@ -428,6 +493,10 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
             if not isinstance(text, str):
                 raise CorpusError(f"{path}:{lineno}: field {text_field!r} is not a string")
             yield Document(USER_SOURCE, f"{path}:{lineno}", text)
+    except (OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:
+        if compression is None:
+            raise CorpusError(f"{path}: unreadable ({exc})") from None
+        raise _stream_error(path, compression, exc) from None
 
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:
@@ -444,24 +513,38 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:
             or pa.types.is_large_string(schema.field(text_field).type)):
         raise CorpusError(f"{path}: column {text_field!r} is {schema.field(text_field).type}, not string")
     row = 0
-    for batch in pf.iter_batches(columns=[text_field]):
-        for text in batch.column(0).to_pylist():
-            if text is None:
-                raise CorpusError(f"{path}: row {row} of column {text_field!r} is null")
-            yield Document(USER_SOURCE, f"{path}:{row}", text)
-            row += 1
+    try:
+        for batch in pf.iter_batches(columns=[text_field]):
+            for text in batch.column(0).to_pylist():
+                if text is None:
+                    raise CorpusError(f"{path}: row {row} of column {text_field!r} is null")
+                yield Document(USER_SOURCE, f"{path}:{row}", text)
+                row += 1
+    except (OSError, pa.ArrowException) as e:
+        raise CorpusError(f"{path}: corrupt Parquet file after row {row} ({e})") from None
+
+
+def read_user_file(path: Path, text_field: str = "text") -> Iterator[Document]:
+    """Documents of one user file, streamed: .txt/.md (one per file), JSON lines (.jsonl/.json, also .gz or
+    .zst compressed; one per record) and .parquet (one per row)."""
+    path = Path(path)
+    kind = user_file_format(path)
+    if kind is None:
+        raise CorpusError(f"{path}: unsupported corpus file; supported: {', '.join(_USER_SUFFIXES)}")
+    if not path.is_file():
+        raise CorpusError(f"{path}: corpus file not found")
+    fmt, compression = kind
+    if fmt == "text":
+        return _read_text_file(path)
+    if fmt == "jsonl":
+        return _read_jsonl(path, text_field, compression)
+    return _read_parquet(path, text_field)
 
 
 def read_user_source(pattern: str, text_field: str = "text") -> Iterator[Document]:
-    """Documents from user files: .txt/.md (one per file), .jsonl/.json lines and .parquet (one per record)."""
+    """Documents of every file a user path, glob or directory names, file by file."""
     for path in resolve_user_files(pattern):
-        suffix = path.suffix.lower()
-        if suffix in _TEXT_SUFFIXES:
-            yield from _read_text_file(path)
-        elif suffix in _JSONL_SUFFIXES:
-            yield from _read_jsonl(path, text_field)
-        else:
-            yield from _read_parquet(path, text_field)
+        yield from read_user_file(path, text_field)
 
 
 # ---------------------------------------------------------------------------
@@ -480,53 +563,13 @@ def clean_text(text: str) -> str:
     return _MANY_BLANK_LINES.sub("\n\n\n", text).strip("\n")
 
 
-def _write_batch(writer: pq.ParquetWriter, batch: list[Document]) -> None:
-    rows = [{"source": d.source, "doc_id": d.doc_id, "text": d.text} for d in batch]
-    writer.write_table(pa.Table.from_pylist(rows, schema=_SCHEMA))
-    batch.clear()
-
-
-def write_documents(docs: Iterable[Document], path: Path, min_chars: int = 200) -> dict:
-    """Write cleaned documents of at least min_chars characters to a Parquet file, atomically; return counts."""
-    stats = {"documents": 0, "chars": 0, "dropped": 0}
+def clean_documents(docs: Iterable[Document], min_chars: int, where: str) -> Iterator[Document]:
+    """Cleaned documents of at least min_chars characters; CorpusError for a doc_id seen twice in ``where``."""
     seen: set[str] = set()
-    batch: list[Document] = []
-    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, _SCHEMA) as writer:
-        for doc in docs:
-            if doc.doc_id in seen:
-                raise CorpusError(f"{path}: duplicate doc_id {doc.doc_id!r} (source {doc.source!r})")
-            seen.add(doc.doc_id)
-            text = clean_text(doc.text)
-            if len(text) < min_chars:
-                stats["dropped"] += 1
-                continue
-            batch.append(Document(doc.source, doc.doc_id, text))
-            stats["documents"] += 1
-            stats["chars"] += len(text)
-            if len(batch) >= _WRITE_BATCH:
-                _write_batch(writer, batch)
-        if batch:
-            _write_batch(writer, batch)
-    return stats
-
-
-def read_documents(path: Path) -> pd.DataFrame:
-    """A document Parquet file (columns source, doc_id, text) as a DataFrame, after checking its schema."""
-    path = Path(path)
-    expected = ", ".join(DOCUMENT_COLUMNS)
-    if not path.is_file():
-        raise CorpusError(f"{path}: document Parquet file not found (expected columns {expected})")
-    try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowException) as e:
-        raise CorpusError(
-            f"{path}: not a readable document Parquet file (expected columns {expected}): {e}"
-        ) from None
-    found = ", ".join(f"{f.name}: {f.type}" for f in table.schema)
-    if tuple(table.schema.names) != DOCUMENT_COLUMNS or not all(
-        pa.types.is_string(f.type) or pa.types.is_large_string(f.type) for f in table.schema
-    ):
-        raise CorpusError(f"{path}: expected string columns {expected}; found {found}")
-    if any(table.column(c).null_count for c in DOCUMENT_COLUMNS):
-        raise CorpusError(f"{path}: null values in columns {expected}")
-    return table.to_pandas()
+    for doc in docs:
+        if doc.doc_id in seen:
+            raise CorpusError(f"{where}: duplicate doc_id {doc.doc_id!r} (source {doc.source!r})")
+        seen.add(doc.doc_id)
+        text = clean_text(doc.text)
+        if len(text) >= min_chars:
+            yield Document(doc.source, doc.doc_id, text)

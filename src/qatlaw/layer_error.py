@@ -38,12 +38,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from qatlaw.data import load_tokens
 from qatlaw.errors import QatlawError
 from qatlaw.grid import RunSettings
 from qatlaw.io import write_parquet
 from qatlaw.model import Model, ModelConfig
 from qatlaw.quant import GroupSize, QATLinear, fake_quant
+from qatlaw.tokens import DataError, Tokens, open_tokens
 from qatlaw.train import quant_options
 
 log = logging.getLogger("qatlaw.layer_error")
@@ -75,7 +75,7 @@ def load_run(path: str | Path) -> tuple[Model, RunSettings]:
     return model.eval(), settings
 
 
-def token_windows(tokens: np.ndarray, n_tokens: int, seq_len: int) -> torch.Tensor:
+def token_windows(tokens: Tokens, n_tokens: int, seq_len: int) -> torch.Tensor:
     """The first ``n_tokens`` tokens (at most) as non-overlapping windows, shape (windows, seq_len)."""
     n_windows = min(n_tokens, len(tokens)) // seq_len
     if n_windows < 1:
@@ -135,14 +135,18 @@ def analyse_models(model_paths: Sequence[str | Path], val_path: str | Path, n_to
                    analyse: Callable[[Model, RunSettings, torch.Tensor], pd.DataFrame]) -> pd.DataFrame:
     """Concatenate ``analyse(model, settings, windows)`` over the models, each row prefixed by its run's
     ``RUN_COLUMNS``; every model sees the first ``n_tokens`` tokens of the validation shard."""
-    tokens = load_tokens(val_path)
+    try:
+        tokens = open_tokens(val_path)
+    except DataError as exc:
+        raise AnalysisError(str(exc)) from None
     frames = []
     for path in model_paths:
         model, s = load_run(path)
-        if len(tokens) and int(tokens.max()) >= model.cfg.vocab_size:
-            raise AnalysisError(f"{val_path}: token id {int(tokens.max())} is out of range for {path} "
+        windows = token_windows(tokens, n_tokens, s.seq_len)
+        if int(windows.max()) >= model.cfg.vocab_size:
+            raise AnalysisError(f"{val_path}: token id {int(windows.max())} is out of range for {path} "
                                 f"(vocabulary {model.cfg.vocab_size})")
-        frame = analyse(model, s, token_windows(tokens, n_tokens, s.seq_len))
+        frame = analyse(model, s, windows)
         run = {"run_id": s.run_id, "size": s.size, "precision": s.precision,
                "run_group": "none" if s.group is None else str(s.group)}
         frames.append(frame.assign(**run).loc[:, list(RUN_COLUMNS) + list(frame.columns)])

@@ -41,6 +41,7 @@ from qatlaw.grid import RunSettings, effective_group
 from qatlaw.io import atomic_path, read_parquet, write_parquet
 from qatlaw.model import Model, ModelConfig, non_embedding_params
 from qatlaw.quant import QuantOptions
+from qatlaw.tokens import Tokens, read_windows
 
 log = logging.getLogger("qatlaw.train")
 
@@ -125,7 +126,7 @@ class TokenBatches:
     never repeats a token.
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
+    def __init__(self, tokens: Tokens, seq_len: int, batch_size: int, seed: int):
         self.tokens = tokens
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.n_windows = (len(tokens) - 1) // seq_len
@@ -135,18 +136,20 @@ class TokenBatches:
 
     def _order(self, epoch: int) -> np.ndarray:
         if epoch not in self._orders:
-            self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)}
+            # the order of np.random.Generator.permutation(n_windows), held in 4 bytes a window instead of 8
+            index = np.arange(self.n_windows, dtype=np.uint32 if self.n_windows < 2**32 else np.int64)
+            self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(index)}
         return self._orders[epoch]
 
     def windows(self, step: int) -> np.ndarray:
         """Indices of the windows that make up batch ``step``."""
         idx = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
-        return np.array([self._order(int(i // self.n_windows))[i % self.n_windows] for i in idx])
+        return np.array([self._order(int(i // self.n_windows))[i % self.n_windows] for i in idx], dtype=np.int64)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and next-token targets of batch ``step``, each (batch_size, seq_len)."""
         starts = self.windows(step) * self.seq_len
-        rows = torch.from_numpy(self.tokens[starts[:, None] + np.arange(self.seq_len + 1)].astype(np.int64))
+        rows = torch.from_numpy(read_windows(self.tokens, starts, self.seq_len + 1).astype(np.int64))
         return rows[:, :-1], rows[:, 1:]
 
 
@@ -177,7 +180,7 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 @torch.no_grad()
-def evaluate(model: Model, tokens: np.ndarray, seq_len: int, max_tokens: int, batch_size: int,
+def evaluate(model: Model, tokens: Tokens, seq_len: int, max_tokens: int, batch_size: int,
              device: torch.device = torch.device("cpu")) -> float:
     """Mean next-token loss over the first ``max_tokens`` tokens, in non-overlapping windows."""
     n_windows = min(len(tokens) - 1, max_tokens) // seq_len
@@ -259,8 +262,8 @@ def _device_name(device: torch.device, par: Parallel) -> str:
 def train_run(
     s: RunSettings,
     *,
-    train_tokens: np.ndarray,
-    val_tokens: np.ndarray,
+    train_tokens: Tokens,
+    val_tokens: Tokens,
     manifest: Mapping[str, Any],
     summary_path: str | Path,
     metrics_path: str | Path,
