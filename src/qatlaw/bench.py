@@ -470,7 +470,8 @@ def _bench_corpus(directory: Path, tokens: int, tokenizer: Path | None = None, s
     paths = []
     for k in range(n_shards):
         path = directory / f"shard-{k:04d}.jsonl.zst"
-        with atomic_path(path) as tmp, tmp.open("wb") as raw, zstandard.ZstdCompressor(level=1).stream_writer(raw) as out:
+        with atomic_path(path) as tmp, tmp.open("wb") as raw, \
+                zstandard.ZstdCompressor(level=1).stream_writer(raw) as out:
             written = 0
             while written < per_shard:
                 out.write(b"".join(pool))
@@ -522,7 +523,8 @@ def measure_data(corpus_tokens: Sequence[int], workdir: Path, config: str | Path
     for tokens in corpus_tokens:
         root = workdir / f"{tokens}"
         files = _bench_corpus(root / "corpus", tokens, tokenizer)
-        jobs = [(f"user1={f}", root / "shards" / f"{i}.npy", root / "shards" / f"{i}.parquet") for i, f in enumerate(files)]
+        jobs = [(f"user1={f}", root / "shards" / f"{i}.npy", root / "shards" / f"{i}.parquet")
+                for i, f in enumerate(files)]
 
         def tokenize(job: tuple[str, Path, Path]) -> float:
             return _run_measured([*qatlaw, "tokenize", "--shards", job[0], "--tokenizer", str(tokenizer), "--seed", "0",
@@ -551,8 +553,10 @@ def measure_data(corpus_tokens: Sequence[int], workdir: Path, config: str | Path
              "--model", str(out / "model.pt"), "--checkpoint", str(out / "ckpt.pt"), "--device", "cpu",
              "--checkpoint-every", "1000"], env)
         per_core = total / encode_s
-        rows.append({"corpus_tokens": total, "shards": len(jobs), "store_mb": sum(p.stat().st_size for p in store.values()) / 1e6,
-                     "tokenize_tokens_per_s": per_core, "tokenize_wall_s": tokenize_wall, "tokenize_peak_rss_mb": tokenize_rss,
+        rows.append({"corpus_tokens": total, "shards": len(jobs),
+                     "store_mb": sum(p.stat().st_size for p in store.values()) / 1e6,
+                     "tokenize_tokens_per_s": per_core, "tokenize_wall_s": tokenize_wall,
+                     "tokenize_peak_rss_mb": tokenize_rss,
                      "gather_s": gather_s, "gather_peak_rss_mb": gather_rss, "train_s": train_s,
                      "train_peak_rss_mb": train_rss,
                      "s_per_1B_tokens_2_cores": 1e9 / (2 * per_core) + gather_s * 1e9 / total})

@@ -174,7 +174,8 @@ def load_tokenizer(path: str | Path, vocab_size: int | None = None, eos_token: s
     return tok
 
 
-def tokenizer_sample(docs: Iterable[Document], budget_bytes: int, val_fraction: float, seed: int) -> tuple[list[str], dict]:
+def tokenizer_sample(docs: Iterable[Document], budget_bytes: int, val_fraction: float,
+                     seed: int) -> tuple[list[str], dict]:
     """Texts of a seeded sample of the training documents of at most ``budget_bytes`` UTF-8 bytes, in corpus
     order, and what was sampled.
 
@@ -240,7 +241,8 @@ def build_tokenizer(
     return info
 
 
-def copy_tokenizer(src: str | Path, out_path: str | Path, vocab_size: int | None, eos_token: str | None) -> dict[str, Any]:
+def copy_tokenizer(src: str | Path, out_path: str | Path, vocab_size: int | None,
+                   eos_token: str | None) -> dict[str, Any]:
     """Check a user's tokenizer file and copy it, byte for byte, as the workflow's tokenizer; return its
     vocabulary size and end-of-text id."""
     tok = load_tokenizer(src, vocab_size, eos_token)
@@ -333,7 +335,8 @@ def _doc_table(path: Path, columns: Sequence[str] = DOC_COLUMNS) -> tuple[pd.Dat
         table = pf.read(columns=list(columns)).to_pandas()
     except (OSError, pa.ArrowException, KeyError, ValueError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DataError(f"{path}: not a document table of a tokenize job ({reason}); expected columns {expected}") from None
+        raise DataError(f"{path}: not a document table of a tokenize job ({reason}); "
+                        f"expected columns {expected}") from None
     return table, summary
 
 

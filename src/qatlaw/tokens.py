@@ -117,7 +117,8 @@ class TokenStore:
         while done < len(view):
             got = os.preadv(self._file.fileno(), [view[done:]], self._offset + start * self.dtype.itemsize + done)
             if got <= 0:
-                raise DataError(f"{self.path}: the store ends before token {start + count:,} (truncated since it was opened?)")
+                raise DataError(f"{self.path}: the store ends before token {start + count:,} "
+                                "(truncated since it was opened?)")
             done += got
         return out
 
@@ -162,8 +163,8 @@ def open_tokens(path: str | Path, manifest: Mapping[str, Any] | None = None, spl
     try:
         with path.open("rb") as f:
             version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read_header(f)
+            fmt = np.lib.format
+            shape, _, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
             offset = f.tell()
     except (ValueError, OSError, EOFError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -180,6 +181,6 @@ def open_tokens(path: str | Path, manifest: Mapping[str, Any] | None = None, spl
         except (KeyError, TypeError, ValueError):
             raise DataError(f"{path}: the data manifest lists no {split} split; rerun the data stage") from None
         if shape[0] != expected or dtype.name != name:
-            raise DataError(f"{path}: {shape[0]:,} {dtype.name} ids, but the data manifest lists {expected:,} "
-                            f"{name} ids for the {split} split (a store from another data stage?); rerun the data stage")
+            raise DataError(f"{path}: {shape[0]:,} {dtype.name} ids, but the data manifest lists {expected:,} {name} "
+                            f"ids for the {split} split (a store from another data stage?); rerun the data stage")
     return TokenStore(path, shape[0], dtype, offset)
