@@ -1,5 +1,5 @@
 # Data stage: fetch corpus packages -> tokenizer -> one tokenize job per corpus file (scatter) -> gather: the
-# split by document, the memory-mapped token stores train.npy / val.npy, the document table and the manifest.
+# split by document, the token stores train.npy / val.npy (read window by window), the document table and the manifest.
 
 
 rule fetch_corpus:

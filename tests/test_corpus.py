@@ -11,6 +11,7 @@ import re
 import subprocess
 import tarfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -28,10 +29,15 @@ from qatlaw.corpus import (
     read_builtin,
     clean_documents,
     read_user_file,
-    read_user_source,
     resolve_user_files,
     strip_gutenberg,
 )
+
+
+def read_user_source(pattern: str, text_field: str = "text") -> Iterator[Document]:
+    """Documents of every file a user path, glob or directory names, file by file."""
+    for path in resolve_user_files(pattern):
+        yield from read_user_file(path, text_field)
 
 
 def make_tgz(path: Path, files: dict[str, bytes]) -> Path:

@@ -149,9 +149,9 @@ def crash_at_step_6(tmp_path, s: RunSettings, tokens, monkeypatch) -> None:
             run(tmp_path, s, tokens, "crashed")
 
 
-@pytest.mark.parametrize("store", ["in memory", "memory-mapped"])
+@pytest.mark.parametrize("store", ["in memory", "token store"])
 def test_crash_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, tokens, monkeypatch, caplog, store):
-    if store == "memory-mapped":
+    if store == "token store":
         write_store(tmp_path, tokens)
         tokens = (open_tokens(tmp_path / "train.npy"), open_tokens(tmp_path / "val.npy"))
     s = settings()

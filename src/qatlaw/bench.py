@@ -49,7 +49,7 @@ its bound). Sections (``--sections``):
     is written as ``.jsonl.zst`` shards of about 10M tokens; a BPE (vocabulary 512, as the CPU grids) is trained
     once on a 16 MiB sample. Then, as the workflow runs them: ``qatlaw tokenize`` per shard, two at a time
     (1 thread each), ``qatlaw gather``, and a short real training job (``qatlaw train``, 0.1M, 40 steps,
-    validation on 250K tokens) on the memory-mapped stores, whose peak RSS is ``train_peak_rss_mb`` (from
+    validation on 250K tokens) on the token stores, whose peak RSS is ``train_peak_rss_mb`` (from
     ``wait4``). ``tokenize_tokens_per_s`` is per core: tokens / the jobs' summed encode seconds;
     ``s_per_1B_tokens_2_cores`` the data stage's time per 1B tokens on 2 cores (tokenize at twice the per-core
     rate, then gather).
@@ -817,7 +817,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sizes_tokens = [int(float(t)) for t in _csv(args.data_tokens)] if args.data_tokens else list(DATA_CORPUS_TOKENS)
         print(f"data: corpora of {', '.join(f'{t:,}' for t in sizes_tokens)} tokens in {args.data_dir}", flush=True)
         emit("data", measure_data(sizes_tokens, Path(args.data_dir), args.config),
-             "Data stage: tokenize per core, gather, training RSS on the memory-mapped store")
+             "Data stage: tokenize per core, gather, training RSS on the token store")
     pipeline = None
     if "pipeline" in sections:
         results = Path(args.results)

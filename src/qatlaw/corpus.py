@@ -106,7 +106,6 @@ BUILTIN_SOURCES: dict[str, BuiltinSource] = {
 }
 
 USER_SOURCE = "user"
-DOCUMENT_COLUMNS = ("source", "doc_id", "text")
 # A user file's format, by its suffix: text (one document per file), JSON lines (one per line) or Parquet (one
 # per row); JSON lines may be gzip- or zstd-compressed, as Dolma and OLMo-mix shards ship.
 _FORMATS = {".txt": "text", ".md": "text", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
@@ -472,11 +471,6 @@ def _iter_lines(path: Path, compression: str | None) -> Iterator[bytes]:
             yield from raw
 
 
-def _stream_error(path: Path, compression: str, exc: BaseException) -> CorpusError:
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return CorpusError(f"{path}: corrupt or truncated {compression} file ({reason}); download it again")
-
-
 def _read_jsonl(path: Path, text_field: str, compression: str | None = None) -> Iterator[Document]:
     try:
         for lineno, raw in enumerate(_iter_lines(path, compression), start=1):
@@ -496,7 +490,8 @@ def _read_jsonl(path: Path, text_field: str, compression: str | None = None) -> 
     except (OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:
         if compression is None:
             raise CorpusError(f"{path}: unreadable ({exc})") from None
-        raise _stream_error(path, compression, exc) from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CorpusError(f"{path}: corrupt or truncated {compression} file ({reason}); download it again") from None
 
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:
@@ -539,12 +534,6 @@ def read_user_file(path: Path, text_field: str = "text") -> Iterator[Document]:
     if fmt == "jsonl":
         return _read_jsonl(path, text_field, compression)
     return _read_parquet(path, text_field)
-
-
-def read_user_source(pattern: str, text_field: str = "text") -> Iterator[Document]:
-    """Documents of every file a user path, glob or directory names, file by file."""
-    for path in resolve_user_files(pattern):
-        yield from read_user_file(path, text_field)
 
 
 # ---------------------------------------------------------------------------

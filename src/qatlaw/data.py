@@ -41,8 +41,6 @@ from qatlaw.errors import QatlawError
 from qatlaw.io import atomic_path, write_json
 from qatlaw.tokens import DataError, TokenWriter, open_tokens, token_dtype, token_writer
 
-__all__ = ["DataError"]
-
 EOS = "<|endoftext|>"
 # End-of-text tokens looked for in a user's tokenizer (data.eos_token: null): GPT-2/OLMo, Llama-3, SentencePiece.
 EOS_CANDIDATES = (EOS, "<|end_of_text|>", "</s>", "<eos>")
@@ -190,11 +188,10 @@ def tokenizer_sample(docs: Iterable[Document], budget_bytes: int, val_fraction: 
     sources, draws = array("q"), array("d")  # every document's source and draw: 16 bytes a document
     top_val: dict[str, tuple[float, int, Document]] = {}  # each source's held-out document of highest draw
 
-    def offer(index: int, text: str, priority: float) -> None:
+    def offer(index: int, text: str, size: int, priority: float) -> None:
         nonlocal total, cutoff
         if priority >= cutoff:
             return
-        size = len(text.encode("utf-8"))
         heapq.heappush(heap, (-priority, index, text, size))
         total += size
         while total > budget_bytes:
@@ -210,20 +207,21 @@ def tokenizer_sample(docs: Iterable[Document], budget_bytes: int, val_fraction: 
         u = split_draw(seed, doc.source, doc.doc_id)
         sources.append(codes.setdefault(doc.source, len(codes)))
         draws.append(u)
-        seen += len(doc.text.encode("utf-8"))
+        size = len(doc.text.encode("utf-8"))
+        seen += size
         if u >= val_fraction:
-            offer(index, doc.text, priority(doc))
+            offer(index, doc.text, size, priority(doc))
         elif doc.source not in top_val or u > top_val[doc.source][0]:
             top_val[doc.source] = (u, index, doc)
     is_val = finalize_split(np.frombuffer(sources, dtype=np.int64) if sources else np.zeros(0, np.int64),
                             np.frombuffer(draws) if draws else np.zeros(0), val_fraction)
     for _, index, doc in top_val.values():  # a source all held out gives its highest draw to training
         if not is_val[index]:
-            offer(index, doc.text, priority(doc))
-    kept = sorted((index, text) for _, index, text, _ in heap if not is_val[index])
-    info = {"documents": len(kept), "bytes": sum(len(t.encode("utf-8")) for _, t in kept),
+            offer(index, doc.text, len(doc.text.encode("utf-8")), priority(doc))
+    kept = sorted((index, text, size) for _, index, text, size in heap if not is_val[index])
+    info = {"documents": len(kept), "bytes": sum(size for _, _, size in kept),
             "corpus_documents": len(draws), "corpus_bytes": seen}
-    return [text for _, text in kept], info
+    return [text for _, text, _ in kept], info
 
 
 def build_tokenizer(

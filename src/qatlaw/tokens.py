@@ -136,10 +136,6 @@ class TokenStore:
         return np.stack([self._read(int(start), length) for start in starts]) if len(starts) else \
             np.empty((0, length), dtype=self.dtype)
 
-    def close(self) -> None:
-        """Close the file."""
-        self._file.close()
-
 
 Tokens = np.ndarray | TokenStore
 
