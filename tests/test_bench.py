@@ -11,7 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qatlaw import bench, fit
+from qatlaw import fit
+from qatlaw.bench.__main__ import main
+from qatlaw.bench.fitspeed import measure_fits, synthetic_runs
+from qatlaw.bench.machine import matmul_peak
+from qatlaw.bench.pipeline import pipeline_overhead, read_wall_seconds
+from qatlaw.bench.train import measure_training
 from qatlaw.config import load
 
 CONFIG = Path(__file__).resolve().parents[1] / "config.yaml"
@@ -30,13 +35,13 @@ def cfg() -> dict:
 
 
 def test_matmul_peak_is_finite_and_positive():
-    row = bench.matmul_peak(1, n=128, repeats=2)
+    row = matmul_peak(1, n=128, repeats=2)
     assert row["n"] == 128 and row["gflops_best"] >= row["gflops"] > 0
 
 
 def test_training_table_on_the_smallest_size(cfg):
-    table = bench.measure_training(cfg, [SMALLEST], modes=["eager"], repeats=2, steps=1, warmup=1,
-                                   peak_gflops=50.0, log=lambda _: None)
+    table = measure_training(cfg, [SMALLEST], modes=["eager"], repeats=2, steps=1, warmup=1,
+                             peak_gflops=50.0, log=lambda _: None)
     assert list(table[["precision", "group"]].itertuples(index=False, name=None)) == [
         ("BF16", "none"), ("W4A4", "32"), ("W4A4", "channel")]
     assert set(table["mode"]) == {"eager"} and (table["size"] == SMALLEST).all()
@@ -51,9 +56,9 @@ def test_training_table_on_the_smallest_size(cfg):
 
 
 def test_fit_table_and_synthetic_runs():
-    runs = bench.synthetic_runs(40)
+    runs = synthetic_runs(40)
     assert len(runs) == 40 and (runs[["N", "D", "G", "delta", "loss"]] > 0).all().all()
-    table = bench.measure_fits(n_runs=40, inits=8, n_boot=2, log=lambda _: None)
+    table = measure_fits(n_runs=40, inits=8, n_boot=2, log=lambda _: None)
     assert list(table["law"]) == ["unified (fit_delta)", "chinchilla (fit_chinchilla)"]
     positive(table, ["runs", "inits", "fit_s", "objective", "default_inits_s"])
     # a difference of two timings (with and without resamples): finite, and at least zero
@@ -64,7 +69,7 @@ def test_fit_table_and_synthetic_runs():
 def test_many_starts_reach_the_lbfgsb_optimum(monkeypatch, tie):
     """From DESCENT_MIN_STARTS starts on, the starts descend together and only the best are polished; the
     optimum must be the one L-BFGS-B finds from every start."""
-    runs, starts = bench.synthetic_runs(60, seed=3), fit.DESCENT_MIN_STARTS
+    runs, starts = synthetic_runs(60, seed=3), fit.DESCENT_MIN_STARTS
     fast = fit.fit_chinchilla(runs, tie_exponents=tie, inits=starts)
     monkeypatch.setattr(fit, "DESCENT_MIN_STARTS", starts + 1)  # L-BFGS-B from every start
     slow = fit.fit_chinchilla(runs, tie_exponents=tie, inits=starts)
@@ -101,26 +106,26 @@ def test_pipeline_overhead_from_a_results_directory(tmp_path):
         summary.parent.mkdir(parents=True)
         pd.DataFrame({"run_id": [f"run{i}"], "wall_s": [s - 5.0]}).to_parquet(summary)
     (tmp_path / "benchmarks" / "fit.tsv").write_text(header + "10.0\t0:00:10\t300\t1\t1\t1\t0\t0\t90\t10\n")
-    out = bench.pipeline_overhead(tmp_path, 100.0, cores=2)
+    out = pipeline_overhead(tmp_path, 100.0, cores=2)
     assert (out["train_jobs"], out["run_summaries"], out["benchmarked_jobs"]) == (2, 2, 3)
     assert (out["train_jobs_s"], out["train_loop_s"], out["other_jobs_s"]) == (50.0, 40.0, 10.0)
     assert out["per_train_job_overhead_s"] == 5.0 and out["max_train_rss_mib"] == 800.0
     assert out["core_s"] == 200.0 and out["train_loop_share"] == pytest.approx(0.2)
     assert out["outside_training_share"] == pytest.approx(0.8) and out["jobs_over_2GiB"] == 0
-    assert math.isnan(bench.pipeline_overhead(tmp_path)["outside_training_share"])
+    assert math.isnan(pipeline_overhead(tmp_path)["outside_training_share"])
     (tmp_path / "wall.txt").write_text("real 123.5\nuser 200.0\nsys 3.0\n")
-    assert bench.read_wall_seconds(tmp_path / "wall.txt") == 123.5
+    assert read_wall_seconds(tmp_path / "wall.txt") == 123.5
     (tmp_path / "wall.txt").write_text("\nreal\t11m2.5s\nuser\t0m1s\n")
-    assert bench.read_wall_seconds(tmp_path / "wall.txt") == 662.5
+    assert read_wall_seconds(tmp_path / "wall.txt") == 662.5
     (tmp_path / "wall.txt").write_text("661.2\n")
-    assert bench.read_wall_seconds(tmp_path / "wall.txt") == 661.2
+    assert read_wall_seconds(tmp_path / "wall.txt") == 661.2
 
 
 def test_cli_quick_writes_every_table(tmp_path, capsys):
     out = tmp_path / "bench"
-    assert bench.main(["--quick", "--config", str(CONFIG), "--sections", "peak,train,fit,pipeline", "--repeats", "2",
-                       "--fit-runs", "30", "--fit-inits", "4", "--fit-boot", "1", "--results", str(tmp_path / "none"),
-                       "--out", str(out)]) == 0
+    assert main(["--quick", "--config", str(CONFIG), "--sections", "peak,train,fit,pipeline", "--repeats", "2",
+                 "--fit-runs", "30", "--fit-inits", "4", "--fit-boot", "1", "--results", str(tmp_path / "none"),
+                 "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "### Training throughput" in printed and "pipeline: skipped" in printed
     names = sorted(p.stem for p in out.glob("*.parquet"))

@@ -30,6 +30,7 @@ import yaml
 
 from qatlaw.errors import QatlawError
 from qatlaw.io import atomic_path
+from qatlaw.machine import cpu_model
 
 FIT_FILES = ("params", "predictions", "comparison", "bootstrap")
 
@@ -40,8 +41,6 @@ class ReferenceError(QatlawError):
 
 def _machine() -> dict[str, Any]:
     import torch
-
-    from qatlaw.bench import cpu_model
 
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "memory_gib": round(os.sysconf("SC_PAGE_SIZE")
             * os.sysconf("SC_PHYS_PAGES") / 2**30, 1), "python": platform.python_version(),
