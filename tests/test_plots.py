@@ -184,6 +184,31 @@ def test_figures_explain_unfitted_laws(name: str, unfitted: dict[str, Path], tmp
     assert "not fitted" in png.with_suffix(".svg").read_text()
 
 
+def fig9_without_fc2a8(results: dict[str, Path], tmp_path: Path, cells: set[tuple[int, int]] | None) -> str:
+    """fig9's SVG text with the W4A4-fc2a8 δ removed from ``cells`` (N, tokens_requested; None: every cell)."""
+    decomp = pd.read_parquet(results["decomposition"])
+    drop = [cells is None or cell in cells for cell in zip(decomp["N"], decomp["tokens_requested"], strict=True)]
+    decomp.loc[drop, "delta_W4A4_fc2a8"] = np.nan
+    decomp.to_parquet(tmp_path / "decomposition.parquet")
+    png = tmp_path / "fig9.png"
+    plots.make_figure("fig9_outliers", results | {"decomposition": tmp_path / "decomposition.parquet"}, png, CAPTION)
+    return png.with_suffix(".svg").read_text()
+
+
+def test_fig9_fc2_panel_takes_the_largest_cell_with_both_variants(results: dict[str, Path], tmp_path: Path):
+    svg = fig9_without_fc2a8(results, tmp_path, {(1_000_000, 4_000_000)})
+    assert "(b) δ_W4A4 vs G at N = 1M, D = 2M" in svg and "W4A4, FC2 input 8 bit" in svg
+    assert "no cell has runs of every variant" not in svg
+
+
+def test_fig9_fc2_panel_names_the_variant_no_cell_has(results: dict[str, Path], tmp_path: Path):
+    svg = fig9_without_fc2a8(results, tmp_path, None)
+    assert "(b) δ_W4A4 vs G at N = 1M, D = 4M" in svg
+    # in the caption only: no legend entry without data
+    assert svg.count("W4A4, FC2 input 8 bit") == 1
+    assert "(b) no cell has runs of every variant: W4A4, FC2 input 8 bit missing" in svg
+
+
 def test_outputs_are_reproducible(results: dict[str, Path], tmp_path: Path):
     first, second = tmp_path / "a" / "f.png", tmp_path / "b" / "f.png"
     for png in (first, second):
