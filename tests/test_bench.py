@@ -1,6 +1,5 @@
 """Benchmark smoke tests: every section runs on the smallest size with tiny repeats and gives finite, positive
-numbers in the documented columns (no timing asserts: the machine is shared). Plus the fast multistart path of
-the fitter, which the fit benchmark exercises, against L-BFGS-B from every start."""
+numbers in the documented columns (no timing asserts: the machine is shared)."""
 
 from __future__ import annotations
 
@@ -58,42 +57,13 @@ def test_training_table_on_the_smallest_size(cfg):
 def test_fit_table_and_synthetic_runs():
     runs = synthetic_runs(40)
     assert len(runs) == 40 and (runs[["N", "D", "G", "delta", "loss"]] > 0).all().all()
-    table = measure_fits(n_runs=40, inits=8, n_boot=2, log=lambda _: None)
-    assert list(table["law"]) == ["unified (fit_delta)", "chinchilla (fit_chinchilla)"]
-    positive(table, ["runs", "inits", "fit_s", "objective", "default_inits_s"])
+    table = measure_fits(n_runs=40, inits=8, n_boot=2, workflow_boot=4, log=lambda _: None)
+    assert list(table["law"]) == ["unified", "chinchilla", "run_fits (reference/laptop)"]
+    assert list(table["inits"]) == [1, 8, fit.CHINCHILLA_INITS] and table["boot_resamples"].iloc[-1] == 4
+    positive(table, ["runs", "inits", "fit_s", "objective"])
     # a difference of two timings (with and without resamples): finite, and at least zero
-    assert np.isfinite(table["s_per_resample"]).all() and (table["s_per_resample"] >= 0).all()
-
-
-@pytest.mark.parametrize("tie", [True, False])
-def test_many_starts_reach_the_lbfgsb_optimum(monkeypatch, tie):
-    """From DESCENT_MIN_STARTS starts on, the starts descend together and only the best are polished; the
-    optimum must be the one L-BFGS-B finds from every start."""
-    runs, starts = synthetic_runs(60, seed=3), fit.DESCENT_MIN_STARTS
-    fast = fit.fit_chinchilla(runs, tie_exponents=tie, inits=starts)
-    monkeypatch.setattr(fit, "DESCENT_MIN_STARTS", starts + 1)  # L-BFGS-B from every start
-    slow = fit.fit_chinchilla(runs, tie_exponents=tie, inits=starts)
-    assert fast["objective"] <= slow["objective"] * (1 + 1e-9)
-    for name in fit.CHINCHILLA_CONSTANTS:
-        assert fast[name] == pytest.approx(slow[name], rel=1e-3)
-
-
-def test_vectorized_objectives_match_the_per_start_ones():
-    rng = np.random.default_rng(0)
-    log_n, log_d = rng.uniform(10, 20, 30), rng.uniform(15, 23, 30)
-    log_l = np.log(1.9 + np.exp(5 - 0.3 * log_n) + np.exp(6 - 0.3 * log_d))
-    x, y = rng.normal(size=(30, 4)), rng.normal(size=30)
-    for tie, p in ((True, 4), (False, 5)):
-        thetas = rng.uniform(0, 2, (7, p)) * [10, 10, 1, 1, 1][:p]
-        rows = fit._chinchilla_objective_rows(thetas, log_n, log_d, log_l, tie, 1e-3)
-        for i, theta in enumerate(thetas):
-            f, g = fit._chinchilla_objective(theta, log_n, log_d, log_l, tie, 1e-3)
-            assert rows[0][i] == pytest.approx(f, rel=1e-12) and rows[1][i] == pytest.approx(g, rel=1e-9, abs=1e-9)
-    thetas = rng.normal(size=(5, 4))
-    rows = fit._loglinear_objective_rows(thetas, x, y, 1e-3)
-    for i, theta in enumerate(thetas):
-        f, g = fit._loglinear_objective(theta, x, y, 1e-3)
-        assert rows[0][i] == pytest.approx(f, rel=1e-12) and rows[1][i] == pytest.approx(g, rel=1e-9)
+    laws = table.iloc[:2]
+    assert np.isfinite(laws["s_per_resample"]).all() and (laws["s_per_resample"] >= 0).all()
 
 
 def test_pipeline_overhead_from_a_results_directory(tmp_path):

@@ -59,9 +59,9 @@ def relative(fitted: dict, true: dict) -> dict[str, float]:
 
 @pytest.mark.parametrize("precision", TABLE1)
 def test_delta_law_recovers_table1_exactly_without_noise(precision):
-    out = fit.fit_delta(delta_grid(precision))
-    assert out["n_runs"] == 80 and out["n_dropped"] == 0
-    assert max(relative(out, law(precision)).values()) < 1e-3
+    out = fit.DeltaLaw().fit(delta_grid(precision))
+    assert out.n_runs == 80 and out.n_dropped == 0
+    assert max(relative(out.constants, law(precision)).values()) < 1e-3
 
 
 def test_delta_law_with_one_percent_noise_is_within_its_statistical_precision():
@@ -73,7 +73,7 @@ def test_delta_law_with_one_percent_noise_is_within_its_statistical_precision():
         se = NOISE * np.sqrt(np.diag(np.linalg.inv(x.T @ x)))
         true = law(precision)
         rel_se = dict(zip(fit.DELTA_CONSTANTS, [se[0]] + [s / true[c] for s, c in zip(se[1:], fit.DELTA_CONSTANTS[1:])]))
-        out = fit.fit_delta(df)
+        out = fit.DeltaLaw().fit(df).constants
         for c, err in relative(out, true).items():
             assert err < max(0.05, 4 * rel_se[c]), (precision, c, err)
         assert abs(out["gamma_N"] / true["gamma_N"] - 1) < 0.05 and abs(out["gamma_G"] / true["gamma_G"] - 1) < 0.05
@@ -84,9 +84,9 @@ def test_delta_law_with_one_percent_noise_is_within_its_statistical_precision():
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_chinchilla_recovers_table1_exactly_without_noise(tie):
-    out = fit.fit_chinchilla(loss_grid(), tie_exponents=tie, inits=32)
-    assert out["n_runs"] == 16
-    assert max(relative(out, CHIN).values()) < 1e-3
+    out = fit.Chinchilla(tie=tie, inits=32).fit(loss_grid())
+    assert out.n_runs == 16
+    assert max(relative(out.constants, CHIN).values()) < 1e-3
 
 
 def test_chinchilla_with_one_percent_noise_fits_the_losses_but_not_the_constants():
@@ -94,12 +94,19 @@ def test_chinchilla_with_one_percent_noise_fits_the_losses_but_not_the_constants
     0). The bootstrap intervals, refitted from every local optimum, are correspondingly wide and contain the
     truth; the law itself reproduces the noiseless losses to within the noise."""
     noisy, clean = loss_grid(NOISE, seed=1), loss_grid()
-    out = fit.fit_chinchilla(noisy, inits=32, n_boot=25)
-    assert fit.relative_error(fit.predict_loss(out, clean["N"], clean["D"]), clean["loss"]) < NOISE
-    assert relative(out, CHIN)["A"] > 0.5
-    for c, (low, high) in out["ci"].items():
+    out = fit.Chinchilla(inits=32).fit(noisy, n_boot=25)
+    assert fit.relative_error(fit.predict_loss(out.constants, clean["N"], clean["D"]), clean["loss"]) < NOISE
+    assert relative(out.constants, CHIN)["A"] > 0.5
+    for c, (low, high) in out.ci.items():
         assert low <= CHIN[c] <= high, c
-    assert out["ci"]["A"][1] / out["ci"]["A"][0] > 10
+    assert out.ci["A"][1] / out.ci["A"][0] > 10
+
+
+def test_chinchilla_reports_a_vanishing_term_as_not_identified():
+    """On this 1%-noise grid the Huber loss keeps falling as E → 0, a limit log E reaches only at −∞: the law
+    has no optimum to report, so it says so instead of returning wherever the optimizer stopped."""
+    with pytest.raises(fit.FitError, match="chinchilla: not identified: E tends to 0"):
+        fit.Chinchilla().fit(loss_grid(NOISE, seed=2))
 
 
 def test_epm_reproduces_paper_appendix_h():
@@ -115,9 +122,9 @@ def test_epm_law_recovers_eff_per_group():
     df = df[df["group"].isin(["32", "channel"])]
     eff = df["group"].map({"32": 0.9, "channel": 0.7})
     df = df.assign(delta=fit.epm_delta(CHIN, eff.to_numpy(), df["N"].to_numpy()))
-    assert fit.fit_epm(df, CHIN) == pytest.approx({"32": 0.9, "channel": 0.7}, rel=1e-6)
-    assert fit.fit_epm(df.drop(columns="group"), CHIN) == pytest.approx(
-        {"32": 0.9, "768": 0.7, "1024": 0.7, "1536": 0.7}, rel=1e-6)
+    assert fit.fit_epm(df, CHIN).constants == pytest.approx({"eff_G32": 0.9, "eff_Gchannel": 0.7}, rel=1e-6)
+    assert fit.fit_epm(df.drop(columns="group"), CHIN).constants == pytest.approx(
+        {"eff_G32": 0.9, "eff_G768": 0.7, "eff_G1024": 0.7, "eff_G1536": 0.7}, rel=1e-6)
 
 
 def test_relative_error_is_mean_absolute_relative_difference():
@@ -150,14 +157,14 @@ def test_quest_w4a4_error_falls_with_size_along_d_100n(quest):
 
 def test_quest_bf16_chinchilla_fit_and_unidentified_delta_law(quest):
     bf16 = quest[(quest["w_quant"] == "NoQuantizer") & (quest["a_quant"] == "NoQuantizer")]
-    out = fit.fit_chinchilla(bf16, inits=32)
-    assert out["n_runs"] == 6 and 0 < out["alpha"] < 1
-    assert fit.relative_error(fit.predict_loss(out, bf16["N"], bf16["D"]), bf16["loss"]) < 0.003
+    out = fit.Chinchilla(inits=32).fit(bf16)
+    assert out.n_runs == 6 and 0 < out.constants["alpha"] < 1
+    assert fit.relative_error(fit.predict_loss(out.constants, bf16["N"], bf16["D"]), bf16["loss"]) < 0.003
     # one granularity (per-row quantizers) and D ∝ N: the unified law's exponents are not identified
     w4a4 = quest[(quest["w_bits"] == 4) & (quest["a_bits"] == 4) & (quest["w_quant"] == "TrustQuantizer")]
     delta = w4a4["loss"].to_numpy() - bf16.set_index("N").loc[w4a4["N"], "loss"].to_numpy()
     with pytest.raises(fit.FitError, match="G takes a single value"):
-        fit.fit_delta(w4a4.assign(G=768, delta=delta))
+        fit.DeltaLaw().fit(w4a4.assign(G=768, delta=delta))
 
 
 # ------------------------------------------------------------------------------------------------- robustness
@@ -169,29 +176,29 @@ def test_diverged_nan_and_non_positive_runs_are_dropped_and_counted(caplog):
     df.loc[2, "delta"] = 0.0
     df.loc[3, ["delta", "diverged"]] = [50.0, True]  # would wreck the fit if it were used
     with caplog.at_level(logging.WARNING, logger="qatlaw.fit"):
-        out = fit.fit_delta(df)
-    assert (out["n_runs"], out["n_dropped"]) == (76, 4)
-    assert max(relative(out, law("W4A4")).values()) < 1e-3
+        out = fit.DeltaLaw().fit(df)
+    assert (out.n_runs, out.n_dropped) == (76, 4)
+    assert max(relative(out.constants, law("W4A4")).values()) < 1e-3
     assert "dropped 4 of 80 runs" in caplog.text
 
 
 def test_unfittable_inputs_raise_fit_error():
     df = delta_grid("W4A4")
     with pytest.raises(fit.FitError, match="lacks columns G, delta"):
-        fit.fit_delta(df.drop(columns=["G", "delta"]))
+        fit.DeltaLaw().fit(df.drop(columns=["G", "delta"]))
     with pytest.raises(fit.FitError, match="0 usable runs for 4 parameters"):
-        fit.fit_delta(df.assign(delta=np.nan))
+        fit.DeltaLaw().fit(df.assign(delta=np.nan))
     with pytest.raises(fit.FitError, match="3 usable runs for 4 parameters"):
-        fit.fit_delta(df.iloc[[0, 7, 30]])
+        fit.DeltaLaw().fit(df.iloc[[0, 7, 30]])
     with pytest.raises(fit.FitError, match="column D takes a single value"):
-        fit.fit_delta(df[df["D"] == 10e9])
-    assert fit.fit_delta(df[df["D"] == 10e9], use_D=False)["gamma_D"] == 0.0
+        fit.DeltaLaw().fit(df[df["D"] == 10e9])
+    assert fit.DeltaLaw(use_D=False).fit(df[df["D"] == 10e9]).constants["gamma_D"] == 0.0
     with pytest.raises(fit.FitError, match="lacks columns loss"):
-        fit.fit_chinchilla(df)
+        fit.Chinchilla().fit(df)
     with pytest.raises(fit.FitError, match="3 usable runs for 4 parameters"):
-        fit.fit_chinchilla(loss_grid().iloc[[0, 5, 10]])
+        fit.Chinchilla().fit(loss_grid().iloc[[0, 5, 10]])
     with pytest.raises(fit.FitError, match="column N takes a single value"):
-        fit.fit_chinchilla(loss_grid().iloc[:4])
+        fit.Chinchilla().fit(loss_grid().iloc[:4])
 
 
 def test_bootstrap_intervals_cover_the_true_constants():
@@ -199,43 +206,45 @@ def test_bootstrap_intervals_cover_the_true_constants():
     fewer than 15 has a probability of about 1%."""
     covered = []
     for i, precision in enumerate(TABLE1):
-        out = fit.fit_delta(delta_grid(precision, NOISE, seed=10 + i), n_boot=60, seed=i)
-        assert set(out["ci"]) == set(fit.DELTA_CONSTANTS)
+        out = fit.DeltaLaw().fit(delta_grid(precision, NOISE, seed=10 + i), n_boot=60, seed=i)
+        assert set(out.ci) == set(fit.DELTA_CONSTANTS)
         for c, v in law(precision).items():
-            low, high = out["ci"][c]
-            assert low <= out[c] <= high
+            low, high = out.ci[c]
+            assert low <= out.constants[c] <= high
             covered.append(low <= v <= high)
     assert sum(covered) >= 15, sum(covered)
-    no_d = fit.fit_delta(delta_grid("W4A4", NOISE), use_D=False, n_boot=20)
-    assert "gamma_D" not in no_d["ci"] and no_d["gamma_D"] == 0.0
+    no_d = fit.DeltaLaw(use_D=False).fit(delta_grid("W4A4", NOISE), n_boot=20)
+    assert "gamma_D" not in no_d.ci and no_d.constants["gamma_D"] == 0.0
 
 
 def test_bootstrap_is_seeded():
     df = delta_grid("W4A16", NOISE)
-    first = fit.fit_delta(df, n_boot=10, seed=3)["ci"]
-    assert fit.fit_delta(df, n_boot=10, seed=3)["ci"] == first
-    assert fit.fit_delta(df, n_boot=10, seed=4)["ci"] != first
+    first = fit.DeltaLaw().fit(df, n_boot=10, seed=3).ci
+    assert fit.DeltaLaw().fit(df, n_boot=10, seed=3).ci == first
+    assert fit.DeltaLaw().fit(df, n_boot=10, seed=4).ci != first
 
 
 def test_no_intervals_when_too_few_resamples_can_be_fitted(caplog):
     exact = loss_grid().iloc[[0, 5, 10, 15]]  # 4 runs for the 4 tied Chinchilla constants
     with caplog.at_level(logging.WARNING, logger="qatlaw.fit"):
-        result = fit.fit_chinchilla(exact, n_boot=40, seed=0)
-    assert all(np.isnan(low) and np.isnan(high) for low, high in result["ci"].values())
+        result = fit.Chinchilla().fit(exact, n_boot=40, seed=0)
+    assert result.ci == {} and result.draws.empty
     assert "no intervals" in caplog.text
 
 
 # ------------------------------------------------------------------------------------------------- run_fits
 
-def run_table(noise: float = NOISE, seed: int = 0) -> pd.DataFrame:
+def run_table(noise: float = NOISE, seed: int = 0, loss_noise: float = 0.002) -> pd.DataFrame:
     """A run table on 3 × 3 of the paper's sizes and tokens, groups 32/128/channel, W4A4 and W4A16, with
-    Table-1 losses: BF16 = Chinchilla × noise, QAT = BF16 + δ × noise; plus a W4A4-qkva8 ablation of 2 runs."""
+    Table-1 losses: BF16 = Chinchilla × loss_noise (0.2%: at 1% its 9 runs leave E unidentified, see
+    test_chinchilla_reports_a_vanishing_term_as_not_identified), QAT = BF16 + δ × noise; plus a W4A4-qkva8
+    ablation of 2 runs."""
     rng = np.random.default_rng(seed)
     rows = []
     cells = itertools.product(list(SIZES.items())[1:], list(TOKENS.items())[1:])
     for (size, (n, hidden)), (tokens, d) in cells:
         cell = {"size": size, "N": int(n), "D": int(d), "tokens_requested": int(d), "seed": 0, "diverged": False}
-        base = float(fit.predict_loss(CHIN, n, d)) * np.exp(noise * rng.standard_normal())
+        base = float(fit.predict_loss(CHIN, n, d)) * np.exp(loss_noise * rng.standard_normal())
         rows.append(cell | {"run_id": f"{size}/{tokens}/seed0/BF16", "precision": "BF16", "group": "none",
                             "G": None, "loss": base})
         for precision, group in itertools.product(("W4A4", "W4A16", "W4A4-qkva8"), ("32", "128", "channel")):
@@ -276,7 +285,7 @@ def test_run_fits_tables_have_the_documented_columns(fitted, tmp_path):
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "fit" / "bootstrap.parquet"), bootstrap)
     # the stored draws are the ones behind the intervals
     assert list(bootstrap.columns) == list(fit.BOOTSTRAP_COLUMNS)
-    assert set(bootstrap["law"]) == {"chinchilla", "unified", "no_D"}
+    assert set(bootstrap["law"]) == {"chinchilla", "unified", "no_D", "epm"}
     quantiles = bootstrap.groupby(["law", "precision", "constant"])["value"].quantile(list(fit.BOOT_QUANTILES))
     ci = params.set_index(["law", "precision", "constant"])
     for (law, precision, constant, q), value in quantiles.items():
@@ -332,3 +341,91 @@ def test_metric_chooses_the_loss_the_laws_are_fitted_to():
     pd.testing.assert_frame_equal(on_val, clean)
     with pytest.raises(fit.FitError, match="metric must be one of val_loss, loss, got 'ppl'"):
         fit.run_fits(decompose.delta_table(runs), runs, metric="ppl")
+
+
+# ------------------------------------------------------------------------------------------------- well posed
+
+CHINCHILLA_FIG4 = Path(__file__).parent / "data" / "chinchilla" / "svg_extracted_data.csv"
+REFERENCE = Path(__file__).resolve().parent.parent / "reference" / "laptop"
+
+
+def test_chinchilla_fit_passes_the_epoch_check():
+    """Epoch AI's replication data (tests/data/chinchilla/README.md): untied exponents, the 5 highest losses
+    left out; the constants this fitter gives there, each within 3%."""
+    df = pd.read_csv(CHINCHILLA_FIG4)
+    df = df.assign(N=df["Model Size"], D=df["Training FLOP"] / (6 * df["Model Size"]))
+    df = df[df["loss"] < np.sort(df["loss"].to_numpy())[-5]]
+    assert len(df) == 240
+    out = fit.Chinchilla(tie=False).fit(df).constants
+    expected = {"A": 477.9, "B": 2143, "E": 1.817, "alpha": 0.347, "beta": 0.367}
+    assert relative(out, expected) == pytest.approx(dict.fromkeys(expected, 0.0), abs=0.03)
+
+
+def test_delta_laws_at_a_threshold_far_below_their_noise_are_not_identified():
+    """At the Chinchilla threshold (1e-3) on log δ residuals of 0.1-1 the Huber loss is almost L1: the laptop
+    W4A16 law then has a flat segment of optima, which the solver reports instead of picking a point on it."""
+    runs = pd.read_parquet(REFERENCE / "runs.parquet")
+    deltas = decompose.delta_table(runs)
+    law = fit.DeltaLaw()
+    data, _ = fit._usable(deltas[deltas["precision"] == "W4A16"].assign(delta=deltas["delta_val"]), law.columns,
+                          "W4A16", 4)
+    x, y = law._design(data), np.log(data["delta"].to_numpy())
+    with pytest.raises(fit.FitError, match="not identified"):
+        fit.solve_loglinear(x, y, 1e-3)
+    c = fit.huber_threshold(x, y)
+    assert c > 100 * 1e-3  # on the scale of δ's noise
+    theta, _ = fit.solve_loglinear(x, y, c)
+    np.testing.assert_allclose(fit.solve_loglinear(x, y, c, start=theta + 0.3)[0], theta, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_fit_depends_on_the_data_not_on_rounding_or_start_points():
+    """The shipped laptop runs fitted three ways: as they are, with every loss and δ moved by one part in 10¹²,
+    and with other Chinchilla start points (200 Halton points instead of 128). The same draws are identified;
+    every constant is the same to 1e-8, and every bootstrap draw to 1e-7 (k compared as log k, the quantity
+    fitted: |log k| ≈ 20 at this scale). Other start points change nothing at all; the 1e-12 nudge moves the
+    constants by < 3e-11 and the draws by up to 3e-8: a few resamples (e.g. two sizes only) amplify their
+    inputs' change 10⁴-fold, which is their conditioning, not the solver's tolerance."""
+    runs = pd.read_parquet(REFERENCE / "runs.parquet")
+    deltas = decompose.delta_table(runs)
+    rng = np.random.default_rng(0)
+    nudged = (runs.assign(val_loss=runs["val_loss"] * (1 + 1e-12 * rng.standard_normal(len(runs)))),
+              deltas.assign(delta_val=deltas["delta_val"] * (1 + 1e-12 * rng.standard_normal(len(deltas)))))
+
+    def fitted(deltas: pd.DataFrame, runs: pd.DataFrame) -> list[pd.DataFrame]:
+        tables = fit.run_fits(deltas, runs, n_boot=40)
+        out = []
+        for table in (tables.params, tables.bootstrap):
+            is_k = table["constant"] == "k"
+            out.append(table.assign(value=table["value"].where(~is_k, np.log(table["value"].where(is_k)))))
+        return out
+
+    base = fitted(deltas, runs)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fit, "CHINCHILLA_INITS", 200)
+        other_starts = fitted(deltas, runs)
+    for other in (fitted(*nudged[::-1]), other_starts):
+        for mine, theirs, rtol in zip(base, other, (1e-8, 1e-7)):
+            keys = [c for c in mine.columns if c not in ("value", "ci_low", "ci_high", "objective")]
+            pd.testing.assert_frame_equal(mine[keys], theirs[keys])
+            np.testing.assert_allclose(theirs["value"], mine["value"], rtol=rtol, atol=1e-12)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_chinchilla_objective_gradient_and_hessian_match_finite_differences(tie):
+    """Newton's polish relies on the analytic derivatives: central differences of the value give the gradient,
+    and of the gradient the Hessian (residuals inside the Huber threshold, away from its kink)."""
+    rng = np.random.default_rng(0)
+    log_n, log_d = rng.uniform(10, 20, 30), rng.uniform(15, 23, 30)
+    theta = np.array([5.0, 6.0, np.log(1.9), 0.3] + ([] if tie else [0.32]))
+    u = np.column_stack([theta[0] - theta[3] * log_n, theta[1] - theta[-1] * log_d, np.full(30, theta[2])])
+    log_l = np.log(np.exp(u).sum(axis=1)) + rng.uniform(-5e-4, 5e-4, 30)
+    objective = fit._chinchilla_objective(log_n, log_d, log_l, tie)
+    _, g, h = objective(theta, True)
+    eps = 1e-6
+    for i in range(len(theta)):
+        e = np.eye(len(theta))[i] * eps
+        assert (objective(theta + e, False)[0] - objective(theta - e, False)[0]) / (2 * eps) == pytest.approx(
+            g[i], rel=1e-5, abs=1e-4)
+        np.testing.assert_allclose((objective(theta + e, False)[1] - objective(theta - e, False)[1]) / (2 * eps),
+                                   h[i], rtol=1e-4, atol=1e-2)

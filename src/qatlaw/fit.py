@@ -3,7 +3,7 @@
 Laws (N non-embedding parameters, D training tokens, G the integer group length of the run table; for
 ``channel`` runs G is already the hidden size, so no special case is needed here):
 
-- ``chinchilla``  L(N, D) = E + A/N^α + B/D^β on BF16 runs (α = β when ``tie_exponents``, as the paper).
+- ``chinchilla``  L(N, D) = E + A/N^α + B/D^β on BF16 runs (α = β when ``tie``, as the paper).
 - ``unified``     δ(N, D, G) = k · D^γD · (log2 G)^γG / N^γN, one law per precision (paper Eq. 5).
 - ``no_D``        the unified law without the D^γD factor (paper Table 4).
 - ``epm``         δ(N) = A/(N·eff)^α − A/N^α (paper Eq. 3, Table 2): A and α are the Chinchilla fit's, and
@@ -11,22 +11,34 @@ Laws (N non-embedding parameters, D training tokens, G the integer group length 
                   run table's ``group`` label, so all ``channel`` runs share one eff whatever their G).
 
 Every law is fitted to one metric (``run_fits(metric=...)``, config ``fit.metric``): ``val_loss``, the
-validation loss and its δ (the default: at CPU scale the smoothed training loss of a short run is far noisier),
-or ``loss``, the smoothed training loss (the paper's).
+validation loss and its δ (the default), or ``loss``, the smoothed training loss (the paper's).
 
-Every law is fitted the Chinchilla way: the Huber loss (δ_H = 1e-3) of the log-space residuals
-log(predicted) − log(observed), summed over runs, minimized with L-BFGS-B and the analytic gradient, keeping
-the best of several starts. The Chinchilla law is non-convex (α, β ≥ 0 are its only bounds) and starts from
-a quasi-random (Halton) grid of ``inits`` points; the δ laws are linear in (log k, γ) in log space, hence convex, and start from ordinary
-least squares on log δ (plus ``inits`` − 1 points around it). Signs of the γ are not constrained, so a
-wrong-signed exponent shows that the data disagree with the law. Runs that diverged, or whose value (loss or
-δ) is NaN or ≤ 0, cannot enter a log: they are dropped with a warning and counted (``n_dropped``).
+How, and why the result is a property of the data rather than of the machine:
 
-Bootstrap intervals resample the runs with replacement (seeded) and refit each resample, from the full-data
-optimum (δ laws), or from the best distinct local optima of the full-data fit (Chinchilla, whose E, A and α
-trade off along a flat valley on small grids); resamples that cannot identify every constant (e.g. a single
-G) are skipped with a warning, and when fewer than half of them can be fitted no interval is reported (NaN).
-EPM intervals hold A and α at their point estimates.
+- Every law minimizes the summed Huber loss of its log-space residuals log(predicted) − log(observed).
+- **δ laws** (unified, no_D, epm) are linear in their log parameters (log k, γ; or log(eff^−α − 1)), so the
+  objective is convex. The Huber threshold is set from the data's own scale: c = 1.345 σ̂, with σ̂ = 1.4826 ·
+  median |r| · √(n / (n − p)) from the least-squares residuals r (at least ``MIN_THRESHOLD``). A threshold of
+  1e-3 on residuals of 0.1–1 (δ's seed noise at small scale) would make the loss almost L1, which is flat along
+  whole segments, so its minimizer is not unique; at 1.345 σ̂ most runs sit in the quadratic part (the usual
+  choice: 95% efficiency for Gaussian noise, bounded influence for the runs far off the law).
+- **Chinchilla** keeps the paper's and Hoffmann et al.'s threshold, 1e-3 on log-loss residuals. It is not
+  convex: L-BFGS-B runs from a quasi-random (Halton) grid of starts with α, β ≥ 0.
+- Every candidate optimum is then **polished with Newton's method** on the exact gradient and Hessian until the
+  step is below 1e-12 of the parameters, so it is the optimum itself, not wherever an optimizer's tolerances
+  stopped. It counts as **identified** only if the Hessian is positive definite with every Jacobi-scaled
+  eigenvalue above ``MIN_CURVATURE`` (for a δ law: enough runs strictly inside the threshold, spanning every
+  parameter), and, for Chinchilla, if no other local optimum comes within a relative 1e-9 of its objective.
+  A law that fails this is reported as not identified (NaN constants and a warning), never as a number.
+- Signs of the γ are not constrained, so a wrong-signed exponent shows that the data disagree with the law.
+  Runs that diverged, or whose value (loss or δ) is NaN or ≤ 0, cannot enter a log: they are dropped with a
+  warning and counted (``n_dropped``).
+
+Bootstrap intervals resample the runs with replacement (seeded) and refit each resample with the full data's
+Huber threshold, from the full-data optimum (δ laws), or from the best distinct local optima of the full-data
+fit (Chinchilla, whose E, A and α trade off along a flat valley on small grids). Resamples whose fit is not
+identified are skipped with a warning, and when fewer than half of them can be fitted no interval is reported
+(NaN). EPM intervals hold A and α at their point estimates.
 
 Outputs of :func:`run_fits` (``results/fit/``, written by :func:`write_fits`):
 
@@ -37,17 +49,17 @@ Outputs of :func:`run_fits` (``results/fit/``, written by :func:`write_fits`):
 | ``law`` | ``chinchilla``, ``unified``, ``no_D`` or ``epm`` |
 | ``precision`` | ``BF16`` for chinchilla, else the QAT precision string |
 | ``constant`` | ``A B E alpha beta`` (chinchilla), ``k gamma_N gamma_D gamma_G`` (unified, no_D; γD = 0 there), ``eff_G<group>`` (epm: ``eff_G32``, ``eff_Gchannel``) |
-| ``value`` | the fitted value; NaN when the law could not be fitted (too few valid runs: a warning is logged) |
+| ``value`` | the fitted value; NaN when the law could not be fitted or is not identified (a warning is logged) |
 | ``ci_low``, ``ci_high`` | 5th and 95th bootstrap percentiles (NaN without bootstrap, and for γD of no_D) |
 | ``n_runs`` | runs the fit used (epm: over all its granularities) |
 | ``n_dropped`` | runs dropped as diverged or with NaN or non-positive values |
 | ``objective`` | summed Huber loss at the optimum (epm: summed over its granularities) |
 
-``predictions.parquet``, one row per run a law used (dropped runs have none) and law: ``run_id``, ``law``, ``precision``, ``N``, ``D``,
-``G`` (null for chinchilla), ``observed`` (loss for chinchilla, else δ), ``predicted``, ``residual``
-(predicted − observed), ``rel_error`` (|residual| / observed), ``held_out`` (``none``: in-sample fit;
-``largest_N`` / ``largest_D``: the run has the fit's largest N / D and the prediction comes from a refit
-without those runs; for epm the held-out refit also refits A and α without them).
+``predictions.parquet``, one row per run a law used (dropped runs have none) and law: ``run_id``, ``law``,
+``precision``, ``N``, ``D``, ``G`` (null for chinchilla), ``observed`` (loss for chinchilla, else δ),
+``predicted``, ``residual`` (predicted − observed), ``rel_error`` (|residual| / observed), ``held_out``
+(``none``: in-sample fit; ``largest_N`` / ``largest_D``: the run has the fit's largest N / D and the prediction
+comes from a refit without those runs; for epm the held-out refit also refits A and α without them).
 
 ``bootstrap.parquet``, the bootstrap refits behind the intervals, one row per (law, precision, draw, constant):
 ``law``, ``precision``, ``draw`` (resample number; resamples that could not be fitted are absent), ``constant``,
@@ -62,8 +74,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import pandas as pd
@@ -78,26 +91,22 @@ from qatlaw.precision import BASELINE
 
 log = logging.getLogger("qatlaw.fit")
 
-HUBER_DELTA = 1e-3
+CHINCHILLA_HUBER = 1e-3
 CHINCHILLA_INITS = 128
-DELTA_INITS = 16
 # Start box of the Chinchilla parameters (a, b, e) = log(A, B, E) and the exponents (α, β).
 CHINCHILLA_BOX = np.array([[0.0, 25.0], [0.0, 25.0], [-1.0, 1.5], [0.0, 2.0], [0.0, 2.0]])
-# Half-widths of the start box around the least-squares solution: log k, then every exponent.
-DELTA_SPREAD = (2.0, 0.5)
-LBFGS_OPTIONS = {"maxiter": 1000}
-# From DESCENT_MIN_STARTS starts on, _best_of first descends from all starts at once (one vectorized objective
-# call per step for every start still moving) and then polishes only the best POLISH_STARTS distinct end points
-# with L-BFGS-B; the descent stops where L-BFGS-B's default tolerances would (projected gradient, relative
-# decrease). Fits with fewer starts (the defaults: 128 Chinchilla and 16 δ starts, bootstrap refits from at most
-# BOOT_STARTS optima) run L-BFGS-B from every start, so their results do not depend on the descent.
-DESCENT_MIN_STARTS = 256
-POLISH_STARTS = 16
-DESCENT_MAXITER = 1000
-DESCENT_PGTOL = 1e-5
-DESCENT_FTOL = 2.220446049250313e-09
-DESCENT_BACKTRACKS = 40
-ARMIJO_C1 = 1e-4
+HUBER_K = 1.345  # δ laws: Huber threshold in units of the residuals' robust standard deviation
+MAD_TO_SD = 1.4826  # robust standard deviation per median absolute residual (Gaussian)
+MIN_THRESHOLD = 1e-6  # δ laws: the threshold never falls below this (exact data: residuals of rounding size)
+NEWTON_MAXITER = 100
+NEWTON_XTOL = 1e-12  # polish until the Newton step is below this share of the parameters,
+NEWTON_HALVINGS = 40  # or until no step halved up to this many times decreases the objective
+KINK_RTOL = 1e-8
+MIN_CURVATURE = 1e-10  # smallest Jacobi-scaled Hessian eigenvalue of an identified optimum
+# Chinchilla: a term (A/N^α, B/D^β or E) below this share of every run's loss is heading for zero, a limit that
+# log-space parameters reach only at infinity, so the optimum is not attained
+MIN_TERM_SHARE = 1e-6
+TIE_RTOL = 1e-9  # two distinct local optima this close in objective leave the law not identified
 BOOT_STARTS = 4
 BOOT_QUANTILES = (0.05, 0.95)
 MIN_BOOT_SHARE = 0.5
@@ -110,184 +119,113 @@ PREDICTIONS_COLUMNS = ("run_id", "law", "precision", "N", "D", "G", "observed", 
 BOOTSTRAP_COLUMNS = ("law", "precision", "draw", "constant", "value")
 COMPARISON_COLUMNS = ("law", "precision", "rel_error", "n_runs", "heldout_largest_N_rel_error",
                       "heldout_largest_D_rel_error")
+# metric -> (loss column of the run table, δ column of the delta table) that the laws are fitted to
+METRIC_COLUMNS = {"val_loss": ("val_loss", "delta_val"), "loss": ("loss", "delta")}
 
 
 class FitError(QatlawError):
     """A law cannot be fitted: missing columns, too few valid runs, or constants the data cannot identify."""
 
 
-# ---------------------------------------------------------------------------------------------- objectives
+@dataclass(frozen=True)
+class Fit:
+    """One law fitted to one set of runs: its constants, and the bootstrap refits behind their intervals."""
 
-def _huber(r: np.ndarray, delta: float) -> tuple[float, np.ndarray]:
-    """Summed Huber loss of residuals r in units of delta² (so L-BFGS-B's tolerances see O(1) values), and its
-    derivative per residual."""
-    z = r / delta
-    c = np.clip(z, -1.0, 1.0)
-    return float(c @ (z - 0.5 * c)), c / delta
+    constants: dict[str, float]
+    objective: float
+    n_runs: int
+    n_dropped: int
+    draws: pd.DataFrame = field(default_factory=pd.DataFrame)  # one row per usable resample, one column per constant
+    base: dict[str, float] | None = None  # epm: the Chinchilla constants its A and α come from
 
-
-def _chinchilla_objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray,
-                          tie: bool, huber_delta: float) -> tuple[float, np.ndarray]:
-    """Huber loss of log L̂ − log L, log L̂ = LSE(a − α log N, b − β log D, e), and its gradient."""
-    a, b, e, alpha = theta[:4]
-    beta = alpha if tie else theta[4]
-    u1, u2 = a - alpha * log_n, b - beta * log_d
-    top = np.maximum(np.maximum(u1, u2), e)
-    t1, t2, t3 = np.exp(u1 - top), np.exp(u2 - top), np.exp(e - top)
-    total = t1 + t2 + t3
-    loss, psi = _huber(top + np.log(total) - log_l, huber_delta)
-    q = psi / total
-    p1, p2 = q * t1, q * t2
-    g_alpha, g_beta = -(p1 @ log_n), -(p2 @ log_d)
-    grad = [p1.sum(), p2.sum(), q @ t3] + ([g_alpha + g_beta] if tie else [g_alpha, g_beta])
-    return loss, np.array(grad)
+    @property
+    def ci(self) -> dict[str, tuple[float, float]]:
+        """5th/95th bootstrap percentile of every constant that has draws."""
+        if self.draws.empty:
+            return {}
+        low, high = (self.draws.quantile(q) for q in BOOT_QUANTILES)
+        return {c: (float(low[c]), float(high[c])) for c in self.draws.columns}
 
 
-def _loglinear_objective(theta: np.ndarray, x: np.ndarray, y: np.ndarray,
-                         huber_delta: float) -> tuple[float, np.ndarray]:
-    """Huber loss of the log-space residuals x·θ − y of a law linear in its log parameters, and its gradient."""
-    loss, psi = _huber(x @ theta - y, huber_delta)
-    return loss, x.T @ psi
+# ---------------------------------------------------------------------------------------------- the solver
+
+def _huber(r: np.ndarray, c: float) -> tuple[float, np.ndarray, np.ndarray]:
+    """Summed Huber loss of residuals r at threshold c, its derivative per residual, and which residuals lie
+    inside the quadratic part, clear of its edge by KINK_RTOL (the Hessian counts only those: a residual on the
+    edge adds no curvature in the direction that moves it outwards)."""
+    psi = np.clip(r, -c, c)
+    return float(psi @ (r - 0.5 * psi)), psi, np.abs(r) < c * (1.0 - KINK_RTOL)
 
 
-def _huber_rows(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_huber` of every row of r (one row per parameter vector): the row sums and the derivatives."""
-    z = r / delta
-    c = np.clip(z, -1.0, 1.0)
-    return np.einsum("ij,ij->i", c, z - 0.5 * c), c / delta
+# An objective maps parameters to (value, gradient, Hessian or None when not asked for), scaled by 1/c² so the
+# optimizers see O(1) values.
+Objective = Callable[[np.ndarray, bool], tuple[float, np.ndarray, np.ndarray | None]]
 
 
-def _chinchilla_objective_rows(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray,
-                               tie: bool, huber_delta: float) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_chinchilla_objective` of every row of theta (starts × parameters) in one pass: (S,) losses and
-    (S, p) gradients."""
-    a, b, e, alpha = (theta[:, i:i + 1] for i in range(4))
-    beta = alpha if tie else theta[:, 4:5]
-    u1, u2 = a - alpha * log_n, b - beta * log_d
-    top = np.maximum(np.maximum(u1, u2), e)
-    t1, t2, t3 = np.exp(u1 - top), np.exp(u2 - top), np.exp(e - top)
-    total = t1 + t2 + t3
-    loss, psi = _huber_rows(top + np.log(total) - log_l, huber_delta)
-    q = psi / total
-    p1, p2 = q * t1, q * t2
-    g_alpha, g_beta = -(p1 @ log_n), -(p2 @ log_d)
-    grad = [p1.sum(1), p2.sum(1), np.einsum("ij,ij->i", q, t3)] + ([g_alpha + g_beta] if tie else [g_alpha, g_beta])
-    return loss, np.column_stack(grad)
-
-
-def _loglinear_objective_rows(theta: np.ndarray, x: np.ndarray, y: np.ndarray,
-                              huber_delta: float) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_loglinear_objective` of every row of theta in one pass."""
-    loss, psi = _huber_rows(theta @ x.T - y, huber_delta)
-    return loss, psi @ x
-
-
-# The per-start objectives and their vectorized forms (same value and gradient, rows of parameters)
-_ROWS = {_chinchilla_objective: _chinchilla_objective_rows, _loglinear_objective: _loglinear_objective_rows}
-
-
-def _descend(objective_rows: Callable, starts: np.ndarray, args: tuple,
-             lower: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Projected BFGS with Armijo backtracking from every start at once, each step one call of the vectorized
-    objective for the starts still moving. Returns the end points' objectives (inf where a start never had a
-    finite one) and parameters. Variables at their lower bound whose gradient points outwards stay fixed for the
-    step; a start stops at L-BFGS-B's default tolerances or when backtracking finds no decrease."""
-    x = np.maximum(np.array(starts, dtype=float), lower)
-    n_starts, p = x.shape
-    f, g = objective_rows(x, *args)
-    f = np.where(np.isfinite(f) & np.isfinite(g).all(1), f, np.inf)
-    moving = np.isfinite(f)
-    inv_h = np.tile(np.eye(p), (n_starts, 1, 1))
-    first = np.ones(n_starts, dtype=bool)
-    for _ in range(DESCENT_MAXITER):
-        fixed = (x <= lower) & (g > 0)
-        moving &= np.abs(np.where(fixed, 0.0, g)).max(1) > DESCENT_PGTOL
-        idx = np.flatnonzero(moving)
-        if not idx.size:
+def _newton(objective: Objective, theta: np.ndarray) -> tuple[np.ndarray, float]:
+    """The optimum near theta, polished with Newton steps (halved until they do not increase the objective)
+    until a step is below NEWTON_XTOL of the parameters. FitError if it does not converge or is not identified:
+    its Hessian is not positive definite with every Jacobi-scaled eigenvalue above MIN_CURVATURE."""
+    theta = minimize(lambda t: objective(t, False)[:2], theta, jac=True, hess=lambda t: objective(t, True)[2],
+                     method="trust-exact", options={"gtol": 1e-12, "maxiter": NEWTON_MAXITER}).x
+    for _ in range(NEWTON_MAXITER):
+        f, g, h = objective(theta, True)
+        step = np.linalg.lstsq(h, -g, rcond=None)[0]
+        if np.abs(step).max() <= NEWTON_XTOL * (1.0 + np.abs(theta).max()):
             break
-        xa, fa, ga, ha, fx = x[idx], f[idx], g[idx], inv_h[idx], fixed[idx]
-        gf = np.where(fx, 0.0, ga)
-        d = np.where(fx, 0.0, -np.einsum("sij,sj->si", ha, gf))
-        reset = ~((d * ga).sum(1) < 0)  # not a descent direction: steepest descent, forget the curvature
-        d[reset], ha[reset] = -gf[reset], np.eye(p)
-        step = np.where(first[idx], np.minimum(1.0, 1.0 / np.linalg.norm(gf, axis=1)), 1.0)
-        xn, fn, gn = xa.copy(), fa.copy(), ga.copy()
-        todo = np.arange(len(idx))
-        for _ in range(DESCENT_BACKTRACKS):
-            cand = np.maximum(xa[todo] + step[todo, None] * d[todo], lower)
-            fc, gc = objective_rows(cand, *args)
-            ok = np.isfinite(fc) & np.isfinite(gc).all(1)
-            ok &= fc <= fa[todo] + ARMIJO_C1 * ((cand - xa[todo]) * ga[todo]).sum(1)
-            done = todo[ok]
-            xn[done], fn[done], gn[done] = cand[ok], fc[ok], gc[ok]
-            todo = todo[~ok]
-            if not todo.size:
+        for t in 0.5 ** np.arange(NEWTON_HALVINGS):
+            if objective(theta + t * step, False)[0] < f:
+                theta = theta + t * step
                 break
-            step[todo] *= 0.5
-        stuck = np.zeros(len(idx), dtype=bool)
-        stuck[todo] = True
-        s, yv = xn - xa, gn - ga
-        sy = (s * yv).sum(1)
-        update = ~stuck & (sy > 1e-10 * np.linalg.norm(s, axis=1) * np.linalg.norm(yv, axis=1))
-        if update.any():
-            s_u, y_u, h_u = s[update], yv[update], ha[update]
-            rho = 1.0 / sy[update]
-            scale = np.where(first[idx][update], sy[update] / (y_u * y_u).sum(1), 1.0)
-            h_u = h_u * scale[:, None, None]
-            v = np.eye(p) - rho[:, None, None] * s_u[:, :, None] * y_u[:, None, :]
-            ha[update] = v @ h_u @ v.transpose(0, 2, 1) + rho[:, None, None] * s_u[:, :, None] * s_u[:, None, :]
-        flat = (fa - fn) <= DESCENT_FTOL * np.maximum(np.maximum(np.abs(fa), np.abs(fn)), 1.0)
-        x[idx], f[idx], g[idx], inv_h[idx] = xn, fn, gn, ha
-        first[idx] = False
-        moving[idx[stuck | flat]] = False
-    return f, x
+        else:
+            break  # no step decreases the objective: it is at its optimum to rounding
+    else:
+        raise FitError(f"not identified: Newton's method did not converge in {NEWTON_MAXITER} steps")
+    diag = np.diag(h)
+    if not (np.isfinite(h).all() and (diag > 0).all()):
+        raise FitError("not identified: the objective is flat along some constant at the optimum")
+    scaled = h / np.sqrt(np.outer(diag, diag))
+    curvature = np.linalg.eigvalsh(scaled).min()
+    if not curvature > MIN_CURVATURE:
+        raise FitError(f"not identified: the optimum is not unique (scaled Hessian eigenvalue {curvature:.1e})")
+    return theta, f
 
 
-def _best_of(objective: Callable, starts: np.ndarray, args: tuple, huber_delta: float,
-             bounds: list | None = None) -> tuple[np.ndarray, float, np.ndarray]:
-    """L-BFGS-B from every start: the best parameters, their summed Huber loss, and the best local optima with
-    distinct objectives (at most BOOT_STARTS, best first), from which bootstrap refits start.
-
-    From DESCENT_MIN_STARTS starts on, all of them first descend together (:func:`_descend`, vectorized over
-    the starts) and L-BFGS-B then polishes the best POLISH_STARTS end points with distinct objectives: 1000
-    starts then take seconds instead of tens of seconds, and reach the same best optimum."""
-    starts = np.atleast_2d(np.asarray(starts, dtype=float))
-    ends = []
-    # L-BFGS-B makes many tiny BLAS calls; waking BLAS threads for each makes a fit 10-30x slower on a busy machine
-    with threadpool_limits(limits=1, user_api="blas"):
-        lower = _lower_bounds(bounds, starts.shape[1])
-        if len(starts) >= DESCENT_MIN_STARTS and objective in _ROWS and lower is not None:
-            f, x = _descend(_ROWS[objective], starts, args, lower)
-            picked: dict[str, np.ndarray] = {}
-            for i in np.argsort(f, kind="stable"):
-                if not np.isfinite(f[i]) or len(picked) == POLISH_STARTS:
-                    break
-                picked.setdefault(f"{f[i]:.6g}", x[i])
-            starts = np.array(list(picked.values())) if picked else starts[:0]
-        for x0 in starts:
-            res = minimize(objective, x0, args=args, jac=True, method="L-BFGS-B", bounds=bounds,
-                           options=LBFGS_OPTIONS)
-            if np.isfinite(res.fun):
-                ends.append((float(res.fun), res.x))
-    if not ends:
-        raise FitError("no start reached a finite objective")
-    ends.sort(key=lambda end: end[0])
-    optima: dict[str, np.ndarray] = {}
-    for f, x in ends:
-        optima.setdefault(f"{f:.6g}", x)
-        if len(optima) == BOOT_STARTS:
-            break
-    return ends[0][1], ends[0][0] * huber_delta**2, np.array(list(optima.values()))
+def _lbfgs(objective: Objective, start: np.ndarray, bounds: list | None) -> tuple[np.ndarray, float]:
+    res = minimize(lambda t: objective(t, False)[:2], start, jac=True, method="L-BFGS-B", bounds=bounds,
+                   options={"maxiter": 1000})
+    return res.x, float(res.fun)
 
 
-def _lower_bounds(bounds: list | None, n_params: int) -> np.ndarray | None:
-    """Lower bounds as an array (-inf where free) for :func:`_descend`; None if some variable has an upper
-    bound, which the vectorized descent does not handle."""
-    if bounds is None:
-        return np.full(n_params, -np.inf)
-    if any(high is not None for _, high in bounds):
-        return None
-    return np.array([-np.inf if low is None else float(low) for low, _ in bounds])
+def _optima(objective: Objective, starts: np.ndarray, bounds: list,
+            degenerate: Callable[[np.ndarray], str | None]) -> list[tuple[float, np.ndarray]]:
+    """L-BFGS-B from every start, then Newton on the best BOOT_STARTS distinct end points: the identified
+    optima (not ``degenerate``), best first. FitError if none is identified, or if the best is tied with a
+    distinct other one."""
+    ends: dict[str, np.ndarray] = {}
+    with threadpool_limits(limits=1, user_api="blas"):  # many tiny BLAS calls: waking threads costs 10-30x
+        finite = [(x, f) for x, f in (_lbfgs(objective, s, bounds) for s in starts) if np.isfinite(f)]
+        for x, f in sorted(finite, key=lambda end: end[1]):
+            if len(ends) < BOOT_STARTS:
+                ends.setdefault(f"{f:.6g}", x)
+        optima, why = [], "no start reached a finite objective"
+        for x in ends.values():
+            try:
+                theta, f = _newton(objective, x)
+            except FitError as exc:
+                why = str(exc)
+                continue
+            if reason := degenerate(theta):
+                why = f"not identified: {reason}"
+                continue
+            if not any(np.allclose(theta, other, rtol=1e-6, atol=1e-9) for _, other in optima):
+                optima.append((f, theta))
+    if not optima:
+        raise FitError(why)
+    optima.sort(key=lambda o: o[0])
+    if len(optima) > 1 and optima[1][0] - optima[0][0] <= TIE_RTOL * abs(optima[0][0]):
+        raise FitError("not identified: two distinct optima have the same objective")
+    return optima
 
 
 def _halton(n: int, low: np.ndarray, high: np.ndarray) -> np.ndarray:
@@ -297,13 +235,37 @@ def _halton(n: int, low: np.ndarray, high: np.ndarray) -> np.ndarray:
     return low + (high - low) * qmc.Halton(len(low), scramble=False).random(n)
 
 
-# ------------------------------------------------------------------------------------------------- inputs
+def _loglinear(x: np.ndarray, y: np.ndarray, c: float) -> Objective:
+    """Huber objective of the residuals x·θ − y of a law linear in its log parameters."""
+    def objective(theta: np.ndarray, hessian: bool) -> tuple[float, np.ndarray, np.ndarray | None]:
+        loss, psi, inside = _huber(x @ theta - y, c)
+        return loss / c**2, x.T @ psi / c**2, x[inside].T @ x[inside] / c**2 if hessian else None
+    return objective
 
-def _numeric(df: pd.DataFrame, columns: tuple[str, ...], what: str) -> tuple[pd.DataFrame, pd.Series]:
+
+def huber_threshold(x: np.ndarray, y: np.ndarray) -> float:
+    """The δ laws' Huber threshold: 1.345 robust standard deviations of the least-squares residuals."""
+    n, p = x.shape
+    if n <= p:
+        return MIN_THRESHOLD
+    r = x @ np.linalg.lstsq(x, y, rcond=None)[0] - y
+    return max(MIN_THRESHOLD, HUBER_K * MAD_TO_SD * float(np.median(np.abs(r))) * np.sqrt(n / (n - p)))
+
+
+def solve_loglinear(x: np.ndarray, y: np.ndarray, c: float, start: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """The unique minimizer of the Huber loss (threshold c) of x·θ − y and its objective (in units of c²);
+    FitError when it is not unique. Starts from ``start`` or the least-squares solution."""
+    if start is None:
+        start = np.linalg.lstsq(x, y, rcond=None)[0]
+    objective = _loglinear(x, y, c)
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _newton(objective, _lbfgs(objective, start, None)[0])
+
+
+# ---------------------------------------------------------------------------------------------- run tables
+
+def _valid(df: pd.DataFrame, columns: tuple[str, ...]) -> tuple[pd.DataFrame, pd.Series]:
     """The columns as floats (original index) and which runs a log-space fit can use."""
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise FitError(f"{what}: run table lacks columns {', '.join(missing)}")
     data = pd.DataFrame({c: pd.to_numeric(df[c], errors="coerce").astype(float) for c in columns}, index=df.index)
     ok = np.isfinite(data).all(axis=1) & (data > 0).all(axis=1)
     if "G" in columns:
@@ -313,85 +275,70 @@ def _numeric(df: pd.DataFrame, columns: tuple[str, ...], what: str) -> tuple[pd.
     return data, ok
 
 
-def _label(df: pd.DataFrame, what: str) -> str:
-    """Name of a fit for messages: the function, and the precision when the runs share one."""
-    if "precision" in df.columns and df["precision"].nunique() == 1:
-        return f"{what} ({df['precision'].iloc[0]})"
-    return what
-
-
-def _usable(df: pd.DataFrame, value: str, columns: tuple[str, ...], what: str,
-            n_params: int) -> tuple[pd.DataFrame, int]:
-    """The runs a log-space fit can use and how many were dropped; too few for n_params is an error."""
-    data, ok = _numeric(df, columns, what)
+def _usable(df: pd.DataFrame, columns: tuple[str, ...], what: str, n_params: int) -> tuple[pd.DataFrame, int]:
+    """The runs a log-space fit can use (columns as floats) and how many were dropped; FitError for a missing
+    column or too few runs for n_params."""
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise FitError(f"{what}: run table lacks columns {', '.join(missing)}")
+    data, ok = _valid(df, columns)
     n_ok, n_dropped = int(ok.sum()), int((~ok).sum())
     if n_dropped:
         log.warning("%s: dropped %d of %d runs (diverged, or NaN or non-positive %s or %s)", what, n_dropped,
                     len(df), ", ".join(columns[:-1]), columns[-1])
     if n_ok < n_params:
-        dropped = f" ({n_dropped} of {len(df)} diverged or have NaN or non-positive {value})" if n_dropped else ""
+        dropped = f" ({n_dropped} of {len(df)} diverged or have NaN or non-positive {columns[-1]})" if n_dropped else ""
         raise FitError(f"{what}: {n_ok} usable runs for {n_params} parameter{'s' * (n_params > 1)}{dropped}")
     return data[ok], n_dropped
 
 
-def _bootstrap(refit: Callable[[np.ndarray], dict | None], n: int, names: tuple[str, ...], n_boot: int,
-               seed: int, what: str) -> tuple[dict[str, tuple[float, float]], pd.DataFrame]:
-    """5th/95th percentiles of every constant over n_boot refits on resampled runs (refit gives None for a
-    resample that cannot identify every constant), and the refits themselves (one row per usable resample, one
-    column per constant); NaN intervals and no draws when fewer than MIN_BOOT_SHARE of them could be fitted,
-    since the usable resamples would then be a biased few."""
+def _label(df: pd.DataFrame, what: str) -> str:
+    """Name of a fit for messages: the law, and the precision when the runs share one."""
+    if "precision" in df.columns and df["precision"].nunique() == 1:
+        return f"{what} ({df['precision'].iloc[0]})"
+    return what
+
+
+def _bootstrap(refit: Callable[[np.ndarray], dict[str, float] | None], n: int, names: tuple[str, ...],
+               n_boot: int, seed: int, what: str) -> pd.DataFrame:
+    """n_boot refits on seeded resamples of the n runs, one row per resample whose fit is identified (refit
+    gives None otherwise), indexed by the resample's number; no rows when fewer than MIN_BOOT_SHARE of them are, since the rest would then be a
+    biased few."""
     rng = np.random.default_rng(seed)
-    samples = [s for s in (refit(rng.integers(0, n, n)) for _ in range(n_boot)) if s is not None]
+    samples = {draw: s for draw in range(n_boot) if (s := refit(rng.integers(0, n, n))) is not None}
     if len(samples) < n_boot:
         log.warning("%s: %d of %d bootstrap resamples could not identify every constant and were skipped",
                     what, n_boot - len(samples), n_boot)
     if len(samples) < MIN_BOOT_SHARE * n_boot:
         log.warning("%s: no intervals: only %d of %d resamples could be fitted (too few runs for the constants)",
                     what, len(samples), n_boot)
-        return {name: (np.nan, np.nan) for name in names}, pd.DataFrame(columns=list(names), dtype=float)
-    table = pd.DataFrame(samples, columns=list(names))
-    low, high = (table.quantile(q) for q in BOOT_QUANTILES)
-    return {name: (float(low[name]), float(high[name])) for name in names}, table
+        return pd.DataFrame(columns=list(names), dtype=float)
+    return pd.DataFrame.from_dict(samples, orient="index", columns=list(names))
 
 
-# ------------------------------------------------------------------------------------------------- chinchilla
+def _identified(solve: Callable[[], dict[str, float]]) -> dict[str, float] | None:
+    """A bootstrap refit, or None when it is not identified."""
+    try:
+        return solve()
+    except FitError:
+        return None
 
-def _chinchilla_constants(theta: np.ndarray, tie: bool) -> dict[str, float]:
-    a, b, e, alpha = (float(t) for t in theta[:4])
-    beta = alpha if tie else float(theta[4])
-    return {"A": float(np.exp(a)), "B": float(np.exp(b)), "E": float(np.exp(e)), "alpha": alpha, "beta": beta}
 
+# ---------------------------------------------------------------------------------------------- the laws
 
-def fit_chinchilla(df: pd.DataFrame, tie_exponents: bool = True, *, n_boot: int = 0, seed: int = 0,
-                   huber_delta: float = HUBER_DELTA, inits: int | np.ndarray | None = None) -> dict:
-    """Fit L = E + A/N^α + B/D^β to columns N, D, loss. ``inits``: number of grid starts, or an array of
-    starts (a, b, e, α[, β]) with a, b, e the logs of A, B, E. Returns A, B, E, alpha, beta, objective,
-    n_runs, n_dropped and, with ``n_boot``, ``ci`` = {constant: (low, high)}."""
-    n_params, what = (4 if tie_exponents else 5), _label(df, "fit_chinchilla")
-    data, n_dropped = _usable(df, "loss", ("N", "D", "loss"), what, n_params)
-    for col in ("N", "D"):
-        if data[col].nunique() < 2:
-            raise FitError(f"{what}: column {col} takes a single value among the valid runs")
-    logs = tuple(np.log(data[c].to_numpy()) for c in ("N", "D", "loss"))
-    if inits is None or np.ndim(inits) == 0:
-        box = CHINCHILLA_BOX[:n_params]
-        starts = _halton(CHINCHILLA_INITS if inits is None else int(inits), box[:, 0], box[:, 1])
-    else:
-        starts = np.atleast_2d(np.asarray(inits, dtype=float))
-    bounds = [(None, None)] * 3 + [(0.0, None)] * (n_params - 3)
-    theta, objective, optima = _best_of(_chinchilla_objective, starts, (*logs, tie_exponents, huber_delta),
-                                        huber_delta, bounds)
-    out = _chinchilla_constants(theta, tie_exponents) | {
-        "objective": objective, "n_runs": len(data), "n_dropped": n_dropped}
-    if n_boot:
-        def refit(idx: np.ndarray) -> dict | None:
-            if len(np.unique(idx)) < n_params or min(len(np.unique(lg[idx])) for lg in logs[:2]) < 2:
-                return None
-            args = (*(lg[idx] for lg in logs), tie_exponents, huber_delta)
-            best = _best_of(_chinchilla_objective, optima, args, huber_delta, bounds)[0]
-            return _chinchilla_constants(best, tie_exponents)
-        out["ci"], out["draws"] = _bootstrap(refit, len(data), CHINCHILLA_CONSTANTS, n_boot, seed, what)
-    return out
+class Law(Protocol):
+    """A law of the study: its name, the run columns it needs (the last is what it predicts), its fit and its
+    prediction."""
+
+    name: str
+    columns: tuple[str, ...]
+
+    def constant_names(self, runs: pd.DataFrame) -> tuple[str, ...]: ...
+
+    def fit(self, runs: pd.DataFrame, n_boot: int = 0, seed: int = 0,
+            held_out: tuple[str, float] | None = None) -> Fit: ...
+
+    def predict(self, fit: Fit, runs: pd.DataFrame) -> np.ndarray: ...
 
 
 def predict_loss(chin_params: dict, N: ArrayLike, D: ArrayLike) -> np.ndarray | float:
@@ -400,113 +347,169 @@ def predict_loss(chin_params: dict, N: ArrayLike, D: ArrayLike) -> np.ndarray | 
     return p["E"] + p["A"] / np.power(N, p["alpha"]) + p["B"] / np.power(D, p["beta"])
 
 
-# ------------------------------------------------------------------------------------------------- δ laws
-
-def _delta_design(data: pd.DataFrame, use_D: bool) -> np.ndarray:
-    """Columns of log δ̂ = log k − γN log N [+ γD log D] + γG log log2 G."""
-    cols = [np.ones(len(data)), -np.log(data["N"].to_numpy())]
-    if use_D:
-        cols.append(np.log(data["D"].to_numpy()))
-    cols.append(np.log(np.log2(data["G"].to_numpy())))
-    return np.column_stack(cols)
-
-
-def _fit_loglinear(x: np.ndarray, y: np.ndarray, huber_delta: float, inits: int) -> tuple[np.ndarray, float]:
-    """Huber fit of y ≈ x·θ from least squares plus inits − 1 starts around it."""
-    theta0 = np.linalg.lstsq(x, y, rcond=None)[0]
-    spread = np.array([DELTA_SPREAD[0]] + [DELTA_SPREAD[1]] * (len(theta0) - 1))
-    starts = np.vstack([theta0, _halton(inits, theta0 - spread, theta0 + spread)[1:]]) if inits > 1 else [theta0]
-    return _best_of(_loglinear_objective, starts, (x, y, huber_delta), huber_delta)[:2]
-
-
-def _delta_constants(theta: np.ndarray, use_D: bool) -> dict[str, float]:
-    theta = [float(t) for t in theta]
-    gamma_D = theta.pop(2) if use_D else 0.0
-    return {"k": float(np.exp(theta[0])), "gamma_N": theta[1], "gamma_D": gamma_D, "gamma_G": theta[2]}
-
-
-def fit_delta(df: pd.DataFrame, *, use_D: bool = True, n_boot: int = 0, seed: int = 0,
-              huber_delta: float = HUBER_DELTA, inits: int = DELTA_INITS) -> dict:
-    """Fit δ = k·D^γD·(log2 G)^γG/N^γN to columns N, D, G, delta (γD fixed at 0 unless ``use_D``).
-    Returns k, gamma_N, gamma_D, gamma_G, objective, n_runs, n_dropped and, with ``n_boot``, ``ci``."""
-    names = DELTA_CONSTANTS if use_D else tuple(c for c in DELTA_CONSTANTS if c != "gamma_D")
-    what = _label(df, "fit_delta")
-    data, n_dropped = _usable(df, "delta", ("N", "D", "G", "delta"), what, len(names))
-    x, y = _delta_design(data, use_D), np.log(data["delta"].to_numpy())
-    if np.linalg.matrix_rank(x) < x.shape[1]:
-        single = [c for c in ("N", "D", "G") if (use_D or c != "D") and data[c].nunique() < 2]
-        why = f"column {', '.join(single)} takes a single value" if single else "N, D and G are collinear"
-        raise FitError(f"{what}: cannot identify every exponent: {why} among the valid runs")
-    theta, objective = _fit_loglinear(x, y, huber_delta, inits)
-    out = _delta_constants(theta, use_D) | {"objective": objective, "n_runs": len(data), "n_dropped": n_dropped}
-    if n_boot:
-        def refit(idx: np.ndarray) -> dict | None:
-            if np.linalg.matrix_rank(x[idx]) < x.shape[1]:
-                return None
-            best = _best_of(_loglinear_objective, [theta], (x[idx], y[idx], huber_delta), huber_delta)[0]
-            return _delta_constants(best, use_D)
-        out["ci"], out["draws"] = _bootstrap(refit, len(data), names, n_boot, seed, what)
-    return out
-
-
 def predict_delta(params: dict, N: ArrayLike, D: ArrayLike, G: ArrayLike) -> np.ndarray | float:
     """δ = k · D^γD · (log2 G)^γG / N^γN."""
     p = params
     return p["k"] * np.power(D, p["gamma_D"]) * np.power(np.log2(G), p["gamma_G"]) / np.power(N, p["gamma_N"])
 
 
-def draw_predictions(draws: pd.DataFrame, law: str, precision: str, *args: ArrayLike) -> np.ndarray | None:
-    """A law's prediction at every one of its bootstrap draws (one row per draw), or None without draws:
-    ``unified`` laws take (N, D, G), ``chinchilla`` (N, D)."""
-    rows = draws[(draws["law"] == law) & (draws["precision"] == precision)]
-    if rows.empty:
-        return None
-    wide = rows.pivot(index="draw", columns="constant", values="value")
-    predict = predict_loss if law == "chinchilla" else predict_delta
-    return np.array([predict(draw, *args) for draw in wide.to_dict("records")])
+def _chinchilla_objective(log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, tie: bool) -> Objective:
+    """Huber loss of log L̂ − log L with log L̂ = LSE(a − α log N, b − β log D, e), θ = (a, b, e, α[, β])."""
+    n, p = len(log_l), 4 if tie else 5
+    du = np.zeros((n, 3, p))  # ∂u/∂θ of the three terms u = (a − α log N, b − β log D, e)
+    du[:, 0, 0] = du[:, 1, 1] = du[:, 2, 2] = 1.0
+    du[:, 0, 3] = -log_n
+    du[:, 1, 3 if tie else 4] = -log_d
+    c = CHINCHILLA_HUBER
+
+    def objective(theta: np.ndarray, hessian: bool) -> tuple[float, np.ndarray, np.ndarray | None]:
+        u = du @ theta
+        top = u.max(axis=1, keepdims=True)
+        w = np.exp(u - top)
+        total = w.sum(axis=1)
+        loss, psi, inside = _huber(top[:, 0] + np.log(total) - log_l, c)
+        share = w / total[:, None]  # ∂ log L̂ / ∂u
+        grad_r = np.einsum("nk,nkp->np", share, du)
+        if not hessian:
+            return loss / c**2, grad_r.T @ psi / c**2, None
+        curv = np.einsum("nkp,nk,nkq->npq", du, share, du) - np.einsum("np,nq->npq", grad_r, grad_r)
+        hess = grad_r[inside].T @ grad_r[inside] + np.einsum("n,npq->pq", psi, curv)
+        return loss / c**2, grad_r.T @ psi / c**2, hess / c**2
+    return objective
 
 
-# ------------------------------------------------------------------------------------------------- EPM
+@dataclass
+class Chinchilla:
+    """L = E + A/N^α + B/D^β on the BF16 runs (α = β when ``tie``), from ``inits`` Halton starts or an array
+    of starts (a, b, e, α[, β]) with a, b, e the logs of A, B, E. Fits are cached per set of runs, since the
+    EPM law of every precision reuses them."""
 
-def _epm_labels(df: pd.DataFrame, G: pd.Series) -> pd.Series:
-    """The granularity each run belongs to: the run table's ``group`` label where present, else G."""
-    if "group" in df.columns:
-        return df.loc[G.index, "group"].astype(str)
-    return G.astype(int).astype(str)
+    tie: bool = True
+    inits: int | np.ndarray = CHINCHILLA_INITS
+    name: str = "chinchilla"
+    columns: tuple[str, ...] = ("N", "D", "loss")
+    _cache: dict = field(default_factory=dict, repr=False)
 
+    def constant_names(self, runs: pd.DataFrame) -> tuple[str, ...]:
+        return CHINCHILLA_CONSTANTS
 
-def _epm_fits(df: pd.DataFrame, chin_params: dict, *, n_boot: int = 0, seed: int = 0,
-              huber_delta: float = HUBER_DELTA) -> tuple[dict[str, dict], int]:
-    """Per granularity: eff, objective, n_runs (and ci with n_boot) of the EPM law; and the dropped runs."""
-    alpha, log_a, what = chin_params["alpha"], np.log(chin_params["A"]), _label(df, "fit_epm")
-    if not alpha > 0:
-        raise FitError(f"{what}: the Chinchilla exponent alpha must be positive, got {alpha}")
-    data, n_dropped = _usable(df, "delta", ("N", "G", "delta"), what, 1)
-    fits = {}
-    for label, grp in data.groupby(_epm_labels(df, data["G"]), sort=False):
-        # log δ = log A − α log N + c, with c = log(eff^−α − 1)
-        y = np.log(grp["delta"].to_numpy()) + alpha * np.log(grp["N"].to_numpy()) - log_a
-        x = np.ones((len(y), 1))
-        theta, objective = _fit_loglinear(x, y, huber_delta, 1)
-        result = {"eff": _eff(theta[0], alpha), "objective": objective, "n_runs": len(y)}
+    def _constants(self, theta: np.ndarray) -> dict[str, float]:
+        a, b, e, alpha = (float(t) for t in theta[:4])
+        beta = alpha if self.tie else float(theta[4])
+        return {"A": float(np.exp(a)), "B": float(np.exp(b)), "E": float(np.exp(e)), "alpha": alpha, "beta": beta}
+
+    def fit(self, runs: pd.DataFrame, n_boot: int = 0, seed: int = 0,
+            held_out: tuple[str, float] | None = None) -> Fit:
+        key = (tuple(runs.index), n_boot, seed)
+        if key not in self._cache:
+            try:
+                self._cache[key] = self._fit(runs, n_boot, seed)
+            except FitError as exc:
+                self._cache[key] = exc
+        if isinstance(self._cache[key], FitError):
+            raise self._cache[key]
+        return self._cache[key]
+
+    def _fit(self, runs: pd.DataFrame, n_boot: int, seed: int) -> Fit:
+        n_params, what = (4 if self.tie else 5), _label(runs, "chinchilla")
+        data, n_dropped = _usable(runs, self.columns, what, n_params)
+        for col in ("N", "D"):
+            if data[col].nunique() < 2:
+                raise FitError(f"{what}: column {col} takes a single value among the valid runs")
+        logs = [np.log(data[c].to_numpy()) for c in self.columns]
+        if np.ndim(self.inits) == 0:
+            box = CHINCHILLA_BOX[:n_params]
+            starts = _halton(int(self.inits), box[:, 0], box[:, 1])
+        else:
+            starts = np.atleast_2d(np.asarray(self.inits, dtype=float))
+        bounds = [(None, None)] * 3 + [(0.0, None)] * (n_params - 3)
+
+        def degenerate(log_n: np.ndarray, log_d: np.ndarray) -> Callable[[np.ndarray], str | None]:
+            def check(theta: np.ndarray) -> str | None:
+                if (theta[3:] < 0).any():
+                    return "an exponent is negative"
+                c = self._constants(theta)
+                terms = np.column_stack([c["A"] * np.exp(-c["alpha"] * log_n), c["B"] * np.exp(-c["beta"] * log_d),
+                                         np.full(len(log_n), c["E"])])
+                share = (terms / terms.sum(axis=1, keepdims=True)).max(axis=0)
+                vanishing = [name for name, s in zip(("A/N^alpha", "B/D^beta", "E"), share) if s < MIN_TERM_SHARE]
+                return f"{', '.join(vanishing)} tends to 0" if vanishing else None
+            return check
+        try:
+            optima = _optima(_chinchilla_objective(*logs, self.tie), starts, bounds, degenerate(*logs[:2]))
+        except FitError as exc:
+            raise FitError(f"{what}: {exc}") from None
+        objective, theta = optima[0]
+        draws = pd.DataFrame()
         if n_boot:
-            def refit(idx: np.ndarray, x=x, y=y, theta=theta) -> dict:
-                c = _best_of(_loglinear_objective, [theta], (x[idx], y[idx], huber_delta), huber_delta)[0][0]
-                return {"eff": _eff(c, alpha)}
-            result["ci"] = _bootstrap(refit, len(y), ("eff",), n_boot, seed, f"{what} G {label}")[0]["eff"]
-        fits[label] = result
-    return fits, n_dropped
+            boot_starts = np.array([o[1] for o in optima])
+
+            def refit(idx: np.ndarray) -> dict[str, float] | None:
+                if len(np.unique(idx)) < n_params or min(len(np.unique(lg[idx])) for lg in logs[:2]) < 2:
+                    return None
+                resampled = _chinchilla_objective(*(lg[idx] for lg in logs), self.tie)
+                check = degenerate(*(lg[idx] for lg in logs[:2]))
+                return _identified(lambda: self._constants(_optima(resampled, boot_starts, bounds, check)[0][1]))
+            draws = _bootstrap(refit, len(data), CHINCHILLA_CONSTANTS, n_boot, seed, what)
+        return Fit(self._constants(theta), objective * CHINCHILLA_HUBER**2, len(data), n_dropped, draws)
+
+    def predict(self, fit: Fit, runs: pd.DataFrame) -> np.ndarray:
+        return predict_loss(fit.constants, runs["N"].to_numpy(float), runs["D"].to_numpy(float))
 
 
-def _eff(c: float, alpha: float) -> float:
-    """eff from c = log(eff^−α − 1)."""
-    return float((1.0 + np.exp(c)) ** (-1.0 / alpha))
+@dataclass
+class DeltaLaw:
+    """δ = k·D^γD·(log2 G)^γG/N^γN (``unified``), or with γD fixed at 0 (``no_D``, when not ``use_D``)."""
 
+    use_D: bool = True
+    columns: tuple[str, ...] = ("N", "D", "G", "delta")
 
-def fit_epm(df: pd.DataFrame, chin_params: dict) -> dict[str, float]:
-    """The EPM baseline: per granularity, the eff ∈ (0, 1] of δ(N) = A/(N·eff)^α − A/N^α with A and α from
-    the Chinchilla fit. Keyed by the ``group`` label ('32', 'channel') when the table has one, else by G."""
-    return {g: fit["eff"] for g, fit in _epm_fits(df, chin_params)[0].items()}
+    @property
+    def name(self) -> str:
+        return "unified" if self.use_D else "no_D"
+
+    def constant_names(self, runs: pd.DataFrame) -> tuple[str, ...]:
+        return DELTA_CONSTANTS
+
+    def _design(self, data: pd.DataFrame) -> np.ndarray:
+        """Columns of log δ̂ = log k − γN log N [+ γD log D] + γG log log2 G."""
+        cols = [np.ones(len(data)), -np.log(data["N"].to_numpy())]
+        if self.use_D:
+            cols.append(np.log(data["D"].to_numpy()))
+        cols.append(np.log(np.log2(data["G"].to_numpy())))
+        return np.column_stack(cols)
+
+    def _constants(self, theta: np.ndarray) -> dict[str, float]:
+        theta = [float(t) for t in theta]
+        gamma_D = theta.pop(2) if self.use_D else 0.0
+        return {"k": float(np.exp(theta[0])), "gamma_N": theta[1], "gamma_D": gamma_D, "gamma_G": theta[2]}
+
+    def fit(self, runs: pd.DataFrame, n_boot: int = 0, seed: int = 0,
+            held_out: tuple[str, float] | None = None) -> Fit:
+        free = tuple(c for c in DELTA_CONSTANTS if self.use_D or c != "gamma_D")
+        what = _label(runs, self.name)
+        data, n_dropped = _usable(runs, self.columns, what, len(free))
+        x, y = self._design(data), np.log(data["delta"].to_numpy())
+        if np.linalg.matrix_rank(x) < x.shape[1]:
+            single = [c for c in ("N", "D", "G") if (self.use_D or c != "D") and data[c].nunique() < 2]
+            why = f"column {', '.join(single)} takes a single value" if single else "N, D and G are collinear"
+            raise FitError(f"{what}: cannot identify every exponent: {why} among the valid runs")
+        c = huber_threshold(x, y)
+        try:
+            theta, objective = solve_loglinear(x, y, c)
+        except FitError as exc:
+            raise FitError(f"{what}: {exc}") from None
+        draws = pd.DataFrame()
+        if n_boot:
+            def refit(idx: np.ndarray) -> dict[str, float] | None:
+                if np.linalg.matrix_rank(x[idx]) < x.shape[1]:
+                    return None
+                return _identified(lambda: self._constants(solve_loglinear(x[idx], y[idx], c, theta)[0]))
+            draws = _bootstrap(refit, len(data), DELTA_CONSTANTS, n_boot, seed, what)[list(free)]
+        return Fit(self._constants(theta), objective * c**2, len(data), n_dropped, draws)
+
+    def predict(self, fit: Fit, runs: pd.DataFrame) -> np.ndarray:
+        return predict_delta(fit.constants, *(runs[c].to_numpy(float) for c in ("N", "D", "G")))
 
 
 def epm_delta(chin_params: dict, eff: ArrayLike, N: ArrayLike) -> np.ndarray | float:
@@ -521,97 +524,89 @@ def epm(N: ArrayLike, D: ArrayLike, G: ArrayLike, delta_params: dict, chinchilla
     return np.power(a / (a + predict_delta(delta_params, N, D, G) * np.power(N, alpha)), 1.0 / alpha)
 
 
+def _granularity(runs: pd.DataFrame) -> pd.Series:
+    """The granularity each run belongs to: the run table's ``group`` label where present, else G."""
+    if "group" in runs.columns:
+        return runs["group"].astype(str)
+    return pd.to_numeric(runs["G"], errors="coerce").astype("Int64").astype(str)
+
+
+@dataclass
+class EPM:
+    """δ(N) = A/(N·eff)^α − A/N^α per granularity, with A and α from the Chinchilla law fitted to ``bf16``
+    (without the BF16 runs at or above a held-out N or D)."""
+
+    bf16: pd.DataFrame
+    chinchilla: Chinchilla
+    name: str = "epm"
+    columns: tuple[str, ...] = ("N", "G", "delta")
+
+    def constant_names(self, runs: pd.DataFrame) -> tuple[str, ...]:
+        with_g = runs[pd.to_numeric(runs["G"], errors="coerce").notna()]
+        return tuple(f"eff_G{g}" for g in sorted(set(_granularity(with_g))))
+
+    def fit(self, runs: pd.DataFrame, n_boot: int = 0, seed: int = 0,
+            held_out: tuple[str, float] | None = None) -> Fit:
+        base = self.bf16
+        if held_out is not None:
+            base = base[pd.to_numeric(base[held_out[0]]) < held_out[1]]
+        chin = self.chinchilla.fit(base, n_boot if held_out is None else 0, seed).constants
+        return fit_epm(runs, chin, n_boot=n_boot, seed=seed)
+
+    def predict(self, fit: Fit, runs: pd.DataFrame) -> np.ndarray:
+        eff = _granularity(runs).map(lambda g: fit.constants[f"eff_G{g}"]).to_numpy(float)
+        return epm_delta(fit.base, eff, runs["N"].to_numpy(float))
+
+
+def fit_epm(runs: pd.DataFrame, chin_params: dict, *, n_boot: int = 0, seed: int = 0) -> Fit:
+    """The EPM law given Chinchilla's A and α: per granularity, log δ + α log N − log A = log(eff^−α − 1) is
+    one constant, fitted as a Huber location; its constants are ``eff_G<granularity>``."""
+    alpha, log_a, what = chin_params["alpha"], np.log(chin_params["A"]), _label(runs, "epm")
+    if not alpha > 0:
+        raise FitError(f"{what}: the Chinchilla exponent alpha must be positive, got {alpha}")
+    data, n_dropped = _usable(runs, EPM.columns, what, 1)
+    constants, objective, draws = {}, 0.0, []
+    for label, grp in data.groupby(_granularity(runs.loc[data.index]), sort=False):
+        y = np.log(grp["delta"].to_numpy()) + alpha * np.log(grp["N"].to_numpy()) - log_a
+        x = np.ones((len(y), 1))
+        c = huber_threshold(x, y)
+        try:
+            theta, f = solve_loglinear(x, y, c)
+        except FitError as exc:
+            raise FitError(f"{what} G {label}: {exc}") from None
+        name = f"eff_G{label}"
+        constants[name], objective = _eff(theta[0], alpha), objective + f * c**2
+        if n_boot:
+            def refit(idx: np.ndarray, x=x, y=y, c=c, theta=theta, name=name) -> dict[str, float] | None:
+                return _identified(lambda: {name: _eff(solve_loglinear(x[idx], y[idx], c, theta)[0][0], alpha)})
+            draws.append(_bootstrap(refit, len(y), (name,), n_boot, seed, f"{what} G {label}"))
+    table = pd.concat(draws, axis=1) if draws else pd.DataFrame()
+    return Fit(constants, objective, len(data), n_dropped, table, base=dict(chin_params))
+
+
+def _eff(c: float, alpha: float) -> float:
+    """eff from c = log(eff^−α − 1)."""
+    return float((1.0 + np.exp(c)) ** (-1.0 / alpha))
+
+
 def relative_error(pred: ArrayLike, obs: ArrayLike) -> float:
     """Mean of |pred − obs| / obs."""
     pred, obs = np.asarray(pred, dtype=float), np.asarray(obs, dtype=float)
     return float(np.mean(np.abs(pred - obs) / obs)) if obs.size else float("nan")
 
 
+def draw_predictions(draws: pd.DataFrame, law: str, precision: str, *args: ArrayLike) -> np.ndarray | None:
+    """A law's prediction at every one of its bootstrap draws (one row per draw), or None without draws:
+    ``unified`` laws take (N, D, G), ``chinchilla`` (N, D)."""
+    rows = draws[(draws["law"] == law) & (draws["precision"] == precision)]
+    if rows.empty:
+        return None
+    wide = rows.pivot(index="draw", columns="constant", values="value")
+    predict = predict_loss if law == "chinchilla" else predict_delta
+    return np.array([predict(draw, *args) for draw in wide.to_dict("records")])
+
+
 # ------------------------------------------------------------------------------------------------- run_fits
-
-def _record(fit: dict, names: tuple[str, ...]) -> dict:
-    """The parts of a fitter's result that the output tables need."""
-    return {"values": {c: fit[c] for c in names}, "ci": fit.get("ci", {}), "n_runs": fit["n_runs"],
-            "n_dropped": fit["n_dropped"], "objective": fit["objective"],
-            "draws": fit.get("draws", pd.DataFrame(columns=list(names), dtype=float))}
-
-
-def _draw_rows(law: str, precision: str, rec: dict) -> pd.DataFrame:
-    """The bootstrap refits of a law, one row per (draw, constant)."""
-    draws = rec.get("draws")
-    if draws is None or draws.empty:
-        return pd.DataFrame(columns=list(BOOTSTRAP_COLUMNS))
-    long = draws.reset_index(names="draw").melt(id_vars="draw", var_name="constant", value_name="value")
-    return long.assign(law=law, precision=precision).loc[:, list(BOOTSTRAP_COLUMNS)]
-
-
-def _param_rows(law: str, precision: str, rec: dict) -> list[dict]:
-    nan2 = (np.nan, np.nan)
-    return [{"law": law, "precision": precision, "constant": name, "value": value,
-             "ci_low": rec["ci"].get(name, nan2)[0], "ci_high": rec["ci"].get(name, nan2)[1],
-             "n_runs": rec["n_runs"], "n_dropped": rec["n_dropped"], "objective": rec["objective"]}
-            for name, value in rec["values"].items()]
-
-
-def _prediction_rows(law: str, precision: str, runs: pd.DataFrame, predicted: np.ndarray,
-                     held_out: str) -> pd.DataFrame:
-    observed = runs["observed"].to_numpy(float)
-    predicted = np.asarray(predicted, dtype=float)
-    return pd.DataFrame({
-        "run_id": runs["run_id"].to_numpy(), "law": law, "precision": precision,
-        "N": runs["N"].to_numpy(), "D": runs["D"].to_numpy(), "G": runs["G"].to_numpy(),
-        "observed": observed, "predicted": predicted, "residual": predicted - observed,
-        "rel_error": np.abs(predicted - observed) / observed, "held_out": held_out,
-    })
-
-
-Fitter = Callable[[pd.DataFrame, int, tuple[str, float] | None], dict]
-Predictor = Callable[[dict, pd.DataFrame], np.ndarray]
-
-
-def _assess(law: str, precision: str, runs: pd.DataFrame, columns: tuple[str, ...], fit: Fitter,
-            predict: Predictor, constants: tuple[str, ...], n_boot: int) -> tuple[list[dict], list, dict,
-                                                                                  pd.DataFrame]:
-    """Params rows, prediction frames, comparison row and bootstrap draws of one law: fitted in-sample (with
-    bootstrap), then
-    refitted without the runs of the largest N, and without those of the largest D, to predict them.
-    ``fit(runs, n_boot, held_out)`` gets held_out = (column, value) of the runs left out, or None."""
-    data, ok = _numeric(runs, columns, f"{law} {precision}")
-    comparison = {"law": law, "precision": precision, "rel_error": np.nan, "n_runs": int(ok.sum()),
-                  "heldout_largest_N_rel_error": np.nan, "heldout_largest_D_rel_error": np.nan}
-    try:
-        rec = fit(runs, n_boot, None)
-    except FitError as exc:
-        log.warning("%s law for %s not fitted: %s", law, precision, exc)
-        skipped = {"values": dict.fromkeys(constants, np.nan), "ci": {}, "n_runs": int(ok.sum()),
-                   "n_dropped": int((~ok).sum()), "objective": np.nan}
-        return _param_rows(law, precision, skipped), [], comparison, _draw_rows(law, precision, skipped)
-    valid = runs[ok].assign(observed=data.loc[ok, columns[-1]])
-    preds = [_prediction_rows(law, precision, valid, predict(rec, valid), "none")]
-    comparison["rel_error"] = float(preds[0]["rel_error"].mean())
-    for held_out, col in HELD_OUT.items():
-        largest = valid[col].max()
-        test = valid[col] == largest
-        try:
-            refit = fit(valid[~test], 0, (col, largest))
-        except FitError as exc:
-            log.warning("%s law for %s: no %s prediction: %s", law, precision, held_out, exc)
-            continue
-        rows = _prediction_rows(law, precision, valid[test], predict(refit, valid[test]), held_out)
-        preds.append(rows)
-        comparison[f"heldout_{held_out}_rel_error"] = float(rows["rel_error"].mean())
-    return _param_rows(law, precision, rec), preds, comparison, _draw_rows(law, precision, rec)
-
-
-def _table(rows: list, columns: tuple[str, ...]) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=list(columns))
-
-
-def _require(df: pd.DataFrame, columns: tuple[str, ...], what: str) -> None:
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise FitError(f"run_fits: {what} lacks columns {', '.join(missing)}")
-
 
 class FitTables(NamedTuple):
     """The outputs of :func:`run_fits` (schemas in the module docstring)."""
@@ -622,88 +617,106 @@ class FitTables(NamedTuple):
     bootstrap: pd.DataFrame
 
 
-# metric -> (loss column of the run table, δ column of the delta table) that the laws are fitted to
-METRIC_COLUMNS = {"val_loss": ("val_loss", "delta_val"), "loss": ("loss", "delta")}
+@dataclass
+class _Assessment:
+    """What one law of one precision adds to each output table."""
+
+    params: list[dict]
+    predictions: list[pd.DataFrame]
+    comparison: dict
+    bootstrap: pd.DataFrame
+
+
+def _prediction_rows(law: Law, precision: str, fit: Fit, runs: pd.DataFrame, held_out: str) -> pd.DataFrame:
+    observed = runs[law.columns[-1]].to_numpy(float)
+    predicted = np.asarray(law.predict(fit, runs), dtype=float)
+    return pd.DataFrame({
+        "run_id": runs["run_id"].to_numpy(), "law": law.name, "precision": precision,
+        "N": runs["N"].to_numpy(), "D": runs["D"].to_numpy(), "G": runs["G"].to_numpy(),
+        "observed": observed, "predicted": predicted, "residual": predicted - observed,
+        "rel_error": np.abs(predicted - observed) / observed, "held_out": held_out,
+    })
+
+
+def _assess(law: Law, precision: str, runs: pd.DataFrame, n_boot: int, seed: int) -> _Assessment:
+    """One law of one precision: fitted in-sample (with bootstrap), then refitted without the runs of the
+    largest N, and without those of the largest D, to predict them. A law that cannot be fitted or is not
+    identified leaves NaN rows and a warning."""
+    ok = _valid(runs, law.columns)[1]
+    comparison = {"law": law.name, "precision": precision, "rel_error": np.nan, "n_runs": int(ok.sum()),
+                  "heldout_largest_N_rel_error": np.nan, "heldout_largest_D_rel_error": np.nan}
+    try:
+        fit = law.fit(runs, n_boot, seed)
+    except FitError as exc:
+        log.warning("%s law for %s not fitted: %s", law.name, precision, exc)
+        names = law.constant_names(runs)
+        fit = Fit(dict.fromkeys(names, np.nan), np.nan, int(ok.sum()), int((~ok).sum()))
+        return _Assessment(_param_rows(law.name, precision, fit), [], comparison, _draw_rows(law.name, precision, fit))
+    valid = runs[ok]
+    preds = [_prediction_rows(law, precision, fit, valid, "none")]
+    comparison["rel_error"] = float(preds[0]["rel_error"].mean())
+    for held_out, col in HELD_OUT.items():
+        values = pd.to_numeric(valid[col]).astype(float)
+        largest = values.max()
+        test = values == largest
+        try:
+            refit = law.fit(valid[~test], 0, seed, (col, largest))
+        except FitError as exc:
+            log.warning("%s law for %s: no %s prediction: %s", law.name, precision, held_out, exc)
+            continue
+        rows = _prediction_rows(law, precision, refit, valid[test], held_out)
+        preds.append(rows)
+        comparison[f"heldout_{held_out}_rel_error"] = float(rows["rel_error"].mean())
+    return _Assessment(_param_rows(law.name, precision, fit), preds, comparison, _draw_rows(law.name, precision, fit))
+
+
+def _param_rows(law: str, precision: str, fit: Fit) -> list[dict]:
+    ci = fit.ci
+    return [{"law": law, "precision": precision, "constant": name, "value": value,
+             "ci_low": ci.get(name, (np.nan, np.nan))[0], "ci_high": ci.get(name, (np.nan, np.nan))[1],
+             "n_runs": fit.n_runs, "n_dropped": fit.n_dropped, "objective": fit.objective}
+            for name, value in fit.constants.items()]
+
+
+def _draw_rows(law: str, precision: str, fit: Fit) -> pd.DataFrame:
+    """The bootstrap refits of a law, one row per (draw, constant)."""
+    if fit.draws.empty:
+        return pd.DataFrame(columns=list(BOOTSTRAP_COLUMNS))
+    long = fit.draws.reset_index(names="draw").melt(id_vars="draw", var_name="constant", value_name="value")
+    return long.dropna(subset=["value"]).assign(law=law, precision=precision).loc[:, list(BOOTSTRAP_COLUMNS)]
 
 
 def run_fits(deltas: pd.DataFrame, runs: pd.DataFrame, *, n_boot: int = 200, seed: int = 0,
              metric: str = "val_loss") -> FitTables:
     """Every law of the study: Chinchilla on the non-diverged BF16 runs of ``runs``, and for every precision of
-    ``deltas`` (:func:`qatlaw.decompose.delta_table`) the unified, no_D and EPM laws, all on ``metric``:
-    ``val_loss`` (the validation loss and its δ, ``delta_val``) or ``loss`` (the smoothed training loss and
-    ``delta``). Returns the params, predictions and comparison tables of the module docstring; a law that
-    cannot be fitted leaves NaN rows and a warning."""
+    ``deltas`` (one row per QAT run, with its δ) the unified, no_D and EPM laws, all on ``metric``: ``val_loss``
+    (the validation loss and its δ, ``delta_val``) or ``loss`` (the smoothed training loss and ``delta``).
+    Returns the tables of the module docstring; a law that cannot be fitted leaves NaN rows and a warning."""
     if metric not in METRIC_COLUMNS:
         raise FitError(f"run_fits: metric must be one of {', '.join(METRIC_COLUMNS)}, got {metric!r}")
     loss_col, delta_col = METRIC_COLUMNS[metric]
-    _require(runs, ("run_id", "precision", "N", "D", "G", loss_col), "run table")
-    _require(deltas, ("run_id", "precision", "N", "D", "G", delta_col), "delta table")
+    for table, what, value in ((runs, "run table", loss_col), (deltas, "delta table", delta_col)):
+        missing = [c for c in ("run_id", "precision", "N", "D", "G", value) if c not in table.columns]
+        if missing:
+            raise FitError(f"run_fits: {what} lacks columns {', '.join(missing)}")
     runs, deltas = runs.assign(loss=runs[loss_col]), deltas.assign(delta=deltas[delta_col])
     bf16 = runs[runs["precision"] == BASELINE]
-    chin_fits: dict[tuple, dict | FitError] = {}
-
-    def chinchilla(train: pd.DataFrame, boot: int) -> dict:
-        """fit_chinchilla, once per set of runs (the EPM laws of every precision reuse it)."""
-        key = (tuple(train.index), boot)
-        if key not in chin_fits:
-            try:
-                chin_fits[key] = fit_chinchilla(train, n_boot=boot, seed=seed)
-            except FitError as exc:
-                chin_fits[key] = exc
-        if isinstance(chin_fits[key], FitError):
-            raise chin_fits[key]
-        return chin_fits[key]
-
-    def fit_chin(train: pd.DataFrame, boot: int, held_out: tuple | None) -> dict:
-        return _record(chinchilla(train, boot), CHINCHILLA_CONSTANTS)
-
-    def predict_chin(rec: dict, r: pd.DataFrame) -> np.ndarray:
-        return predict_loss(rec["values"], r["N"].to_numpy(float), r["D"].to_numpy(float))
-
-    def delta_fitter(use_D: bool) -> Fitter:
-        def fit(train: pd.DataFrame, boot: int, held_out: tuple | None) -> dict:
-            return _record(fit_delta(train, use_D=use_D, n_boot=boot, seed=seed), DELTA_CONSTANTS)
-        return fit
-
-    def predict_law(rec: dict, r: pd.DataFrame) -> np.ndarray:
-        return predict_delta(rec["values"], r["N"].to_numpy(float), r["D"].to_numpy(float), r["G"].to_numpy(float))
-
-    def fit_epm_law(train: pd.DataFrame, boot: int, held_out: tuple | None) -> dict:
-        # A and α from the BF16 fit; with runs held out, from a refit without the BF16 runs of their N or D
-        base = bf16 if held_out is None else bf16[pd.to_numeric(bf16[held_out[0]]) < held_out[1]]
-        chin = chinchilla(base, n_boot if held_out is None else 0)
-        fits, n_dropped = _epm_fits(train, chin, n_boot=boot, seed=seed)
-        return {"values": {f"eff_G{g}": f["eff"] for g, f in fits.items()},
-                "ci": {f"eff_G{g}": f.get("ci", (np.nan, np.nan)) for g, f in fits.items()},
-                "n_runs": sum(f["n_runs"] for f in fits.values()), "n_dropped": n_dropped,
-                "objective": sum(f["objective"] for f in fits.values()),
-                "eff": {g: f["eff"] for g, f in fits.items()}, "chin": chin}
-
-    def predict_epm(rec: dict, r: pd.DataFrame) -> np.ndarray:
-        eff = _epm_labels(r, pd.to_numeric(r["G"]).astype(float)).map(rec["eff"]).to_numpy(float)
-        return epm_delta(rec["chin"], eff, r["N"].to_numpy(float))
-
-    params, preds, comp, draws = _assess("chinchilla", BASELINE, bf16, ("N", "D", "loss"), fit_chin, predict_chin,
-                                         CHINCHILLA_CONSTANTS, n_boot)
-    comparison, boot = [comp], [draws]
+    chinchilla = Chinchilla()
+    parts = [_assess(chinchilla, BASELINE, bf16, n_boot, seed)]
     for precision in sorted(p for p in deltas["precision"].dropna().unique() if p != BASELINE):
         sub = deltas[deltas["precision"] == precision]
-        granularities = sorted(set(_epm_labels(sub, pd.to_numeric(sub["G"], errors="coerce").dropna())))
-        laws = (("unified", ("N", "D", "G", "delta"), delta_fitter(True), predict_law, DELTA_CONSTANTS),
-                ("no_D", ("N", "D", "G", "delta"), delta_fitter(False), predict_law, DELTA_CONSTANTS),
-                ("epm", ("N", "G", "delta"), fit_epm_law, predict_epm, tuple(f"eff_G{g}" for g in granularities)))
-        for law, columns, fit, predict, constants in laws:
-            rows, frames, comp, draws = _assess(law, precision, sub, columns, fit, predict, constants, n_boot)
-            params += rows
-            preds += frames
-            comparison.append(comp)
-            boot.append(draws)
-
-    predictions = pd.concat(preds, ignore_index=True) if preds else _table([], PREDICTIONS_COLUMNS)
+        for law in (DeltaLaw(use_D=True), DeltaLaw(use_D=False), EPM(bf16, chinchilla)):
+            parts.append(_assess(law, precision, sub, n_boot, seed))
+    params = pd.DataFrame([row for p in parts for row in p.params], columns=list(PARAMS_COLUMNS))
+    preds = [frame for p in parts for frame in p.predictions]
+    predictions = (pd.concat(preds, ignore_index=True) if preds
+                   else pd.DataFrame(columns=list(PREDICTIONS_COLUMNS)))
     predictions["G"] = pd.to_numeric(predictions["G"]).astype("Int64")
-    bootstrap = pd.concat([b for b in boot if not b.empty] or [_table([], BOOTSTRAP_COLUMNS)], ignore_index=True)
-    return FitTables(_table(params, PARAMS_COLUMNS), predictions.loc[:, list(PREDICTIONS_COLUMNS)],
-                     _table(comparison, COMPARISON_COLUMNS), bootstrap.astype({"draw": int, "value": float}))
+    comparison = pd.DataFrame([p.comparison for p in parts], columns=list(COMPARISON_COLUMNS))
+    draws = [p.bootstrap for p in parts if not p.bootstrap.empty]
+    bootstrap = pd.concat(draws, ignore_index=True) if draws else pd.DataFrame(columns=list(BOOTSTRAP_COLUMNS))
+    return FitTables(params, predictions.loc[:, list(PREDICTIONS_COLUMNS)], comparison,
+                     bootstrap.astype({"draw": int, "value": float}))
 
 
 def write_fits(tables: FitTables, out_dir: str | Path) -> None:

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="short run: smallest size, 5 samples, 1 warm-up step, eager only, 1 s concurrency windows, "
-                        "60 fit runs x 100 starts, 5 resamples")
+                        "60 fit runs, 5 resamples, the workflow fit with 20")
     p.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
                    help=f"comma-separated subset of {','.join(SECTIONS)} (default: all but data)")
     p.add_argument("--config", default="config.yaml", help="config file with the model sizes (default config.yaml)")
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-sizes", help="sizes to also time compiled (default: the largest of --sizes)")
     p.add_argument("--concurrency-seconds", type=float, help="measured seconds per size (default 5)")
     p.add_argument("--fit-runs", type=int, help="synthetic runs (default 300)")
-    p.add_argument("--fit-inits", type=int, help="starts per fit (default 1000)")
+    p.add_argument("--fit-inits", type=int, help="Chinchilla starts (default: the workflow's, 128)")
     p.add_argument("--fit-boot", type=int, help="bootstrap resamples timed (default 20)")
     p.add_argument("--results", default="results", help="workflow results directory for the pipeline section")
     p.add_argument("--pipeline-wall", type=float, help="wall seconds of the whole snakemake run")
@@ -116,8 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         emit("concurrency", conc, "Threads per job vs parallel jobs (W4A4 G=32, aggregate tokens/s)")
     if "fit" in sections:
         print("fits", flush=True)
-        fits = measure_fits(args.fit_runs or (60 if quick else 300), args.fit_inits or (100 if quick else 1000),
-                            args.fit_boot if args.fit_boot is not None else (5 if quick else 20))
+        fits = measure_fits(args.fit_runs or (60 if quick else 300), args.fit_inits,
+                            args.fit_boot if args.fit_boot is not None else (5 if quick else 20),
+                            workflow_boot=20 if quick else 200)
         emit("fit", fits, "Law fits")
     if "data" in sections:
         sizes_tokens = [int(float(t)) for t in _csv(args.data_tokens)] if args.data_tokens else list(DATA_CORPUS_TOKENS)

@@ -1,9 +1,11 @@
 """The ``fit`` section of the benchmark.
 
 ``fit``
-    Seconds to fit ``--fit-runs`` synthetic runs (300) from ``--fit-inits`` starts (1000) with
-    :func:`qatlaw.fit.fit_delta` (unified δ law) and :func:`qatlaw.fit.fit_chinchilla`, and seconds per
-    bootstrap resample (``--fit-boot`` resamples at the default starts, minus the fit without them, divided).
+    One row per law on ``--fit-runs`` synthetic runs (300): seconds to fit it from the workflow's starts
+    (``--fit-inits``, default :data:`qatlaw.fit.CHINCHILLA_INITS`; the δ law has one start, least squares) and
+    seconds per bootstrap resample (``--fit-boot`` resamples, minus the fit without them, divided). Then one row
+    for what the workflow runs: :func:`qatlaw.fit.run_fits` on the shipped ``reference/laptop`` runs with the
+    shipped study's bootstrap (200; 20 with ``--quick``), when the checkout has them.
 """
 
 from __future__ import annotations
@@ -11,9 +13,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+REFERENCE_RUNS = Path("reference/laptop/runs.parquet")
+REFERENCE_BOOTSTRAP = 200
 
 
 def synthetic_runs(n: int, seed: int = 0) -> pd.DataFrame:
@@ -29,29 +35,44 @@ def synthetic_runs(n: int, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame({"N": N, "D": D, "G": G, "delta": delta * noise[0], "loss": loss * noise[1]})
 
 
-def measure_fits(n_runs: int = 300, inits: int = 1000, n_boot: int = 20,
-                 log: Callable[[str], None] = print) -> pd.DataFrame:
-    """Seconds of fit_delta and fit_chinchilla on ``n_runs`` synthetic runs from ``inits`` starts, and seconds
-    per bootstrap resample (at the default starts); one row per law."""
+def _seconds(fn: Callable[[], object], repeats: int = 1) -> float:
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_fits(n_runs: int = 300, inits: int | None = None, n_boot: int = 20,
+                 workflow_boot: int = REFERENCE_BOOTSTRAP, log: Callable[[str], None] = print) -> pd.DataFrame:
+    """Seconds of the unified δ law and the Chinchilla law on ``n_runs`` synthetic runs (Chinchilla from
+    ``inits`` starts), seconds per bootstrap resample, and the workflow's run_fits on the shipped laptop runs."""
     from qatlaw import fit
 
+    inits = inits or fit.CHINCHILLA_INITS
     runs = synthetic_runs(n_runs)
     rows = []
-    for law, fn in (("unified (fit_delta)", fit.fit_delta), ("chinchilla (fit_chinchilla)", fit.fit_chinchilla)):
-        t0 = time.perf_counter()
-        out = fn(runs, inits=inits)
-        fit_s = time.perf_counter() - t0
-        plain_s = math.inf
-        for _ in range(2):  # the better of two, so the difference below is the resamples' time
-            t0 = time.perf_counter()
-            fn(runs)
-            plain_s = min(plain_s, time.perf_counter() - t0)
+    laws = (("unified", fit.DeltaLaw, 1), ("chinchilla", lambda: fit.Chinchilla(inits=inits), inits))
+    for name, make, starts in laws:  # a new law object per timing: Chinchilla caches its fits
+        fitted = make().fit(runs)
+        plain_s = _seconds(lambda make=make: make().fit(runs), repeats=2)
         per_boot = float("nan")
         if n_boot:
-            t0 = time.perf_counter()
-            fn(runs, n_boot=n_boot)
-            per_boot = max(0.0, time.perf_counter() - t0 - plain_s) / n_boot
-        rows.append({"law": law, "runs": n_runs, "inits": inits, "fit_s": fit_s, "objective": out["objective"],
-                     "default_inits_s": plain_s, "boot_resamples": n_boot, "s_per_resample": per_boot})
-        log(f"  {law}: {fit_s:.2f} s for {n_runs} runs x {inits} starts, {per_boot:.4f} s per resample")
+            boot_s = _seconds(lambda make=make: make().fit(runs, n_boot=n_boot))
+            per_boot = max(0.0, boot_s - plain_s) / n_boot
+        rows.append({"law": name, "runs": n_runs, "inits": starts, "fit_s": plain_s, "objective": fitted.objective,
+                     "boot_resamples": n_boot, "s_per_resample": per_boot})
+        log(f"  {name}: {plain_s:.2f} s for {n_runs} runs x {starts} starts, {per_boot:.4f} s per resample")
+    if REFERENCE_RUNS.is_file():
+        from qatlaw import decompose
+
+        shipped = pd.read_parquet(REFERENCE_RUNS)
+        t0 = time.perf_counter()
+        tables = fit.run_fits(decompose.delta_table(shipped), shipped, n_boot=workflow_boot)
+        wall = time.perf_counter() - t0
+        rows.append({"law": "run_fits (reference/laptop)", "runs": len(shipped), "inits": fit.CHINCHILLA_INITS,
+                     "fit_s": wall, "objective": float(tables.params["objective"].sum()),
+                     "boot_resamples": workflow_boot, "s_per_resample": float("nan")})
+        log(f"  run_fits on {REFERENCE_RUNS} ({len(shipped)} runs, bootstrap {workflow_boot}): {wall:.1f} s")
     return pd.DataFrame(rows)

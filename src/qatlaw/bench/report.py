@@ -64,7 +64,7 @@ def targets(train: pd.DataFrame | None, fits: pd.DataFrame | None, pipeline: dic
         for row in conc[conc["processes"] == 2].itertuples():
             add(f"2 jobs x 1 thread / 1 job x 2 threads (tokens/s), {row.size}", row.vs_other_layout, None, "min")
     if fits is not None:
-        for row in fits.itertuples():
+        for row in fits[fits["law"].isin(["unified", "chinchilla"])].itertuples():
             add(f"fit {row.law}: {row.runs} runs x {row.inits} starts (s)", row.fit_s, TARGETS["fit_s"], "max")
     if pipeline is not None:
         add("peak RSS of a train job (MiB, from results/benchmarks)", pipeline["max_train_rss_mib"],
