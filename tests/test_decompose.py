@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qatlaw import decompose
+from qatlaw import decompose, runtable
 
 N, BASE_LOSS = 1000, 3.0
 
@@ -32,7 +32,7 @@ def runs_table(cells: dict[tuple[str, int | str], dict[str, float]], val_offset:
 def test_ratio_and_sum_are_exact_on_hand_values():
     runs = runs_table({("s", 32): {"W4A4": 0.09, "W4A16": 0.04, "W16A4": 0.06, "W16A4-fc2a8": 0.03,
                                    "W4A4-fc2a8": 0.07}}, val_offset=0.01)
-    out = decompose.decomposition(decompose.delta_table(runs))
+    out = decompose.decomposition(runtable.delta_table(runs))
     assert list(out.columns) == list(decompose.DECOMPOSITION_COLUMNS)
     loss = out[out["metric"] == "loss"].iloc[0]
     assert loss["delta_W4A4"] == pytest.approx(0.09)
@@ -48,7 +48,7 @@ def test_ratio_and_sum_are_exact_on_hand_values():
 
 def test_missing_runs_give_nan():
     runs = runs_table({("s", 32): {"W4A4": 0.09, "W4A16": 0.04}, ("s", 64): {"W16A4": 0.05}})
-    out = decompose.decomposition(decompose.delta_table(runs))
+    out = decompose.decomposition(runtable.delta_table(runs))
     loss = out[out["metric"] == "loss"].set_index("group")
     assert set(loss.index) == {"32", "64"}
     assert np.isnan(loss.loc["32", "delta_W16A4"]) and np.isnan(loss.loc["32", "ratio_R"])
@@ -63,7 +63,7 @@ def test_fit_recovers_the_slope_through_the_origin():
         w, a = rng.uniform(0.01, 0.05), rng.uniform(0.02, 0.08)
         cells[f"s{i}", 32] = {"W4A16": w, "W16A4": a, "W4A4": 0.9 * (w + a) * (1 + rng.normal(0, 0.02))}
     cells["bad", 32] = {"W4A16": 0.02, "W4A4": 0.05}  # no W16A4 run: dropped from the fit
-    fit = decompose.decomposition_fit(decompose.decomposition(decompose.delta_table(runs_table(cells))))
+    fit = decompose.decomposition_fit(decompose.decomposition(runtable.delta_table(runs_table(cells))))
     assert list(fit.columns) == list(decompose.FIT_COLUMNS)
     loss = fit.set_index("metric").loc["loss"]
     assert loss["k"] == pytest.approx(0.9, abs=0.01)
@@ -74,7 +74,7 @@ def test_fit_recovers_the_slope_through_the_origin():
 def test_fit_is_exact_without_noise():
     cells = {("a", 32): {"W4A16": 0.02, "W16A4": 0.03, "W4A4": 0.045},
              ("b", 32): {"W4A16": 0.01, "W16A4": 0.05, "W4A4": 0.054}}
-    fit = decompose.decomposition_fit(decompose.decomposition(decompose.delta_table(runs_table(cells))))
+    fit = decompose.decomposition_fit(decompose.decomposition(runtable.delta_table(runs_table(cells))))
     for row in fit.itertuples():
         assert row.k == pytest.approx(0.9) and row.r2 == pytest.approx(1.0) and row.n == 2
 
@@ -99,8 +99,8 @@ def test_run_decompose_writes_both_tables(tmp_path):
 
 
 def test_errors_name_the_problem(tmp_path):
-    with pytest.raises(decompose.DecomposeError, match="runs.parquet: run table not found"):
+    with pytest.raises(runtable.RunTableError, match="runs.parquet: run table not found"):
         decompose.run_decompose(tmp_path / "runs.parquet", tmp_path / "d.parquet", tmp_path / "f.parquet")
     runs = runs_table({("s", 32): {"W4A4-qkva8": 0.05}})
     with pytest.raises(decompose.DecomposeError, match="no runs of precision W4A4"):
-        decompose.decomposition(decompose.delta_table(runs))
+        decompose.decomposition(runtable.delta_table(runs))

@@ -10,7 +10,7 @@ from qatlaw import mixed
 
 
 def deltas(rows: list[tuple[str, str, str, float]]) -> pd.DataFrame:
-    """A δ table (as :func:`qatlaw.decompose.delta_table` gives) from (size, group, precision, δ) rows at
+    """A δ table (as :func:`qatlaw.runtable.delta_table` gives) from (size, group, precision, δ) rows at
     100K tokens; validation δ are twice the training δ."""
     frame = pd.DataFrame(rows, columns=["size", "group", "precision", "delta"])
     return frame.assign(

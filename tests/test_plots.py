@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qatlaw import decompose, fit, mixed, outputs, plots
+from qatlaw import decompose, fit, mixed, outputs, plots, runtable
 from qatlaw.precision import LAYER_TYPES
 
 SIZES = {"s1": (100_000, 64), "s2": (300_000, 128), "s3": (1_000_000, 256)}  # N, hidden size
@@ -119,7 +119,7 @@ def outlier_table(runs: pd.DataFrame) -> pd.DataFrame:
 def write_results(root: Path, fitted: bool = True) -> dict[str, Path]:
     """Write the synthetic Parquet outputs under ``root`` in the workflow's layout; the input paths by key."""
     runs = synthetic_runs()
-    deltas = decompose.delta_table(runs)
+    deltas = runtable.delta_table(runs)
     decomp = decompose.decomposition(deltas)
     mix = mixed.mixed_precision(deltas)
     params, predictions, bootstrap = fit_tables(runs, deltas, fitted)

@@ -43,7 +43,7 @@ import pytest
 import yaml
 from test_workflow import write_texts
 
-from qatlaw import config, decompose, fit, grid, outputs, plots
+from qatlaw import config, decompose, fit, grid, outputs, plots, runtable
 from qatlaw.io import write_json, write_parquet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -481,7 +481,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     mixed.run_mixed(paths["runs"], root / "mixed_precision.parquet", analysis["mixed_ranking"])
     with pytest.MonkeyPatch.context() as patch:  # fewer Chinchilla starts: only the files' schema matters here
         patch.setattr(fit, "CHINCHILLA_INITS", 8)
-        fitted = fit.run_fits(decompose.delta_table(runs), runs, n_boot=0)
+        fitted = fit.run_fits(runtable.delta_table(runs), runs, n_boot=0)
     fit.write_fits(fitted, root)
     from qatlaw import outliers
     outliers.run_outliers([paths["model"]], paths["val_tokens"], analysis["outliers"], n_tokens=512)
@@ -528,7 +528,7 @@ def _stages() -> list[Stage]:
         Stage("runs-summary", lambda p, o: ["runs", str(p["summary"]), "--out", str(o / "runs.parquet")],
               "summary", train.SUMMARY_COLUMNS, ("runs.parquet",)),
         *(Stage(f"{cmd}-runs", lambda p, o, cmd=cmd, args=args: [cmd, "--runs", str(p["runs"]), *args(o)], "runs",
-                decompose.RUN_TABLE_COLUMNS, outs)
+                runtable.RUN_TABLE_COLUMNS, outs)
           for cmd, args, outs in (
               ("decompose", lambda o: ["--out", str(o / "d.parquet"), "--fit", str(o / "f.parquet")],
                ("d.parquet", "f.parquet")),

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from qatlaw.config import METRICS, ConfigError
+from qatlaw.config import ConfigError, schema_key
 from qatlaw.errors import QatlawError
 
 log = logging.getLogger("qatlaw")
@@ -210,10 +210,10 @@ def _outliers(args: argparse.Namespace) -> None:
 
 
 def _fit(args: argparse.Namespace) -> None:
-    from qatlaw import decompose, fit
+    from qatlaw import fit, runtable
 
-    runs = decompose.read_runs(args.runs)
-    tables = fit.run_fits(decompose.delta_table(runs), runs, n_boot=args.bootstrap, seed=args.seed,
+    runs = runtable.read_runs(args.runs)
+    tables = fit.run_fits(runtable.delta_table(runs), runs, n_boot=args.bootstrap, seed=args.seed,
                           metric=args.metric)
     fit.write_fits(tables, args.out_dir)
     for row in tables.comparison.itertuples():
@@ -342,6 +342,7 @@ def _table(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     p = argparse.ArgumentParser(prog="qatlaw", description=__doc__)
+    metric = schema_key("fit", "metric")  # --metric: the choices and default of config key fit.metric
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("validate", help="validate config files (merged in order)")
@@ -439,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="writes params, predictions, comparison and bootstrap Parquet files")
     s.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the 90%% intervals")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--metric", choices=METRICS, default=METRICS[0],
+    s.add_argument("--metric", choices=metric["enum"], default=metric["default"],
                    help="loss fitted: val_loss (validation, default) or loss (smoothed training loss, the paper's)")
     s.set_defaults(func=_fit)
 
@@ -447,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--results", required=True, help="a results folder (results/ or reference/<grid>/)")
     s.add_argument("--out", required=True, help="FINDINGS.md to write")
     s.add_argument("--parquet", required=True, help="findings.parquet to write")
-    s.add_argument("--metric", choices=METRICS, default=METRICS[0])
+    s.add_argument("--metric", choices=metric["enum"], default=metric["default"])
     s.add_argument("--title", default="Findings")
     s.add_argument("--note", default="", help="a paragraph under the title")
     s.set_defaults(func=_findings)
@@ -488,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input", nargs="+", required=True, metavar="KEY=PATH", help="input files by role")
     s.add_argument("--out", required=True, help="PNG path; the SVG is written beside it")
     s.add_argument("--caption", default="", help="grid description printed under the figure")
-    s.add_argument("--metric", choices=METRICS, default=METRICS[0], help="δ of val_loss (default) or loss")
+    s.add_argument("--metric", choices=metric["enum"], default=metric["default"],
+                   help="δ of val_loss (default) or loss")
     s.set_defaults(func=_figure)
 
     s = sub.add_parser("table", help="write one paper table as CSV and Markdown")

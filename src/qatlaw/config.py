@@ -9,6 +9,7 @@ every linear layer's input, precision strings, token budgets and corpus paths. E
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,8 +21,6 @@ import yaml
 from qatlaw.errors import QatlawError
 
 SCHEMA_PATH = Path(__file__).with_name("schema.yaml")
-# The losses a δ and a law can be measured on (config key fit.metric), the default first.
-METRICS = ("val_loss", "loss")
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
 
 
@@ -118,9 +117,20 @@ def _fill_defaults(instance: Any, schema: Mapping[str, Any], root: Mapping[str, 
                 _fill_defaults(value, extra, root)
 
 
+@functools.cache
 def load_schema() -> dict[str, Any]:
-    """The configuration JSON Schema."""
+    """The configuration JSON Schema (shared between callers: read it, never change it)."""
     return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def schema_key(section: str, key: str) -> dict[str, Any]:
+    """The schema of config key ``section.key``: its type, ``default``, ``enum``, description."""
+    return load_schema()["properties"][section]["properties"][key]
+
+
+def schema_default(section: str, key: str) -> Any:
+    """The schema's default of config key ``section.key``, e.g. ``schema_default("fit", "metric")``."""
+    return copy.deepcopy(schema_key(section, key)["default"])
 
 
 def validate(config: Mapping[str, Any]) -> dict[str, Any]:

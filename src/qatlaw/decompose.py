@@ -1,5 +1,5 @@
-"""Quantization error of every run, δ_p = loss(p) − loss(BF16 baseline of the same size, tokens and seed), and
-its split into a weight and an activation part (paper §4.3, Fig. 6 and 8).
+"""The quantization error δ of W4A4 split into a weight and an activation part (paper §4.3, Fig. 6 and 8), from
+the δ of every run (:func:`qatlaw.runtable.delta_table`).
 
 ``decomposition.parquet`` (:func:`decomposition`), one row per (size, tokens_requested, seed, group, metric):
 
@@ -29,60 +29,12 @@ from pathlib import Path
 import pandas as pd
 
 from qatlaw.errors import QatlawError
-from qatlaw.io import read_parquet, write_parquet
+from qatlaw.io import write_parquet
+from qatlaw.runtable import METRICS, delta_table, read_runs
 
 log = logging.getLogger("qatlaw.decompose")
 
-CELL = ["size", "tokens_requested", "seed"]
-# The columns of runs.parquet that the analyses and the fits read (a hand-made run table needs only these).
-RUN_TABLE_COLUMNS = ("run_id", "size", "N", "D", "tokens_requested", "seed", "precision", "group", "G", "loss",
-                     "val_loss", "diverged")
-RUN_TABLE_KINDS = {"N": "number", "D": "number", "tokens_requested": "number", "seed": "number",
-                   "G": "number", "loss": "number", "val_loss": "number", "diverged": "bool"}
-DELTA_COLUMNS = (
-    "run_id", "size", "N", "D", "tokens_requested", "seed", "precision", "group", "G",
-    "loss", "val_loss", "baseline_loss", "baseline_val_loss", "delta", "delta_val", "diverged",
-)
-
-
-class DecomposeError(QatlawError):
-    """The run table cannot give quantization errors (missing columns or baselines)."""
-
-
-def delta_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per QAT run with its δ on the smoothed training loss (``delta``) and on the validation loss
-    (``delta_val``). ``diverged`` is true when the run or its baseline diverged (δ is then NaN)."""
-    missing = sorted(set(RUN_TABLE_COLUMNS) - set(runs.columns))
-    if missing:
-        raise DecomposeError(f"run table lacks columns {', '.join(missing)}")
-    is_base = runs["precision"] == "BF16"
-    base = runs[is_base].set_index(CELL)
-    if base.index.duplicated().any():
-        raise DecomposeError(f"more than one BF16 baseline for cell {base.index[base.index.duplicated()][0]}")
-    qat = runs[~is_base]
-    keys = pd.MultiIndex.from_frame(qat[CELL])
-    orphans = ~keys.isin(base.index)
-    if orphans.any():
-        raise DecomposeError(f"run {qat['run_id'][orphans].iloc[0]} has no BF16 baseline with the same size, tokens and seed")
-    matched = base.reindex(keys)
-    out = qat.assign(
-        baseline_loss=matched["loss"].to_numpy(),
-        baseline_val_loss=matched["val_loss"].to_numpy(),
-        diverged=qat["diverged"].to_numpy() | matched["diverged"].to_numpy(),
-    )
-    out = out.assign(
-        delta=(out["loss"] - out["baseline_loss"]).where(~out["diverged"]),
-        delta_val=(out["val_loss"] - out["baseline_val_loss"]).where(~out["diverged"]),
-    )
-    if out["diverged"].any():
-        log.warning("%d runs have no δ because they or their baseline diverged", int(out["diverged"].sum()))
-    return out.loc[:, list(DELTA_COLUMNS)].reset_index(drop=True)
-
-
-# --- weight/activation decomposition (paper §1.5, §3.2) -------------------------------------------------------
-
 DECOMP_KEY = ["size", "tokens_requested", "seed", "group"]
-METRICS = {"loss": "delta", "val_loss": "delta_val"}
 COMPONENTS = {  # decomposition column -> precision of its runs
     "delta_W4A4": "W4A4", "delta_W4A16": "W4A16", "delta_W16A4": "W16A4",
     "delta_W4A4_fc2a8": "W4A4-fc2a8", "delta_W16A4_fc2a8": "W16A4-fc2a8",
@@ -96,10 +48,8 @@ FIT_COLUMNS = ("metric", "k", "r2", "n", "n_dropped")
 PAPER_K = 0.906  # δ_W4A4 ≈ 0.906 · (δ_W4A16 + δ_W16A4), paper Fig. 6
 
 
-def read_runs(path: str | Path) -> pd.DataFrame:
-    """The run table ``runs.parquet``, checked: DecomposeError naming the file and ``RUN_TABLE_COLUMNS`` when
-    it is missing, unreadable (e.g. truncated) or lacks a column the analyses and fits need."""
-    return read_parquet(path, RUN_TABLE_COLUMNS, "run table", kinds=RUN_TABLE_KINDS, error=DecomposeError)
+class DecomposeError(QatlawError):
+    """The δ table holds no runs of the precisions to decompose."""
 
 
 def decomposition(deltas: pd.DataFrame) -> pd.DataFrame:
@@ -114,9 +64,10 @@ def decomposition(deltas: pd.DataFrame) -> pd.DataFrame:
     runs = deltas[deltas["precision"].isin(COMPONENTS.values())]
     if runs.empty:
         raise DecomposeError(f"no runs of precision {', '.join(COMPONENTS.values())} to decompose")
-    long = runs.melt(id_vars=DECOMP_KEY + ["precision"], value_vars=list(METRICS.values()),
+    delta_metric = {delta: metric for metric, (_, delta) in METRICS.items()}
+    long = runs.melt(id_vars=DECOMP_KEY + ["precision"], value_vars=list(delta_metric),
                      var_name="metric", value_name="value")
-    long["metric"] = long["metric"].map({v: k for k, v in METRICS.items()})
+    long["metric"] = long["metric"].map(delta_metric)
     wide = long.pivot(index=DECOMP_KEY + ["metric"], columns="precision", values="value")
     wide = wide.reindex(columns=list(COMPONENTS.values()))
     wide.columns = list(COMPONENTS)

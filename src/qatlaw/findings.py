@@ -29,8 +29,10 @@ import numpy as np
 import pandas as pd
 
 from qatlaw import fit
-from qatlaw.decompose import PAPER_K, read_runs
+from qatlaw.config import schema_default
+from qatlaw.decompose import PAPER_K
 from qatlaw.io import atomic_path, read_parquet, write_parquet
+from qatlaw.runtable import read_runs
 
 COLUMNS = ("finding", "paper", "measured", "ci_low", "ci_high", "verdict", "reason", "n")
 N_BOOT = 2000
@@ -246,7 +248,7 @@ def seed_finding(noise: pd.DataFrame) -> list[dict]:
     return rows
 
 
-def findings(results: str | Path, metric: str = "val_loss") -> tuple[pd.DataFrame, pd.DataFrame]:
+def findings(results: str | Path, metric: str = schema_default("fit", "metric")) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every finding of a results folder (the table of the module docstring) and its seed-noise table, with δ
     of ``metric`` (the fit's metric)."""
     root = Path(results)

@@ -33,9 +33,10 @@ import numpy as np
 import pandas as pd
 
 from qatlaw import precision as prec
-from qatlaw.decompose import DECOMP_KEY, METRICS, delta_table, read_runs
+from qatlaw.decompose import DECOMP_KEY
 from qatlaw.errors import QatlawError
 from qatlaw.io import write_parquet
+from qatlaw.runtable import METRICS, delta_table, read_runs
 
 log = logging.getLogger("qatlaw.mixed")
 
@@ -67,7 +68,7 @@ def overrides(precision: str) -> tuple[str, list[tuple[str, str, int]]]:
 
 
 def mixed_precision(deltas: pd.DataFrame) -> pd.DataFrame:
-    """Compare every override run of ``deltas`` (:func:`qatlaw.decompose.delta_table`) with its base run."""
+    """Compare every override run of ``deltas`` (:func:`qatlaw.runtable.delta_table`) with its base run."""
     has_override = deltas["precision"].str.contains("-", regex=False)
     variants = deltas[has_override]
     if variants.empty:
@@ -81,7 +82,7 @@ def mixed_precision(deltas: pd.DataFrame) -> pd.DataFrame:
         if not found:
             log.warning("%s: no %s run in the same cell and group", run.run_id, base)
         single = changed[0] if len(changed) == 1 else (None, None, None)
-        for metric, column in METRICS.items():
+        for metric, (_, column) in METRICS.items():
             delta_base = base_runs.loc[key, column] if found else float("nan")
             rows.append((run.run_id, run.size, run.N, run.D, run.tokens_requested, run.seed, run.group, run.G,
                          metric, run.precision, base, run.precision[len(base) + 1:], len(changed), *single,

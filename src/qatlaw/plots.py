@@ -43,6 +43,7 @@ from matplotlib.ticker import (
 from numpy.typing import ArrayLike
 
 from qatlaw import fit
+from qatlaw.config import schema_default
 from qatlaw.decompose import DECOMPOSITION_COLUMNS, FIT_COLUMNS, PAPER_K
 from qatlaw.errors import QatlawError
 from qatlaw.grid import format_tokens
@@ -64,7 +65,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {  # the columns each input must have
     "metrics": ("step", "tokens", "loss_ema"),
 }
 PRECISION_ORDER = (BASELINE, "W4A4", "W4A16", "W16A4", "W4A4-fc2a8", "W16A4-fc2a8")
-METRIC = "val_loss"  # default δ: of the validation loss ("loss": of the smoothed training loss, the paper's)
+METRIC = schema_default("fit", "metric")  # default δ: of the config's default metric (fit.metric)
 PAPER_FC2A8_CHANGE = {"G=32": -0.205, "G=256": -0.429}  # paper Fig. 9b, relative change of δ_W4A4
 HELD_OUT_MARKERS = {"none": "o", "largest_N": "^", "largest_D": "s"}
 HELD_OUT_COLORS = {"largest_N": "tab:red", "largest_D": "tab:green"}

@@ -1,0 +1,76 @@
+"""The run table ``runs.parquet`` and the quantization error δ of its runs.
+
+δ_p = loss(p) − loss(BF16 baseline of the same size, tokens and seed), measured on one of ``METRICS``: the
+validation loss (``val_loss``) or the smoothed training loss (``loss``, the paper's). :func:`read_runs` reads
+the run table, :func:`delta_table` pairs every QAT run with its baseline and :func:`metric_columns` names the
+loss and δ columns of a metric.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from qatlaw.errors import QatlawError
+from qatlaw.io import read_parquet
+from qatlaw.precision import BASELINE
+
+log = logging.getLogger("qatlaw.runtable")
+
+# The losses a δ and a law can be measured on (config key fit.metric), each with its loss column in the run
+# table and its δ column in the δ table.
+METRICS: dict[str, tuple[str, str]] = {"val_loss": ("val_loss", "delta_val"), "loss": ("loss", "delta")}
+CELL = ["size", "tokens_requested", "seed"]  # a BF16 baseline and the QAT runs it is the baseline of
+# The columns of runs.parquet that the analyses and the fits read (a hand-made run table needs only these).
+RUN_TABLE_COLUMNS = ("run_id", "size", "N", "D", "tokens_requested", "seed", "precision", "group", "G", "loss",
+                     "val_loss", "diverged")
+RUN_TABLE_KINDS = {"N": "number", "D": "number", "tokens_requested": "number", "seed": "number",
+                   "G": "number", "loss": "number", "val_loss": "number", "diverged": "bool"}
+DELTA_COLUMNS = (
+    "run_id", "size", "N", "D", "tokens_requested", "seed", "precision", "group", "G",
+    "loss", "val_loss", "baseline_loss", "baseline_val_loss", "delta", "delta_val", "diverged",
+)
+
+
+class RunTableError(QatlawError):
+    """The run table is missing or damaged, lacks columns, or a QAT run lacks its BF16 baseline."""
+
+
+def metric_columns(metric: str) -> tuple[str, str]:
+    """The loss column (run table) and the δ column (δ table) of ``metric``."""
+    if metric not in METRICS:
+        raise RunTableError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    return METRICS[metric]
+
+
+def read_runs(path: str | Path) -> pd.DataFrame:
+    """The run table ``runs.parquet``, checked: RunTableError naming the file and ``RUN_TABLE_COLUMNS`` when it
+    is missing, unreadable (e.g. truncated) or lacks a column the analyses and fits need."""
+    return read_parquet(path, RUN_TABLE_COLUMNS, "run table", kinds=RUN_TABLE_KINDS, error=RunTableError)
+
+
+def delta_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per QAT run with its δ on the smoothed training loss (``delta``) and on the validation loss
+    (``delta_val``). ``diverged`` is true when the run or its baseline diverged (δ is then NaN)."""
+    missing = sorted(set(RUN_TABLE_COLUMNS) - set(runs.columns))
+    if missing:
+        raise RunTableError(f"run table lacks columns {', '.join(missing)}")
+    is_base = runs["precision"] == BASELINE
+    base = runs[is_base].set_index(CELL)
+    if base.index.duplicated().any():
+        raise RunTableError(f"more than one BF16 baseline for cell {base.index[base.index.duplicated()][0]}")
+    qat = runs[~is_base]
+    keys = pd.MultiIndex.from_frame(qat[CELL])
+    orphans = ~keys.isin(base.index)
+    if orphans.any():
+        raise RunTableError(f"run {qat['run_id'][orphans].iloc[0]} has no BF16 baseline with the same size, tokens and seed")
+    matched = base.reindex(keys)
+    out = qat.assign(diverged=qat["diverged"].to_numpy() | matched["diverged"].to_numpy(),
+                     **{f"baseline_{loss}": matched[loss].to_numpy() for loss, _ in METRICS.values()})
+    out = out.assign(**{delta: (out[loss] - out[f"baseline_{loss}"]).where(~out["diverged"])
+                        for loss, delta in METRICS.values()})
+    if out["diverged"].any():
+        log.warning("%d runs have no δ because they or their baseline diverged", int(out["diverged"].sum()))
+    return out.loc[:, list(DELTA_COLUMNS)].reset_index(drop=True)
