@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from qatlaw import paper
 from qatlaw.errors import QatlawError
 from qatlaw.io import write_parquet
 from qatlaw.runtable import METRICS, delta_table, read_runs
@@ -45,7 +46,6 @@ DECOMPOSITION_COLUMNS = (
     "delta_W4A4_fc2a8", "delta_W16A4_fc2a8", "ratio_R_fc2a8",
 )
 FIT_COLUMNS = ("metric", "k", "r2", "n", "n_dropped")
-PAPER_K = 0.906  # δ_W4A4 ≈ 0.906 · (δ_W4A16 + δ_W16A4), paper Fig. 6
 
 
 class DecomposeError(QatlawError):
@@ -88,7 +88,7 @@ def decomposition_fit(decomp: pd.DataFrame) -> pd.DataFrame:
 
     ``r2`` is the uncentred R² of a fit through the origin, 1 − Σ(y − kx)² / Σy² (the share of Σy² the line
     explains; the centred R² is not meaningful without an intercept). ``n`` rows are used, ``n_dropped`` had a
-    NaN δ. The paper's k is ``PAPER_K`` = 0.906.
+    NaN δ. The paper's k is ``decomposition_k`` of :func:`qatlaw.paper.constants` (0.906).
     """
     rows = []
     for metric, part in decomp.groupby("metric", sort=True):
@@ -112,5 +112,5 @@ def run_decompose(runs_path: str | Path, decomposition_path: str | Path, fit_pat
     write_parquet(fit, fit_path)
     for row in fit.itertuples():
         log.info("δ_W4A4 ≈ %.3f · (δ_W4A16 + δ_W16A4) on %s (uncentred R² %.3f, n %d; paper k %.3f)",
-                 row.k, row.metric, row.r2, row.n, PAPER_K)
+                 row.k, row.metric, row.r2, row.n, paper.constants()["decomposition_k"])
     return fit

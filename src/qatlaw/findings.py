@@ -16,7 +16,8 @@ Every interval is a bootstrap percentile interval (5th–95th): of the law fit's
 (``fit/bootstrap.parquet``) for fitted constants, and of ``N_BOOT`` resamples of cells (seeded) for the
 decomposition slope, the FC2 changes and the kurtosis gap. A sign claim is ``reproduced`` when its interval
 lies wholly on the paper's side of zero, ``opposite`` when it lies wholly on the other side, and ``not
-reproduced`` when it spans zero (indistinguishable from noise at this grid).
+reproduced`` when it spans zero (indistinguishable from noise at this grid). The paper's numbers come from
+:func:`qatlaw.paper.constants`.
 """
 
 from __future__ import annotations
@@ -28,22 +29,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from qatlaw import fit
+from qatlaw import fit, paper
 from qatlaw.config import schema_default
-from qatlaw.decompose import PAPER_K
 from qatlaw.io import atomic_path, read_parquet, write_parquet
 from qatlaw.runtable import read_runs
 
 COLUMNS = ("finding", "paper", "measured", "ci_low", "ci_high", "verdict", "reason", "n")
 N_BOOT = 2000
 SEED = 0
-# Table 1 of the paper (unified law) and its Chinchilla constants
-PAPER_LAWS = {
-    "W4A4": {"k": 0.1582, "gamma_N": 0.2186, "gamma_D": 0.0745, "gamma_G": 0.7779},
-    "W4A16": {"k": 0.2522, "gamma_N": 0.3589, "gamma_D": 0.1610, "gamma_G": 0.3533},
-    "W16A4": {"k": 0.1004, "gamma_N": 0.1816, "gamma_D": 0.0331, "gamma_G": 0.9812},
-}
-PAPER_FC2 = {32: -0.205, 256: -0.429}
+SIGN_PRECISIONS = ("W4A4", "W4A16", "W16A4")  # the unified laws whose exponents' signs are findings
 K_RANGE = (0.8, 1.0)
 HELD_OUT_BOUND = 0.10
 CV_BOUND = 0.10
@@ -74,9 +68,14 @@ def _sign_verdict(low: float, high: float, positive: bool = True) -> tuple[str, 
     return "not reproduced", "90% interval spans 0: within noise at this grid"
 
 
-def _row(finding: str, paper: str, measured: float, interval: tuple[float, float], verdict: tuple[str, str],
+def _minus(fraction: float) -> str:
+    """A percentage with a typographic minus sign, e.g. −42.9%."""
+    return f"{fraction:.1%}".replace("-", "−")
+
+
+def _row(finding: str, cited: str, measured: float, interval: tuple[float, float], verdict: tuple[str, str],
          n: int) -> dict:
-    return {"finding": finding, "paper": paper, "measured": measured, "ci_low": interval[0],
+    return {"finding": finding, "paper": cited, "measured": measured, "ci_low": interval[0],
             "ci_high": interval[1], "verdict": verdict[0], "reason": verdict[1], "n": int(n)}
 
 
@@ -88,28 +87,31 @@ def _constant(params: pd.DataFrame, law: str, precision: str, constant: str) -> 
 def law_findings(params: pd.DataFrame, draws: pd.DataFrame) -> list[dict]:
     """Signs of the unified laws' exponents, and γD of weight- vs activation-only quantization."""
     rows = []
-    for precision, paper in PAPER_LAWS.items():
+    table1 = paper.constants()["unified"]
+    for precision in SIGN_PRECISIONS:
+        cited = table1[precision]
         for constant in ("gamma_N", "gamma_D", "gamma_G"):
             row = _constant(params, "unified", precision, constant)
             if row is None or not math.isfinite(row["value"]):
-                rows.append(_row(f"{precision} {constant} > 0", f"{paper[constant]:.4f}", math.nan,
+                rows.append(_row(f"{precision} {constant} > 0", f"{cited[constant]:.4f}", math.nan,
                                  (math.nan, math.nan), ("not reproduced", "law not fitted (too few runs)"), 0))
                 continue
             interval = (float(row["ci_low"]), float(row["ci_high"]))
-            rows.append(_row(f"{precision} {constant} > 0", f"{paper[constant]:.4f}", float(row["value"]), interval,
+            rows.append(_row(f"{precision} {constant} > 0", f"{cited[constant]:.4f}", float(row["value"]), interval,
                              _sign_verdict(*interval), int(row["n_runs"])))
+    cited_w, cited_a = (table1[p]["gamma_D"] for p in ("W4A16", "W16A4"))
     w, a = (_constant(params, "unified", p, "gamma_D") for p in ("W4A16", "W16A4"))
     if w is None or a is None or not (math.isfinite(w["value"]) and math.isfinite(a["value"])):
-        rows.append(_row("gamma_D W4A16 > gamma_D W16A4", "0.161 > 0.033", math.nan, (math.nan, math.nan),
-                         ("not reproduced", "a law is not fitted"), 0))
+        rows.append(_row("gamma_D W4A16 > gamma_D W16A4", f"{cited_w:.3f} > {cited_a:.3f}", math.nan,
+                         (math.nan, math.nan), ("not reproduced", "a law is not fitted"), 0))
         return rows
     pick = (draws["law"] == "unified") & (draws["constant"] == "gamma_D")
     dw = draws[pick & (draws["precision"] == "W4A16")]["value"].to_numpy(float)
     da = draws[pick & (draws["precision"] == "W16A4")]["value"].to_numpy(float)
     n = min(len(dw), len(da))  # independent resamples of two run sets: draw i of one against draw i of the other
     interval = _interval(dw[:n] - da[:n]) if n else (math.nan, math.nan)
-    rows.append(_row("gamma_D W4A16 > gamma_D W16A4", "0.161 − 0.033 = 0.128", float(w["value"] - a["value"]),
-                     interval, _sign_verdict(*interval), n))
+    rows.append(_row("gamma_D W4A16 > gamma_D W16A4", f"{cited_w:.3f} − {cited_a:.3f} = {cited_w - cited_a:.3f}",
+                     float(w["value"] - a["value"]), interval, _sign_verdict(*interval), n))
     return rows
 
 
@@ -117,9 +119,9 @@ def decomposition_finding(decomp: pd.DataFrame) -> dict:
     """k of δ_W4A4 ≈ k·(δ_W4A16 + δ_W16A4) through the origin, with an interval over resampled cells."""
     ok = decomp[["delta_W4A4", "sum_components"]].notna().all(axis=1)
     x, y = decomp.loc[ok, "sum_components"].to_numpy(float), decomp.loc[ok, "delta_W4A4"].to_numpy(float)
-    name, paper = f"decomposition k in [{K_RANGE[0]}, {K_RANGE[1]}]", f"{PAPER_K}"
+    name, cited = f"decomposition k in [{K_RANGE[0]}, {K_RANGE[1]}]", f"{paper.constants()['decomposition_k']}"
     if len(x) < 2:
-        return _row(name, paper, math.nan, (math.nan, math.nan), ("not reproduced", "fewer than 2 cells"), len(x))
+        return _row(name, cited, math.nan, (math.nan, math.nan), ("not reproduced", "fewer than 2 cells"), len(x))
 
     def slope(idx: np.ndarray) -> float:
         sxx = float(x[idx] @ x[idx])
@@ -129,21 +131,22 @@ def decomposition_finding(decomp: pd.DataFrame) -> dict:
     inside = K_RANGE[0] <= k <= K_RANGE[1]
     verdict = ("reproduced", f"k within [{K_RANGE[0]}, {K_RANGE[1]}]") if inside else \
         ("not reproduced", f"k outside [{K_RANGE[0]}, {K_RANGE[1]}]")
-    return _row(name, paper, k, interval, verdict, len(x))
+    return _row(name, cited, k, interval, verdict, len(x))
 
 
 def ratio_finding(decomp: pd.DataFrame) -> dict:
     """R = δ_W16A4 / δ_W4A16 > 1 (activation error dominates), mean over cells with both δ > 0."""
     ok = (decomp["delta_W4A16"] > 0) & (decomp["delta_W16A4"] > 0)
     r = (decomp.loc[ok, "delta_W16A4"] / decomp.loc[ok, "delta_W4A16"]).to_numpy(float)
-    name, paper = "R = delta_W16A4 / delta_W4A16 > 1", "1.20–1.67"
+    low, high = paper.constants()["ratio_R"]
+    name, cited = "R = delta_W16A4 / delta_W4A16 > 1", f"{low:.2f}–{high:.2f}"
     if len(r) < 2:
-        return _row(name, paper, math.nan, (math.nan, math.nan), ("not reproduced", "fewer than 2 cells"), len(r))
+        return _row(name, cited, math.nan, (math.nan, math.nan), ("not reproduced", "fewer than 2 cells"), len(r))
     log_r = np.log(r)
     interval = tuple(float(np.exp(v)) for v in _interval(_resampled(len(r), lambda i: float(log_r[i].mean()))))
     verdict = _sign_verdict(math.log(interval[0]), math.log(interval[1]))
     verdict = (verdict[0], verdict[1].replace("excludes 0", "excludes 1").replace("spans 0", "spans 1"))
-    return _row(name + " (geometric mean)", paper, float(np.exp(log_r.mean())), interval, verdict, len(r))
+    return _row(name + " (geometric mean)", cited, float(np.exp(log_r.mean())), interval, verdict, len(r))
 
 
 def fc2_findings(decomp: pd.DataFrame) -> list[dict]:
@@ -151,14 +154,17 @@ def fc2_findings(decomp: pd.DataFrame) -> list[dict]:
     is larger at the coarsest G than at the finest."""
     ok = (decomp["delta_W4A4"] > 0) & decomp["delta_W4A4_fc2a8"].notna()
     part = decomp[ok].assign(change=lambda d: d["delta_W4A4_fc2a8"] / d["delta_W4A4"] - 1)
+    cited = paper.constants()["fc2a8_change"]
+    each = ", ".join(f"{v:+.1%} at G={g}" for g, v in cited.items())
+    fine_g, coarse_g = min(cited), max(cited)
+    contrast = f"{_minus(cited[coarse_g])} at G={coarse_g} vs {_minus(cited[fine_g])} at G={fine_g}"
     rows, changes = [], {}
     for G, sub in part.groupby("G"):
         c = sub["change"].to_numpy(float)
         changes[int(G)] = c
         interval = _interval(_resampled(len(c), lambda i, c=c: float(c[i].mean()))) if len(c) > 1 else \
             (math.nan, math.nan)
-        paper = ", ".join(f"{v:+.1%} at G={g}" for g, v in PAPER_FC2.items())
-        rows.append(_row(f"FC2-8-bit lowers delta_W4A4 at G={int(G)}", paper, float(c.mean()), interval,
+        rows.append(_row(f"FC2-8-bit lowers delta_W4A4 at G={int(G)}", each, float(c.mean()), interval,
                          _sign_verdict(*interval, positive=False), len(c)))
     if len(changes) >= 2:
         fine, coarse = changes[min(changes)], changes[max(changes)]
@@ -167,7 +173,7 @@ def fc2_findings(decomp: pd.DataFrame) -> list[dict]:
                           for _ in range(N_BOOT)])
         interval = _interval(diffs)
         rows.append(_row(f"FC2-8-bit lowers delta more at G={max(changes)} than at G={min(changes)}",
-                         "−42.9% at G=256 vs −20.5% at G=32", float(coarse.mean() - fine.mean()), interval,
+                         contrast, float(coarse.mean() - fine.mean()), interval,
                          _sign_verdict(*interval, positive=False), len(coarse) + len(fine)))
     return rows
 
@@ -178,9 +184,10 @@ def kurtosis_finding(outliers: pd.DataFrame, precision: str) -> dict:
     runs = outliers[outliers["precision"] == precision]
     per = runs.groupby(["run_id", "layer_type"])["kurtosis_token"].mean().unstack("layer_type")
     name = f"FC2 input kurtosis highest ({precision} runs)"
-    paper = "FC2 123 (BF16), 89 (W4A4); others lower"
+    kurtosis = paper.constants()["fc2_input_kurtosis"]
+    cited = f"FC2 {kurtosis['BF16']} (BF16), {kurtosis['W4A4']} (W4A4); others lower"
     if "fc2" not in per or per.empty:
-        return _row(name, paper, math.nan, (math.nan, math.nan), ("not reproduced", "no outlier statistics"), 0)
+        return _row(name, cited, math.nan, (math.nan, math.nan), ("not reproduced", "no outlier statistics"), 0)
     others = per.drop(columns="fc2")
     gap = (per["fc2"] - others.max(axis=1)).to_numpy(float)
     interval = _interval(_resampled(len(gap), lambda i: float(gap[i].mean())))
@@ -188,7 +195,7 @@ def kurtosis_finding(outliers: pd.DataFrame, precision: str) -> dict:
     top = per.mean().idxmax()
     reason = f"{verdict[1]}; mean kurtosis fc2 {per['fc2'].mean():.1f}, highest other {others.mean().idxmax()} " \
              f"{others.mean().max():.1f} (highest overall: {top})"
-    return _row(name + ": fc2 − highest other", paper, float(gap.mean()), interval, (verdict[0], reason), len(gap))
+    return _row(name + ": fc2 − highest other", cited, float(gap.mean()), interval, (verdict[0], reason), len(gap))
 
 
 def held_out_finding(comparison: pd.DataFrame) -> dict:
@@ -196,20 +203,22 @@ def held_out_finding(comparison: pd.DataFrame) -> dict:
     rows = comparison[(comparison["law"] == "unified") & (comparison["precision"] == "W4A4")]
     value = float(rows["heldout_largest_N_rel_error"].iloc[0]) if len(rows) else math.nan
     name = f"held-out largest N: W4A4 mean relative error <= {HELD_OUT_BOUND:.0%}"
+    cited = f"{paper.constants()['table2_rel_error_pct']['W4A4']['unified']}%"
     if not math.isfinite(value):
-        return _row(name, "4.7%", value, (math.nan, math.nan), ("not reproduced", "no held-out refit"), 0)
+        return _row(name, cited, value, (math.nan, math.nan), ("not reproduced", "no held-out refit"), 0)
     verdict = ("reproduced", f"within {HELD_OUT_BOUND:.0%}") if value <= HELD_OUT_BOUND else \
         ("not reproduced", f"above {HELD_OUT_BOUND:.0%}")
-    return _row(name, "4.7%", value, (math.nan, math.nan), verdict, int(rows["n_runs"].iloc[0]))
+    return _row(name, cited, value, (math.nan, math.nan), verdict, int(rows["n_runs"].iloc[0]))
 
 
 def chinchilla_findings(params: pd.DataFrame) -> list[dict]:
     """The Chinchilla fit on BF16 runs: more runs than constants, α and β > 0 with finite intervals."""
     rows = []
+    cited = paper.constants()["chinchilla"]
     for constant in ("alpha", "beta"):
         row = _constant(params, "chinchilla", "BF16", constant)
         if row is None or not math.isfinite(row["value"]):
-            rows.append(_row(f"Chinchilla {constant} > 0", "0.3022", math.nan, (math.nan, math.nan),
+            rows.append(_row(f"Chinchilla {constant} > 0", f"{cited[constant]}", math.nan, (math.nan, math.nan),
                              ("not reproduced", "not fitted"), 0))
             continue
         n = int(row["n_runs"])
@@ -217,8 +226,8 @@ def chinchilla_findings(params: pd.DataFrame) -> list[dict]:
         verdict = _sign_verdict(*interval)
         if n <= len(fit.CHINCHILLA_CONSTANTS) - 1:  # α = β tied: 4 free constants
             verdict = ("not reproduced", f"{n} runs for 4 constants: an exact fit, not a measurement")
-        rows.append(_row(f"Chinchilla {constant} > 0", "0.3022 (tied alpha = beta)", float(row["value"]), interval,
-                         verdict, n))
+        rows.append(_row(f"Chinchilla {constant} > 0", f"{cited[constant]} (tied alpha = beta)", float(row["value"]),
+                         interval, verdict, n))
     return rows
 
 

@@ -21,13 +21,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from qatlaw import fit
+from qatlaw import fit, paper
 from qatlaw import precision as prec
-from qatlaw.config import read_yaml
 from qatlaw.io import read_parquet
 
 LAW_DIR = Path(__file__).with_name("laws")
-SHIPPED = {"paper": LAW_DIR / "paper.yaml", "laptop": LAW_DIR / "laptop"}
+SHIPPED = {"paper": paper.PATH, "laptop": LAW_DIR / "laptop"}
 DEFAULT = "paper"
 EXTRAPOLATION = 10.0  # warn when N or D lies more than this factor outside the fitted range
 # Share of a Llama-3-style block's linear weights per layer type (ffn = 8/3 hidden, kv heads = heads / 4):
@@ -60,8 +59,8 @@ class Law:
         return sorted(ok[ok].index, key=lambda p: (len(p), p))
 
 
-def _paper(path: Path) -> Law:
-    spec = read_yaml(path)
+def _paper() -> Law:
+    spec = paper.constants()
     rows = [{"law": "chinchilla", "precision": prec.BASELINE, "constant": c, "value": float(v)}
             for c, v in spec["chinchilla"].items()]
     rows += [{"law": "unified", "precision": p, "constant": c, "value": float(v)}
@@ -92,7 +91,7 @@ def _fitted(name: str, path: Path, source: str) -> Law:
 def load(spec: str = DEFAULT) -> Law:
     """A shipped law by name (``paper``, ``laptop``) or the law of a params.parquet (or its folder)."""
     if spec == "paper":
-        return _paper(SHIPPED["paper"])
+        return _paper()
     if spec in SHIPPED:
         return _fitted(spec, SHIPPED[spec], "this project's reference/laptop fit (config/laptop.yaml, 70 CPU runs)")
     path = Path(spec)

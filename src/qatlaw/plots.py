@@ -6,7 +6,7 @@ figure reads (keys of ``qatlaw.outputs.INPUTS``, the default paths); :func:`make
 ``caption_grid`` (see :func:`qatlaw.outputs.grid_caption`) is printed under the figure with notes on what was left out, e.g.
 "2 dropped (δ≤0)": a non-positive δ cannot go on a log axis. Missing precisions, unfitted laws (NaN constants)
 and empty panels are drawn as explanations, never errors; only a missing input file or a missing column is
-a :class:`PlotError`.
+a :class:`PlotError`. The paper's numbers come from :func:`qatlaw.paper.constants`.
 
 N is the non-embedding parameter count, D the training tokens, G the quantization group length (for
 ``channel`` the hidden size), δ a loss difference against the BF16 baseline in nats.
@@ -42,9 +42,9 @@ from matplotlib.ticker import (
 )
 from numpy.typing import ArrayLike
 
-from qatlaw import fit
+from qatlaw import fit, paper
 from qatlaw.config import schema_default
-from qatlaw.decompose import DECOMPOSITION_COLUMNS, FIT_COLUMNS, PAPER_K
+from qatlaw.decompose import DECOMPOSITION_COLUMNS, FIT_COLUMNS
 from qatlaw.errors import QatlawError
 from qatlaw.grid import format_tokens
 from qatlaw.io import atomic_path, read_parquet
@@ -66,7 +66,6 @@ COLUMNS: dict[str, tuple[str, ...]] = {  # the columns each input must have
 }
 PRECISION_ORDER = (BASELINE, "W4A4", "W4A16", "W16A4", "W4A4-fc2a8", "W16A4-fc2a8")
 METRIC = schema_default("fit", "metric")  # default δ: of the config's default metric (fit.metric)
-PAPER_FC2A8_CHANGE = {"G=32": -0.205, "G=256": -0.429}  # paper Fig. 9b, relative change of δ_W4A4
 HELD_OUT_MARKERS = {"none": "o", "largest_N": "^", "largest_D": "s"}
 HELD_OUT_COLORS = {"largest_N": "tab:red", "largest_D": "tab:green"}
 HELD_OUT_LABELS = {"none": "in-sample fit", "largest_N": "held out: largest N", "largest_D": "held out: largest D"}
@@ -421,7 +420,9 @@ def fig1_contour(params: str | Path, decomposition: str | Path, out_png: str | P
     ax.set_xlabel("log10 N (non-embedding parameters)")
     ax.set_ylabel("log10 D (training tokens)")
     slope = law["gamma_N"] / law["gamma_D"] if law["gamma_D"] else math.inf
-    ax.set_title(f"δ_W4A4 contours at G = {G} (iso-line slope γN/γD = {slope:.3g}; paper 2.93)")
+    cited = paper.constants()["unified"]["W4A4"]
+    ax.set_title(f"δ_W4A4 contours at G = {G} (iso-line slope γN/γD = {slope:.3g}; "
+                 f"paper {cited['gamma_N'] / cited['gamma_D']:.3g})")
     fig.suptitle(textwrap.fill(law_text(prm, "unified", "W4A4"), 95), fontsize="small")
     ax.legend(loc="best", fontsize="small", framealpha=0.9)
     _save(fig, out_png, caption_grid, notes)
@@ -569,7 +570,9 @@ def fig10_chinchilla(predictions: str | Path, params: str | Path, out_png: str |
     if len(rows) > 1:
         mse = float((rows["residual"] ** 2).mean())
         r2 = 1 - float((rows["residual"] ** 2).sum() / ((rows["observed"] - rows["observed"].mean()) ** 2).sum())
-        ax.set_title(ax.get_title() + f"\nMSE {mse:.2g}, R² {r2:.3f} (paper 0.0014, 0.982)", fontsize="medium")
+        cited = paper.constants()["chinchilla_fit"]
+        ax.set_title(ax.get_title() + f"\nMSE {mse:.2g}, R² {r2:.3f} (paper {cited['mse']}, {cited['r2']})",
+                     fontsize="medium")
     ax.set_xlabel("observed BF16 loss (nats)")
     ax.set_ylabel("predicted BF16 loss (nats)")
     ax.set_aspect("equal", adjustable="box")
@@ -619,7 +622,8 @@ def fig6_decomposition(decomposition: str | Path, decomposition_fit: str | Path,
         ax.plot(span, fitrow["k"] * span, "-", color="tab:red", label=f"fit: y = {fitrow['k']:.3f} x")
         title += (f"\nk = {fitrow['k']:.3f}, uncentred R² = {fitrow['r2']:.3f}, n = {int(fitrow['n'])} "
                   f"({int(fitrow['n_dropped'])} without all three δ)")
-    ax.plot(span, PAPER_K * span, "--", color="0.4", label=f"paper: y = {PAPER_K} x")
+    k = paper.constants()["decomposition_k"]
+    ax.plot(span, k * span, "--", color="0.4", label=f"paper: y = {k} x")
     ax.axhline(0, color="0.6", lw=0.6)
     ax.axvline(0, color="0.6", lw=0.6)
     ax.set_xlabel("δ_W4A16 + δ_W16A4 (nats)")
@@ -669,8 +673,10 @@ def fig8_ratio(decomposition: str | Path, out_png: str | Path, caption_grid: str
             ax.set_xlabel("N (non-embedding parameters)")
             ax.set_ylabel("D (token budget)")
     fig.colorbar(ScalarMappable(norm, RATIO_CMAP), ax=axes, label="R (> 1: activation error dominates)", shrink=0.8)
+    (low, high), (low8, high8) = (paper.constants()[key] for key in ("ratio_R", "ratio_R_fc2a8"))
     _save(fig, out_png, caption_grid, [f"blank cells: a run is missing or diverged, or a δ ≤ 0 ({n_dropped} dropped)",
-                                       "paper: R 1.20–1.67 without, 0.85–1.10 with FC2 input 8 bit"])
+                                       f"paper: R {low:.2f}–{high:.2f} without, {low8:.2f}–{high8:.2f} with FC2 "
+                                       "input 8 bit"])
 
 
 def _heatmap(ax: Axes, grid: pd.DataFrame, norm: TwoSlopeNorm) -> None:
@@ -823,8 +829,9 @@ def fig16_epm(params: str | Path, decomposition: str | Path, out_png: str | Path
         ax.legend(loc="lower right", fontsize="small")
     if len(fields) == 2:
         gain = fields["W4A4-fc2a8"] - fields["W4A4"]
+        low, high = paper.constants()["fc2a8_epm_gain"]
         notes.append(f"FC2 input 8 bit raises EPM by {np.nanmin(gain):+.2f} to {np.nanmax(gain):+.2f} "
-                     "(paper +0.06 to +0.14)")
+                     f"(paper {low:+.2f} to {high:+.2f})")
     notes.append("paper: W4A4 EPM > 0.5 in most cases")
     _save(fig, out_png, caption_grid, notes)
 
@@ -854,8 +861,8 @@ def mixed_layer_ranking(mixed_ranking: str | Path, out_png: str | Path, caption_
         text = f"n={int(n)}" if np.isfinite(value) else "n=0 (no base δ > 0)"
         ax.text((value if np.isfinite(value) else 0) + (0.02 * span if not value < 0 else -0.02 * span), i, text,
                 va="center", ha="left" if not value < 0 else "right", fontsize="small")
-    for (label, change), style in zip(PAPER_FC2A8_CHANGE.items(), (":", "--"), strict=True):
-        ax.axvline(100 * change, color="0.4", ls=style, lw=1, label=f"paper fc2a8, {label}: {change:+.1%}")
+    for (G, change), style in zip(paper.constants()["fc2a8_change"].items(), (":", "--"), strict=True):
+        ax.axvline(100 * change, color="0.4", ls=style, lw=1, label=f"paper fc2a8, G={G}: {change:+.1%}")
     ax.axvline(0, color="k", lw=0.8)
     ax.set_yticks(y, labels)
     ax.invert_yaxis()

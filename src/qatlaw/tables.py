@@ -2,8 +2,8 @@
 
 Every table is one function ``<name>(<inputs>, out_stem)`` that writes ``<out_stem>.csv`` and
 ``<out_stem>.md`` (e.g. ``results/tables/table1_constants``) and returns the table. ``TABLES`` names the input
-files each table reads (keys of :data:`qatlaw.plots.INPUTS`); :func:`make_table` is the entry point for the
-workflow.
+files each table reads (keys of :data:`qatlaw.outputs.INPUTS`); :func:`make_table` is the entry point for the
+workflow. The paper's numbers come from :func:`qatlaw.paper.constants`.
 
 - ``table1_constants`` (paper Table 1): the unified law's k, γN, γD, γG per precision and the Chinchilla
   constants, with their 90% bootstrap intervals. Columns ``setting``, ``law``, ``precision``, ``constant``,
@@ -28,22 +28,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from qatlaw import fit
+from qatlaw import fit, paper
 from qatlaw.io import atomic_path
 from qatlaw.outputs import TABLES
 from qatlaw.plots import CONSTANT_SYMBOLS, PlotError, read_input
 from qatlaw.precision import BASELINE
 
-PAPER_TABLE1: dict[str, dict[str, float]] = {  # paper Table 1 (γG of the FC2-8-bit rows as in PAPER.md §1.4)
-    "W4A4": {"k": 0.1582, "gamma_N": 0.2186, "gamma_D": 0.0745, "gamma_G": 0.7779},
-    "W4A16": {"k": 0.2522, "gamma_N": 0.3589, "gamma_D": 0.1610, "gamma_G": 0.3533},
-    "W16A4": {"k": 0.1004, "gamma_N": 0.1816, "gamma_D": 0.0331, "gamma_G": 0.9812},
-    "W4A4-fc2a8": {"k": 0.3519, "gamma_N": 0.2637, "gamma_D": 0.0964, "gamma_G": 0.3407},
-    "W16A4-fc2a8": {"k": 0.1273, "gamma_N": 0.2347, "gamma_D": 0.0827, "gamma_G": 0.4491},
-}
-PAPER_CHINCHILLA = {"E": 1.9279, "A": 237.7042, "alpha": 0.3022, "B": 596.2490, "beta": 0.3022}
-PAPER_TABLE2 = {("W4A16", "epm"): 19.3, ("W4A4", "epm"): 8.5, ("W4A16", "unified"): 5.2, ("W4A4", "unified"): 4.7}
-PAPER_TABLE4 = {"W4A4": (8.6, 4.7), "W4A16": (13.8, 5.2)}  # relative error (%) without, with the D term
 SETTINGS = {"W4A4": "δ_W4A4", "W4A16": "δ_W4A16 (weight only)", "W16A4": "δ_W16A4 (activation only)",
             "W4A4-fc2a8": "δ_W4A4, FC2 input 8 bit", "W16A4-fc2a8": "δ_W16A4, FC2 input 8 bit"}
 METHODS = {"epm": "EPM, one law per G (Eq. 3)", "unified": "unified law (Eq. 5)"}
@@ -61,7 +51,8 @@ def _precisions(params: pd.DataFrame) -> list[str]:
     unified = params[params["law"] == "unified"]
     present = set(unified["precision"])
     fitted = set(unified.loc[unified["value"].notna(), "precision"])
-    return [p for p in PAPER_TABLE1 if p in present] + sorted(fitted - set(PAPER_TABLE1))
+    table1 = paper.constants()["unified"]
+    return [p for p in table1 if p in present] + sorted(fitted - set(table1))
 
 
 def _pct(value: float) -> float:
@@ -94,13 +85,13 @@ def _write(table: pd.DataFrame, out_stem: str | Path, title: str, notes: str,
 
 def table1_constants(params: str | Path, out_stem: str | Path) -> pd.DataFrame:
     """Paper Table 1: fitted constants of the unified law per precision and of Chinchilla, with intervals."""
-    prm = read_input(params, "params")
+    prm, published = read_input(params, "params"), paper.constants()
     rows = []
-    blocks = [("unified", p, SETTINGS.get(p, f"δ_{p}"), fit.DELTA_CONSTANTS, PAPER_TABLE1.get(p, {}))
+    blocks = [("unified", p, SETTINGS.get(p, f"δ_{p}"), fit.DELTA_CONSTANTS, published["unified"].get(p, {}))
               for p in _precisions(prm)]
     blocks.append(("chinchilla", BASELINE, "Chinchilla (BF16 loss)", ("E", "A", "alpha", "B", "beta"),
-                   PAPER_CHINCHILLA))
-    for law, precision, setting, names, paper in blocks:
+                   published["chinchilla"]))
+    for law, precision, setting, names, cited in blocks:
         fitted = prm[(prm["law"] == law) & (prm["precision"] == precision)].set_index("constant")
         for name in names:
             row = fitted.loc[name] if name in fitted.index else None
@@ -108,7 +99,7 @@ def table1_constants(params: str | Path, out_stem: str | Path) -> pd.DataFrame:
                          "value": math.nan if row is None else float(row["value"]),
                          "ci_low": math.nan if row is None else float(row["ci_low"]),
                          "ci_high": math.nan if row is None else float(row["ci_high"]),
-                         "paper": paper.get(name, math.nan),
+                         "paper": cited.get(name, math.nan),
                          "n_runs": pd.NA if row is None else int(row["n_runs"]),
                          "n_dropped": pd.NA if row is None else int(row["n_dropped"])})
     table = pd.DataFrame(rows, columns=list(TABLE1_COLUMNS)).astype({"n_runs": "Int64", "n_dropped": "Int64"})
@@ -129,6 +120,7 @@ def table1_constants(params: str | Path, out_stem: str | Path) -> pd.DataFrame:
 def table2_laws(comparison: str | Path, params: str | Path, out_stem: str | Path) -> pd.DataFrame:
     """Paper Table 2: relative error of the EPM laws (one per granularity) vs the one unified law."""
     comp, prm = read_input(comparison, "comparison"), read_input(params, "params")
+    published = paper.constants()["table2_rel_error_pct"]
     rows = []
     for precision in _precisions(prm):
         for law, method in METHODS.items():
@@ -142,7 +134,7 @@ def table2_laws(comparison: str | Path, params: str | Path, out_stem: str | Path
                          "n_runs": int(row["n_runs"]), "rel_error_pct": _pct(row["rel_error"]),
                          "heldout_largest_N_pct": _pct(row["heldout_largest_N_rel_error"]),
                          "heldout_largest_D_pct": _pct(row["heldout_largest_D_rel_error"]),
-                         "paper_rel_error_pct": PAPER_TABLE2.get((precision, law), math.nan)})
+                         "paper_rel_error_pct": published.get(precision, {}).get(law, math.nan)})
     table = pd.DataFrame(rows, columns=list(TABLE2_COLUMNS))
 
     def markdown(row: pd.Series) -> list[str]:
@@ -159,11 +151,12 @@ def table2_laws(comparison: str | Path, params: str | Path, out_stem: str | Path
 def table4_no_D(comparison: str | Path, params: str | Path, out_stem: str | Path) -> pd.DataFrame:
     """Paper Table 4: relative error of the unified law without (no_D) and with its D term."""
     comp = read_input(comparison, "comparison").set_index(["law", "precision"])
+    published = paper.constants()["table4_rel_error_pct"]
     rows = []
     for precision in _precisions(read_input(params, "params")):
         without = comp.loc[("no_D", precision)] if ("no_D", precision) in comp.index else None
         with_d = comp.loc[("unified", precision)] if ("unified", precision) in comp.index else None
-        paper = PAPER_TABLE4.get(precision, (math.nan, math.nan))
+        cited = published.get(precision, {})
         rows.append({"precision": precision,
                      "n_runs": int((with_d if with_d is not None else without)["n_runs"]),
                      "without_D_pct": _pct(without["rel_error"]) if without is not None else math.nan,
@@ -172,7 +165,8 @@ def table4_no_D(comparison: str | Path, params: str | Path, out_stem: str | Path
                          _pct(without["heldout_largest_D_rel_error"]) if without is not None else math.nan,
                      "heldout_largest_D_with_pct":
                          _pct(with_d["heldout_largest_D_rel_error"]) if with_d is not None else math.nan,
-                     "paper_without_D_pct": paper[0], "paper_with_D_pct": paper[1]})
+                     "paper_without_D_pct": cited.get("without_D", math.nan),
+                     "paper_with_D_pct": cited.get("with_D", math.nan)})
     table = pd.DataFrame(rows, columns=list(TABLE4_COLUMNS))
 
     def markdown(row: pd.Series) -> list[str]:
