@@ -43,7 +43,7 @@ import pytest
 import yaml
 from test_workflow import write_texts
 
-from qatlaw import config, decompose, fit, grid, outputs, plots, runtable
+from qatlaw import config, decompose, fit, grid, outputs, report_inputs, runtable
 from qatlaw.io import write_json, write_parquet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -549,14 +549,14 @@ def _stages() -> list[Stage]:
                 f"figure-{name}-{key}",
                 lambda p, o, name=name, keys=keys: ["figure", name, "--input", *(f"{k}={p[k]}" for k in keys),
                                                     "--out", str(o / "fig.png")],
-                key, plots.COLUMNS[key], ("fig.png", "fig.svg")))
+                key, report_inputs.COLUMNS[key], ("fig.png", "fig.svg")))
     for name, keys in outputs.TABLES.items():
         for key in keys:
             stages.append(Stage(
                 f"table-{name}-{key}",
                 lambda p, o, name=name, keys=keys: ["table", name, "--input", *(f"{k}={p[k]}" for k in keys),
                                                     "--out-stem", str(o / "table")],
-                key, plots.COLUMNS[key], ("table.csv", "table.md")))
+                key, report_inputs.COLUMNS[key], ("table.csv", "table.md")))
     return stages
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from qatlaw import fit, tables
+from qatlaw import fit, report_inputs, tables
 
 FITTED = {"W4A4": (0.2, 0.25, 0.08, 0.7), "W4A16": (0.3, 0.35, 0.15, 0.4), "W16A4": (0.1, 0.2, 0.03, 0.9),
           "W4A4-fc2a8": (0.35, 0.26, 0.1, 0.34), "W16A4-fc2a8": (np.nan,) * 4, "W4A8": (0.05, 0.3, 0.1, 0.5),
@@ -103,11 +105,17 @@ def test_table4_shows_the_gain_of_the_D_term(inputs: dict[str, Path], tmp_path: 
 
 
 def test_bad_inputs_are_one_line_errors(inputs: dict[str, Path], tmp_path: Path):
-    with pytest.raises(tables.PlotError, match=r"missing\.parquet: comparison table not found"):
+    with pytest.raises(report_inputs.PlotError, match=r"missing\.parquet: comparison table not found"):
         tables.make_table("table4_no_D", inputs | {"comparison": tmp_path / "missing.parquet"}, tmp_path / "t")
     broken = tmp_path / "broken.parquet"
     comparison().drop(columns=["rel_error"]).to_parquet(broken)
-    with pytest.raises(tables.PlotError, match=r"broken\.parquet: comparison table lacks columns rel_error; expected columns law, "):
+    with pytest.raises(report_inputs.PlotError, match=r"broken\.parquet: comparison table lacks columns rel_error; expected columns law, "):
         tables.make_table("table2_laws", inputs | {"comparison": broken}, tmp_path / "t")
-    with pytest.raises(tables.PlotError, match="unknown table"):
+    with pytest.raises(report_inputs.PlotError, match="unknown table"):
         tables.make_table("table3", inputs, tmp_path / "t")
+
+
+def test_tables_load_no_plotting_library():
+    code = "import sys, qatlaw.tables; print(sorted({'matplotlib', 'seaborn'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -6,7 +6,7 @@ figure reads (keys of ``qatlaw.outputs.INPUTS``, the default paths); :func:`make
 ``caption_grid`` (see :func:`qatlaw.outputs.grid_caption`) is printed under the figure with notes on what was left out, e.g.
 "2 dropped (δ≤0)": a non-positive δ cannot go on a log axis. Missing precisions, unfitted laws (NaN constants)
 and empty panels are drawn as explanations, never errors; only a missing input file or a missing column is
-a :class:`PlotError`. The paper's numbers come from :func:`qatlaw.paper.constants`.
+a :class:`qatlaw.report_inputs.PlotError`. The paper's numbers come from :func:`qatlaw.paper.constants`.
 
 N is the non-embedding parameter count, D the training tokens, G the quantization group length (for
 ``channel`` the hidden size), δ a loss difference against the BF16 baseline in nats.
@@ -44,34 +44,18 @@ from numpy.typing import ArrayLike
 
 from qatlaw import fit, paper
 from qatlaw.config import schema_default
-from qatlaw.decompose import DECOMPOSITION_COLUMNS, FIT_COLUMNS
-from qatlaw.errors import QatlawError
 from qatlaw.grid import format_tokens
-from qatlaw.io import atomic_path, read_parquet
-from qatlaw.mixed import RANKING_COLUMNS
+from qatlaw.io import atomic_path
 from qatlaw.outputs import FIGURES
 from qatlaw.precision import BASELINE, LAYER_TYPES
+from qatlaw.report_inputs import CONSTANT_SYMBOLS, PlotError, read_input, select_inputs
 
-COLUMNS: dict[str, tuple[str, ...]] = {  # the columns each input must have
-    "runs": ("run_id", "size", "N", "D", "tokens_requested", "group", "G", "precision", "seed", "loss"),
-    "decomposition": DECOMPOSITION_COLUMNS,
-    "decomposition_fit": FIT_COLUMNS,
-    "outliers": ("run_id", "precision", "run_group", "layer_index", "layer_type", "kurtosis_token"),
-    "mixed_ranking": RANKING_COLUMNS,
-    "params": fit.PARAMS_COLUMNS,
-    "predictions": fit.PREDICTIONS_COLUMNS,
-    "comparison": fit.COMPARISON_COLUMNS,
-    "bootstrap": fit.BOOTSTRAP_COLUMNS,
-    "metrics": ("step", "tokens", "loss_ema"),
-}
 PRECISION_ORDER = (BASELINE, "W4A4", "W4A16", "W16A4", "W4A4-fc2a8", "W16A4-fc2a8")
 METRIC = schema_default("fit", "metric")  # default δ: of the config's default metric (fit.metric)
 HELD_OUT_MARKERS = {"none": "o", "largest_N": "^", "largest_D": "s"}
 HELD_OUT_COLORS = {"largest_N": "tab:red", "largest_D": "tab:green"}
 HELD_OUT_LABELS = {"none": "in-sample fit", "largest_N": "held out: largest N", "largest_D": "held out: largest D"}
 DELTA_LABEL = "δ (loss − BF16 loss, nats)"
-CONSTANT_SYMBOLS = {"k": "k", "gamma_N": "γN", "gamma_D": "γD", "gamma_G": "γG", "E": "E", "A": "A",
-                    "alpha": "α", "B": "B", "beta": "β"}
 STYLE = {
     **sns.axes_style("whitegrid"),
     **sns.plotting_context("paper", font_scale=1.15),
@@ -84,17 +68,7 @@ CAPTION_WIDTH = 120  # characters per caption line
 RATIO_CMAP = mpl.colormaps["RdBu_r"].with_extremes(bad="white")  # NaN cells blank
 
 
-class PlotError(QatlawError):
-    """An input file of a figure or table is missing or lacks columns."""
-
-
 # ---------------------------------------------------------------------------------------------- inputs
-
-def read_input(path: str | Path, key: str) -> pd.DataFrame:
-    """Input ``key`` of ``COLUMNS`` from ``path``; PlotError naming the file and the expected columns when it is
-    missing, unreadable (e.g. truncated) or lacks a column."""
-    return read_parquet(path, COLUMNS[key], f"{key} table", error=PlotError)
-
 
 def _decomposition(path: str | Path, metric: str) -> pd.DataFrame:
     """Rows of ``metric`` from ``decomposition.parquet``, with numeric N, D and G."""
@@ -949,35 +923,17 @@ def _gap_limits(curves: Mapping[str, pd.DataFrame], base: pd.DataFrame | None) -
 
 # ---------------------------------------------------------------------------------------------- entry point
 
-FIGURE_FUNCTIONS: dict[str, Callable[..., None]] = {
-    "fig1_contour": fig1_contour,
-    "fig4_trends": fig4_trends,
-    "fig5_fit": fig5_fit,
-    "fig6_decomposition": fig6_decomposition,
-    "fig7_components": fig7_components,
-    "fig8_ratio": fig8_ratio,
-    "fig9_outliers": fig9_outliers,
-    "fig10_chinchilla": fig10_chinchilla,
-    "fig11_components_fit": fig11_components_fit,
-    "fig12_fc2_fit": fig12_fc2_fit,
-    "fig16_epm": fig16_epm,
-    "mixed_layer_ranking": mixed_layer_ranking,
-    "training_curves": training_curves,
-}
+FIGURE_FUNCTIONS: dict[str, Callable[..., None]] = {name: globals()[name] for name in FIGURES}
 
 
 def make_figure(name: str, inputs: Mapping[str, str | Path], out_png: str | Path, caption_grid: str,
                 metric: str = METRIC) -> None:
     """Draw figure ``name`` of ``FIGURES`` from its input files (keys as in ``FIGURES[name]``); figures of
     quantization errors show δ of ``metric`` (``val_loss`` or ``loss``)."""
-    if name not in FIGURES:
-        raise PlotError(f"unknown figure {name!r} (known: {', '.join(FIGURES)})")
-    missing = [key for key in FIGURES[name] if key not in inputs]
-    if missing:
-        raise PlotError(f"figure {name}: no input file given for {', '.join(missing)}")
+    files = select_inputs("figure", name, FIGURES, inputs)
     func = FIGURE_FUNCTIONS[name]
     extra = {"metric": metric} if "metric" in inspect.signature(func).parameters else {}
-    func(**{key: inputs[key] for key in FIGURES[name]}, out_png=out_png, caption_grid=caption_grid, **extra)
+    func(**files, out_png=out_png, caption_grid=caption_grid, **extra)
 
 
 @_styled

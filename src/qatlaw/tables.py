@@ -16,7 +16,7 @@ workflow. The paper's numbers come from :func:`qatlaw.paper.constants`.
   ``heldout_largest_D_with_pct``, ``paper_without_D_pct``, ``paper_with_D_pct``.
 
 A law that could not be fitted shows NaN (Markdown: "not fitted"); a missing input file or column is a
-:class:`qatlaw.plots.PlotError`.
+:class:`qatlaw.report_inputs.PlotError`.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import pandas as pd
 from qatlaw import fit, paper
 from qatlaw.io import atomic_path
 from qatlaw.outputs import TABLES
-from qatlaw.plots import CONSTANT_SYMBOLS, PlotError, read_input
 from qatlaw.precision import BASELINE
+from qatlaw.report_inputs import CONSTANT_SYMBOLS, read_input, select_inputs
 
 SETTINGS = {"W4A4": "δ_W4A4", "W4A16": "δ_W4A16 (weight only)", "W16A4": "δ_W16A4 (activation only)",
             "W4A4-fc2a8": "δ_W4A4, FC2 input 8 bit", "W16A4-fc2a8": "δ_W16A4, FC2 input 8 bit"}
@@ -181,18 +181,10 @@ def table4_no_D(comparison: str | Path, params: str | Path, out_stem: str | Path
     return table
 
 
-TABLE_FUNCTIONS: dict[str, Callable[..., pd.DataFrame]] = {
-    "table1_constants": table1_constants,
-    "table2_laws": table2_laws,
-    "table4_no_D": table4_no_D,
-}
+TABLE_FUNCTIONS: dict[str, Callable[..., pd.DataFrame]] = {name: globals()[name] for name in TABLES}
 
 
 def make_table(name: str, inputs: Mapping[str, str | Path], out_stem: str | Path) -> pd.DataFrame:
     """Write table ``name`` of ``TABLES`` as ``<out_stem>.csv`` and ``.md`` from its input files."""
-    if name not in TABLES:
-        raise PlotError(f"unknown table {name!r} (known: {', '.join(TABLES)})")
-    missing = [key for key in TABLES[name] if key not in inputs]
-    if missing:
-        raise PlotError(f"table {name}: no input file given for {', '.join(missing)}")
-    return TABLE_FUNCTIONS[name](**{key: inputs[key] for key in TABLES[name]}, out_stem=out_stem)
+    files = select_inputs("table", name, TABLES, inputs)
+    return TABLE_FUNCTIONS[name](**files, out_stem=out_stem)
