@@ -203,8 +203,18 @@ def effective_group(s: RunSettings) -> int | None:
     return s.hidden if s.group == "channel" else int(s.group)
 
 
+def non_embedding_count(layers: int, hidden: int, ffn: int, heads: int, kv_heads: int) -> int:
+    """N of the scaling law for a model shape: every parameter but the token embedding and the LM head (norm
+    weights included)."""
+    head_dim = hidden // heads
+    attn = hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden
+    mlp = hidden * 2 * ffn + ffn * hidden
+    norms = 2 * hidden
+    return layers * (attn + mlp + norms) + hidden
+
+
 def _non_embedding(s: RunSettings) -> int:
-    return s.layers * (2 * s.hidden**2 + 2 * s.hidden * s.kv_heads * (s.hidden // s.heads) + 3 * s.hidden * s.ffn)
+    return non_embedding_count(s.layers, s.hidden, s.ffn, s.heads, s.kv_heads)
 
 
 def training_flops(s: RunSettings, vocab_size: int) -> int:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qatlaw.grid import non_embedding_count
 from qatlaw.precision import Precision, parse
 from qatlaw.quant import LAC, QATLinear, QuantOptions
 
@@ -59,13 +60,8 @@ class ModelConfig:
 
 
 def non_embedding_params(cfg: ModelConfig) -> int:
-    """Parameter count N used by the scaling law: everything but the token
-    embedding and the LM head (norm weights included)."""
-    h, hd = cfg.hidden, cfg.head_dim
-    attn = h * (cfg.n_heads + 2 * cfg.n_kv_heads) * hd + cfg.n_heads * hd * h
-    mlp = h * 2 * cfg.ffn + cfg.ffn * h
-    norms = 2 * h
-    return cfg.n_layers * (attn + mlp + norms) + h
+    """Parameter count N used by the scaling law (:func:`qatlaw.grid.non_embedding_count` of the shape)."""
+    return non_embedding_count(cfg.n_layers, cfg.hidden, cfg.ffn, cfg.n_heads, cfg.n_kv_heads)
 
 
 def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
