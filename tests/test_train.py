@@ -106,7 +106,7 @@ def test_training_lowers_the_loss_and_writes_outputs(tmp_path, tokens):
     s = settings(lr=1e-2, tokens=4 * 16 * 30)
     summary = run(tmp_path, s, tokens)
     metrics = pd.read_parquet(tmp_path / "run" / "metrics.parquet")
-    assert list(metrics.columns) == list(train.METRIC_COLUMNS)
+    assert list(metrics.columns) == list(train.STEP_COLUMNS)
     assert len(metrics) == s.steps == summary["steps"]
     assert metrics["loss"].iloc[-3:].mean() < metrics["loss"].iloc[:3].mean() - 0.3
     row = pd.read_parquet(tmp_path / "run" / "summary.parquet")

@@ -50,7 +50,8 @@ SUMMARY_COLUMNS = (
     "val_loss_last", "final_step_loss", "steps", "tokens_per_step", "epochs", "lr", "wall_s", "tokens_per_s", "diverged",
     "resumed", "vocab_size", "seq_len", "clip", "format", "lac", "device",
 )
-METRIC_COLUMNS = ("step", "tokens", "loss", "loss_ema", "lr", "grad_norm", "tokens_per_s")
+# The per-step metrics file of a run (runs/<run_id>/metrics.parquet).
+STEP_COLUMNS = ("step", "tokens", "loss", "loss_ema", "lr", "grad_norm", "tokens_per_s")
 
 
 class TrainError(QatlawError):
@@ -402,7 +403,7 @@ def train_run(
                 average.swap()
         with atomic_path(model_path) as tmp:
             torch.save({"settings": asdict(s), "model_config": asdict(model.cfg), "model": model.cpu().state_dict()}, tmp)
-        write_parquet(pd.DataFrame(rows, columns=list(METRIC_COLUMNS)), metrics_path)
+        write_parquet(pd.DataFrame(rows, columns=list(STEP_COLUMNS)), metrics_path)
         frame = pd.DataFrame([summary], columns=list(SUMMARY_COLUMNS)).astype({"G": "Int64"})
         write_parquet(frame, summary_path)
         if not keep_checkpoint:
