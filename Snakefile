@@ -7,21 +7,27 @@ min_version("9.0")
 
 from snakemake.exceptions import WorkflowError
 
-from qatlaw.config import ConfigError, read_yaml, use_own_tools
+from qatlaw.config import ConfigError, load, use_own_tools
 
 
 # The workflow's own tools (qatlaw, torchrun) come first on the jobs' PATH, however Snakemake was started.
 use_own_tools()
 
 
-# Malformed YAML in config.yaml: one line naming the file and line (Snakemake's own parser names neither).
+# The config is read and validated once, by qatlaw.config: config.yaml with the --configfile/--config overlays
+# (here already in `config`) merged over it, and the schema's defaults filled in. A wrong value is one line naming
+# the key, malformed YAML in config.yaml one naming the file and line (Snakemake's own parser names neither).
 try:
-    read_yaml("config.yaml")
+    VALIDATED = load("config.yaml", config)
 except ConfigError as exc:
     raise WorkflowError(f"invalid config: {exc}") from None
 
 
+# Recorded by Snakemake (run metadata, the report); its values give way to the validated config.
 configfile: "config.yaml"
+
+
+config.update(VALIDATED)
 
 
 report: "report/workflow.rst"

@@ -3,22 +3,12 @@ import os
 import shlex
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
 
 from qatlaw import config as qconfig
 from qatlaw import corpus, data, grid, outputs
 
 
-try:
-    # One line naming the key and the reason, before any job runs.
-    CHECKED = qconfig.validate(config)
-except qconfig.ConfigError as exc:
-    raise WorkflowError(f"invalid config: {exc}") from None
-# Same schema through Snakemake, which also fills in the documented defaults.
-validate(config, schema="../config/schema.yaml")
-# A tokenizer file (data.tokenizer) sets the vocabulary size.
-config["data"]["vocab_size"] = CHECKED["data"]["vocab_size"]
-
+# `config` is validated, with the schema's defaults, by the Snakefile (qatlaw.config.load).
 SOURCES = qconfig.source_ids(config)
 # Tokenize jobs, in corpus order: one per corpus file (or per data.shards_per_job files), named in results/data/shards/.
 TOKENIZE_JOBS = data.tokenize_jobs(SOURCES, config["data"]["shards_per_job"])

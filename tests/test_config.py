@@ -142,6 +142,24 @@ def test_merge_overrides_nested_keys_and_keeps_the_rest(base):
     assert "74M" in merged["models"] and "x" in merged["models"]
 
 
+def test_cli_defaults_are_the_schema_defaults():
+    from qatlaw.cli import build_parser
+
+    parser = build_parser()
+    train = parser.parse_args(["train", *(f"--{k}=x" for k in ("settings", "train-tokens", "val-tokens", "manifest",
+                                                                 "summary", "metrics", "model", "checkpoint"))])
+    assert (train.threads, train.gpus, train.device, train.checkpoint_every, train.compile,
+            train.micro_batch_size) == (1, 0, "auto", 200, 0, 0)
+    fitted = parser.parse_args(["fit", "--runs", "r", "--out-dir", "o"])
+    assert (fitted.bootstrap, fitted.seed, fitted.metric) == tuple(config.schema_default("fit", k)
+                                                                   for k in ("bootstrap", "seed", "metric"))
+    errors = parser.parse_args(["layer-error", "m.pt", "--val", "v", "--out", "o"])
+    assert (errors.tokens, errors.groups, errors.bits) == (4096, ["32", "64", "128", "256", "channel"], 4)
+    bpe = parser.parse_args(["tokenizer", "--out", "t.json"])
+    assert (bpe.min_frequency, bpe.sample_mb, bpe.val_fraction, bpe.seed, bpe.text_field, bpe.min_chars) == (
+        2, 256, 0.02, 1234, "text", 200)
+
+
 @pytest.mark.parametrize(
     ("value", "expected"),
     [(500000, 500000), ("500K", 500_000), ("2.5M", 2_500_000), ("10B", 10**10), ("1T", 10**12), ("7", 7)],

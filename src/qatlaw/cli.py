@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from qatlaw.config import ConfigError, schema_key
+from qatlaw.config import ConfigError, schema_default, schema_key
 from qatlaw.errors import QatlawError
 
 log = logging.getLogger("qatlaw")
@@ -342,7 +342,7 @@ def _table(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     p = argparse.ArgumentParser(prog="qatlaw", description=__doc__)
-    metric = schema_key("fit", "metric")  # --metric: the choices and default of config key fit.metric
+    metric = schema_key("fit", "metric")  # the options that mirror a config key take its default from the schema
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("validate", help="validate config files (merged in order)")
@@ -359,12 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shards", nargs="+", help="corpus shards as SOURCE=PATH, in corpus order")
     s.add_argument("--vocab-size", type=int, help="ids of the BPE (with --from-file: the size it must have)")
     s.add_argument("--eos-token", help="end-of-text token of a --from-file tokenizer (default: found by name)")
-    s.add_argument("--min-frequency", type=int, default=2)
-    s.add_argument("--sample-mb", type=int, default=256, help="MiB of training documents the BPE is trained on")
-    s.add_argument("--val-fraction", type=float, default=0.02)
-    s.add_argument("--seed", type=int, default=1234)
-    s.add_argument("--text-field", default="text")
-    s.add_argument("--min-chars", type=int, default=200)
+    s.add_argument("--min-frequency", type=int, default=schema_default("data", "tokenizer_min_frequency"))
+    s.add_argument("--sample-mb", type=int, default=schema_default("data", "tokenizer_sample_mb"),
+                   help="MiB of training documents the BPE is trained on")
+    s.add_argument("--val-fraction", type=float, default=schema_default("data", "val_fraction"))
+    s.add_argument("--seed", type=int, default=schema_default("data", "split_seed"))
+    s.add_argument("--text-field", default=schema_default("data", "text_field"))
+    s.add_argument("--min-chars", type=int, default=schema_default("data", "min_doc_chars"))
     s.add_argument("--out", required=True)
     s.set_defaults(func=_tokenizer)
 
@@ -372,8 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shards", nargs="+", required=True, help="SOURCE=PATH, in corpus order")
     s.add_argument("--tokenizer", required=True)
     s.add_argument("--eos-token")
-    s.add_argument("--text-field", default="text")
-    s.add_argument("--min-chars", type=int, default=200)
+    s.add_argument("--text-field", default=schema_default("data", "text_field"))
+    s.add_argument("--min-chars", type=int, default=schema_default("data", "min_doc_chars"))
     s.add_argument("--seed", type=int, required=True, help="split seed (each document's draw is stored)")
     s.add_argument("--tokens", required=True)
     s.add_argument("--docs", required=True)
@@ -408,12 +409,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, nargs="+")
     s.add_argument("--checkpoint", required=True, nargs="+", help="resumable checkpoint (kept outside the rule's outputs)")
     s.add_argument("--run-log", nargs="+", help="with several runs: each run's own log file (the job log has all)")
-    s.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    s.add_argument("--gpus", type=int, default=0, help="GPUs; above 1, rerun under torchrun, data parallel")
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    s.add_argument("--checkpoint-every", type=int, default=200, help="optimizer steps between checkpoints")
-    s.add_argument("--compile", type=int, choices=[0, 1], default=0, help="1: torch.compile the model")
-    s.add_argument("--micro-batch-size", type=int, default=0,
+    s.add_argument("--threads", type=int, default=schema_default("training", "threads"), help="torch CPU threads")
+    s.add_argument("--gpus", type=int, default=schema_default("training", "gpus_per_run"),
+                   help="GPUs; above 1, rerun under torchrun, data parallel")
+    s.add_argument("--device", choices=schema_key("training", "device")["enum"],
+                   default=schema_default("training", "device"))
+    s.add_argument("--checkpoint-every", type=int, default=schema_default("training", "checkpoint_every"),
+                   help="optimizer steps between checkpoints")
+    s.add_argument("--compile", type=int, choices=[0, 1], default=int(schema_default("training", "compile")),
+                   help="1: torch.compile the model")
+    s.add_argument("--micro-batch-size", type=int, default=schema_default("training", "micro_batch_size") or 0,
                    help="sequences per forward/backward pass (gradient accumulation); 0: the whole batch")
     s.set_defaults(func=_train)
 
@@ -438,8 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--runs", required=True)
     s.add_argument("--out-dir", required=True,
                    help="writes params, predictions, comparison and bootstrap Parquet files")
-    s.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the 90%% intervals")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--bootstrap", type=int, default=schema_default("fit", "bootstrap"),
+                   help="bootstrap resamples for the 90%% intervals")
+    s.add_argument("--seed", type=int, default=schema_default("fit", "seed"))
     s.add_argument("--metric", choices=metric["enum"], default=metric["default"],
                    help="loss fitted: val_loss (validation, default) or loss (smoothed training loss, the paper's)")
     s.set_defaults(func=_fit)
@@ -507,11 +513,12 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("models", nargs="+", help="model.pt files of finished runs")
         s.add_argument("--val", required=True, help="validation token shard")
         s.add_argument("--out", required=True)
-        s.add_argument("--tokens", type=int, default=4096, help="validation tokens fed through each model")
+        s.add_argument("--tokens", type=int, default=schema_default("analysis", "tokens"),
+                       help="validation tokens fed through each model")
         s.add_argument("--threads", type=int, default=1)
         if func is _layer_error:
-            s.add_argument("--groups", nargs="+", default=["32", "64", "128", "256", "channel"])
-            s.add_argument("--bits", type=int, default=4)
+            s.add_argument("--groups", nargs="+", default=[str(g) for g in schema_default("analysis", "groups")])
+            s.add_argument("--bits", type=int, default=schema_default("analysis", "bits"))
         s.set_defaults(func=func)
     return p
 
