@@ -142,6 +142,24 @@ def test_merge_overrides_nested_keys_and_keeps_the_rest(base):
     assert "74M" in merged["models"] and "x" in merged["models"]
 
 
+@pytest.mark.parametrize("extra", [None, []])
+def test_an_overlay_switches_the_sub_grids_off_with_null(base, tmp_path, extra):
+    from qatlaw import grid
+
+    sub = {"sizes": ["0.1M"], "tokens": ["3M"], "groups": [16], "precisions": ["W4A4"]}
+    with_both = config.load(ROOT / "config.yaml", {"grid": {"extra": [sub]}})
+    assert with_both["grid"]["ablation"] and with_both["grid"]["extra"]
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(yaml.safe_dump({"grid": {"ablation": None, "extra": extra}}))
+    cfg = config.load(ROOT / "config.yaml", {"grid": {"extra": [sub]}}, overlay)
+    assert "ablation" not in cfg["grid"] and cfg["grid"]["extra"] == []
+    main = {key: value for key, value in base["grid"].items() if key != "ablation"}
+    assert grid.grid_runs(cfg) == grid.grid_runs(config.validate({**base, "grid": main}))
+    assert len(grid.grid_runs(cfg)) < len(grid.grid_runs(with_both))
+    with pytest.raises(config.ConfigError, match="grid.ablation: 5 is not of type 'object', 'null'"):
+        config.load(ROOT / "config.yaml", {"grid": {"ablation": 5}})
+
+
 def test_cli_defaults_are_the_schema_defaults():
     from qatlaw.cli import build_parser
 

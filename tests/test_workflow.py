@@ -178,6 +178,15 @@ def test_paper_grid_schedules_every_run_of_the_paper(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+def test_an_overlay_switches_the_ablation_off(tmp_path):
+    shutil.copy(ROOT / "config.yaml", tmp_path / "config.yaml")
+    (tmp_path / "overlay.yaml").write_text("grid: {ablation: null, extra: null}\n")
+    result = run_snakemake(tmp_path, "--configfile", str(tmp_path / "overlay.yaml"), "--dry-run", "--cores", "1")
+    assert result.returncode == 0, result.stderr
+    assert "0.1M/1M/seed0/W4A4_g16" in result.stdout and "W4A4-qkva8" not in result.stdout
+    assert not (tmp_path / "results").exists()
+
+
 def test_malformed_config_yaml_fails(tmp_path):
     shutil.copy(ROOT / "config.yaml", tmp_path / "config.yaml")
     with open(tmp_path / "config.yaml", "a") as fh:

@@ -56,7 +56,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """Recursively merge ``override`` into a copy of ``base`` (as Snakemake merges --configfile)."""
+    """Recursively merge ``override`` into a copy of ``base`` (as Snakemake merges --configfile); a null in
+    ``override`` replaces the value of ``base`` (``grid: {ablation: null}`` switches that sub-grid off)."""
     out = copy.deepcopy(dict(base))
     for key, value in override.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
@@ -143,6 +144,7 @@ def validate(config: Mapping[str, Any]) -> dict[str, Any]:
     errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
     if errors:
         raise ConfigError(_schema_error_message(errors[0]))
+    _drop_null_subgrids(cfg["grid"])
     _fill_defaults(cfg, schema, schema)
     _check_models(cfg)
     _check_grid(cfg)
@@ -150,6 +152,14 @@ def validate(config: Mapping[str, Any]) -> dict[str, Any]:
     _check_sources(cfg)
     _check_tokenizer(cfg)
     return cfg
+
+
+def _drop_null_subgrids(grid: dict[str, Any]) -> None:
+    """A null ``extra`` or ``ablation`` (an overlay switching off config.yaml's) is no such sub-grid."""
+    if "extra" in grid and grid["extra"] is None:
+        grid["extra"] = []
+    if "ablation" in grid and grid["ablation"] is None:
+        del grid["ablation"]
 
 
 def parse_tokens(value: int | str) -> int:
