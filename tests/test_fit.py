@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qatlaw import decompose, fit
+from qatlaw import fit, laws, runtable
 
 QUEST = Path(__file__).parent / "data" / "quest" / "runs_for_scaling.json"
 
@@ -263,7 +263,7 @@ def fitted() -> tuple[pd.DataFrame, fit.FitTables]:
     runs = run_table()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fit, "CHINCHILLA_INITS", 16)
-        return runs, fit.run_fits(decompose.delta_table(runs), runs, n_boot=10)
+        return runs, fit.run_fits(runtable.delta_table(runs), runs, n_boot=10)
 
 
 def test_run_fits_tables_have_the_documented_columns(fitted, tmp_path):
@@ -316,7 +316,7 @@ def test_run_fits_recovers_the_laws_and_ranks_the_baselines(fitted):
 
 def test_predict_from_params_uses_the_fitted_laws(fitted):
     runs, (params, *_) = fitted
-    got = fit.predict_from_params(params, 973e6, 200e9, 128, "W4A4")
+    got = laws.predict_from_params(params, 973e6, 200e9, 128, "W4A4")
     unified = params[(params["law"] == "unified") & (params["precision"] == "W4A4")]
     chin = params[params["law"] == "chinchilla"]
     delta_params = dict(zip(unified["constant"], unified["value"]))
@@ -325,10 +325,10 @@ def test_predict_from_params_uses_the_fitted_laws(fitted):
     assert got["delta"] == pytest.approx(fit.predict_delta(law("W4A4"), 973e6, 200e9, 128), rel=0.1)
     assert got["qat_loss"] == pytest.approx(got["bf16_loss"] + got["delta"])
     assert got["epm"] == pytest.approx(float(fit.epm(973e6, 200e9, 128, delta_params, chin_params)))
-    with pytest.raises(fit.FitError, match="no unified law for precision W2A2"):
-        fit.predict_from_params(params, 1e9, 1e10, 128, "W2A2")
-    with pytest.raises(fit.FitError, match="W4A4-qkva8 was not fitted"):
-        fit.predict_from_params(params, 1e9, 1e10, 128, "W4A4-qkva8")
+    with pytest.raises(laws.LawError, match="no unified law for precision W2A2"):
+        laws.predict_from_params(params, 1e9, 1e10, 128, "W2A2")
+    with pytest.raises(laws.LawError, match="W4A4-qkva8 was not fitted"):
+        laws.predict_from_params(params, 1e9, 1e10, 128, "W4A4-qkva8")
 
 
 def test_metric_chooses_the_loss_the_laws_are_fitted_to():
@@ -336,11 +336,11 @@ def test_metric_chooses_the_loss_the_laws_are_fitted_to():
     scrambled = runs.assign(loss=runs["loss"].sample(frac=1.0, random_state=0).to_numpy())  # val_loss intact
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fit, "CHINCHILLA_INITS", 16)
-        on_val = fit.run_fits(decompose.delta_table(scrambled), scrambled, n_boot=0, metric="val_loss").params
-        clean = fit.run_fits(decompose.delta_table(runs), runs, n_boot=0, metric="loss").params
+        on_val = fit.run_fits(runtable.delta_table(scrambled), scrambled, n_boot=0, metric="val_loss").params
+        clean = fit.run_fits(runtable.delta_table(runs), runs, n_boot=0, metric="loss").params
     pd.testing.assert_frame_equal(on_val, clean)
     with pytest.raises(fit.FitError, match="metric must be one of val_loss, loss, got 'ppl'"):
-        fit.run_fits(decompose.delta_table(runs), runs, metric="ppl")
+        fit.run_fits(runtable.delta_table(runs), runs, metric="ppl")
 
 
 # ------------------------------------------------------------------------------------------------- well posed
@@ -365,7 +365,7 @@ def test_delta_laws_at_a_threshold_far_below_their_noise_are_not_identified():
     """At the Chinchilla threshold (1e-3) on log δ residuals of 0.1-1 the Huber loss is almost L1: the laptop
     W4A16 law then has a flat segment of optima, which the solver reports instead of picking a point on it."""
     runs = pd.read_parquet(REFERENCE / "runs.parquet")
-    deltas = decompose.delta_table(runs)
+    deltas = runtable.delta_table(runs)
     law = fit.DeltaLaw()
     data, _ = fit._usable(deltas[deltas["precision"] == "W4A16"].assign(delta=deltas["delta_val"]), law.columns,
                           "W4A16", 4)
@@ -387,7 +387,7 @@ def test_fit_depends_on_the_data_not_on_rounding_or_start_points():
     constants by < 3e-11 and the draws by up to 3e-8: a few resamples (e.g. two sizes only) amplify their
     inputs' change 10⁴-fold, which is their conditioning, not the solver's tolerance."""
     runs = pd.read_parquet(REFERENCE / "runs.parquet")
-    deltas = decompose.delta_table(runs)
+    deltas = runtable.delta_table(runs)
     rng = np.random.default_rng(0)
     nudged = (runs.assign(val_loss=runs["val_loss"] * (1 + 1e-12 * rng.standard_normal(len(runs)))),
               deltas.assign(delta_val=deltas["delta_val"] * (1 + 1e-12 * rng.standard_normal(len(deltas)))))

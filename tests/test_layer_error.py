@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from qatlaw import layer_error, train
-from qatlaw.tokens import write_tokens
 from qatlaw.grid import RunSettings
+from qatlaw.tokens import write_tokens
 
 VOCAB = 64
 SETTINGS = RunSettings(

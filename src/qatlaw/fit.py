@@ -85,6 +85,7 @@ from scipy.optimize import minimize
 from scipy.stats import qmc
 from threadpoolctl import threadpool_limits
 
+from qatlaw import config, runtable
 from qatlaw.errors import QatlawError
 from qatlaw.io import read_parquet, write_parquet
 from qatlaw.precision import BASELINE
@@ -119,8 +120,6 @@ PREDICTIONS_COLUMNS = ("run_id", "law", "precision", "N", "D", "G", "observed", 
 BOOTSTRAP_COLUMNS = ("law", "precision", "draw", "constant", "value")
 COMPARISON_COLUMNS = ("law", "precision", "rel_error", "n_runs", "heldout_largest_N_rel_error",
                       "heldout_largest_D_rel_error")
-# metric -> (loss column of the run table, δ column of the delta table) that the laws are fitted to
-METRIC_COLUMNS = {"val_loss": ("val_loss", "delta_val"), "loss": ("loss", "delta")}
 
 
 class FitError(QatlawError):
@@ -687,14 +686,15 @@ def _draw_rows(law: str, precision: str, fit: Fit) -> pd.DataFrame:
 
 
 def run_fits(deltas: pd.DataFrame, runs: pd.DataFrame, *, n_boot: int = 200, seed: int = 0,
-             metric: str = "val_loss") -> FitTables:
+             metric: str = config.schema_default("fit", "metric")) -> FitTables:
     """Every law of the study: Chinchilla on the non-diverged BF16 runs of ``runs``, and for every precision of
-    ``deltas`` (one row per QAT run, with its δ) the unified, no_D and EPM laws, all on ``metric``: ``val_loss``
+    ``deltas`` (:func:`qatlaw.runtable.delta_table`) the unified, no_D and EPM laws, all on ``metric``: ``val_loss``
     (the validation loss and its δ, ``delta_val``) or ``loss`` (the smoothed training loss and ``delta``).
     Returns the tables of the module docstring; a law that cannot be fitted leaves NaN rows and a warning."""
-    if metric not in METRIC_COLUMNS:
-        raise FitError(f"run_fits: metric must be one of {', '.join(METRIC_COLUMNS)}, got {metric!r}")
-    loss_col, delta_col = METRIC_COLUMNS[metric]
+    try:
+        loss_col, delta_col = runtable.metric_columns(metric)
+    except runtable.RunTableError as exc:
+        raise FitError(f"run_fits: {exc}") from None
     for table, what, value in ((runs, "run table", loss_col), (deltas, "delta table", delta_col)):
         missing = [c for c in ("run_id", "precision", "N", "D", "G", value) if c not in table.columns]
         if missing:
@@ -729,35 +729,3 @@ def read_params(path: str | Path) -> pd.DataFrame:
     """A params table (``params.parquet``), checked: FitError naming the file and ``PARAMS_COLUMNS`` when it is
     missing, unreadable (e.g. truncated) or lacks a column."""
     return read_parquet(path, PARAMS_COLUMNS, "params table", kinds={"value": "number"}, error=FitError)
-
-
-def _law_constants(params: pd.DataFrame, law: str, precision: str) -> dict[str, float]:
-    """The fitted constants of one law from a params table."""
-    missing = [c for c in ("law", "precision", "constant", "value") if c not in params.columns]
-    if missing:
-        raise FitError(f"params table lacks columns {', '.join(missing)}")
-    rows = params[(params["law"] == law) & (params["precision"] == precision)]
-    if rows.empty:
-        have = sorted(params.loc[params["law"] == law, "precision"].unique())
-        raise FitError(f"params table has no {law} law for precision {precision} (it has: {', '.join(have)})")
-    values = dict(zip(rows["constant"], rows["value"].astype(float)))
-    if not np.isfinite(list(values.values())).all():
-        raise FitError(f"params table: the {law} law for {precision} was not fitted (too few valid runs)")
-    return values
-
-
-def predict_from_params(params: pd.DataFrame, N: ArrayLike, D: ArrayLike, G: ArrayLike, precision: str) -> dict:
-    """Predictions of a params table for a precision: ``delta`` (unified law), ``bf16_loss`` (Chinchilla),
-    ``qat_loss`` = bf16_loss + delta and ``epm``; the last three are NaN without a Chinchilla fit."""
-    delta_params = _law_constants(params, "unified", precision)
-    delta = predict_delta(delta_params, N, D, G)
-    try:
-        chin = _law_constants(params, "chinchilla", BASELINE)
-    except FitError as exc:
-        log.warning("no BF16 loss or EPM prediction: %s", exc)
-        nan = np.full(np.shape(delta), np.nan)
-        bf16, eff = nan, nan
-    else:
-        bf16, eff = predict_loss(chin, N, D), epm(N, D, G, delta_params, chin)
-    out = {"delta": delta, "bf16_loss": bf16, "qat_loss": bf16 + delta, "epm": eff}
-    return {k: float(v) if np.ndim(v) == 0 else np.asarray(v) for k, v in out.items()}

@@ -14,16 +14,20 @@ beside it and the range from ``predictions.parquet`` (the runs each law was fitt
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from numpy.typing import ArrayLike
 
 from qatlaw import fit, paper
 from qatlaw import precision as prec
 from qatlaw.io import read_parquet
+
+log = logging.getLogger("qatlaw.laws")
 
 LAW_DIR = Path(__file__).with_name("laws")
 SHIPPED = {"paper": paper.PATH, "laptop": LAW_DIR / "laptop"}
@@ -133,6 +137,38 @@ def extrapolation_warnings(law: Law, N: np.ndarray, D: np.ndarray) -> list[str]:
     return lines
 
 
+def _law_constants(params: pd.DataFrame, law: str, precision: str) -> dict[str, float]:
+    """The fitted constants of one law from a params table."""
+    missing = [c for c in ("law", "precision", "constant", "value") if c not in params.columns]
+    if missing:
+        raise LawError(f"params table lacks columns {', '.join(missing)}")
+    rows = params[(params["law"] == law) & (params["precision"] == precision)]
+    if rows.empty:
+        have = sorted(params.loc[params["law"] == law, "precision"].unique())
+        raise LawError(f"params table has no {law} law for precision {precision} (it has: {', '.join(have)})")
+    values = dict(zip(rows["constant"], rows["value"].astype(float)))
+    if not np.isfinite(list(values.values())).all():
+        raise LawError(f"params table: the {law} law for {precision} was not fitted (too few valid runs, or not identified)")
+    return values
+
+
+def predict_from_params(params: pd.DataFrame, N: ArrayLike, D: ArrayLike, G: ArrayLike, precision: str) -> dict:
+    """Predictions of a params table for a precision: ``delta`` (unified law), ``bf16_loss`` (Chinchilla),
+    ``qat_loss`` = bf16_loss + delta and ``epm``; the last three are NaN without a Chinchilla fit."""
+    delta_params = _law_constants(params, "unified", precision)
+    delta = fit.predict_delta(delta_params, N, D, G)
+    try:
+        chin = _law_constants(params, "chinchilla", prec.BASELINE)
+    except fit.FitError as exc:
+        log.warning("no BF16 loss or EPM prediction: %s", exc)
+        nan = np.full(np.shape(delta), np.nan)
+        bf16, eff = nan, nan
+    else:
+        bf16, eff = fit.predict_loss(chin, N, D), fit.epm(N, D, G, delta_params, chin)
+    out = {"delta": delta, "bf16_loss": bf16, "qat_loss": bf16 + delta, "epm": eff}
+    return {k: float(v) if np.ndim(v) == 0 else np.asarray(v) for k, v in out.items()}
+
+
 def predict(law: Law, N: list[float], D: list[float], G: list[float], precisions: list[str]) -> pd.DataFrame:
     """δ, the BF16 loss and the QAT loss for every precision × N × D × G, with 90% intervals from the law's
     bootstrap draws where it has them (NaN otherwise). Columns: ``PREDICTION_COLUMNS``."""
@@ -141,7 +177,7 @@ def predict(law: Law, N: list[float], D: list[float], G: list[float], precisions
     out = []
     for name, part in grid.groupby("precision", sort=False):
         n, d, g = (part[c].to_numpy(float) for c in ("N", "D", "G"))
-        point = fit.predict_from_params(law.params, n, d, g, name)
+        point = predict_from_params(law.params, n, d, g, name)
         deltas = fit.draw_predictions(law.draws, "unified", name, n, d, g)
         losses = fit.draw_predictions(law.draws, "chinchilla", prec.BASELINE, n, d)
         nan = np.full(len(part), np.nan)

@@ -65,11 +65,11 @@ def measure_fits(n_runs: int = 300, inits: int | None = None, n_boot: int = 20,
                      "boot_resamples": n_boot, "s_per_resample": per_boot})
         log(f"  {name}: {plain_s:.2f} s for {n_runs} runs x {starts} starts, {per_boot:.4f} s per resample")
     if REFERENCE_RUNS.is_file():
-        from qatlaw import decompose
+        from qatlaw import runtable
 
         shipped = pd.read_parquet(REFERENCE_RUNS)
         t0 = time.perf_counter()
-        tables = fit.run_fits(decompose.delta_table(shipped), shipped, n_boot=workflow_boot)
+        tables = fit.run_fits(runtable.delta_table(shipped), shipped, n_boot=workflow_boot)
         wall = time.perf_counter() - t0
         rows.append({"law": "run_fits (reference/laptop)", "runs": len(shipped), "inits": fit.CHINCHILLA_INITS,
                      "fit_s": wall, "objective": float(tables.params["objective"].sum()),
