@@ -18,13 +18,7 @@ from tokenizers import Tokenizer
 from qatlaw import config as qconfig
 from qatlaw import data, train
 from qatlaw.grid import RunSettings
-from qatlaw.tokens import (
-    DataError,
-    open_tokens,
-    token_dtype,
-    token_writer,
-    write_tokens,
-)
+from qatlaw.tokens import DataError, open_tokens, token_dtype, token_writer, write_tokens
 
 WORDS = (
     "the of and to in a is that for it as was with be by on not he this are or his from at which but have an they "

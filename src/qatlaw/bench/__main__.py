@@ -17,13 +17,7 @@ from qatlaw.bench.fitspeed import measure_fits
 from qatlaw.bench.machine import PEAK_N, machine_info, matmul_peak
 from qatlaw.bench.pipeline import pipeline_overhead, read_wall_seconds
 from qatlaw.bench.report import markdown, targets
-from qatlaw.bench.train import (
-    DEFAULT_SIZES,
-    MODES,
-    concurrency_worker,
-    measure_concurrency,
-    measure_training,
-)
+from qatlaw.bench.train import DEFAULT_SIZES, MODES, concurrency_worker, measure_concurrency, measure_training
 
 SECTIONS = ("peak", "train", "concurrency", "fit", "pipeline", "data")
 # Run by default: every section but data, which writes about 2 GB to --data-dir (ask for it with --sections data).
