@@ -102,7 +102,7 @@ MIN_THRESHOLD = 1e-6  # δ laws: the threshold never falls below this (exact dat
 NEWTON_MAXITER = 100
 NEWTON_XTOL = 1e-12  # polish until the Newton step is below this share of the parameters,
 NEWTON_HALVINGS = 40  # or until no step halved up to this many times decreases the objective
-KINK_RTOL = 1e-8
+KINK_RTOL = 1e-8  # a residual this close (relative) to the Huber threshold counts as on its edge
 MIN_CURVATURE = 1e-10  # smallest Jacobi-scaled Hessian eigenvalue of an identified optimum
 # Chinchilla: a term (A/N^α, B/D^β or E) below this share of every run's loss is heading for zero, a limit that
 # log-space parameters reach only at infinity, so the optimum is not attained
@@ -251,7 +251,8 @@ def huber_threshold(x: np.ndarray, y: np.ndarray) -> float:
     return max(MIN_THRESHOLD, HUBER_K * MAD_TO_SD * float(np.median(np.abs(r))) * np.sqrt(n / (n - p)))
 
 
-def solve_loglinear(x: np.ndarray, y: np.ndarray, c: float, start: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+def solve_loglinear(x: np.ndarray, y: np.ndarray, c: float,
+                    start: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """The unique minimizer of the Huber loss (threshold c) of x·θ − y and its objective (in units of c²);
     FitError when it is not unique. Starts from ``start`` or the least-squares solution."""
     if start is None:
@@ -301,8 +302,8 @@ def _label(df: pd.DataFrame, what: str) -> str:
 def _bootstrap(refit: Callable[[np.ndarray], dict[str, float] | None], n: int, names: tuple[str, ...],
                n_boot: int, seed: int, what: str) -> pd.DataFrame:
     """n_boot refits on seeded resamples of the n runs, one row per resample whose fit is identified (refit
-    gives None otherwise), indexed by the resample's number; no rows when fewer than MIN_BOOT_SHARE of them are, since the rest would then be a
-    biased few."""
+    gives None otherwise), indexed by the resample's number; no rows when fewer than MIN_BOOT_SHARE of them are,
+    since the rest would then be a biased few."""
     rng = np.random.default_rng(seed)
     samples = {draw: s for draw in range(n_boot) if (s := refit(rng.integers(0, n, n))) is not None}
     if len(samples) < n_boot:
@@ -353,7 +354,7 @@ def predict_delta(params: dict, N: ArrayLike, D: ArrayLike, G: ArrayLike) -> np.
 
 
 def _chinchilla_objective(log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, tie: bool) -> Objective:
-    """Huber loss of log L̂ − log L with log L̂ = LSE(a − α log N, b − β log D, e), θ = (a, b, e, α[, β])."""
+    """Huber loss of log L̂ − log L, log L̂ = LSE(a − α log N, b − β log D, e), θ = (a, b, e, α[, β])."""
     n, p = len(log_l), 4 if tie else 5
     du = np.zeros((n, 3, p))  # ∂u/∂θ of the three terms u = (a − α log N, b − β log D, e)
     du[:, 0, 0] = du[:, 1, 1] = du[:, 2, 2] = 1.0

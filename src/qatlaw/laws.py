@@ -148,7 +148,8 @@ def _law_constants(params: pd.DataFrame, law: str, precision: str) -> dict[str, 
         raise LawError(f"params table has no {law} law for precision {precision} (it has: {', '.join(have)})")
     values = dict(zip(rows["constant"], rows["value"].astype(float)))
     if not np.isfinite(list(values.values())).all():
-        raise LawError(f"params table: the {law} law for {precision} was not fitted (too few valid runs, or not identified)")
+        raise LawError(f"params table: the {law} law for {precision} was not fitted "
+                       "(too few valid runs, or not identified)")
     return values
 
 

@@ -711,7 +711,9 @@ def _kurtosis_panel(ax: Axes, out: pd.DataFrame, table: pd.DataFrame) -> str:
     ax.axhline(3, color="0.5", ls=":", lw=1, label="Gaussian (3)")
     ax.set_title(f"(a) input kurtosis per linear layer, N = {si(n_max)}, D = {format_tokens(int(t_max))}")
     ax.legend(title=None, loc="best", fontsize="small")
-    return f"(a) bars: mean over {cell['layer_index'].nunique()} blocks (points) and seeds; paper FC2 123 → 89"
+    kurt = paper.constants()["fc2_input_kurtosis"]
+    return (f"(a) bars: mean over {cell['layer_index'].nunique()} blocks (points) and seeds; "
+            f"paper FC2 {kurt['BF16']} → {kurt['W4A4']}")
 
 
 def _fc2_panel(ax: Axes, decomp: pd.DataFrame) -> str:
@@ -750,7 +752,9 @@ def _fc2_panel(ax: Axes, decomp: pd.DataFrame) -> str:
     missing = [label for col, (label, _) in variants.items() if col not in present]
     if missing:
         return f"(b) no cell has runs of every variant: {', '.join(missing)} missing"
-    return "(b) labels: relative change of δ with the FC2 input at 8 bit (paper −20.5% at G=32, −42.9% at G=256)"
+    changes = paper.constants()["fc2a8_change"].items()
+    cited = ", ".join(f"{change:.1%} at G={G}".replace("-", "−") for G, change in changes)
+    return f"(b) labels: relative change of δ with the FC2 input at 8 bit (paper {cited})"
 
 
 # ---------------------------------------------------------------------------------------------- EPM
