@@ -15,7 +15,7 @@ from qatlaw.bench.__main__ import main
 from qatlaw.bench.fitspeed import measure_fits, synthetic_runs
 from qatlaw.bench.machine import matmul_peak
 from qatlaw.bench.pipeline import pipeline_overhead, read_wall_seconds
-from qatlaw.bench.train import measure_training
+from qatlaw.bench.train import measure_numerics, measure_training
 from qatlaw.config import load
 
 CONFIG = Path(__file__).resolve().parents[1] / "config.yaml"
@@ -52,6 +52,13 @@ def test_training_table_on_the_smallest_size(cfg):
     arch, vocab, seq = cfg["models"][SMALLEST], cfg["data"]["vocab_size"], cfg["training"]["seq_len"]
     per_token = 6 * (table["N"].iloc[0] + vocab * arch["hidden"]) + 12 * arch["layers"] * arch["hidden"] * seq
     assert table["gflop_per_step"].iloc[0] == pytest.approx(per_token * table["tokens_per_step"].iloc[0] / 1e9)
+
+
+def test_numerics_table_pairs_bf16_with_fp32_steps(cfg):
+    table = measure_numerics(cfg, [SMALLEST], repeats=2, steps=1, warmup=1, log=lambda _: None)
+    assert list(table[["precision", "group"]].itertuples(index=False, name=None)) == [("BF16", "none"), ("W4A4", "32")]
+    positive(table, ["fp32_step_ms", "bf16_step_ms", "speedup"])
+    np.testing.assert_allclose(table["speedup"], table["fp32_step_ms"] / table["bf16_step_ms"])
 
 
 def test_fit_table_and_synthetic_runs():

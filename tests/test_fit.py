@@ -331,6 +331,13 @@ def test_predict_from_params_uses_the_fitted_laws(fitted):
         laws.predict_from_params(params, 1e9, 1e10, 128, "W4A4-qkva8")
 
 
+def test_a_run_table_of_mixed_numerics_is_refused():
+    runs = run_table()
+    mixed = runs.assign(numerics=np.where(runs["size"] == "595M", "bf16", "fp32"))
+    with pytest.raises(fit.FitError, match="run table mixes numerics bf16, fp32"):
+        fit.run_fits(runtable.delta_table(mixed), mixed, n_boot=0)
+
+
 def test_metric_chooses_the_loss_the_laws_are_fitted_to():
     runs = run_table()
     scrambled = runs.assign(loss=runs["loss"].sample(frac=1.0, random_state=0).to_numpy())  # val_loss intact

@@ -227,6 +227,26 @@ def test_execution_is_not_part_of_the_run_identity():
     assert train.settings_hash(settings(), MANIFEST) == train.settings_hash(settings(), MANIFEST)
 
 
+def test_numerics_are_part_of_the_run_identity_and_fp32_keeps_the_old_one():
+    fp32, bf16 = settings(), settings(numerics="bf16")
+    assert "numerics" not in fp32.to_json() and '"numerics": "bf16"' in bf16.to_json()
+    assert fp32.run_id == bf16.run_id
+    assert train.settings_hash(fp32, MANIFEST) != train.settings_hash(bf16, MANIFEST)
+    assert RunSettings.from_json(fp32.to_json()) == fp32 and RunSettings.from_json(bf16.to_json()) == bf16
+
+
+def test_bf16_autocast_on_cpu_is_the_runs_numerics_whatever_the_device(tmp_path, tokens):
+    """bf16 numerics train under CPU autocast (the GPU's numerics path), are recorded, and differ from fp32;
+    the device setting (cpu here) does not change them."""
+    fp32 = run(tmp_path, settings(), tokens, "fp32")
+    bf16 = run(tmp_path, settings(numerics="bf16"), tokens, "bf16")
+    assert (fp32["numerics"], bf16["numerics"]) == ("fp32", "bf16")
+    assert np.isfinite(bf16["loss"]) and bf16["loss"] != fp32["loss"]
+    assert bf16["loss"] == pytest.approx(fp32["loss"], rel=0.05)
+    with pytest.raises(train.TrainError, match="numerics must be one of fp32, bf16, got 'fp16'"):
+        train.autocast(torch.device("cpu"), "fp16")
+
+
 def test_unknown_device_is_refused():
     with pytest.raises(train.TrainError, match="device"):
         train.Execution(device="tpu").torch_device()

@@ -700,6 +700,10 @@ def run_fits(deltas: pd.DataFrame, runs: pd.DataFrame, *, n_boot: int = 200, see
         missing = [c for c in ("run_id", "precision", "N", "D", "G", value) if c not in table.columns]
         if missing:
             raise FitError(f"run_fits: {what} lacks columns {', '.join(missing)}")
+    numerics = sorted(runs["numerics"].dropna().unique()) if "numerics" in runs.columns else []
+    if len(numerics) > 1:
+        raise FitError(f"run_fits: the run table mixes numerics {', '.join(numerics)}: a law is fitted to runs of one "
+                       "numerics (training.numerics), so fit each apart")
     runs, deltas = runs.assign(loss=runs[loss_col]), deltas.assign(delta=deltas[delta_col])
     bf16 = runs[runs["precision"] == BASELINE]
     chinchilla = Chinchilla()

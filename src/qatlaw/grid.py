@@ -78,6 +78,7 @@ class RunSettings:
     lac: str
     warmup_steps: int | None = None
     weight_ema: float = 0.0
+    numerics: str = "fp32"
 
     @property
     def weight_ema_decay(self) -> float:
@@ -112,8 +113,12 @@ class RunSettings:
         return prec.parse(self.precision).is_baseline
 
     def to_json(self) -> str:
-        """Canonical JSON (sorted keys), also the run's identity for checkpoints."""
-        return json.dumps(asdict(self), sort_keys=True)
+        """Canonical JSON (sorted keys), also the run's identity for checkpoints and Snakemake's rerun trigger.
+        fp32 numerics, the default, is left out, so the runs of grids made before the setting keep their identity."""
+        fields = asdict(self)
+        if fields["numerics"] == "fp32":
+            del fields["numerics"]
+        return json.dumps(fields, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> RunSettings:
@@ -149,6 +154,7 @@ def run_settings(cfg: Mapping[str, Any], size: str, tokens: int | str, precision
         weight_decay=training["weight_decay"], grad_clip=training["grad_clip"], loss_ema=training["loss_ema"],
         eval_tokens=training["eval_tokens"], clip=quant["clip"], format=quant["format"],
         lac=quant["lac"], warmup_steps=training["warmup_steps"], weight_ema=float(training["weight_ema"]),
+        numerics=training["numerics"],
     )
 
 

@@ -7,16 +7,18 @@ same batches in the same order (batch ``s`` is a pure function of ``seed`` and `
 
 Recipe (paper §4.1, App. F): AdamW β = (beta1, beta2), weight decay on the matrices of the linear layers only
 (not on norms, embeddings or LAC γ), gradient-norm clipping, linear warm-up then cosine decay to
-``min_lr_ratio`` × peak. On CPU everything runs in fp32 (the "BF16" name is the paper's; bf16 autocast is only
-used on CUDA). The reported ``loss`` is the bias-corrected EMA of the training loss (the paper's "smoothed
-training loss"); ``val_loss`` is the mean loss on the first ``eval_tokens`` held-out tokens, scored with the
+``min_lr_ratio`` × peak. ``numerics`` (part of the run's identity) is fp32, or bf16 autocast on CPU or CUDA (the
+"BF16" precision name is the paper's: the baseline without fake quantization, in the run's numerics). The
+reported ``loss`` is the bias-corrected EMA of the training loss (the paper's "smoothed training loss");
+``val_loss`` is the mean loss on the first ``eval_tokens`` held-out tokens, scored with the
 exponential moving average of the weights when ``weight_ema`` > 0 (else with the final weights, which
 ``val_loss_last`` always scores).
 
 How a run executes (:class:`Execution`: device, threads, micro-batching, ``torch.compile``, checkpoint interval)
-is not part of its identity: changing it neither retrains finished runs nor invalidates checkpoints. On CUDA the
-forward pass runs under bf16 autocast with TF32 matmuls and fused AdamW; launched by ``torchrun`` with several
-processes, one run is trained data-parallel (each rank takes an equal share of every batch, rank 0 writes).
+is not part of its identity: changing it neither retrains finished runs nor invalidates checkpoints; the device
+never changes the numerics. On CUDA AdamW is fused (and bf16 runs use TF32 for what stays fp32); launched by
+``torchrun`` with several processes, one run is trained data-parallel (each rank takes an equal share of every
+batch, rank 0 writes).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ log = logging.getLogger("qatlaw.train")
 SUMMARY_COLUMNS = (
     "run_id", "size", "N", "D", "tokens_requested", "group", "G", "precision", "seed", "loss", "val_loss",
     "val_loss_last", "final_step_loss", "steps", "tokens_per_step", "epochs", "lr", "wall_s", "tokens_per_s", "diverged",
-    "resumed", "vocab_size", "seq_len", "clip", "format", "lac", "device",
+    "resumed", "vocab_size", "seq_len", "clip", "format", "lac", "device", "numerics",
 )
 # The per-step metrics file of a run (runs/<run_id>/metrics.parquet).
 STEP_COLUMNS = ("step", "tokens", "loss", "loss_ema", "lr", "grad_norm", "tokens_per_s")
@@ -173,16 +175,21 @@ def make_optimizer(model: Model, s: RunSettings, fused: bool = False) -> torch.o
     )
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (the paper's BF16 training); nothing on CPU, which trains in fp32."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+NUMERICS = ("fp32", "bf16")
+
+
+def autocast(device: torch.device, numerics: str) -> contextlib.AbstractContextManager:
+    """The run's compute numerics on any device: bf16 autocast (the paper's BF16 training) or plain fp32."""
+    if numerics not in NUMERICS:
+        raise TrainError(f"numerics must be one of {', '.join(NUMERICS)}, got {numerics!r}")
+    if numerics == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 @torch.no_grad()
 def evaluate(model: Model, tokens: Tokens, seq_len: int, max_tokens: int, batch_size: int,
-             device: torch.device = torch.device("cpu")) -> float:
+             device: torch.device = torch.device("cpu"), numerics: str = "fp32") -> float:
     """Mean next-token loss over the first ``max_tokens`` tokens, in non-overlapping windows."""
     n_windows = min(len(tokens) - 1, max_tokens) // seq_len
     if n_windows < 1:
@@ -194,7 +201,7 @@ def evaluate(model: Model, tokens: Tokens, seq_len: int, max_tokens: int, batch_
     for start in range(0, n_windows, batch_size):
         w = torch.arange(start, min(n_windows, start + batch_size))
         rows = data[(w * seq_len)[:, None] + torch.arange(seq_len + 1)].to(device)
-        with autocast(device):
+        with autocast(device, numerics):
             _, loss = model(rows[:, :-1], rows[:, 1:])
         total += loss.item() * len(w)
         count += len(w)
@@ -290,8 +297,8 @@ def train_run(
     device = execution.torch_device(par.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        # TF32 for what bf16 autocast leaves in fp32; an fp32 run stays true fp32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = s.numerics == "bf16"
     if par.world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     model = build_model(s, vocab).to(device)
@@ -347,7 +354,7 @@ def train_run(
         loss_sum = torch.zeros((), device=device)
         for i, (xm, ym, share) in enumerate(parts):
             sync = i == len(parts) - 1 or par.world == 1
-            with (contextlib.nullcontext() if sync else step_fn.no_sync()), autocast(device):
+            with (contextlib.nullcontext() if sync else step_fn.no_sync()), autocast(device, s.numerics):
                 _, loss = step_fn(xm, ym)
             (loss if len(parts) == 1 else loss * share).backward()
             loss_sum += loss.detach() * share
@@ -377,10 +384,11 @@ def train_run(
     wall = wall_before + time.perf_counter() - t0
     val_loss_last = val_loss = float("nan")
     if not diverged:
-        val_loss_last = val_loss = evaluate(model, val_tokens, s.seq_len, s.eval_tokens, s.batch_size, device)
+        val_loss_last = val_loss = evaluate(model, val_tokens, s.seq_len, s.eval_tokens, s.batch_size, device,
+                                            s.numerics)
         if average is not None:
             average.swap()  # the averaged weights are the run's model from here on
-            val_loss = evaluate(model, val_tokens, s.seq_len, s.eval_tokens, s.batch_size, device)
+            val_loss = evaluate(model, val_tokens, s.seq_len, s.eval_tokens, s.batch_size, device, s.numerics)
     trained = len(rows) * s.tokens_per_step
     summary = {
         "run_id": s.run_id, "size": s.size, "N": non_embedding_params(model.cfg), "D": trained,
@@ -392,7 +400,7 @@ def train_run(
         "tokens_per_step": s.tokens_per_step, "epochs": trained / max(1, len(train_tokens)), "lr": s.lr,
         "wall_s": wall, "tokens_per_s": trained / wall if wall > 0 else float("nan"), "diverged": diverged,
         "resumed": resumed, "vocab_size": vocab, "seq_len": s.seq_len, "clip": s.clip, "format": s.format,
-        "lac": s.lac, "device": _device_name(device, par),
+        "lac": s.lac, "device": _device_name(device, par), "numerics": s.numerics,
     }
     if par.is_main:
         if keep_checkpoint and not (resumed and first_step == step):

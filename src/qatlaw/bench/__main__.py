@@ -17,11 +17,19 @@ from qatlaw.bench.fitspeed import measure_fits
 from qatlaw.bench.machine import PEAK_N, machine_info, matmul_peak
 from qatlaw.bench.pipeline import pipeline_overhead, read_wall_seconds
 from qatlaw.bench.report import markdown, targets
-from qatlaw.bench.train import DEFAULT_SIZES, MODES, concurrency_worker, measure_concurrency, measure_training
+from qatlaw.bench.train import (
+    DEFAULT_SIZES,
+    MODES,
+    concurrency_worker,
+    measure_concurrency,
+    measure_numerics,
+    measure_training,
+)
 
-SECTIONS = ("peak", "train", "concurrency", "fit", "pipeline", "data")
-# Run by default: every section but data, which writes about 2 GB to --data-dir (ask for it with --sections data).
-DEFAULT_SECTIONS = SECTIONS[:-1]
+SECTIONS = ("peak", "train", "numerics", "concurrency", "fit", "pipeline", "data")
+# Run by default: every section but numerics (a measured choice, asked for by name) and data, which writes about
+# 2 GB to --data-dir (ask for it with --sections data).
+DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s not in ("numerics", "data"))
 
 
 def _csv(text: str) -> list[str]:
@@ -110,6 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           f"thread(s); frac_peak uses the best)")
     if "train" in sections:
         emit("train", train, "Training throughput and quantization overhead (ratio = step / FP32 step)")
+    if "numerics" in sections:
+        print(f"numerics: fp32 vs bf16 autocast, sizes {', '.join(sizes)}", flush=True)
+        numerics = measure_numerics(cfg, sizes, threads=args.threads, repeats=repeats, steps=steps, warmup=warmup)
+        emit("numerics", numerics, "bf16 autocast vs fp32 on this CPU (speedup = fp32 / bf16 step)")
     if "concurrency" in sections:
         print("concurrency: 2 processes x 1 thread vs 1 process x 2 threads", flush=True)
         conc = measure_concurrency(args.config, sizes, seconds=args.concurrency_seconds or (1.0 if quick else 5.0))

@@ -21,6 +21,11 @@
     (median over the rounds): two model
     instances of the same shape can differ by ±5% in speed on their own (memory placement), which this
     removes, so it is the figure the ≤ 1.10 target is judged on in eager mode.
+``numerics``
+    bf16 autocast against fp32 on this CPU (``training.numerics``): for every size, the FP32-precision baseline
+    and W4A4 at G = 32, eager, each in both numerics, timed interleaved in one process as ``train`` does;
+    ``speedup`` = the fp32 case's median step / the bf16 case's (above 1: bf16 is faster here). Whether bf16 pays
+    depends on the CPU (native bf16 matmuls, e.g. AVX512-BF16 or AMX) and the size: a measured choice.
 ``concurrency``
     Threads per job vs parallel jobs: aggregate tokens/s of two concurrent 1-thread training processes vs one
     2-thread process (W4A4, G = 32). Each process builds and warms up every size first; then all processes
@@ -67,6 +72,7 @@ class _Case:
     precision: str
     group: int | str | None
     mode: str
+    numerics: str
     model: Any
     opt: Any
     forward: Callable
@@ -80,21 +86,23 @@ def _random_tokens(vocab: int, n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, size=n).astype(np.uint16)
 
 
-def _build_case(cfg: dict, size: str, precision: str, group: int | str | None, mode: str,
+def _build_case(cfg: dict, size: str, precision: str, group: int | str | None, mode: str, numerics: str,
                 tokens: np.ndarray) -> _Case:
+    import dataclasses
+
     import torch
 
     from qatlaw.grid import run_settings
     from qatlaw.train import TokenBatches, build_model, make_optimizer
 
-    s = run_settings(cfg, size, cfg["grid"]["tokens"][0], precision, group, 0)
+    s = dataclasses.replace(run_settings(cfg, size, cfg["grid"]["tokens"][0], precision, group, 0), numerics=numerics)
     model = build_model(s, int(cfg["data"]["vocab_size"]))
     if mode == "compile":
         # every case is its own graph of the same code; past dynamo's recompile limit (8) it would silently run
         # eager, so the limit is raised to the cases one process compiles
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     forward = torch.compile(model) if mode == "compile" else model
-    return _Case(size, precision, group, mode, model, make_optimizer(model, s), forward,
+    return _Case(size, precision, group, mode, numerics, model, make_optimizer(model, s), forward,
                  TokenBatches(tokens, s.seq_len, s.batch_size, s.seed), s)
 
 
@@ -102,14 +110,15 @@ def _train_step(case: _Case) -> float:
     """One training step as in :func:`qatlaw.train.train_run`; returns the loss."""
     import torch
 
-    from qatlaw.train import lr_at
+    from qatlaw.train import autocast, lr_at
 
     s = case.settings
     lr = lr_at(case.step, 1000, s.lr, 10, s.min_lr_ratio)
     for group in case.opt.param_groups:
         group["lr"] = lr
     x, y = case.batches.batch(case.step)
-    _, loss = case.forward(x, y)
+    with autocast(torch.device("cpu"), s.numerics):
+        _, loss = case.forward(x, y)
     value = loss.item()
     case.opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -150,11 +159,11 @@ def _cpu_step(case: _Case, quantized: bool = True) -> float:
 
 def measure_training(cfg: dict, sizes: Sequence[str], *, threads: int = 1, modes: Sequence[str] = MODES,
                      compile_sizes: Sequence[str] | None = None, variants: Sequence[tuple] = VARIANTS,
-                     repeats: int = 9, steps: int = 1, warmup: int = 2, peak_gflops: float = float("nan"),
-                     log: Callable[[str], None] = print) -> pd.DataFrame:
+                     numerics: Sequence[str] = ("fp32",), repeats: int = 9, steps: int = 1, warmup: int = 2,
+                     peak_gflops: float = float("nan"), log: Callable[[str], None] = print) -> pd.DataFrame:
     """Step time, tokens/s, GFLOP/s, fraction of ``peak_gflops`` and quantization overhead of every size ×
-    variant × mode (see the module docstring); one row each. ``compile_sizes`` limits the compiled cases (None:
-    every size)."""
+    variant × mode × numerics (see the module docstring); one row each. ``compile_sizes`` limits the compiled
+    cases (None: every size)."""
     import torch
 
     from qatlaw.grid import run_settings
@@ -171,7 +180,7 @@ def measure_training(cfg: dict, sizes: Sequence[str], *, threads: int = 1, modes
         mc = model_config(s, vocab)
         n_params = non_embedding_params(mc)
         step_flops = flops_per_token(mc.n_layers, mc.hidden, vocab, mc.seq_len, n_params) * s.tokens_per_step
-        cases = [_build_case(cfg, size, p, g, m, tokens) for m in size_modes for p, g in variants]
+        cases = [_build_case(cfg, size, p, g, m, n, tokens) for m in size_modes for n in numerics for p, g in variants]
         for case in cases:
             t0 = time.perf_counter()
             _train_step(case)
@@ -199,7 +208,8 @@ def measure_training(cfg: dict, sizes: Sequence[str], *, threads: int = 1, modes
                     on, off = (a, b) if first else (b, a)
                     same[i].append(on / off)
         for i, case in enumerate(cases):
-            base = next((j for j, c in enumerate(cases) if c.mode == case.mode and c.precision == "BF16"), None)
+            base = next((j for j, c in enumerate(cases)
+                         if c.mode == case.mode and c.numerics == case.numerics and c.precision == "BF16"), None)
 
             def paired(samples: dict[int, list[float]], i: int = i, base: int | None = base) -> float:
                 if base is None:
@@ -209,7 +219,8 @@ def measure_training(cfg: dict, sizes: Sequence[str], *, threads: int = 1, modes
             step_s, best_s = statistics.median(wall[i]), min(wall[i])
             rows.append({
                 "size": size, "N": n_params, "precision": case.precision,
-                "group": "none" if case.group is None else str(case.group), "mode": case.mode, "threads": threads,
+                "group": "none" if case.group is None else str(case.group), "mode": case.mode,
+                "numerics": case.numerics, "threads": threads,
                 "tokens_per_step": s.tokens_per_step, "step_ms": 1e3 * step_s, "step_ms_min": 1e3 * best_s,
                 "cpu_ms": 1e3 * statistics.median(cpu[i]), "tokens_per_s": s.tokens_per_step / step_s,
                 "gflop_per_step": step_flops / 1e9, "gflops": step_flops / best_s / 1e9,
@@ -217,7 +228,8 @@ def measure_training(cfg: dict, sizes: Sequence[str], *, threads: int = 1, modes
                 "ratio_same_model": statistics.median(same[i]) if i in same else float("nan"),
                 "compile_s": case.compile_s, "repeats": repeats, "steps": steps, "load_avg_1m": os.getloadavg()[0],
             })
-            log(f"  {size} {case.precision:4s} G={rows[-1]['group']:7s} {case.mode:7s} {1e3 * step_s:7.1f} ms/step "
+            log(f"  {size} {case.precision:4s} G={rows[-1]['group']:7s} {case.mode:7s} {case.numerics} "
+                f"{1e3 * step_s:7.1f} ms/step "
                 f"(cpu {rows[-1]['cpu_ms']:.1f}) {rows[-1]['tokens_per_s']:8.0f} tok/s {rows[-1]['gflops']:5.1f} "
                 f"GFLOP/s ratio {rows[-1]['ratio']:.3f} (wall {rows[-1]['ratio_wall']:.3f}, same model "
                 f"{rows[-1]['ratio_same_model']:.3f})")
@@ -303,3 +315,17 @@ def measure_concurrency(config: str | Path, sizes: Sequence[str], *, seconds: fl
     table["vs_other_layout"] = [row.tokens_per_s / (one if row.processes == 2 else two)[row.size]
                                 for row in table.itertuples()]
     return table
+
+
+def measure_numerics(cfg: dict, sizes: Sequence[str], *, threads: int = 1, repeats: int = 9, steps: int = 1,
+                     warmup: int = 2, log: Callable[[str], None] = print) -> pd.DataFrame:
+    """fp32 vs bf16 autocast training steps of every size (BF16 baseline and W4A4 G = 32, eager), with the
+    speedup of bf16 per case."""
+    rows = measure_training(cfg, sizes, threads=threads, modes=("eager",), variants=(("BF16", None), ("W4A4", 32)),
+                            numerics=("fp32", "bf16"), repeats=repeats, steps=steps, warmup=warmup, log=log)
+    key = ["size", "precision", "group"]
+    fp32 = rows[rows["numerics"] == "fp32"].set_index(key)["step_ms"]
+    out = rows[rows["numerics"] == "bf16"].set_index(key)
+    out = out.assign(fp32_step_ms=fp32, speedup=fp32 / out["step_ms"]).reset_index()
+    return out.loc[:, ["size", "N", "precision", "group", "threads", "tokens_per_step", "fp32_step_ms", "step_ms",
+                       "speedup", "repeats", "steps", "load_avg_1m"]].rename(columns={"step_ms": "bf16_step_ms"})
