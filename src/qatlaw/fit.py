@@ -398,6 +398,17 @@ class Chinchilla:
         beta = alpha if self.tie else float(theta[4])
         return {"A": float(np.exp(a)), "B": float(np.exp(b)), "E": float(np.exp(e)), "alpha": alpha, "beta": beta}
 
+    def _degenerate(self, theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray) -> str | None:
+        """Why an optimum is not one of the law's own (a negative exponent, a term tending to 0), or None."""
+        if (theta[3:] < 0).any():
+            return "an exponent is negative"
+        c = self._constants(theta)
+        terms = np.column_stack([c["A"] * np.exp(-c["alpha"] * log_n), c["B"] * np.exp(-c["beta"] * log_d),
+                                 np.full(len(log_n), c["E"])])
+        share = (terms / terms.sum(axis=1, keepdims=True)).max(axis=0)
+        vanishing = [name for name, s in zip(("A/N^alpha", "B/D^beta", "E"), share) if s < MIN_TERM_SHARE]
+        return f"{', '.join(vanishing)} tends to 0" if vanishing else None
+
     def fit(self, runs: pd.DataFrame, n_boot: int = 0, seed: int = 0,
             held_out: tuple[str, float] | None = None) -> Fit:
         key = (tuple(runs.index), n_boot, seed)
@@ -423,20 +434,9 @@ class Chinchilla:
         else:
             starts = np.atleast_2d(np.asarray(self.inits, dtype=float))
         bounds = [(None, None)] * 3 + [(0.0, None)] * (n_params - 3)
-
-        def degenerate(log_n: np.ndarray, log_d: np.ndarray) -> Callable[[np.ndarray], str | None]:
-            def check(theta: np.ndarray) -> str | None:
-                if (theta[3:] < 0).any():
-                    return "an exponent is negative"
-                c = self._constants(theta)
-                terms = np.column_stack([c["A"] * np.exp(-c["alpha"] * log_n), c["B"] * np.exp(-c["beta"] * log_d),
-                                         np.full(len(log_n), c["E"])])
-                share = (terms / terms.sum(axis=1, keepdims=True)).max(axis=0)
-                vanishing = [name for name, s in zip(("A/N^alpha", "B/D^beta", "E"), share) if s < MIN_TERM_SHARE]
-                return f"{', '.join(vanishing)} tends to 0" if vanishing else None
-            return check
         try:
-            optima = _optima(_chinchilla_objective(*logs, self.tie), starts, bounds, degenerate(*logs[:2]))
+            optima = _optima(_chinchilla_objective(*logs, self.tie), starts, bounds,
+                             lambda theta: self._degenerate(theta, *logs[:2]))
         except FitError as exc:
             raise FitError(f"{what}: {exc}") from None
         objective, theta = optima[0]
@@ -447,9 +447,10 @@ class Chinchilla:
             def refit(idx: np.ndarray) -> dict[str, float] | None:
                 if len(np.unique(idx)) < n_params or min(len(np.unique(lg[idx])) for lg in logs[:2]) < 2:
                     return None
-                resampled = _chinchilla_objective(*(lg[idx] for lg in logs), self.tie)
-                check = degenerate(*(lg[idx] for lg in logs[:2]))
-                return _identified(lambda: self._constants(_optima(resampled, boot_starts, bounds, check)[0][1]))
+                log_n, log_d, log_l = (lg[idx] for lg in logs)
+                resampled = _chinchilla_objective(log_n, log_d, log_l, self.tie)
+                return _identified(lambda: self._constants(_optima(
+                    resampled, boot_starts, bounds, lambda theta: self._degenerate(theta, log_n, log_d))[0][1]))
             draws = _bootstrap(refit, len(data), CHINCHILLA_CONSTANTS, n_boot, seed, what)
         return Fit(self._constants(theta), objective * CHINCHILLA_HUBER**2, len(data), n_dropped, draws)
 
