@@ -137,6 +137,17 @@ def _run_log(path: str | None):
 def _train(args: argparse.Namespace) -> None:
     import subprocess
 
+    from qatlaw import gpus
+    from qatlaw.grid import RunSettings
+
+    runs = RunSettings.many_from_json(args.settings)
+    if args.gpus > 1 and len(runs) > 1:
+        raise QatlawError(f"{len(runs)} runs in one job on {args.gpus} GPUs: give each run its own job "
+                          "(training.runs_per_job: 1)")
+    if args.device != "cpu" and "WORLD_SIZE" not in os.environ:
+        held = gpus.assign(max(1, args.gpus), gpus.machine_gpus())  # this job's own GPUs (none: CPU or SLURM)
+        if held:
+            log.info("GPUs %s leased for this job (CUDA_VISIBLE_DEVICES)", os.environ["CUDA_VISIBLE_DEVICES"])
     if args.gpus > 1 and "WORLD_SIZE" not in os.environ:
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}",
                   "-m", "qatlaw", *args.argv]
@@ -146,9 +157,7 @@ def _train(args: argparse.Namespace) -> None:
         return
 
     from qatlaw import tokens, train
-    from qatlaw.grid import RunSettings
 
-    runs = RunSettings.many_from_json(args.settings)
     paths = {name: getattr(args, name) for name in ("summary", "metrics", "model", "checkpoint")}
     if args.run_log:
         paths["run_log"] = args.run_log

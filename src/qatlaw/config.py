@@ -257,7 +257,8 @@ def _check_cells(cfg: Mapping[str, Any], key: str, grid: Mapping[str, Any]) -> N
 
 
 def _check_execution(cfg: Mapping[str, Any]) -> None:
-    """Every grid size's batch splits evenly over the GPUs of a run and into micro-batches."""
+    """Every grid size's batch splits evenly over the GPUs of a run and into micro-batches; a job of several
+    runs trains on one GPU at most."""
     training = cfg["training"]
     gpus, micro = max(1, training["gpus_per_run"]), training["micro_batch_size"]
     subgrids = [cfg["grid"], *cfg["grid"]["extra"], cfg["grid"].get("ablation") or {}]
@@ -270,6 +271,9 @@ def _check_execution(cfg: Mapping[str, Any]) -> None:
             raise ConfigError(
                 f"training.micro_batch_size: {micro} does not divide the {batch // gpus} sequences per GPU of size '{size}'"
             )
+    if training["gpus_per_run"] > 1 and training["runs_per_job"] > 1:
+        raise ConfigError(f"training.runs_per_job: {training['runs_per_job']} runs per job cannot share "
+                          f"{training['gpus_per_run']} GPUs (training.gpus_per_run); set runs_per_job to 1")
 
 
 def _check_sources(cfg: Mapping[str, Any]) -> None:
