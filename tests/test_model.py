@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qatlaw.model import Model, ModelConfig, QuantOptions, non_embedding_params
@@ -46,10 +47,9 @@ def test_param_count_matches_closed_form(precision, opts):
 def test_shapes_and_loss():
     model = make()
     idx = tokens()
-    logits, loss = model(idx)
+    logits = model(idx)
     assert logits.shape == (2, 16, TINY.vocab_size) and logits.dtype == torch.float32
-    assert loss is None
-    _, loss = model(idx[:, :-1], idx[:, 1:])
+    loss = model(idx[:, :-1], idx[:, 1:])
     assert loss.ndim == 0
     assert loss.item() == pytest.approx(torch.log(torch.tensor(TINY.vocab_size)).item(), rel=0.1)
 
@@ -65,8 +65,7 @@ def test_causal(precision, opts):
     idx = tokens(batch=1)
     changed = idx.clone()
     changed[0, 10] = (idx[0, 10] + 1) % TINY.vocab_size
-    a, _ = model(idx)
-    b, _ = model(changed)
+    a, b = model(idx), model(changed)
     torch.testing.assert_close(a[:, :10], b[:, :10], rtol=0, atol=0)
     assert not torch.allclose(a[:, 10:], b[:, 10:])
 
@@ -87,8 +86,7 @@ def test_qatlinear_placement():
 
 def test_bf16_equals_w16a16():
     idx = tokens()
-    a, _ = make("BF16")(idx)
-    b, _ = make("W16A16", G16)(idx)
+    a, b = make("BF16")(idx), make("W16A16", G16)(idx)
     assert torch.equal(a, b)
 
 
@@ -96,8 +94,7 @@ def test_quantization_changes_output():
     bf16, w4a4 = make("BF16"), make("W4A4", G16)
     w4a4.load_state_dict(bf16.state_dict())
     idx = tokens()
-    a, _ = bf16(idx)
-    b, _ = w4a4(idx)
+    a, b = bf16(idx), w4a4(idx)
     assert not torch.allclose(a, b, atol=1e-4)
 
 
@@ -134,7 +131,7 @@ def test_loss_decreases(precision, opts):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(30):
-        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss = model(idx[:, :-1], idx[:, 1:])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -143,3 +140,68 @@ def test_loss_decreases(precision, opts):
     lacs = [m.lac for m in model.qat_linears() if m.lac is not None]
     assert bool(lacs) == (opts is not None and opts.group_size == "channel")
     assert all(lac.gamma.grad is not None for lac in lacs)
+
+
+def loss_and_grads(model: Model, idx: torch.Tensor, chunk: int | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    loss = model(idx[:, :-1], idx[:, 1:], chunk)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def whole_logits_loss_and_grads(model: Model, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss as computed before chunking: cross-entropy of the whole batch's fp32 logits."""
+    model.zero_grad()
+    loss = F.cross_entropy(model(idx[:, :-1]).float().flatten(0, 1), idx[:, 1:].flatten())
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+QUANTIZED = [("BF16", None), ("W4A4", G16), ("W4A4", QuantOptions(group_size="channel"))]
+
+
+@pytest.mark.parametrize("precision, opts", QUANTIZED)
+def test_loss_in_one_chunk_is_bit_identical_to_the_whole_logits(precision, opts):
+    model, idx = make(precision, opts), tokens(batch=4)
+    loss, grads = whole_logits_loss_and_grads(model, idx)
+    for chunk in (None, 4 * 15, 8192):
+        chunked, chunked_grads = loss_and_grads(model, idx, chunk)
+        assert torch.equal(chunked, loss)
+        assert all(torch.equal(chunked_grads[name], g) for name, g in grads.items())
+
+
+@pytest.mark.parametrize("precision, opts", QUANTIZED)
+def test_loss_in_chunks_equals_the_whole_logits_up_to_rounding(precision, opts):
+    model, idx = make(precision, opts), tokens(batch=4)
+    loss, grads = whole_logits_loss_and_grads(model, idx)
+    chunked, chunked_grads = loss_and_grads(model, idx, 14)  # 60 tokens: chunks of 14, 14, 14, 14 and 4
+    torch.testing.assert_close(chunked, loss, rtol=1e-6, atol=0)
+    for name, g in grads.items():  # elements that cancel to near 0 are judged on the gradient's scale
+        torch.testing.assert_close(chunked_grads[name], g, rtol=1e-6, atol=1e-6 * g.abs().max().item())
+
+
+def test_chunks_bound_the_logits_kept_for_backward():
+    """Bytes saved for the backward pass: with chunks they grow with the tokens by the trunk's activations only,
+    without by at least the fp32 logits and their log-softmax (two vocabulary rows per token)."""
+    cfg = ModelConfig(vocab_size=8192, n_layers=2, hidden=32, ffn=64, n_heads=4, n_kv_heads=2, seq_len=32)
+    model = make(cfg=cfg)
+
+    def saved_bytes(batch: int, chunk: int | None) -> tuple[int, int]:
+        sizes = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        idx = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1), generator=torch.Generator().manual_seed(0))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(idx[:, :-1], idx[:, 1:], chunk)
+        loss.backward()
+        return sum(sizes), max(sizes)
+
+    row = 4 * cfg.vocab_size  # one token's fp32 logits
+    added = 4 * cfg.seq_len  # tokens from a batch of 4 to one of 8
+    (small, _), (large, largest) = saved_bytes(4, 32), saved_bytes(8, 32)
+    assert largest < 32 * row and (large - small) / added < row / 4
+    (small, _), (large, _) = saved_bytes(4, None), saved_bytes(8, None)
+    assert (large - small) / added >= 2 * row

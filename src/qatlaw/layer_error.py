@@ -85,14 +85,15 @@ def token_windows(tokens: Tokens, n_tokens: int, seq_len: int) -> torch.Tensor:
 
 @torch.no_grad()
 def visit_layer_inputs(model: Model, idx: torch.Tensor, visit: Callable[[QATLinear, torch.Tensor], None]) -> None:
-    """Run ``idx`` through the model and call ``visit(layer, x)`` for every quantized linear layer, in forward
-    order, with its input ``x`` of shape (tokens, in_features) as it enters the layer (before its fake quant)."""
+    """Run ``idx`` through the model's blocks and call ``visit(layer, x)`` for every quantized linear layer, in
+    forward order, with its input ``x`` of shape (tokens, in_features) as it enters the layer (before its fake
+    quant). The LM head is not run (its logits would be tokens × vocabulary)."""
     def hook(layer: QATLinear, args: tuple[torch.Tensor, ...]) -> None:
         visit(layer, args[0].detach().reshape(-1, layer.in_features))
 
     handles = [layer.register_forward_pre_hook(hook) for layer in model.qat_linears()]
     try:
-        model(idx)
+        model.hidden(idx)
     finally:
         for handle in handles:
             handle.remove()

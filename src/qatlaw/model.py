@@ -22,12 +22,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from qatlaw.grid import non_embedding_count
 from qatlaw.precision import Precision, parse
 from qatlaw.quant import LAC, QATLinear, QuantOptions
 
-__all__ = ["Model", "ModelConfig", "QuantOptions", "non_embedding_params"]
+__all__ = ["Model", "ModelConfig", "QuantOptions", "lm_loss", "non_embedding_params"]
 
 INIT_STD = 0.02
 
@@ -75,6 +76,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate (B, heads, T, head_dim) by position, pairing dim i with i + head_dim/2."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+
+
+def _cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Cross-entropy of the fp32 logits ``head(hidden)`` against ``targets``, flattened over tokens."""
+    return F.cross_entropy(head(hidden).float().flatten(0, -2), targets.flatten(), reduction=reduction)
+
+
+def lm_loss(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, chunk_tokens: int | None = None
+            ) -> torch.Tensor:
+    """Mean cross-entropy of the fp32 logits ``head(hidden)`` (hidden (..., h)) against ``targets`` (...), with the
+    logits of at most ``chunk_tokens`` tokens alive at a time, in the forward and the backward pass (None: all).
+
+    Equal to the loss of all logits at once up to float rounding, gradients included; bit-identical when one chunk
+    holds every token. Each chunk's logits are recomputed in the backward pass instead of kept.
+    """
+    if chunk_tokens is None or targets.numel() <= chunk_tokens:
+        return _cross_entropy(hidden, head, targets, "mean")
+    chunks = zip(hidden.flatten(0, -2).split(chunk_tokens), targets.flatten().split(chunk_tokens))
+    total = sum(checkpoint(_cross_entropy, h, head, t, "sum", use_reentrant=False) for h, t in chunks)
+    return total / targets.numel()
 
 
 class Attention(nn.Module):
@@ -183,10 +204,8 @@ class Model(nn.Module):
             skip |= {id(self.tok_emb.weight), id(self.lm_head.weight)}
         return sum(p.numel() for p in self.parameters() if id(p) not in skip)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, vocab) for token ids (B, T), and the mean next-token
-        cross-entropy when ``targets`` (B, T) is given (else None)."""
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """The LM head's input (B, T, hidden) for token ids (B, T): the normed output of the last block."""
         T = idx.shape[1]
         if T > self.cfg.seq_len:
             raise ValueError(f"sequence length {T} exceeds seq_len {self.cfg.seq_len}")
@@ -194,8 +213,11 @@ class Model(nn.Module):
         x = self.tok_emb(idx)
         for block in self.blocks:
             x = block(x, cos, sin)
-        logits = self.lm_head(self.norm(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        return logits, loss
+        return self.norm(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, chunk_tokens: int | None = None
+                ) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids (B, T); given ``targets`` (B, T), the mean next-token cross-entropy
+        instead, never holding the logits of more than ``chunk_tokens`` tokens (see :func:`lm_loss`)."""
+        x = self.hidden(idx)
+        return self.lm_head(x) if targets is None else lm_loss(x, self.lm_head, targets, chunk_tokens)

@@ -202,7 +202,7 @@ def evaluate(model: Model, tokens: Tokens, seq_len: int, max_tokens: int, batch_
         w = torch.arange(start, min(n_windows, start + batch_size))
         rows = data[(w * seq_len)[:, None] + torch.arange(seq_len + 1)].to(device)
         with autocast(device, numerics):
-            _, loss = model(rows[:, :-1], rows[:, 1:])
+            loss = model(rows[:, :-1], rows[:, 1:])
         total += loss.item() * len(w)
         count += len(w)
     model.train(was_training)
@@ -355,7 +355,7 @@ def train_run(
         for i, (xm, ym, share) in enumerate(parts):
             sync = i == len(parts) - 1 or par.world == 1
             with (contextlib.nullcontext() if sync else step_fn.no_sync()), autocast(device, s.numerics):
-                _, loss = step_fn(xm, ym)
+                loss = step_fn(xm, ym)
             (loss if len(parts) == 1 else loss * share).backward()
             loss_sum += loss.detach() * share
         if par.world > 1:

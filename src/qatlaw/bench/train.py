@@ -118,7 +118,7 @@ def _train_step(case: _Case) -> float:
         group["lr"] = lr
     x, y = case.batches.batch(case.step)
     with autocast(torch.device("cpu"), s.numerics):
-        _, loss = case.forward(x, y)
+        loss = case.forward(x, y)
     value = loss.item()
     case.opt.zero_grad(set_to_none=True)
     loss.backward()
