@@ -161,7 +161,8 @@ TRAIN_SHELL = (
     "--manifest {input.manifest} --summary {output.summary} --metrics {output.metrics} "
     "--model {output.model} --checkpoint {params.checkpoint} --threads {threads} --gpus {resources.gpu} "
     "--device {resources.train_device} --checkpoint-every {resources.checkpoint_every} "
-    "--compile {resources.compile} --micro-batch-size {resources.micro_batch_size} {params.run_logs}> {log.job} 2>&1"
+    "--compile {resources.compile} --micro-batch-size {resources.micro_batch_size} "
+    "--loss-chunk-tokens {resources.loss_chunk_tokens} {params.run_logs}> {log.job} 2>&1"
 )
 
 
@@ -221,8 +222,8 @@ def batch_priority(batch):
 
 def train_execution():
     """How training jobs execute, as resources of the train rule (not params), so that changing them retrains
-    nothing: GPUs per run (above 1: torchrun data parallel), device, checkpoint interval, torch.compile, and
-    sequences per micro-batch (0 = the whole batch)."""
+    nothing: GPUs per run (above 1: torchrun data parallel), device, checkpoint interval, torch.compile,
+    sequences per micro-batch (0 = the whole batch) and tokens per chunk of the loss (0 = all at once)."""
     training = config["training"]
     return {
         "gpu": training["gpus_per_run"],
@@ -230,6 +231,7 @@ def train_execution():
         "checkpoint_every": training["checkpoint_every"],
         "compile": int(training["compile"]),
         "micro_batch_size": training["micro_batch_size"] or 0,
+        "loss_chunk_tokens": training["loss_chunk_tokens"] or 0,
     }
 
 

@@ -222,6 +222,15 @@ def test_micro_batches_give_the_same_training(tmp_path, tokens):
     assert micro["loss"] == pytest.approx(whole["loss"], abs=1e-4)
 
 
+def test_loss_in_chunks_gives_the_same_training(tmp_path, tokens):
+    whole = run(tmp_path, settings(), tokens, "whole")
+    chunked = run(tmp_path, settings(), tokens, "chunked", loss_chunk_tokens=24)  # batches of 64 tokens
+    a = pd.read_parquet(tmp_path / "whole" / "metrics.parquet")["loss"]
+    b = pd.read_parquet(tmp_path / "chunked" / "metrics.parquet")["loss"]
+    assert np.allclose(a, b, rtol=0, atol=1e-5)
+    assert chunked["loss"] == pytest.approx(whole["loss"], abs=1e-5)
+
+
 def test_execution_is_not_part_of_the_run_identity():
     assert "threads" not in settings().to_json() and "checkpoint_every" not in settings().to_json()
     assert train.settings_hash(settings(), MANIFEST) == train.settings_hash(settings(), MANIFEST)

@@ -169,7 +169,8 @@ def _train(args: argparse.Namespace) -> None:
     val_tokens = tokens.open_tokens(args.val_tokens, manifest, "val")
     execution = train.Execution(threads=args.threads, checkpoint_every=args.checkpoint_every,
                                 compile=bool(args.compile), device=args.device,
-                                micro_batch_size=args.micro_batch_size or None)
+                                micro_batch_size=args.micro_batch_size or None,
+                                loss_chunk_tokens=args.loss_chunk_tokens or None)
     # Several runs in one job: each keeps its final checkpoint until all are done, so that a job killed after
     # some finished redoes their outputs from those checkpoints instead of training them again.
     for i, settings in enumerate(runs):
@@ -429,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="1: torch.compile the model")
     s.add_argument("--micro-batch-size", type=int, default=schema_default("training", "micro_batch_size") or 0,
                    help="sequences per forward/backward pass (gradient accumulation); 0: the whole batch")
+    s.add_argument("--loss-chunk-tokens", type=int, default=schema_default("training", "loss_chunk_tokens") or 0,
+                   help="tokens whose logits and loss are computed at a time; 0: all at once")
     s.set_defaults(func=_train)
 
     s = sub.add_parser("runs", help="collect run summaries into one table")

@@ -14,11 +14,11 @@ reported ``loss`` is the bias-corrected EMA of the training loss (the paper's "s
 exponential moving average of the weights when ``weight_ema`` > 0 (else with the final weights, which
 ``val_loss_last`` always scores).
 
-How a run executes (:class:`Execution`: device, threads, micro-batching, ``torch.compile``, checkpoint interval)
-is not part of its identity: changing it neither retrains finished runs nor invalidates checkpoints; the device
-never changes the numerics. On CUDA AdamW is fused (and bf16 runs use TF32 for what stays fp32); launched by
-``torchrun`` with several processes, one run is trained data-parallel (each rank takes an equal share of every
-batch, rank 0 writes).
+How a run executes (:class:`Execution`: device, threads, micro-batching, the loss's token chunks, ``torch.compile``,
+checkpoint interval) is not part of its identity: changing it neither retrains finished runs nor invalidates
+checkpoints; the device never changes the numerics. On CUDA AdamW is fused (and bf16 runs use TF32 for what stays
+fp32); launched by ``torchrun`` with several processes, one run is trained data-parallel (each rank takes an equal
+share of every batch, rank 0 writes).
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ class Execution:
     compile: bool = False
     device: str = "auto"
     micro_batch_size: int | None = None
+    loss_chunk_tokens: int | None = 8192
 
     def torch_device(self, local_rank: int = 0) -> torch.device:
         """'auto' is CUDA when available, else CPU; each data-parallel rank gets its own GPU."""
@@ -355,7 +356,7 @@ def train_run(
         for i, (xm, ym, share) in enumerate(parts):
             sync = i == len(parts) - 1 or par.world == 1
             with (contextlib.nullcontext() if sync else step_fn.no_sync()), autocast(device, s.numerics):
-                loss = step_fn(xm, ym)
+                loss = step_fn(xm, ym, execution.loss_chunk_tokens)
             (loss if len(parts) == 1 else loss * share).backward()
             loss_sum += loss.detach() * share
         if par.world > 1:

@@ -66,7 +66,7 @@ def flops_per_token(layers: int, hidden: int, vocab: int, seq_len: int, n_params
 
 @dataclass
 class _Case:
-    """One model being timed: its optimizer, batches and the (possibly compiled) forward."""
+    """One model being timed: its optimizer, batches, the (possibly compiled) forward and the loss's token chunk."""
 
     size: str
     precision: str
@@ -78,6 +78,7 @@ class _Case:
     forward: Callable
     batches: Any
     settings: Any
+    chunk_tokens: int | None
     step: int = 0
     compile_s: float = 0.0
 
@@ -103,7 +104,8 @@ def _build_case(cfg: dict, size: str, precision: str, group: int | str | None, m
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     forward = torch.compile(model) if mode == "compile" else model
     return _Case(size, precision, group, mode, numerics, model, make_optimizer(model, s), forward,
-                 TokenBatches(tokens, s.seq_len, s.batch_size, s.seed), s)
+                 TokenBatches(tokens, s.seq_len, s.batch_size, s.seed), s,
+                 cfg["training"]["loss_chunk_tokens"])
 
 
 def _train_step(case: _Case) -> float:
@@ -118,7 +120,7 @@ def _train_step(case: _Case) -> float:
         group["lr"] = lr
     x, y = case.batches.batch(case.step)
     with autocast(torch.device("cpu"), s.numerics):
-        loss = case.forward(x, y)
+        loss = case.forward(x, y, case.chunk_tokens)
     value = loss.item()
     case.opt.zero_grad(set_to_none=True)
     loss.backward()
