@@ -6,8 +6,10 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -290,6 +292,52 @@ def test_data_parallel_run_under_torchrun_matches_one_process(tmp_path, tokens):
     assert np.allclose(a, b, rtol=0, atol=1e-4)
     assert ddp["loss"] == pytest.approx(single["loss"], abs=1e-4)
     assert ddp["val_loss"] == pytest.approx(single["val_loss"], abs=1e-4)
+
+
+def test_evaluation_in_micro_batches_and_chunks_equals_one_batch(tokens):
+    model, val = train.build_model(settings(), VOCAB), tokens[1]
+    whole = train.evaluate(model, val, 16, 256, 16)  # 16 windows of 16 tokens in one forward
+    assert train.evaluate(model, val, 16, 256, 16, chunk_tokens=256) == whole
+    for per_forward, chunk in ((4, None), (5, None), (1, None), (16, 20), (3, 7)):
+        assert train.evaluate(model, val, 16, 256, per_forward, chunk_tokens=chunk) == pytest.approx(whole, rel=1e-6)
+
+
+EVALUATE_ON_RANKS = """
+import json, sys
+import numpy as np, torch
+from qatlaw import train
+from test_train import VOCAB, settings
+
+torch.set_num_threads(1)
+par = train.Parallel.from_env()
+if par.world > 1:
+    torch.distributed.init_process_group("gloo")
+val = np.load(sys.argv[1])
+model = train.build_model(settings(), VOCAB)
+losses = [train.evaluate(model, val, 16, 256, n, chunk_tokens=chunk, par=par) for n, chunk in ((1, None), (3, 20))]
+with open(f"{sys.argv[2]}.{par.rank}.json", "w") as f:
+    json.dump(losses, f)
+"""
+
+
+@pytest.mark.slow
+def test_evaluation_split_over_torchrun_ranks_equals_one_process(tmp_path, tokens):
+    """Two gloo ranks each score every other window; both get the mean of one process scoring all of them."""
+    script, val = tmp_path / "evaluate.py", tmp_path / "val.npy"
+    script.write_text(EVALUATE_ON_RANKS)
+    np.save(val, tokens[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    one = [sys.executable, str(script), str(val), str(tmp_path / "one")]
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(script), str(val), str(tmp_path / "two")]
+    for command in (one, two):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+    (single, grouped), = [json.loads((tmp_path / "one.0.json").read_text())]
+    for rank in (0, 1):
+        split_single, split_grouped = json.loads((tmp_path / f"two.{rank}.json").read_text())
+        assert split_single == pytest.approx(single, rel=1e-12)  # one window per forward: the same window losses
+        assert split_grouped == pytest.approx(grouped, rel=1e-6)
 
 
 def test_fixed_warmup_steps_override_the_fraction():

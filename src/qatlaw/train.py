@@ -18,7 +18,7 @@ How a run executes (:class:`Execution`: device, threads, micro-batching, the los
 checkpoint interval) is not part of its identity: changing it neither retrains finished runs nor invalidates
 checkpoints; the device never changes the numerics. On CUDA AdamW is fused (and bf16 runs use TF32 for what stays
 fp32); launched by ``torchrun`` with several processes, one run is trained data-parallel (each rank takes an equal
-share of every batch, rank 0 writes).
+share of every batch and of the validation windows, rank 0 writes).
 """
 
 from __future__ import annotations
@@ -190,8 +190,11 @@ def autocast(device: torch.device, numerics: str) -> contextlib.AbstractContextM
 
 @torch.no_grad()
 def evaluate(model: Model, tokens: Tokens, seq_len: int, max_tokens: int, batch_size: int,
-             device: torch.device = torch.device("cpu"), numerics: str = "fp32") -> float:
-    """Mean next-token loss over the first ``max_tokens`` tokens, in non-overlapping windows."""
+             device: torch.device = torch.device("cpu"), numerics: str = "fp32", chunk_tokens: int | None = None,
+             par: Parallel = Parallel()) -> float:
+    """Mean next-token loss over the first ``max_tokens`` tokens, in non-overlapping windows scored ``batch_size``
+    at a time (the loss ``chunk_tokens`` tokens at a time); with several ranks each scores every ``par.world``-th
+    window and all get the mean of all."""
     n_windows = min(len(tokens) - 1, max_tokens) // seq_len
     if n_windows < 1:
         raise TrainError(f"the validation split has {len(tokens)} tokens, less than one window of {seq_len}")
@@ -199,14 +202,17 @@ def evaluate(model: Model, tokens: Tokens, seq_len: int, max_tokens: int, batch_
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for start in range(0, n_windows, batch_size):
-        w = torch.arange(start, min(n_windows, start + batch_size))
+    for w in torch.arange(par.rank, n_windows, par.world).split(batch_size):
         rows = data[(w * seq_len)[:, None] + torch.arange(seq_len + 1)].to(device)
         with autocast(device, numerics):
-            loss = model(rows[:, :-1], rows[:, 1:])
-        total += loss.item() * len(w)
+            loss = model(rows[:, :-1], rows[:, 1:], chunk_tokens)
+        total += loss.item() * len(w)  # windows are of equal length: their mean is the mean over tokens
         count += len(w)
     model.train(was_training)
+    if par.world > 1:
+        sums = torch.tensor([total, count], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(sums)
+        total, count = sums.tolist()
     return total / count
 
 
@@ -385,11 +391,13 @@ def train_run(
     wall = wall_before + time.perf_counter() - t0
     val_loss_last = val_loss = float("nan")
     if not diverged:
-        val_loss_last = val_loss = evaluate(model, val_tokens, s.seq_len, s.eval_tokens, s.batch_size, device,
-                                            s.numerics)
+        per_forward = execution.micro_batch_size or s.batch_size // par.world  # windows per forward, as in training
+        scoring = (val_tokens, s.seq_len, s.eval_tokens, per_forward, device, s.numerics,
+                   execution.loss_chunk_tokens, par)
+        val_loss_last = val_loss = evaluate(model, *scoring)
         if average is not None:
             average.swap()  # the averaged weights are the run's model from here on
-            val_loss = evaluate(model, val_tokens, s.seq_len, s.eval_tokens, s.batch_size, device, s.numerics)
+            val_loss = evaluate(model, *scoring)
     trained = len(rows) * s.tokens_per_step
     summary = {
         "run_id": s.run_id, "size": s.size, "N": non_embedding_params(model.cfg), "D": trained,
