@@ -340,6 +340,17 @@ def test_evaluation_split_over_torchrun_ranks_equals_one_process(tmp_path, token
         assert split_grouped == pytest.approx(grouped, rel=1e-6)
 
 
+def test_only_rank_0_writes_the_run_log(tmp_path, monkeypatch):
+    """Under torchrun every rank logs to stderr (the job's log); only rank 0 also writes the run's own log."""
+    from qatlaw.cli import _run_log
+
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        with _run_log(str(tmp_path / f"rank{rank}.log")):
+            logging.getLogger("qatlaw.train").warning("step 1")
+    assert not (tmp_path / "rank1.log").exists() and "step 1" in (tmp_path / "rank0.log").read_text()
+
+
 def test_fixed_warmup_steps_override_the_fraction():
     assert settings().warmup == round(0.1 * settings().steps)
     assert settings(warmup_steps=3).warmup == 3

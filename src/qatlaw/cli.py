@@ -119,8 +119,9 @@ def _read_manifest(path: str) -> dict:
 
 @contextlib.contextmanager
 def _run_log(path: str | None):
-    """While one run of a job trains, also write the log to that run's own file (``--run-log``)."""
-    if path is None:
+    """While one run of a job trains, also write the log to that run's own file (``--run-log``); under torchrun
+    only rank 0 writes it, the other ranks log to stderr only."""
+    if path is None or int(os.environ.get("RANK", 0)) != 0:
         yield
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
