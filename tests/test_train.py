@@ -272,7 +272,7 @@ def test_cuda_without_a_gpu_is_a_clear_error():
 @pytest.mark.slow
 def test_data_parallel_run_under_torchrun_matches_one_process(tmp_path, tokens):
     """`qatlaw train --gpus 2` relaunches itself under torchrun; two gloo processes on CPU, each with half of
-    every batch, train the same model as one process."""
+    every batch (its loss in chunks: 32 tokens in chunks of 24 and 8), train the same model as one process."""
     write_store(tmp_path, tokens)
     out = tmp_path / "ddp"
     result = subprocess.run(
@@ -280,7 +280,8 @@ def test_data_parallel_run_under_torchrun_matches_one_process(tmp_path, tokens):
          "--train-tokens", str(tmp_path / "train.npy"), "--val-tokens", str(tmp_path / "val.npy"),
          "--manifest", str(tmp_path / "manifest.json"), "--summary", str(out / "summary.parquet"),
          "--metrics", str(out / "metrics.parquet"), "--model", str(out / "model.pt"),
-         "--checkpoint", str(out / "ckpt.pt"), "--gpus", "2", "--device", "cpu", "--checkpoint-every", "4"],
+         "--checkpoint", str(out / "ckpt.pt"), "--gpus", "2", "--device", "cpu", "--checkpoint-every", "4",
+         "--loss-chunk-tokens", "24"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
