@@ -180,6 +180,20 @@ def test_loss_in_chunks_equals_the_whole_logits_up_to_rounding(precision, opts):
         torch.testing.assert_close(chunked_grads[name], g, rtol=1e-6, atol=1e-6 * g.abs().max().item())
 
 
+def test_loss_in_chunks_under_bf16_autocast():
+    """training.numerics: bf16. One chunk is bit-identical; in several the loss is equal to rounding and the
+    gradients are equal up to bf16 rounding (each chunk's bf16 matmuls round on their own)."""
+    model, idx = make("W4A4", G16), tokens(batch=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = whole_logits_loss_and_grads(model, idx)
+        one, one_grads = loss_and_grads(model, idx, 8192)
+        chunked, chunked_grads = loss_and_grads(model, idx, 14)
+    assert torch.equal(one, loss) and all(torch.equal(one_grads[name], g) for name, g in grads.items())
+    torch.testing.assert_close(chunked, loss, rtol=1e-6, atol=0)
+    for name, g in grads.items():
+        torch.testing.assert_close(chunked_grads[name], g, rtol=0, atol=2**-6 * g.abs().max().item())
+
+
 def test_chunks_bound_the_logits_kept_for_backward():
     """Bytes saved for the backward pass: with chunks they grow with the tokens by the trunk's activations only,
     without by at least the fp32 logits and their log-softmax (two vocabulary rows per token)."""
