@@ -161,6 +161,7 @@ TRAIN_SHELL = (
     "--manifest {input.manifest} --summary {output.summary} --metrics {output.metrics} "
     "--model {output.model} --checkpoint {params.checkpoint} --threads {threads} --gpus {resources.gpu} "
     "--device {resources.train_device} --checkpoint-every {resources.checkpoint_every} "
+    "--checkpoint-minutes {resources.checkpoint_minutes} "
     "--compile {resources.compile} --micro-batch-size {resources.micro_batch_size} "
     "--loss-chunk-tokens {resources.loss_chunk_tokens} {params.run_logs}> {log.job} 2>&1"
 )
@@ -222,13 +223,15 @@ def batch_priority(batch):
 
 def train_execution():
     """How training jobs execute, as resources of the train rule (not params), so that changing them retrains
-    nothing: GPUs per run (above 1: torchrun data parallel), device, checkpoint interval, torch.compile,
-    sequences per micro-batch (0 = the whole batch) and tokens per chunk of the loss (0 = all at once)."""
+    nothing: GPUs per run (above 1: torchrun data parallel), device, checkpoint intervals (steps; minutes, as a
+    string: Snakemake rounds float resources), torch.compile, sequences per micro-batch (0 = the whole batch) and
+    tokens per chunk of the loss (0 = all at once)."""
     training = config["training"]
     return {
         "gpu": training["gpus_per_run"],
         "train_device": training["device"],
         "checkpoint_every": training["checkpoint_every"],
+        "checkpoint_minutes": str(training["checkpoint_minutes"]),
         "compile": int(training["compile"]),
         "micro_batch_size": training["micro_batch_size"] or 0,
         "loss_chunk_tokens": training["loss_chunk_tokens"] or 0,

@@ -166,8 +166,8 @@ def test_cli_defaults_are_the_schema_defaults():
     parser = build_parser()
     train = parser.parse_args(["train", *(f"--{k}=x" for k in ("settings", "train-tokens", "val-tokens", "manifest",
                                                                  "summary", "metrics", "model", "checkpoint"))])
-    assert (train.threads, train.gpus, train.device, train.checkpoint_every, train.compile, train.micro_batch_size,
-            train.loss_chunk_tokens) == (1, 0, "auto", 200, 0, 0, 8192)
+    assert (train.threads, train.gpus, train.device, train.checkpoint_every, train.checkpoint_minutes, train.compile,
+            train.micro_batch_size, train.loss_chunk_tokens) == (1, 0, "auto", 200, 30, 0, 0, 8192)
     fitted = parser.parse_args(["fit", "--runs", "r", "--out-dir", "o"])
     assert (fitted.bootstrap, fitted.seed, fitted.metric) == tuple(config.schema_default("fit", k)
                                                                    for k in ("bootstrap", "seed", "metric"))

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -136,8 +137,9 @@ def test_same_run_twice_gives_identical_losses(tmp_path, tokens):
     assert a.tolist() == b.tolist()
 
 
-def crash_at_step_6(tmp_path, s: RunSettings, tokens, monkeypatch) -> None:
-    """Run ``s`` as "crashed" and kill it (KeyboardInterrupt) when it asks for batch 6, after its step-4 checkpoint."""
+def crash_at_step_6(tmp_path, s: RunSettings, tokens, monkeypatch, **execution) -> None:
+    """Run ``s`` as "crashed" and kill it (KeyboardInterrupt) when it asks for batch 6, after its step-4 checkpoint
+    (with ``run``'s checkpoint interval)."""
     real_batch = train.TokenBatches.batch
 
     def batch(self, step):
@@ -148,7 +150,7 @@ def crash_at_step_6(tmp_path, s: RunSettings, tokens, monkeypatch) -> None:
     with monkeypatch.context() as patch:
         patch.setattr(train.TokenBatches, "batch", batch)
         with pytest.raises(KeyboardInterrupt):
-            run(tmp_path, s, tokens, "crashed")
+            run(tmp_path, s, tokens, "crashed", **execution)
 
 
 @pytest.mark.parametrize("store", ["in memory", "token store"])
@@ -172,6 +174,24 @@ def test_crash_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, tok
     a = pd.read_parquet(tmp_path / "reference" / "metrics.parquet")["loss"]
     b = pd.read_parquet(tmp_path / "crashed" / "metrics.parquet")["loss"]
     assert np.allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_checkpoints_every_checkpoint_minutes_of_wall_time(tmp_path, tokens, monkeypatch, caplog):
+    """Besides every ``checkpoint_every`` steps, a checkpoint is written once ``checkpoint_minutes`` have passed
+    since the last; with the default 30 minutes a short run writes only the step-based ones."""
+    checkpoint = tmp_path / "crashed" / "ckpt" / "ckpt.pt"
+    assert train.Execution().checkpoint_minutes == 30
+    with caplog.at_level(logging.INFO, logger="qatlaw.train"):
+        crash_at_step_6(tmp_path, settings(), tokens, monkeypatch)
+    assert torch.load(checkpoint, weights_only=False)["step"] == 4 and "checkpoint at step" not in caplog.text
+
+    checkpoint.unlink()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="qatlaw.train"):
+        crash_at_step_6(tmp_path, settings(), tokens, monkeypatch, checkpoint_every=1000, checkpoint_minutes=1e-9)
+    assert torch.load(checkpoint, weights_only=False)["step"] == 6  # written after every step, by time
+    timed = re.findall(r"checkpoint at step (\d+)/12, [\d.]+ min after the last", caplog.text)
+    assert timed == [str(k) for k in range(1, 7)]
 
 
 def test_checkpoint_of_other_settings_is_not_resumed(tmp_path, tokens, monkeypatch, caplog):

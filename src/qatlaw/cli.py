@@ -169,8 +169,8 @@ def _train(args: argparse.Namespace) -> None:
     train_tokens = tokens.open_tokens(args.train_tokens, manifest, "train")
     val_tokens = tokens.open_tokens(args.val_tokens, manifest, "val")
     execution = train.Execution(threads=args.threads, checkpoint_every=args.checkpoint_every,
-                                compile=bool(args.compile), device=args.device,
-                                micro_batch_size=args.micro_batch_size or None,
+                                checkpoint_minutes=args.checkpoint_minutes, compile=bool(args.compile),
+                                device=args.device, micro_batch_size=args.micro_batch_size or None,
                                 loss_chunk_tokens=args.loss_chunk_tokens or None)
     # Several runs in one job: each keeps its final checkpoint until all are done, so that a job killed after
     # some finished redoes their outputs from those checkpoints instead of training them again.
@@ -427,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=schema_default("training", "device"))
     s.add_argument("--checkpoint-every", type=int, default=schema_default("training", "checkpoint_every"),
                    help="optimizer steps between checkpoints")
+    s.add_argument("--checkpoint-minutes", type=_positive, default=schema_default("training", "checkpoint_minutes"),
+                   help="minutes of wall time between checkpoints")
     s.add_argument("--compile", type=int, choices=[0, 1], default=int(schema_default("training", "compile")),
                    help="1: torch.compile the model")
     s.add_argument("--micro-batch-size", type=int, default=schema_default("training", "micro_batch_size") or 0,

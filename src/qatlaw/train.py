@@ -15,10 +15,11 @@ exponential moving average of the weights when ``weight_ema`` > 0 (else with the
 ``val_loss_last`` always scores).
 
 How a run executes (:class:`Execution`: device, threads, micro-batching, the loss's token chunks, ``torch.compile``,
-checkpoint interval) is not part of its identity: changing it neither retrains finished runs nor invalidates
+checkpoint intervals) is not part of its identity: changing it neither retrains finished runs nor invalidates
 checkpoints; the device never changes the numerics. On CUDA AdamW is fused (and bf16 runs use TF32 for what stays
 fp32); launched by ``torchrun`` with several processes, one run is trained data-parallel (each rank takes an equal
-share of every batch and of the validation windows, rank 0 writes).
+share of every batch and of the validation windows, rank 0 writes). A checkpoint is written every
+``checkpoint_every`` steps and every ``checkpoint_minutes`` of wall time.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class Execution:
 
     threads: int = 1
     checkpoint_every: int = 200
+    checkpoint_minutes: float = 30.0
     compile: bool = False
     device: str = "auto"
     micro_batch_size: int | None = None
@@ -269,6 +271,15 @@ def micro_batches(x: torch.Tensor, y: torch.Tensor, size: int | None) -> Iterato
         yield x[start:start + size], y[start:start + size], min(size, len(x) - start) / len(x)
 
 
+def _on_any_rank(par: Parallel, device: torch.device, *flags: bool) -> list[bool]:
+    """Each flag, true on every rank when it is true on any (one all_reduce), so that all ranks act alike."""
+    if par.world == 1:
+        return list(flags)
+    reduced = torch.tensor(flags, dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v) for v in reduced.tolist()]
+
+
 def _device_name(device: torch.device, par: Parallel) -> str:
     name = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device)
     return name if par.world == 1 else f"{par.world}x {name}"
@@ -340,14 +351,17 @@ def train_run(
     log.info("%s: N=%d, %d steps of %d tokens, lr %.2e, warm-up %d, on %s", s.run_id,
              non_embedding_params(model.cfg), s.steps, s.tokens_per_step, s.lr, warmup, _device_name(device, par))
     t0, first_step = time.perf_counter(), step
+    saved_at = t0
     log_every = max(1, s.steps // 20)
 
     def save_checkpoint() -> None:
+        nonlocal saved_at
         with atomic_path(checkpoint_path) as tmp:
             torch.save({"identity": identity, "step": step, "ema": ema, "rows": rows, "diverged": diverged,
                         "wall_s": wall_before + time.perf_counter() - t0,
                         "model": model.state_dict(), "optimizer": opt.state_dict(),
                         "weight_average": None if average is None else average.state_dict()}, tmp)
+        saved_at = time.perf_counter()
 
     while step < s.steps and not diverged:
         t_step = time.perf_counter()
@@ -385,7 +399,11 @@ def train_run(
             eta = (time.perf_counter() - t0) / (step - first_step) * (s.steps - step)
             log.info("%s: step %d/%d loss %.4f ema %.4f lr %.2e %.0f tok/s ETA %.0f s", s.run_id, step, s.steps,
                      loss_value, ema_debiased, lr, tps, eta)
-        if step % execution.checkpoint_every == 0 and step < s.steps and par.is_main:
+        minutes = (time.perf_counter() - saved_at) / 60
+        (timed,) = _on_any_rank(par, device, par.is_main and minutes >= execution.checkpoint_minutes)
+        if par.is_main and step < s.steps and (timed or step % execution.checkpoint_every == 0):
+            if timed:
+                log.info("%s: checkpoint at step %d/%d, %.1f min after the last", s.run_id, step, s.steps, minutes)
             save_checkpoint()
 
     wall = wall_before + time.perf_counter() - t0
