@@ -156,8 +156,10 @@ TRAIN_INPUTS = {
     "manifest": "results/data/manifest.json",
     "budget": "results/data/budget.json",
 }
+# exec: Snakemake's own child is then `qatlaw train`, which Snakemake waits for on SIGTERM (a time limit,
+# preemption, the SLURM profile's warning) while it writes its checkpoint; a shell in between would die at once.
 TRAIN_SHELL = (
-    "qatlaw train --settings {params.settings:q} --train-tokens {input.train} --val-tokens {input.val} "
+    "exec qatlaw train --settings {params.settings:q} --train-tokens {input.train} --val-tokens {input.val} "
     "--manifest {input.manifest} --summary {output.summary} --metrics {output.metrics} "
     "--model {output.model} --checkpoint {params.checkpoint} --threads {threads} --gpus {resources.gpu} "
     "--device {resources.train_device} --checkpoint-every {resources.checkpoint_every} "

@@ -56,8 +56,12 @@ def test_slurm_profile_keys():
     assert profile["slurm-requeue"] is True
     defaults = dict(item.split("=", 1) for item in profile["default-resources"])
     assert int(defaults["mem_mb"]) > 0 and int(defaults["runtime"]) > 0
-    # train's memory and runtime come from the rule (qatlaw.grid.estimate_resources), never from the profile.
-    assert not any(item.startswith("train:") for item in profile.get("set-resources") or [])
+    # train's memory and runtime come from the rule (qatlaw.grid.estimate_resources), never from the profile; the
+    # profile only asks SLURM for SIGTERM ahead of the time limit (to every process of the job, not B: its batch
+    # shell), which `qatlaw train` answers with a checkpoint
+    overrides = dict(item.split("=", 1) for item in profile["set-resources"])
+    assert list(overrides) == ["train:slurm_extra"]
+    assert re.fullmatch(r"'--signal=TERM@(\d+)'", overrides["train:slurm_extra"])
 
 
 def dry_run_resources(output: str) -> dict[str, dict[str, str]]:

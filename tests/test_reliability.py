@@ -9,6 +9,8 @@ subprocess versions of those tables are marked slow.
 | fault | behaviour | test |
 |---|---|---|
 | ``qatlaw train`` SIGKILLed mid-run after a checkpoint (one run per job, or batched) | Snakemake fails the job; rerunning the target resumes from the checkpoint (log says so) and ends at the uninterrupted run's loss (1e-6); a summary Parquet never exists partially, the killed run's never before it is complete | ``test_killed_training_job_resumes_from_its_checkpoint`` |
+| SIGUSR1, then SIGTERM, to ``qatlaw train`` mid-run (SLURM's warning before a time limit, the limit itself, preemption) | each time it ends its step, writes its checkpoint and exits with status 75, no output; the third start ends with exactly the uninterrupted run's per-step metrics, loss and val_loss | ``test_signalled_training_checkpoints_and_resumes_exactly`` |
+| SIGTERM to every process of a Snakemake training job (as SLURM sends it) | Snakemake waits while the run writes its checkpoint, then fails the job (exit status 75), nothing of it left running; rerunning resumes from that step and ends at the uninterrupted run's loss | ``test_terminated_training_job_checkpoints_and_resumes`` |
 | Snakemake and its job SIGKILLed together (preemption) | the stale lock refuses a rerun and names ``--unlock``; after it, ``--rerun-incomplete`` resumes | ``test_preempted_workflow_is_refused_until_unlocked_then_resumes`` |
 | a second ``snakemake`` (also with ``--rerun-incomplete``) on a directory in use | refused (the lock, or first the running job's incomplete files), non-zero exit, no file touched | ``test_killed_training_job_resumes_from_its_checkpoint`` |
 | the same cell trained twice | identical per-step losses, bit for bit (CPU) | ``test_same_cell_twice_gives_identical_per_step_losses`` |
@@ -41,6 +43,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from test_train import settings as toy_settings
+from test_train import tokens, write_store  # noqa: F401 (tokens: the toy token fixture)
 from test_workflow import write_texts
 
 from qatlaw import config, decompose, fit, grid, outputs, report_inputs, runtable
@@ -189,12 +193,15 @@ def train_logs(workdir: Path) -> str:
     return "\n".join(p.read_text() for p in sorted((workdir / "results" / "logs" / "train").rglob("*.log")))
 
 
-def assert_resumed_like_reference(workdir: Path, reference: dict) -> None:
+def assert_resumed_like_reference(workdir: Path, reference: dict, stopped_at: int | None = None) -> None:
+    """The run resumed mid-run (killed: from a periodic checkpoint; stopped by a signal: from ``stopped_at``)
+    and ended where the uninterrupted reference ends."""
     logs = train_logs(workdir)
     match = RESUMED.search(logs)
     assert match, logs[-3000:]
     step, total = int(match[1]), int(match[2])
-    assert 0 < step < total and step % KILL_TRAINING["checkpoint_every"] == 0  # killed mid-run, after a checkpoint
+    assert 0 < step < total
+    assert step == stopped_at if stopped_at else step % KILL_TRAINING["checkpoint_every"] == 0
     run_dir = workdir / "results" / "runs" / RUN
     summary = pd.read_parquet(run_dir / "summary.parquet").iloc[0]
     assert bool(summary["resumed"]) and not bool(summary["diverged"])
@@ -327,6 +334,111 @@ def test_same_cell_twice_gives_identical_per_step_losses(reference):
     summary = pd.read_parquet(run_dir / "summary.parquet").iloc[0]
     assert summary["loss"] == reference["summary"]["loss"]
     assert summary["val_loss"] == reference["summary"]["val_loss"]
+
+
+# ------------------------------------------------------------------- time limits and preemption: signals
+
+STOP_LINE = re.compile(r"(\S+): (SIG\w+): stopping after step (\d+)/(\d+), checkpoint ")
+
+
+def torch_load(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, weights_only=False)
+
+
+@LINUX_PROC
+@pytest.mark.slow
+def test_terminated_training_job_checkpoints_and_resumes(data_project, reference, tmp_path):
+    """SIGTERM to every process of a running training job, as SLURM sends it at a time limit, on preemption, or
+    ahead of the limit (the profile's `--signal=TERM@...`): Snakemake waits while `qatlaw train` ends its step
+    and writes its checkpoint (exit status 75), then fails the job; rerunning resumes from that step and ends
+    where an uninterrupted run ends."""
+    workdir = copy_project(data_project, tmp_path / "project")
+    first = start_snakemake(workdir, "--cores", "1", TARGET)
+    try:
+        wait_for(lambda: f"{RUN}: step " in train_logs(workdir), 600, "the run's first logged step", first,
+                 workdir / "first-snakemake.out")
+        os.killpg(first.pid, signal.SIGTERM)
+        assert first.wait(timeout=300) != 0
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    assert not group_alive(first.pid)  # Snakemake waited for its job: nothing of the job outlives it
+    assert "non-zero exit status 75" in (workdir / "first-snakemake.out").read_text()
+    stop = STOP_LINE.search(train_logs(workdir))
+    assert stop and stop[1] == RUN and stop[2] == "SIGTERM", train_logs(workdir)[-3000:]
+    assert torch_load(workdir / CHECKPOINT)["step"] == int(stop[3])
+    assert run_files(workdir) == {}
+
+    rerun = snakemake(workdir, "--cores", "1", TARGET)
+    assert rerun.returncode == 0, output(rerun)[-3000:]
+    assert_resumed_like_reference(workdir, reference, stopped_at=int(stop[3]))
+
+
+# 200 steps of test_train's toy run, about 20 ms each: a signal lands mid-run.
+TOY_STEPS = 200
+
+
+@LINUX_PROC
+@pytest.mark.parametrize("gpus", [pytest.param(0, id="one-process"),
+                                  pytest.param(2, id="torchrun", marks=pytest.mark.slow)])
+def test_signalled_training_checkpoints_and_resumes_exactly(tmp_path, tokens, gpus):
+    """SIGUSR1 (SLURM's warning before a time limit), then SIGTERM (a time limit, preemption) to a real
+    `qatlaw train`: each time it ends its step, writes its checkpoint and exits with status 75, leaving no output;
+    the third start finishes with exactly the per-step metrics, loss and val_loss of an uninterrupted run. Under
+    torchrun (`--gpus 2`, two gloo processes) the launcher passes the signal on and both ranks stop after the
+    same step."""
+    from qatlaw.stopping import STOPPED_STATUS
+
+    write_store(tmp_path, tokens)
+    s = toy_settings(tokens=4 * 16 * TOY_STEPS)
+
+    def argv(out: Path) -> list[str]:
+        return [*QATLAW, "train", "--settings", s.to_json(), "--train-tokens", str(tmp_path / "train.npy"),
+                "--val-tokens", str(tmp_path / "val.npy"), "--manifest", str(tmp_path / "manifest.json"),
+                "--summary", str(out / "summary.parquet"), "--metrics", str(out / "metrics.parquet"),
+                "--model", str(out / "model.pt"), "--checkpoint", str(out / "ckpt.pt"), "--device", "cpu",
+                "--gpus", str(gpus)]
+
+    out = tmp_path / "run"
+    stopped_at = 0
+    for signum, after in ((signal.SIGUSR1, 20), (signal.SIGTERM, 100)):
+        log = tmp_path / f"{signum.name}.log"
+        with open(log, "w") as err:
+            proc = subprocess.Popen(argv(out), stdout=subprocess.DEVNULL, stderr=err, env=ENV)
+        try:
+            wait_for(lambda: f" step {after}/{TOY_STEPS} loss" in log.read_text(), 300, f"step {after}", proc, log)
+            proc.send_signal(signum)
+            assert proc.wait(timeout=120) == STOPPED_STATUS, log.read_text()[-3000:]
+        finally:
+            proc.kill()
+            proc.wait()
+        text = log.read_text()
+        step = torch_load(out / "ckpt.pt")["step"]
+        assert stopped_at < after <= step < TOY_STEPS  # the checkpoint of the step it stopped after
+        stops = STOP_LINE.findall(text)
+        assert stops == [(s.run_id, signum.name, str(step), str(TOY_STEPS))] * max(1, gpus), text[-3000:]
+        resumed = f"resuming from checkpoint {out / 'ckpt.pt'} at step {stopped_at}/{TOY_STEPS}"
+        assert (resumed in text) == bool(stopped_at)
+        stopped = f"torchrun stopped on {signum.name} (see the log above)" if gpus else \
+            f"{s.run_id}: stopped on {signum.name} after step {step}/{TOY_STEPS}"
+        assert last_line(text) == f"qatlaw train: {stopped}; rerun to resume"
+        assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt"]  # no output, no temporary file
+        stopped_at = step
+
+    finished = {name: subprocess.run(argv(tmp_path / name), capture_output=True, text=True, env=ENV, timeout=600)
+                for name in ("run", "reference")}
+    assert all(result.returncode == 0 for result in finished.values()), finished
+    assert f"resuming from checkpoint {out / 'ckpt.pt'} at step {stopped_at}/{TOY_STEPS}" in finished["run"].stderr
+    summary, reference = (pd.read_parquet(tmp_path / name / "summary.parquet").iloc[0] for name in ("run", "reference"))
+    assert summary["resumed"] and summary["steps"] == reference["steps"] == TOY_STEPS
+    assert (summary["loss"], summary["val_loss"]) == (reference["loss"], reference["val_loss"])
+    metrics = {name: pd.read_parquet(tmp_path / name / "metrics.parquet").drop(columns="tokens_per_s")
+               for name in ("run", "reference")}
+    pd.testing.assert_frame_equal(metrics["run"], metrics["reference"], check_exact=True)
+    assert not (out / "ckpt.pt").exists()
 
 
 # ---------------------------------------------------------------------------------------- 3: bad config

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from qatlaw.config import ConfigError, schema_default, schema_key
 from qatlaw.errors import QatlawError
+from qatlaw.stopping import STOPPED_STATUS, Stopped, StopSignals
 
 log = logging.getLogger("qatlaw")
 
@@ -150,10 +151,16 @@ def _train(args: argparse.Namespace) -> None:
         if held:
             log.info("GPUs %s leased for this job (CUDA_VISIBLE_DEVICES)", os.environ["CUDA_VISIBLE_DEVICES"])
     if args.gpus > 1 and "WORLD_SIZE" not in os.environ:
+        # torchrun passes SIGUSR1 on to the workers, as it does its default signals
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}",
-                  "-m", "qatlaw", *args.argv]
+                  "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "-m", "qatlaw", *args.argv]
         log.info("data parallel over %d GPUs: %s", args.gpus, " ".join(launch[:6]))
-        if subprocess.run(launch).returncode:
+        torchrun = subprocess.Popen(launch)
+        with StopSignals(forward=torchrun.send_signal) as stop:
+            returncode = torchrun.wait()
+        if returncode and stop.received:
+            raise Stopped(f"torchrun stopped on {stop.received.name} (see the log above); rerun to resume")
+        if returncode:
             raise QatlawError(f"torchrun with {args.gpus} processes failed (see the log above)")
         return
 
@@ -174,15 +181,17 @@ def _train(args: argparse.Namespace) -> None:
                                 loss_chunk_tokens=args.loss_chunk_tokens or None)
     # Several runs in one job: each keeps its final checkpoint until all are done, so that a job killed after
     # some finished redoes their outputs from those checkpoints instead of training them again.
-    for i, settings in enumerate(runs):
-        if len(runs) > 1:
-            log.info("run %d of %d in this job: %s", i + 1, len(runs), settings.run_id)
-        with _run_log(paths["run_log"][i] if args.run_log else None):
-            train.train_run(
-                settings, train_tokens=train_tokens, val_tokens=val_tokens, manifest=manifest,
-                summary_path=paths["summary"][i], metrics_path=paths["metrics"][i], model_path=paths["model"][i],
-                checkpoint_path=paths["checkpoint"][i], execution=execution, keep_checkpoint=len(runs) > 1,
-            )
+    with StopSignals() as stop:
+        for i, settings in enumerate(runs):
+            if len(runs) > 1:
+                log.info("run %d of %d in this job: %s", i + 1, len(runs), settings.run_id)
+            with _run_log(paths["run_log"][i] if args.run_log else None):
+                train.train_run(
+                    settings, train_tokens=train_tokens, val_tokens=val_tokens, manifest=manifest,
+                    summary_path=paths["summary"][i], metrics_path=paths["metrics"][i], model_path=paths["model"][i],
+                    checkpoint_path=paths["checkpoint"][i], execution=execution, keep_checkpoint=len(runs) > 1,
+                    stop=stop,
+                )
     if len(runs) > 1:
         for checkpoint in paths["checkpoint"]:
             Path(checkpoint).unlink(missing_ok=True)
@@ -539,7 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one subcommand; known errors print one line and exit with status 2."""
+    """Run one subcommand; known errors print one line and exit with status 2, a training stopped by SIGTERM or
+    SIGUSR1 after writing its checkpoint with status 75 (:mod:`qatlaw.stopping`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -549,6 +559,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QatlawError as exc:
         print(f"qatlaw {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Stopped as exc:
+        print(f"qatlaw {args.command}: {exc}", file=sys.stderr)
+        return STOPPED_STATUS
     log.info("%s done in %.1f s", args.command, time.perf_counter() - start)
     return 0
 

@@ -19,7 +19,8 @@ checkpoint intervals) is not part of its identity: changing it neither retrains 
 checkpoints; the device never changes the numerics. On CUDA AdamW is fused (and bf16 runs use TF32 for what stays
 fp32); launched by ``torchrun`` with several processes, one run is trained data-parallel (each rank takes an equal
 share of every batch and of the validation windows, rank 0 writes). A checkpoint is written every
-``checkpoint_every`` steps and every ``checkpoint_minutes`` of wall time.
+``checkpoint_every`` steps and every ``checkpoint_minutes`` of wall time; on SIGTERM or SIGUSR1
+(:mod:`qatlaw.stopping`) the run ends its step, writes one and stops.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from qatlaw.grid import RunSettings, effective_group
 from qatlaw.io import atomic_path, read_parquet, write_parquet
 from qatlaw.model import Model, ModelConfig, non_embedding_params
 from qatlaw.quant import QuantOptions
+from qatlaw.stopping import Stopped, StopSignals
 from qatlaw.tokens import Tokens, read_windows
 
 log = logging.getLogger("qatlaw.train")
@@ -280,6 +282,13 @@ def _on_any_rank(par: Parallel, device: torch.device, *flags: bool) -> list[bool
     return [bool(v) for v in reduced.tolist()]
 
 
+def _leave_process_group(par: Parallel) -> None:
+    """Under torchrun: wait for every rank (rank 0 may still be writing), then leave the process group."""
+    if par.world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def _device_name(device: torch.device, par: Parallel) -> str:
     name = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device)
     return name if par.world == 1 else f"{par.world}x {name}"
@@ -297,6 +306,7 @@ def train_run(
     checkpoint_path: str | Path,
     execution: Execution = Execution(),
     keep_checkpoint: bool = False,
+    stop: StopSignals | None = None,
 ) -> dict[str, Any]:
     """Train one run to its token budget (resuming from ``checkpoint_path`` if it matches) and write its outputs.
 
@@ -304,6 +314,8 @@ def train_run(
     ``diverged = True`` instead of failing. Under ``torchrun`` every rank calls this; rank 0 writes.
     ``keep_checkpoint``: leave a checkpoint of the finished run (the caller deletes it), so that a job of several
     runs that dies later redoes a finished run's outputs without training it again.
+    ``stop``: signal handlers the caller installed; once one fired (on any rank), the run ends its step, writes its
+    checkpoint and raises :class:`~qatlaw.stopping.Stopped`.
     """
     par = Parallel.from_env()
     torch.set_num_threads(execution.threads)
@@ -399,12 +411,20 @@ def train_run(
             eta = (time.perf_counter() - t0) / (step - first_step) * (s.steps - step)
             log.info("%s: step %d/%d loss %.4f ema %.4f lr %.2e %.0f tok/s ETA %.0f s", s.run_id, step, s.steps,
                      loss_value, ema_debiased, lr, tps, eta)
+        received = stop.received if stop is not None else None
         minutes = (time.perf_counter() - saved_at) / 60
-        (timed,) = _on_any_rank(par, device, par.is_main and minutes >= execution.checkpoint_minutes)
-        if par.is_main and step < s.steps and (timed or step % execution.checkpoint_every == 0):
+        stopping, timed = _on_any_rank(par, device, received is not None,
+                                       par.is_main and minutes >= execution.checkpoint_minutes)
+        if par.is_main and (stopping or step < s.steps and (timed or step % execution.checkpoint_every == 0)):
             if timed:
                 log.info("%s: checkpoint at step %d/%d, %.1f min after the last", s.run_id, step, s.steps, minutes)
             save_checkpoint()
+        if stopping:
+            signal_name = received.name if received else "a signal to another rank"
+            log.warning("%s: %s: stopping after step %d/%d, checkpoint %s", s.run_id, signal_name, step, s.steps,
+                        checkpoint_path)
+            _leave_process_group(par)
+            raise Stopped(f"{s.run_id}: stopped on {signal_name} after step {step}/{s.steps}; rerun to resume")
 
     wall = wall_before + time.perf_counter() - t0
     val_loss_last = val_loss = float("nan")
@@ -445,9 +465,7 @@ def train_run(
             checkpoint_path.unlink(missing_ok=True)
         log.info("%s: done: loss %.4f val_loss %.4f (final weights %.4f) in %.1f s (%.0f tok/s)%s", s.run_id,
                  summary["loss"], val_loss, val_loss_last, wall, summary["tokens_per_s"], " DIVERGED" if diverged else "")
-    if par.world > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    _leave_process_group(par)
     return summary
 
 
