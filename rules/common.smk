@@ -5,7 +5,7 @@ import shlex
 from snakemake.exceptions import WorkflowError
 
 from qatlaw import config as qconfig
-from qatlaw import corpus, data, grid, outputs
+from qatlaw import corpus, data, grid, memory, outputs
 
 
 # `config` is validated, with the schema's defaults, by the Snakefile (qatlaw.config.load).
@@ -223,11 +223,25 @@ def batch_priority(batch):
     return sum(grid.training_flops(RUNS[run_id], config["data"]["vocab_size"]) for run_id in batch) // 10**9
 
 
-def train_execution():
+def micro_batch_size(runs):
+    """Sequences per micro-batch of a job training ``runs`` (0 = the whole batch): training.micro_batch_size, or
+    when it is null on GPUs the largest that the memory model fits for every run (qatlaw.memory)."""
+    training = config["training"]
+    if not qconfig.on_gpu(training):
+        return training["micro_batch_size"] or 0
+    return min(memory.planned_micro_batch(run, config["data"]["vocab_size"], training) for run in runs)
+
+
+def train_micro_batch_size(wildcards):
+    """Sequences per micro-batch of one training run."""
+    return micro_batch_size([_run(wildcards)])
+
+
+def train_execution(micro_batch):
     """How training jobs execute, as resources of the train rule (not params), so that changing them retrains
     nothing: GPUs per run (above 1: torchrun data parallel), device, checkpoint intervals (steps; minutes, as a
-    string: Snakemake rounds float resources), torch.compile, sequences per micro-batch (0 = the whole batch) and
-    tokens per chunk of the loss (0 = all at once)."""
+    string: Snakemake rounds float resources), torch.compile, ``micro_batch``, the sequences per micro-batch (a
+    number or a function of the wildcards), and tokens per chunk of the loss (0 = all at once)."""
     training = config["training"]
     return {
         "gpu": training["gpus_per_run"],
@@ -235,7 +249,7 @@ def train_execution():
         "checkpoint_every": training["checkpoint_every"],
         "checkpoint_minutes": str(training["checkpoint_minutes"]),
         "compile": int(training["compile"]),
-        "micro_batch_size": training["micro_batch_size"] or 0,
+        "micro_batch_size": micro_batch,
         "loss_chunk_tokens": training["loss_chunk_tokens"] or 0,
     }
 

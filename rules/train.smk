@@ -21,7 +21,7 @@ if config["training"]["runs_per_job"] == 1:
         resources:
             mem_mb=train_mem_mb,
             runtime=train_runtime,
-            **train_execution(),
+            **train_execution(train_micro_batch_size),
         log:
             job="results/logs/train/{size}/{tokens}/seed{seed}/{variant}.log",
         benchmark:
@@ -51,7 +51,7 @@ else:
             priority: batch_priority(batch)
             resources:
                 **batch_resources(batch),
-                **train_execution(),
+                **train_execution(micro_batch_size([RUNS[run_id] for run_id in batch])),
             log:
                 job=batch_job_log(i),
                 runs=batch_run_logs(batch),

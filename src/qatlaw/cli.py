@@ -20,11 +20,16 @@ log = logging.getLogger("qatlaw")
 
 
 def _validate(args: argparse.Namespace) -> None:
-    from qatlaw import config, grid
+    from qatlaw import config, grid, memory
 
-    runs = grid.grid_runs(config.load(*args.configs))
+    cfg = config.load(*args.configs)
+    runs = grid.grid_runs(cfg)
     baselines = sum(run.is_baseline for run in runs)
     print(f"config OK: {len(runs)} runs ({baselines} BF16 baselines, {len(runs) - baselines} QAT)")
+    if config.on_gpu(cfg["training"]):
+        plans = memory.size_plans(runs, cfg["data"]["vocab_size"], cfg["training"])
+        for size, (micro, peak) in plans.items():
+            print(f"{size}: {micro} sequences per micro-batch, predicted peak {peak / 2**30:.1f} GiB per GPU")
 
 
 def _fetch(args: argparse.Namespace) -> None:

@@ -151,6 +151,7 @@ def validate(config: Mapping[str, Any]) -> dict[str, Any]:
     _check_execution(cfg)
     _check_sources(cfg)
     _check_tokenizer(cfg)
+    _check_gpu_memory(cfg)
     return cfg
 
 
@@ -274,6 +275,20 @@ def _check_execution(cfg: Mapping[str, Any]) -> None:
     if training["gpus_per_run"] > 1 and training["runs_per_job"] > 1:
         raise ConfigError(f"training.runs_per_job: {training['runs_per_job']} runs per job cannot share "
                           f"{training['gpus_per_run']} GPUs (training.gpus_per_run); set runs_per_job to 1")
+
+
+def on_gpu(training: Mapping[str, Any]) -> bool:
+    """Whether runs train on GPUs: device cuda, or GPUs given to each run."""
+    return training["device"] == "cuda" or training["gpus_per_run"] > 0
+
+
+def _check_gpu_memory(cfg: Mapping[str, Any]) -> None:
+    """On GPUs, every run's predicted peak fits training.gpu_memory_gb at its micro-batch (see qatlaw.memory)."""
+    from qatlaw import grid, memory
+
+    if on_gpu(cfg["training"]):
+        for run in grid.grid_runs(cfg):
+            memory.planned_micro_batch(run, cfg["data"]["vocab_size"], cfg["training"])
 
 
 def _check_sources(cfg: Mapping[str, Any]) -> None:

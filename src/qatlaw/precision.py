@@ -28,6 +28,7 @@ from types import MappingProxyType
 LAYER_TYPES = ("qkv", "o", "fc1", "fc2")
 VALID_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 BASELINE = "BF16"
+LAC_MIN_GROUP = 256
 
 _BASE_RE = re.compile(r"W([1-9][0-9]*)A([1-9][0-9]*)")
 _OVERRIDE_RE = re.compile(rf"({'|'.join(LAYER_TYPES)})([wa])([1-9][0-9]*)")
@@ -160,3 +161,8 @@ def _canonical_name(layers: Mapping[str, LayerQuant]) -> str:
 def _most_common(values) -> int:
     values = list(values)
     return max(sorted(set(values)), key=values.count)
+
+
+def uses_lac(group_size: int | str) -> bool:
+    """The paper's rule: LAC for activations when G >= 256 or per-token (``"channel"``)."""
+    return group_size == "channel" or group_size >= LAC_MIN_GROUP

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qatlaw.precision import LayerQuant
+from qatlaw.precision import LayerQuant, uses_lac
 
 GroupSize = int | Literal["channel"]
 Clip = Literal["paper", "symmetric"]
@@ -34,7 +34,6 @@ Fmt = Literal["int", "fp4"]
 
 CLIP_MODES = ("paper", "symmetric")
 FORMATS = ("int", "fp4")
-LAC_MIN_GROUP = 256
 E2M1_MAX = 6.0
 
 
@@ -65,11 +64,6 @@ class QuantOptions:
             raise ValueError(f"clip must be one of {CLIP_MODES}, got {self.clip!r}")
         if self.fmt not in FORMATS:
             raise ValueError(f"fmt must be one of {FORMATS}, got {self.fmt!r}")
-
-
-def uses_lac(group_size: GroupSize) -> bool:
-    """The paper's rule: LAC for activations when G >= 256 or per-token."""
-    return group_size == "channel" or group_size >= LAC_MIN_GROUP
 
 
 def fake_quant(
