@@ -384,7 +384,7 @@ TOY_STEPS = 200
 @LINUX_PROC
 @pytest.mark.parametrize("gpus", [pytest.param(0, id="one-process"),
                                   pytest.param(2, id="torchrun", marks=pytest.mark.slow)])
-def test_signalled_training_checkpoints_and_resumes_exactly(tmp_path, tokens, gpus):
+def test_signalled_training_checkpoints_and_resumes_exactly(tmp_path, tokens, gpus):  # noqa: F811 (fixture)
     """SIGUSR1 (SLURM's warning before a time limit), then SIGTERM (a time limit, preemption) to a real
     `qatlaw train`: each time it ends its step, writes its checkpoint and exits with status 75, leaving no output;
     the third start finishes with exactly the per-step metrics, loss and val_loss of an uninterrupted run. Under

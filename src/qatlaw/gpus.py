@@ -13,7 +13,6 @@ import fcntl
 import os
 import tempfile
 from pathlib import Path
-from typing import IO
 
 from qatlaw.errors import QatlawError
 
@@ -28,13 +27,13 @@ class GpuError(QatlawError):
 class Lease:
     """GPUs held by this process until :meth:`release` or its end."""
 
-    def __init__(self, ids: list[int], files: list[IO]):
-        self.ids, self._files = ids, files
+    def __init__(self, ids: list[int], fds: list[int]):
+        self.ids, self._fds = ids, fds
 
     def release(self) -> None:
-        for f in self._files:
-            f.close()
-        self._files = []
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
 
 
 def lease(n: int, count: int, lock_dir: Path = LOCK_DIR) -> Lease:
@@ -42,30 +41,30 @@ def lease(n: int, count: int, lock_dir: Path = LOCK_DIR) -> Lease:
     are free (more GPU jobs at once than GPUs: give Snakemake ``--resources gpu=<count>``)."""
     lock_dir.mkdir(parents=True, exist_ok=True)
     ids: list[int] = []
-    files: list[IO] = []
+    fds: list[int] = []
     for i in range(count):
         if len(ids) == n:
             break
-        f = open(lock_dir / f"gpu{i}.lock", "a")  # noqa: SIM115 (held open: the lock lives with the file)
+        fd = os.open(lock_dir / f"gpu{i}.lock", os.O_RDWR | os.O_CREAT)  # held open: the lock lives with it
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.close()
+            os.close(fd)
             continue
         ids.append(i)
-        files.append(f)
+        fds.append(fd)
     if len(ids) < n:
-        Lease(ids, files).release()
+        Lease(ids, fds).release()
         raise GpuError(f"this job needs {n} GPU(s) but only {len(ids)} of the machine's {count} are free (other "
                        f"jobs hold the rest): run Snakemake with --resources gpu={count} so that no more GPU jobs "
                        "start than there are GPUs")
-    return Lease(ids, files)
+    return Lease(ids, fds)
 
 
 def assign(n: int, count: int, lock_dir: Path = LOCK_DIR) -> Lease | None:
     """Lease ``n`` GPUs and make them this process's (and its children's) ``CUDA_VISIBLE_DEVICES``, unless a
-    batch system or the user already chose them, or the machine has no GPU (then None). Keep the lease while
-    the job trains: the GPUs are free again when it is released or garbage-collected, or the process ends."""
+    batch system or the user already chose them, or the machine has no GPU (then None). The GPUs are
+    free again when the lease is released or the process ends."""
     if n < 1 or count < 1 or "CUDA_VISIBLE_DEVICES" in os.environ or "SLURM_JOB_ID" in os.environ:
         return None
     held = lease(n, count, lock_dir)
