@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from qatlaw.config import schema_default, schema_key
 from qatlaw.errors import QatlawError
 from qatlaw.grid import RunSettings, effective_group
 from qatlaw.io import atomic_path, read_parquet, write_parquet
@@ -68,18 +69,19 @@ class Execution:
     """How a run is executed (not what is trained): the same run on another device, thread count or
     micro-batch size gives the same model up to floating-point rounding."""
 
-    threads: int = 1
-    checkpoint_every: int = 200
-    checkpoint_minutes: float = 30.0
-    compile: bool = False
-    device: str = "auto"
-    micro_batch_size: int | None = None
-    loss_chunk_tokens: int | None = 8192
+    threads: int = schema_default("training", "threads")
+    checkpoint_every: int = schema_default("training", "checkpoint_every")
+    checkpoint_minutes: float = schema_default("training", "checkpoint_minutes")
+    compile: bool = schema_default("training", "compile")
+    device: str = schema_default("training", "device")
+    micro_batch_size: int | None = schema_default("training", "micro_batch_size")
+    loss_chunk_tokens: int | None = schema_default("training", "loss_chunk_tokens")
 
     def torch_device(self, local_rank: int = 0) -> torch.device:
         """'auto' is CUDA when available, else CPU; each data-parallel rank gets its own GPU."""
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise TrainError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        devices = schema_key("training", "device")["enum"]
+        if self.device not in devices:
+            raise TrainError(f"device must be {', '.join(devices[:-1])} or {devices[-1]}, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise TrainError("device is cuda but torch sees no CUDA GPU")
         if self.device == "cpu" or not torch.cuda.is_available():
@@ -180,7 +182,7 @@ def make_optimizer(model: Model, s: RunSettings, fused: bool = False) -> torch.o
     )
 
 
-NUMERICS = ("fp32", "bf16")
+NUMERICS = tuple(schema_key("training", "numerics")["enum"])
 
 
 def autocast(device: torch.device, numerics: str) -> contextlib.AbstractContextManager:
