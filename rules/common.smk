@@ -1,11 +1,12 @@
 # Helpers for every stage (config validation and input functions), kept apart from the rules.
 import os
+import re
 import shlex
 
 from snakemake.exceptions import WorkflowError
 
 from qatlaw import config as qconfig
-from qatlaw import corpus, data, grid, memory, outputs
+from qatlaw import corpus, cost, data, grid, memory, outputs
 
 
 # `config` is validated, with the schema's defaults, by the Snakefile (qatlaw.config.load).
@@ -128,10 +129,10 @@ def run_settings_json(wildcards):
 
 
 def _estimate(run):
-    """Memory and runtime of one run on the configured threads or GPUs."""
+    """Memory (per node) and runtime of one run on the configured threads or its GPUs."""
     training = config["training"]
     return grid.estimate_resources(run, config["data"]["vocab_size"], threads=training["threads"],
-                                   gpus=training["gpus_per_run"])
+                                   gpus=qconfig.run_gpus(training, run.size), nodes=qconfig.run_nodes(training, run.size))
 
 
 def _train_resources(wildcards):
@@ -145,8 +146,34 @@ def train_mem_mb(wildcards):
 
 def train_runtime(wildcards, attempt):
     """Minutes to request for one training run: the estimate × the attempt (`--retries`), so a run that hit its
-    wall-time limit is resubmitted with more time and resumes from its checkpoint."""
-    return _train_resources(wildcards)["runtime"] * attempt
+    wall-time limit is resubmitted with more time and resumes from its checkpoint; at most training.job_hours."""
+    return cost.job_minutes(_train_resources(wildcards)["runtime"], attempt, config["training"])
+
+
+def train_gpus(wildcards):
+    """GPUs of one training run (training.gpus_per_run, per size)."""
+    return qconfig.run_gpus(config["training"], wildcards.size)
+
+
+def train_nodes(wildcards):
+    """Cluster nodes of one training run (its GPUs over training.gpus_per_node)."""
+    return qconfig.run_nodes(config["training"], wildcards.size)
+
+
+def node_sizes(multi_node):
+    """Model sizes of the grid whose runs span several nodes (``multi_node``) or one, as a wildcard regex."""
+    sizes = {run.size for run in RUNS.values() if (qconfig.run_nodes(config["training"], run.size) > 1) == multi_node}
+    return "|".join(sorted(re.escape(size) for size in sizes))
+
+
+def train_retries():
+    """Tries after the first of a training job: with a job time limit (training.job_hours), the segments of the
+    longest run plus two; without, the profile's or command line's `--retries` (None)."""
+    training = config["training"]
+    if training["job_hours"] is None:
+        return None
+    minutes = (cost.wall_minutes(run, config["data"]["vocab_size"], training) for run in RUNS.values())
+    return max(cost.segments(m, training) for m in minutes) + 1
 
 
 # Inputs and command of a training job (rule train, or the cell-named rules with several runs per job).
@@ -162,6 +189,7 @@ TRAIN_SHELL = (
     "exec qatlaw train --settings {params.settings:q} --train-tokens {input.train} --val-tokens {input.val} "
     "--manifest {input.manifest} --summary {output.summary} --metrics {output.metrics} "
     "--model {output.model} --checkpoint {params.checkpoint} --threads {threads} --gpus {resources.gpu} "
+    "--nodes {resources.nodes} "
     "--device {resources.train_device} --checkpoint-every {resources.checkpoint_every} "
     "--checkpoint-minutes {resources.checkpoint_minutes} "
     "--compile {resources.compile} --micro-batch-size {resources.micro_batch_size} "
@@ -185,10 +213,13 @@ def batch_checkpoints(batch):
 
 
 def batch_resources(batch):
-    """A batch needs the largest memory of its runs and the sum of their runtimes, × the attempt (`--retries`)."""
+    """A batch needs the largest memory of its runs and the sum of their runtimes, × the attempt (`--retries`),
+    at most training.job_hours; its GPUs are those of its size (one at most: qatlaw.config)."""
     estimates = [_estimate(RUNS[run_id]) for run_id in batch]
     runtime = sum(e["runtime"] for e in estimates)
-    return {"mem_mb": max(e["mem_mb"] for e in estimates), "runtime": lambda wildcards, attempt: runtime * attempt}
+    return {"mem_mb": max(e["mem_mb"] for e in estimates),
+            "runtime": lambda wildcards, attempt: cost.job_minutes(runtime, attempt, config["training"]),
+            "gpu": qconfig.run_gpus(config["training"], RUNS[batch[0]].size), "nodes": 1}
 
 
 def batch_name(i):
@@ -239,12 +270,11 @@ def train_micro_batch_size(wildcards):
 
 def train_execution(micro_batch):
     """How training jobs execute, as resources of the train rule (not params), so that changing them retrains
-    nothing: GPUs per run (above 1: torchrun data parallel), device, checkpoint intervals (steps; minutes, as a
+    nothing: device, checkpoint intervals (steps; minutes, as a
     string: Snakemake rounds float resources), torch.compile, ``micro_batch``, the sequences per micro-batch (a
     number or a function of the wildcards), and tokens per chunk of the loss (0 = all at once)."""
     training = config["training"]
     return {
-        "gpu": training["gpus_per_run"],
         "train_device": training["device"],
         "checkpoint_every": training["checkpoint_every"],
         "checkpoint_minutes": str(training["checkpoint_minutes"]),

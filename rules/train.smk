@@ -18,9 +18,14 @@ if config["training"]["runs_per_job"] == 1:
             checkpoint="results/checkpoints/{size}/{tokens}/seed{seed}/{variant}/ckpt.pt",
             run_logs="",
         threads: config["training"]["threads"]
+        retries: train_retries()
+        wildcard_constraints:
+            size=node_sizes(multi_node=False) or "^$",
         resources:
             mem_mb=train_mem_mb,
             runtime=train_runtime,
+            gpu=train_gpus,
+            nodes=1,
             **train_execution(train_micro_batch_size),
         log:
             job="results/logs/train/{size}/{tokens}/seed{seed}/{variant}.log",
@@ -30,6 +35,23 @@ if config["training"]["runs_per_job"] == 1:
             "../envs/train.yaml"
         shell:
             TRAIN_SHELL
+
+    if node_sizes(multi_node=True):
+
+        # Runs of more GPUs than one node has: the job's shell runs in the SLURM batch step (the executor plugin's
+        # `mpi` jobs), where `qatlaw train` starts one torchrun per node with srun.
+        use rule train as train_nodes with:
+            wildcard_constraints:
+                size=node_sizes(multi_node=True),
+            resources:
+                mem_mb=train_mem_mb,
+                runtime=train_runtime,
+                gpu=train_gpus,
+                nodes=train_nodes,
+                tasks=train_nodes,
+                tasks_per_gpu=0,
+                mpi="srun",
+                **train_execution(train_micro_batch_size),
 
 else:
     for i, batch in enumerate(TRAIN_BATCHES):

@@ -60,8 +60,9 @@ def test_slurm_profile_keys():
     # profile only asks SLURM for SIGTERM ahead of the time limit (to every process of the job, not B: its batch
     # shell), which `qatlaw train` answers with a checkpoint
     overrides = dict(item.split("=", 1) for item in profile["set-resources"])
-    assert list(overrides) == ["train:slurm_extra"]
-    assert re.fullmatch(r"'--signal=TERM@(\d+)'", overrides["train:slurm_extra"])
+    assert list(overrides) == ["train:slurm_extra", "train_nodes:slurm_extra"]
+    for extra in overrides.values():
+        assert re.fullmatch(r"'--signal=TERM@(\d+)'", extra)
 
 
 def dry_run_resources(output: str) -> dict[str, dict[str, str]]:

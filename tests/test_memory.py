@@ -104,5 +104,5 @@ def test_paper_grid_validates_and_is_refused_on_a_small_gpu(tmp_path, monkeypatc
     too_small = r"^training.gpu_memory_gb: \S+ needs a predicted [0-9.]+ GiB per GPU at one sequence per micro-batch"
     with pytest.raises(ConfigError, match=too_small + ", more than 16 GiB$"):
         config.load(*paper, {"training": {"gpu_memory_gb": 16}})
-    with pytest.raises(ConfigError, match=r"^training.micro_batch_size: 64 sequences of 74M/10B/seed0/\S+ need a"):
-        config.load(*paper, {"training": {"micro_batch_size": 64}})
+    with pytest.raises(ConfigError, match=r"^training.micro_batch_size: 8 sequences of 973M/\S+/seed0/\S+ need a"):
+        config.load(*paper, {"training": {"micro_batch_size": 8}})

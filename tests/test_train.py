@@ -289,21 +289,23 @@ def test_cuda_without_a_gpu_is_a_clear_error():
         train.Execution(device="cuda").torch_device()
 
 
+def train_command(tmp_path: Path, out: Path, *flags: str) -> list[str]:
+    """`qatlaw train` of settings() on the store in ``tmp_path``, writing to ``out``, on CPU."""
+    return [sys.executable, "-m", "qatlaw", "train", "--settings", settings().to_json(),
+            "--train-tokens", str(tmp_path / "train.npy"), "--val-tokens", str(tmp_path / "val.npy"),
+            "--manifest", str(tmp_path / "manifest.json"), "--summary", str(out / "summary.parquet"),
+            "--metrics", str(out / "metrics.parquet"), "--model", str(out / "model.pt"),
+            "--checkpoint", str(out / "ckpt.pt"), "--device", "cpu", "--checkpoint-every", "4", *flags]
+
+
 @pytest.mark.slow
 def test_data_parallel_run_under_torchrun_matches_one_process(tmp_path, tokens):
     """`qatlaw train --gpus 2` relaunches itself under torchrun; two gloo processes on CPU, each with half of
     every batch (its loss in chunks: 32 tokens in chunks of 24 and 8), train the same model as one process."""
     write_store(tmp_path, tokens)
     out = tmp_path / "ddp"
-    result = subprocess.run(
-        [sys.executable, "-m", "qatlaw", "train", "--settings", settings().to_json(),
-         "--train-tokens", str(tmp_path / "train.npy"), "--val-tokens", str(tmp_path / "val.npy"),
-         "--manifest", str(tmp_path / "manifest.json"), "--summary", str(out / "summary.parquet"),
-         "--metrics", str(out / "metrics.parquet"), "--model", str(out / "model.pt"),
-         "--checkpoint", str(out / "ckpt.pt"), "--gpus", "2", "--device", "cpu", "--checkpoint-every", "4",
-         "--loss-chunk-tokens", "24"],
-        capture_output=True, text=True, timeout=300,
-    )
+    result = subprocess.run(train_command(tmp_path, out, "--gpus", "2", "--loss-chunk-tokens", "24"),
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     single = run(tmp_path, settings(), tokens, "single")
     ddp = pd.read_parquet(out / "summary.parquet").iloc[0]
@@ -313,6 +315,45 @@ def test_data_parallel_run_under_torchrun_matches_one_process(tmp_path, tokens):
     assert np.allclose(a, b, rtol=0, atol=1e-4)
     assert ddp["loss"] == pytest.approx(single["loss"], abs=1e-4)
     assert ddp["val_loss"] == pytest.approx(single["val_loss"], abs=1e-4)
+
+
+# A stand-in for SLURM's srun inside an allocation: runs its command once per task (--ntasks=N), all at once on
+# this host, each with SLURM_PROCID and SLURM_NODEID set, and exits with the first failure's status.
+FAKE_SRUN = """#!/usr/bin/env bash
+echo "srun $*" >> "$(dirname "$0")/calls"
+while [[ $1 == --* ]]; do [[ $1 == --ntasks=* ]] && n=${1#--ntasks=}; shift; done
+pids=()
+for ((i = 0; i < n; i++)); do SLURM_PROCID=$i SLURM_NODEID=$i "$@" & pids+=($!); done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
+"""
+
+
+@pytest.mark.slow
+def test_two_node_run_under_srun_matches_one_process(tmp_path, tokens):
+    """`qatlaw train --gpus 2 --nodes 2`, as the train_nodes rule starts it in a SLURM job: srun (a stand-in that
+    starts its tasks on this host) runs one torchrun per "node" (`--nnodes 2`, one process each), and both join one
+    c10d rendezvous on this host; the two gloo ranks train the same model as one process."""
+    write_store(tmp_path, tokens)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "srun").chmod(0o755)
+    out = tmp_path / "nodes"
+    result = subprocess.run(train_command(tmp_path, out, "--gpus", "2", "--nodes", "2"), capture_output=True,
+                            text=True, timeout=300, env=dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    call = (bin_dir / "calls").read_text()
+    assert call.startswith("srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --kill-on-bad-exit=1 ")
+    assert "--nproc-per-node=1" in call and "--nnodes=2 --rdzv-backend=c10d" in call and call.count("\n") == 1
+    single = run(tmp_path, settings(), tokens, "single")
+    nodes = pd.read_parquet(out / "summary.parquet").iloc[0]
+    assert nodes["device"] == "2x cpu"
+    a = pd.read_parquet(tmp_path / "single" / "metrics.parquet")["loss"]
+    b = pd.read_parquet(out / "metrics.parquet")["loss"]
+    assert np.allclose(a, b, rtol=0, atol=1e-4)
+    assert nodes["val_loss"] == pytest.approx(single["val_loss"], abs=1e-4)
 
 
 def test_evaluation_in_micro_batches_and_chunks_equals_one_batch(tokens):

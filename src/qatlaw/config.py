@@ -67,14 +67,15 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
     return out
 
 
-def load(*sources: str | Path | Mapping[str, Any]) -> dict[str, Any]:
-    """Read, merge (later overrides earlier), validate and fill defaults; return the config dict."""
+def load(*sources: str | Path | Mapping[str, Any], check_files: bool = True) -> dict[str, Any]:
+    """Read, merge (later overrides earlier), validate and fill defaults; return the config dict. Without
+    ``check_files`` the corpus and tokenizer files are not looked at, and data.vocab_size must be given."""
     if not sources:
         raise ConfigError("no config given")
     cfg: dict[str, Any] = {}
     for src in sources:
         cfg = merge(cfg, src if isinstance(src, Mapping) else read_yaml(src))
-    return validate(cfg)
+    return validate(cfg, check_files)
 
 
 def _key_path(path: Any) -> str:
@@ -134,8 +135,9 @@ def schema_default(section: str, key: str) -> Any:
     return copy.deepcopy(schema_key(section, key)["default"])
 
 
-def validate(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate a config mapping against the schema and the semantic rules; return a copy with defaults."""
+def validate(config: Mapping[str, Any], check_files: bool = True) -> dict[str, Any]:
+    """Validate a config mapping against the schema and the semantic rules; return a copy with defaults (see
+    :func:`load` for ``check_files``)."""
     schema = load_schema()
     cfg = copy.deepcopy(dict(config))
     for section in ("training", "quant", "analysis", "fit"):
@@ -149,8 +151,11 @@ def validate(config: Mapping[str, Any]) -> dict[str, Any]:
     _check_models(cfg)
     _check_grid(cfg)
     _check_execution(cfg)
-    _check_sources(cfg)
-    _check_tokenizer(cfg)
+    if check_files:
+        _check_sources(cfg)
+        _check_tokenizer(cfg)
+    elif cfg["data"].get("vocab_size") is None:
+        raise ConfigError("data.vocab_size: required when the tokenizer file is not read")
     _check_gpu_memory(cfg)
     return cfg
 
@@ -257,29 +262,51 @@ def _check_cells(cfg: Mapping[str, Any], key: str, grid: Mapping[str, Any]) -> N
                 )
 
 
+def run_gpus(training: Mapping[str, Any], size: str) -> int:
+    """GPUs of one run of model ``size`` (0: CPU): training.gpus_per_run, one number or one per size (1 for a size
+    it leaves out)."""
+    gpus = training["gpus_per_run"]
+    return gpus.get(size, 1) if isinstance(gpus, Mapping) else gpus
+
+
+def run_nodes(training: Mapping[str, Any], size: str) -> int:
+    """Cluster nodes of one run of model ``size``: 1, or its GPUs over training.gpus_per_node."""
+    return max(1, run_gpus(training, size) // training["gpus_per_node"])
+
+
 def _check_execution(cfg: Mapping[str, Any]) -> None:
-    """Every grid size's batch splits evenly over the GPUs of a run and into micro-batches; a job of several
-    runs trains on one GPU at most."""
+    """Every grid size's batch splits evenly over the GPUs of a run and into micro-batches; a run of more GPUs
+    than a node has takes whole nodes; a job of several runs trains on one GPU at most."""
     training = cfg["training"]
-    gpus, micro = max(1, training["gpus_per_run"]), training["micro_batch_size"]
+    micro = training["micro_batch_size"]
     subgrids = [cfg["grid"], *cfg["grid"]["extra"], cfg["grid"].get("ablation") or {}]
     sizes = dict.fromkeys(size for sub in subgrids for size in sub.get("sizes", []))
+    if isinstance(training["gpus_per_run"], Mapping):
+        for size in training["gpus_per_run"]:
+            if size not in cfg["models"]:
+                raise ConfigError(f"training.gpus_per_run: '{size}' is not a size of the models table")
+    per_node = training["gpus_per_node"]
     for size in sizes:
         batch = cfg["models"][size].get("batch_size", training["batch_size"])
+        gpus = max(1, run_gpus(training, size))
         if batch % gpus:
             raise ConfigError(f"training.gpus_per_run: batch of {batch} sequences of size '{size}' does not split over {gpus} GPUs")
+        if gpus > per_node and gpus % per_node:
+            raise ConfigError(f"training.gpus_per_run: {gpus} GPUs of size '{size}' are not whole nodes of "
+                              f"{per_node} (training.gpus_per_node)")
         if micro is not None and (batch // gpus) % micro:
             raise ConfigError(
                 f"training.micro_batch_size: {micro} does not divide the {batch // gpus} sequences per GPU of size '{size}'"
             )
-    if training["gpus_per_run"] > 1 and training["runs_per_job"] > 1:
-        raise ConfigError(f"training.runs_per_job: {training['runs_per_job']} runs per job cannot share "
-                          f"{training['gpus_per_run']} GPUs (training.gpus_per_run); set runs_per_job to 1")
+        if gpus > 1 and training["runs_per_job"] > 1:
+            raise ConfigError(f"training.runs_per_job: {training['runs_per_job']} runs per job cannot share "
+                              f"{gpus} GPUs of size '{size}' (training.gpus_per_run); set runs_per_job to 1")
 
 
 def on_gpu(training: Mapping[str, Any]) -> bool:
-    """Whether runs train on GPUs: device cuda, or GPUs given to each run."""
-    return training["device"] == "cuda" or training["gpus_per_run"] > 0
+    """Whether runs train on GPUs: device cuda, or GPUs given to runs (per size: at least one each)."""
+    gpus = training["gpus_per_run"]
+    return training["device"] == "cuda" or isinstance(gpus, Mapping) or gpus > 0
 
 
 def _check_gpu_memory(cfg: Mapping[str, Any]) -> None:

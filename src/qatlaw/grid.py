@@ -228,19 +228,22 @@ def training_flops(s: RunSettings, vocab_size: int) -> int:
     return 6 * (_non_embedding(s) + vocab_size * s.hidden) * s.tokens
 
 
-def estimate_resources(s: RunSettings, vocab_size: int, threads: int = 1, gpus: int = 0) -> dict[str, int]:
-    """Memory (MB) and runtime (minutes) to request for a run, on CPU threads or on ``gpus`` GPUs.
+def estimate_resources(s: RunSettings, vocab_size: int, threads: int = 1, gpus: int = 0, nodes: int = 1
+                       ) -> dict[str, int]:
+    """Memory (MB, per node) and runtime (minutes) to request for a run, on CPU threads or on ``gpus`` GPUs over
+    ``nodes`` nodes.
 
     Training costs 6·(N + V·h)·D FLOPs. On CPU: at ``CPU_FLOPS_PER_THREAD`` per thread, doubled for fake
     quantization and margin, plus 5 minutes; memory is fp32 weights, gradients and two AdamW moments plus the
     activations of one batch (about 24 floats per hidden unit per layer and the logits), with 500 MB for the
     interpreter and torch. On GPUs: at ``GPU_FLOPS_PER_GPU`` per GPU, ×1.5 for fake quantization and margin, plus
-    15 minutes; host memory ``GPU_HOST_MEM_MB`` per GPU (tokens and data loading; the model lives on the GPU).
+    15 minutes; host memory ``GPU_HOST_MEM_MB`` per GPU of a node (tokens and data loading; the model lives on
+    the GPU).
     """
     flops = training_flops(s, vocab_size)
     if gpus > 0:
         runtime = 15 + math.ceil(1.5 * flops / (GPU_FLOPS_PER_GPU * gpus) / 60)
-        return {"mem_mb": GPU_HOST_MEM_MB * gpus, "runtime": int(runtime)}
+        return {"mem_mb": GPU_HOST_MEM_MB * gpus // nodes, "runtime": int(runtime)}
     params = _non_embedding(s) + 2 * vocab_size * s.hidden
     activations = s.batch_size * s.seq_len * (24 * s.hidden * s.layers + 3 * vocab_size)
     mem_mb = 500 + (16 * params + 4 * activations) // 2**20

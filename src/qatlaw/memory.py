@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from qatlaw.config import ConfigError
+from qatlaw.config import ConfigError, run_gpus
 from qatlaw.grid import RunSettings, non_embedding_count
 from qatlaw.precision import LAYER_TYPES, parse, uses_lac
 
@@ -143,7 +143,7 @@ def micro_batch_size(s: RunSettings, vocab_size: int, gpu_memory_gb: float, gpus
 def planned_micro_batch(s: RunSettings, vocab_size: int, training: Mapping[str, Any]) -> int:
     """A GPU run's sequences per micro-batch: ``training.micro_batch_size``, or when null the largest that fits
     ``training.gpu_memory_gb``; a ConfigError when its predicted peak does not fit."""
-    gpus, micro, gb = max(1, training["gpus_per_run"]), training["micro_batch_size"], training["gpu_memory_gb"]
+    gpus, micro, gb = max(1, run_gpus(training, s.size)), training["micro_batch_size"], training["gpu_memory_gb"]
     chunk = training["loss_chunk_tokens"]
     if micro is None:
         return micro_batch_size(s, vocab_size, gb, gpus, chunk)
@@ -157,11 +157,10 @@ def planned_micro_batch(s: RunSettings, vocab_size: int, training: Mapping[str, 
 def size_plans(runs: list[RunSettings], vocab_size: int, training: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
     """Per model size on GPUs: the smallest micro-batch of its runs, and the largest predicted peak (bytes) of one
     of its runs at its own micro-batch."""
-    gpus = max(1, training["gpus_per_run"])
     plans: dict[str, tuple[int, int]] = {}
     for run in runs:
         micro = planned_micro_batch(run, vocab_size, training)
-        peak = peak_bytes(run, vocab_size, micro, gpus, training["loss_chunk_tokens"])
+        peak = peak_bytes(run, vocab_size, micro, max(1, run_gpus(training, run.size)), training["loss_chunk_tokens"])
         old_micro, old_peak = plans.get(run.size, (micro, peak))
         plans[run.size] = (min(micro, old_micro), max(peak, old_peak))
     return plans
