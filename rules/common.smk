@@ -193,7 +193,8 @@ TRAIN_SHELL = (
     "--device {resources.train_device} --checkpoint-every {resources.checkpoint_every} "
     "--checkpoint-minutes {resources.checkpoint_minutes} "
     "--compile {resources.compile} --micro-batch-size {resources.micro_batch_size} "
-    "--loss-chunk-tokens {resources.loss_chunk_tokens} {params.run_logs}> {log.job} 2>&1"
+    "--loss-chunk-tokens {resources.loss_chunk_tokens} "
+    "--activation-checkpointing {resources.activation_checkpointing} {params.run_logs}> {log.job} 2>&1"
 )
 
 
@@ -254,25 +255,35 @@ def batch_priority(batch):
     return sum(grid.training_flops(RUNS[run_id], config["data"]["vocab_size"]) for run_id in batch) // 10**9
 
 
-def micro_batch_size(runs):
-    """Sequences per micro-batch of a job training ``runs`` (0 = the whole batch): training.micro_batch_size, or
-    when it is null on GPUs the largest that the memory model fits for every run (qatlaw.memory)."""
+def job_plan(runs):
+    """Sequences per micro-batch (0 = the whole batch) and activation checkpointing (`qatlaw train
+    --activation-checkpointing`: 0, 1 or auto) of a job training ``runs``: training.micro_batch_size and
+    training.activation_checkpointing, or on GPUs the memory model's plan (qatlaw.memory.plan_run) that fits every
+    run: the smallest micro-batch, checkpointing when any run needs it."""
     training = config["training"]
     if not qconfig.on_gpu(training):
-        return training["micro_batch_size"] or 0
-    return min(memory.planned_micro_batch(run, config["data"]["vocab_size"], training) for run in runs)
+        checkpointing = training["activation_checkpointing"]
+        return training["micro_batch_size"] or 0, checkpointing if checkpointing == "auto" else int(checkpointing)
+    plans = [memory.plan_run(run, config["data"]["vocab_size"], training) for run in runs]
+    return min(plan.micro_batch for plan in plans), int(any(plan.checkpointing for plan in plans))
 
 
 def train_micro_batch_size(wildcards):
     """Sequences per micro-batch of one training run."""
-    return micro_batch_size([_run(wildcards)])
+    return job_plan([_run(wildcards)])[0]
 
 
-def train_execution(micro_batch):
+def train_checkpointing(wildcards):
+    """Activation checkpointing (0, 1 or auto) of one training run."""
+    return job_plan([_run(wildcards)])[1]
+
+
+def train_execution(micro_batch, checkpointing):
     """How training jobs execute, as resources of the train rule (not params), so that changing them retrains
     nothing: device, checkpoint intervals (steps; minutes, as a
-    string: Snakemake rounds float resources), torch.compile, ``micro_batch``, the sequences per micro-batch (a
-    number or a function of the wildcards), and tokens per chunk of the loss (0 = all at once)."""
+    string: Snakemake rounds float resources), torch.compile, ``micro_batch``, the sequences per micro-batch, and
+    ``checkpointing``, activation checkpointing (0, 1 or auto; each a value or a function of the wildcards), and
+    tokens per chunk of the loss (0 = all at once)."""
     training = config["training"]
     return {
         "train_device": training["device"],
@@ -281,6 +292,7 @@ def train_execution(micro_batch):
         "compile": int(training["compile"]),
         "micro_batch_size": micro_batch,
         "loss_chunk_tokens": training["loss_chunk_tokens"] or 0,
+        "activation_checkpointing": checkpointing,
     }
 
 

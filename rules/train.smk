@@ -1,7 +1,8 @@
 # Training stage: one job per grid cell (BF16 baselines once per size/tokens/seed), then the run table.
 # Resumable checkpoints live in results/checkpoints/, outside the outputs that Snakemake deletes on failure.
-# How runs execute (threads, GPUs, device, checkpoint interval, compile, micro-batch) comes from threads and
-# resources, which are not rerun triggers, so changing it retrains nothing; the run is identified by params.settings.
+# How runs execute (threads, GPUs, device, checkpoint interval, compile, micro-batch, activation checkpointing) comes
+# from threads and resources, which are not rerun triggers, so changing it retrains nothing; the run is identified
+# by params.settings.
 
 
 if config["training"]["runs_per_job"] == 1:
@@ -26,7 +27,7 @@ if config["training"]["runs_per_job"] == 1:
             runtime=train_runtime,
             gpu=train_gpus,
             nodes=1,
-            **train_execution(train_micro_batch_size),
+            **train_execution(train_micro_batch_size, train_checkpointing),
         log:
             job="results/logs/train/{size}/{tokens}/seed{seed}/{variant}.log",
         benchmark:
@@ -51,7 +52,7 @@ if config["training"]["runs_per_job"] == 1:
                 tasks=train_nodes,
                 tasks_per_gpu=0,
                 mpi="srun",
-                **train_execution(train_micro_batch_size),
+                **train_execution(train_micro_batch_size, train_checkpointing),
 
 else:
     for i, batch in enumerate(TRAIN_BATCHES):
@@ -73,7 +74,7 @@ else:
             priority: batch_priority(batch)
             resources:
                 **batch_resources(batch),
-                **train_execution(micro_batch_size([RUNS[run_id] for run_id in batch])),
+                **train_execution(*job_plan([RUNS[run_id] for run_id in batch])),
             log:
                 job=batch_job_log(i),
                 runs=batch_run_logs(batch),

@@ -94,6 +94,7 @@ BAD = [
     (('training', 'job_hours'), 0, "training.job_hours"),
     (('training', 'micro_batch_size'), 5, "training.micro_batch_size: 5 does not divide the 32 sequences per GPU"),
     (('training', 'micro_batch_size'), 0, "training.micro_batch_size"),
+    (('training', 'activation_checkpointing'), "sometimes", "training.activation_checkpointing"),
     (('grid', 'ablation'), {"sizes": ["0.1M"], "tokens": ["100K"], "groups": [32], "precisions": ["W4A4"],
                             "overrides": ["fc3a8"]}, "grid.ablation.overrides[0]"),
     (('grid', 'ablation'), {"sizes": ["7M"], "tokens": ["100K"], "groups": [32], "precisions": ["W4A4"],
@@ -170,7 +171,8 @@ def test_cli_defaults_are_the_schema_defaults():
     train = parser.parse_args(["train", *(f"--{k}=x" for k in ("settings", "train-tokens", "val-tokens", "manifest",
                                                                  "summary", "metrics", "model", "checkpoint"))])
     assert (train.threads, train.gpus, train.device, train.checkpoint_every, train.checkpoint_minutes, train.compile,
-            train.micro_batch_size, train.loss_chunk_tokens) == (1, 0, "auto", 200, 30, 0, 0, 8192)
+            train.micro_batch_size, train.loss_chunk_tokens, train.activation_checkpointing
+            ) == (1, 0, "auto", 200, 30, 0, 0, 8192, "auto")
     fitted = parser.parse_args(["fit", "--runs", "r", "--out-dir", "o"])
     assert (fitted.bootstrap, fitted.seed, fitted.metric) == tuple(config.schema_default("fit", k)
                                                                    for k in ("bootstrap", "seed", "metric"))

@@ -59,7 +59,8 @@ def test_run_plans_follow_the_memory_model_and_the_flop_rate(paper):
     assert big["wall_hours"] == estimate / 60 and big["segments"] == math.ceil(estimate / 2880) == 2
     assert big["job_minutes"] == 2880  # every job asks for the limit, never more
     from qatlaw import memory
-    assert big["micro_batch"] == memory.planned_micro_batch(run, 100278, paper["training"])
+    plan = memory.plan_run(run, 100278, paper["training"])
+    assert (big["micro_batch"], big["checkpointing"], big["peak_bytes"]) == (plan.micro_batch, False, plan.peak_bytes)
 
 
 def test_size_costs_sum_the_runs_and_the_cli_prints_them(paper, capsys, tmp_path):

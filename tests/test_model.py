@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -219,3 +221,49 @@ def test_chunks_bound_the_logits_kept_for_backward():
     assert largest < 32 * row and (large - small) / added < row / 4
     (small, _), (large, _) = saved_bytes(4, None), saved_bytes(8, None)
     assert (large - small) / added >= 2 * row
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("precision, opts", [("BF16", None), ("W4A4", QuantOptions(group_size="channel")),
+                                             ("W4A4-fc2a8", QuantOptions(group_size=16, lac=True))])
+def test_activation_checkpointing_trains_bit_identically(precision, opts, bf16):
+    """Three AdamW steps with the blocks checkpointed or not (LAC on for the W4A4 runs): the same losses, gradients
+    (LAC γ included) and weights, bit for bit; the backward pass runs outside autocast, as in training."""
+    numerics = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    trained = {}
+    for checkpointing in (False, True):
+        model = make(precision, opts)
+        model.activation_checkpointing = checkpointing
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        steps = []
+        for step in range(3):
+            idx = tokens(batch=4, seed=step)
+            opt.zero_grad()
+            with numerics:
+                loss = model(idx[:, :-1], idx[:, 1:])
+            loss.backward()
+            steps.append((loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}))
+            opt.step()
+        trained[checkpointing] = steps, model.state_dict()
+    (plain, weights), (checkpointed, checkpointed_weights) = trained[False], trained[True]
+    assert any(name.endswith("lac.gamma") for name in weights) == (opts is not None)
+    for (loss, grads), (loss_c, grads_c) in zip(plain, checkpointed):
+        assert torch.equal(loss, loss_c)
+        assert all(torch.equal(grads[name], grads_c[name]) for name in grads)
+    assert all(torch.equal(weights[name], checkpointed_weights[name]) for name in weights)
+
+
+def test_activation_checkpointing_recomputes_only_in_training_with_gradients():
+    """Checkpointed blocks start their forward pass twice in a training step (again in the backward pass), once in
+    evaluation or without gradients."""
+    model, idx = make("W4A4", QuantOptions(group_size="channel")), tokens()
+    model.activation_checkpointing = True
+    calls = []
+    model.blocks[0].register_forward_pre_hook(lambda module, args: calls.append(module.training))
+    model(idx[:, :-1], idx[:, 1:]).backward()
+    assert calls == [True, True]
+    with torch.no_grad():
+        model(idx[:, :-1], idx[:, 1:])
+    model.eval()
+    model(idx[:, :-1], idx[:, 1:]).backward()
+    assert calls == [True, True, True, False]

@@ -253,6 +253,30 @@ def test_loss_in_chunks_gives_the_same_training(tmp_path, tokens):
     assert chunked["loss"] == pytest.approx(whole["loss"], abs=1e-5)
 
 
+@pytest.mark.parametrize("precision, group, numerics", [("W4A4", "channel", "bf16"), ("BF16", None, "fp32")])
+def test_activation_checkpointing_gives_the_same_training_bit_for_bit(tmp_path, tokens, precision, group, numerics,
+                                                                     caplog):
+    s = settings(precision=precision, group=group, numerics=numerics, tokens=4 * 16 * 4)  # 4 steps
+    with caplog.at_level(logging.INFO, logger="qatlaw.train"):
+        run(tmp_path, s, tokens, "plain", activation_checkpointing=False)
+        assert "activation checkpointing" not in caplog.text
+        run(tmp_path, s, tokens, "checkpointed", activation_checkpointing=True)
+        assert ", activation checkpointing" in caplog.text
+    plain, checkpointed = (pd.read_parquet(tmp_path / name / "metrics.parquet") for name in ("plain", "checkpointed"))
+    assert len(plain) == 4 and plain[["loss", "grad_norm"]].equals(checkpointed[["loss", "grad_norm"]])
+    weights = [torch.load(tmp_path / name / "model.pt")["model"] for name in ("plain", "checkpointed")]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+def test_activation_checkpointing_auto_is_off_on_cpu():
+    cpu = torch.device("cpu")
+    assert train.Execution().activation_checkpointing == "auto"
+    assert not train.Execution().checkpointing(settings(), VOCAB, cpu)
+    assert train.Execution(activation_checkpointing=True).checkpointing(settings(), VOCAB, cpu)
+    with pytest.raises(train.TrainError, match="activation_checkpointing must be one of"):
+        train.Execution(activation_checkpointing="yes").checkpointing(settings(), VOCAB, cpu)
+
+
 def test_execution_is_not_part_of_the_run_identity():
     assert "threads" not in settings().to_json() and "checkpoint_every" not in settings().to_json()
     assert train.settings_hash(settings(), MANIFEST) == train.settings_hash(settings(), MANIFEST)
@@ -301,12 +325,15 @@ def train_command(tmp_path: Path, out: Path, *flags: str) -> list[str]:
 @pytest.mark.slow
 def test_data_parallel_run_under_torchrun_matches_one_process(tmp_path, tokens):
     """`qatlaw train --gpus 2` relaunches itself under torchrun; two gloo processes on CPU, each with half of
-    every batch (its loss in chunks: 32 tokens in chunks of 24 and 8), train the same model as one process."""
+    every batch (its loss in chunks: 32 tokens in chunks of 24 and 8, its blocks checkpointed), train the same
+    model as one process."""
     write_store(tmp_path, tokens)
     out = tmp_path / "ddp"
-    result = subprocess.run(train_command(tmp_path, out, "--gpus", "2", "--loss-chunk-tokens", "24"),
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(train_command(tmp_path, out, "--gpus", "2", "--loss-chunk-tokens", "24",
+                                          "--activation-checkpointing", "1"), capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 2x cpu, activation checkpointing" in result.stderr
     single = run(tmp_path, settings(), tokens, "single")
     ddp = pd.read_parquet(out / "summary.parquet").iloc[0]
     assert ddp["device"] == "2x cpu" and single["device"] == "cpu"

@@ -18,37 +18,28 @@ from qatlaw.stopping import STOPPED_STATUS, Stopped, StopSignals
 
 log = logging.getLogger("qatlaw")
 
+# `qatlaw train --activation-checkpointing` values and the training.activation_checkpointing each stands for
+CHECKPOINTING_FLAG = {"auto": "auto", "0": False, "1": True}
+
 
 def _validate(args: argparse.Namespace) -> None:
-    from qatlaw import config, grid, memory
+    from qatlaw import config, cost, grid
 
     cfg = config.load(*args.configs)
     runs = grid.grid_runs(cfg)
     baselines = sum(run.is_baseline for run in runs)
     print(f"config OK: {len(runs)} runs ({baselines} BF16 baselines, {len(runs) - baselines} QAT)")
     if config.on_gpu(cfg["training"]):
-        plans = memory.size_plans(runs, cfg["data"]["vocab_size"], cfg["training"])
-        for size, (micro, peak) in plans.items():
-            print(f"{size}: {micro} sequences per micro-batch, predicted peak {peak / 2**30:.1f} GiB per GPU")
+        print(cost.report(cfg)[0])
 
 
 def _cost(args: argparse.Namespace) -> None:
-    from tabulate import tabulate
-
-    from qatlaw import config, cost, grid
+    from qatlaw import config, cost
     from qatlaw.io import write_parquet
 
     overlay = {} if args.vocab_size is None else {"data": {"vocab_size": args.vocab_size}}
-    cfg = config.load(*args.configs, overlay, check_files=args.vocab_size is None)
-    plans = cost.run_plans(cfg)
-    table = cost.size_costs(plans)
-    limit = cfg["training"]["job_hours"]
-    print(f"{len(plans)} runs at a vocabulary of {cfg['data']['vocab_size']}; GPU-hours at "
-          f"{grid.GPU_FLOPS_PER_GPU:.0e} FLOP/s per GPU (bf16, about 1/3 of an A100's peak) for 6·(N + V·h)·D "
-          f"training FLOPs; hours per run: the job estimate, ×1.5 and +15 min for fake quantization and margin; "
-          f"segments: jobs of at most {'unlimited' if limit is None else f'{limit:g}'} hours (training.job_hours)")
-    print(tabulate(table, headers="keys", showindex=False, floatfmt=("", "", "", "", "", ".1f", ".1f", "", ",.0f")))
-    print(f"total: {table['gpu_hours'].iloc[-1]:,.0f} GPU-hours = {table['gpu_hours'].iloc[-1] / 24:,.0f} GPU-days")
+    text, plans = cost.report(config.load(*args.configs, overlay, check_files=args.vocab_size is None))
+    print(text)
     if args.out:
         write_parquet(plans, args.out)
 
@@ -203,7 +194,8 @@ def _train(args: argparse.Namespace) -> None:
     execution = train.Execution(threads=args.threads, checkpoint_every=args.checkpoint_every,
                                 checkpoint_minutes=args.checkpoint_minutes, compile=bool(args.compile),
                                 device=args.device, micro_batch_size=args.micro_batch_size or None,
-                                loss_chunk_tokens=args.loss_chunk_tokens or None)
+                                loss_chunk_tokens=args.loss_chunk_tokens or None,
+                                activation_checkpointing=CHECKPOINTING_FLAG[args.activation_checkpointing])
     # Several runs in one job: each keeps its final checkpoint until all are done, so that a job killed after
     # some finished redoes their outputs from those checkpoints instead of training them again.
     with StopSignals() as stop:
@@ -477,6 +469,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences per forward/backward pass (gradient accumulation); 0: the whole batch")
     s.add_argument("--loss-chunk-tokens", type=int, default=schema_default("training", "loss_chunk_tokens") or 0,
                    help="tokens whose logits and loss are computed at a time; 0: all at once")
+    s.add_argument("--activation-checkpointing", choices=list(CHECKPOINTING_FLAG),
+                   default=next(k for k, v in CHECKPOINTING_FLAG.items()
+                                if v == schema_default("training", "activation_checkpointing")),
+                   help="1: recompute each block's activations in the backward pass; auto: only on a GPU that does "
+                        "not fit one sequence per micro-batch without it")
     s.set_defaults(func=_train)
 
     s = sub.add_parser("runs", help="collect run summaries into one table")

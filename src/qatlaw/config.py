@@ -310,12 +310,13 @@ def on_gpu(training: Mapping[str, Any]) -> bool:
 
 
 def _check_gpu_memory(cfg: Mapping[str, Any]) -> None:
-    """On GPUs, every run's predicted peak fits training.gpu_memory_gb at its micro-batch (see qatlaw.memory)."""
+    """On GPUs, every run's predicted peak fits training.gpu_memory_gb at its micro-batch and activation
+    checkpointing (see qatlaw.memory)."""
     from qatlaw import grid, memory
 
     if on_gpu(cfg["training"]):
         for run in grid.grid_runs(cfg):
-            memory.planned_micro_batch(run, cfg["data"]["vocab_size"], cfg["training"])
+            memory.plan_run(run, cfg["data"]["vocab_size"], cfg["training"])
 
 
 def _check_sources(cfg: Mapping[str, Any]) -> None:

@@ -1,13 +1,16 @@
 """Peak GPU memory of one training rank, predicted from a run's shapes (torch-free, for the Snakefile and config).
 
 The activation terms count the tensors autograd saves for the backward pass of :class:`qatlaw.model.Model`, byte for
-byte as measured under bf16 autocast or fp32 on CPU (tests/test_memory.py); on a GPU the attention kernel, fused
-norms and ``torch.compile`` may save somewhat different tensors, so the model has not been validated on a GPU.
+byte as measured under bf16 autocast or fp32 on CPU (tests/test_memory.py), with and without activation
+checkpointing; on a GPU the attention kernel, fused norms and ``torch.compile`` may save somewhat different tensors,
+so the model has not been validated on a GPU. :func:`plan_run` decides how a run trains on a GPU: activation
+checkpointing and the micro-batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from qatlaw.config import ConfigError, run_gpus
@@ -53,6 +56,12 @@ def layer_activation_bytes(s: RunSettings) -> int:
     return norms + linear_inputs + attention + swiglu + lac
 
 
+def checkpointed_block_bytes(s: RunSettings) -> int:
+    """Bytes per token that one block keeps for the backward pass under activation checkpointing: its fp32 input
+    (the residual stream), from which the backward pass recomputes the rest."""
+    return FP32 * s.hidden
+
+
 def head_activation_bytes(s: RunSettings) -> int:
     """Bytes per token saved outside the blocks and the loss: token ids and targets, and the final norm's."""
     return 2 * 8 + FP32 * 2 * s.hidden + FP32
@@ -68,17 +77,18 @@ def whole_loss(tokens: int, loss_chunk_tokens: int | None) -> bool:
     return loss_chunk_tokens is None or tokens <= loss_chunk_tokens
 
 
-def saved_activation_bytes(s: RunSettings, vocab_size: int, micro_batch: int, loss_chunk_tokens: int | None = None
-                           ) -> int:
+def saved_activation_bytes(s: RunSettings, vocab_size: int, micro_batch: int, loss_chunk_tokens: int | None = None,
+                           checkpointing: bool = False) -> int:
     """Bytes of the tensors autograd saves for the backward pass of one micro-batch (the autocast copies of the
     weights included). In one piece, the loss saves the LM head's input and the fp32 log-probabilities; in chunks
-    (recomputed in the backward pass) only the fp32 input of each chunk."""
+    (recomputed in the backward pass) only the fp32 input of each chunk. With activation ``checkpointing`` each
+    block saves only its input, and none of its weight copies."""
     tokens = micro_batch * s.seq_len
-    if whole_loss(tokens, loss_chunk_tokens):
-        loss = tokens * (element_bytes(s) * s.hidden + FP32 * vocab_size) + weight_copy_bytes(s, vocab_size)
-    else:
-        loss = tokens * FP32 * s.hidden + weight_copy_bytes(s, 0)
-    return tokens * (s.layers * layer_activation_bytes(s) + head_activation_bytes(s)) + loss
+    whole = whole_loss(tokens, loss_chunk_tokens)
+    loss = tokens * (element_bytes(s) * s.hidden + FP32 * vocab_size if whole else FP32 * s.hidden)
+    copies = weight_copy_bytes(s, vocab_size if whole else 0, blocks=not checkpointing)
+    block = checkpointed_block_bytes(s) if checkpointing else layer_activation_bytes(s)
+    return tokens * (s.layers * block + head_activation_bytes(s)) + loss + copies
 
 
 def parameter_count(s: RunSettings, vocab_size: int) -> int:
@@ -86,32 +96,39 @@ def parameter_count(s: RunSettings, vocab_size: int) -> int:
     return non_embedding_count(s.layers, s.hidden, s.ffn, s.heads, s.kv_heads) + 2 * vocab_size * s.hidden
 
 
-def weight_copy_bytes(s: RunSettings, vocab_size: int) -> int:
+def weight_copy_bytes(s: RunSettings, vocab_size: int, blocks: bool = True) -> int:
     """The weight copies that the matmuls keep through a pass: under bf16 autocast a bf16 copy of every block
-    matmul weight (fake-quantized or not) and of an LM head of ``vocab_size`` rows (0: none); in fp32 the
-    fake-quantized block weights."""
+    matmul weight (fake-quantized or not; ``blocks`` False: none) and of an LM head of ``vocab_size`` rows (0: none);
+    in fp32 the fake-quantized block weights."""
     h, f = s.hidden, s.ffn
     kv = s.kv_heads * (h // s.heads)
     sizes = {"qkv": h * (h + 2 * kv), "o": h * h, "fc1": h * 2 * f, "fc2": f * h}
+    layers = s.layers if blocks else 0
     if s.numerics == "bf16":
-        return 2 * (s.layers * sum(sizes.values()) + vocab_size * h)
-    layers = parse(s.precision).layers
-    return FP32 * s.layers * sum(n for layer, n in sizes.items() if layers[layer].weight.enabled)
+        return 2 * (layers * sum(sizes.values()) + vocab_size * h)
+    quantized = parse(s.precision).layers
+    return FP32 * layers * sum(n for layer, n in sizes.items() if quantized[layer].weight.enabled)
 
 
 def peak_bytes(s: RunSettings, vocab_size: int, micro_batch: int, gpus: int = 1,
-               loss_chunk_tokens: int | None = None) -> int:
+               loss_chunk_tokens: int | None = None, checkpointing: bool = False) -> int:
     """Predicted peak GPU memory of one rank training ``s`` at ``micro_batch`` sequences per pass.
 
     Parameters, gradients and AdamW moments in fp32 (plus DDP's gradient buckets on several GPUs), the autocast
     weight copies, the CUDA context, the saved activations of the micro-batch, one block's gradients during its
     backward, and the logits of one loss chunk of ``loss_chunk_tokens`` tokens (None: the whole micro-batch).
+    With activation ``checkpointing`` the blocks keep only their inputs, and during a block's backward its
+    recomputed activations are alive as well (the weight copies stay counted in full: an upper bound then).
     """
     tokens = micro_batch * s.seq_len
     chunk = tokens if whole_loss(tokens, loss_chunk_tokens) else loss_chunk_tokens
     state = (STATE_BYTES_PER_PARAM + (FP32 if gpus > 1 else 0)) * parameter_count(s, vocab_size)
     chunk_inputs = 0 if chunk == tokens else FP32 * s.hidden
-    activations = tokens * ((s.layers + 1) * layer_activation_bytes(s) + head_activation_bytes(s) + chunk_inputs)
+    if checkpointing:
+        blocks = s.layers * checkpointed_block_bytes(s) + 2 * layer_activation_bytes(s)
+    else:
+        blocks = (s.layers + 1) * layer_activation_bytes(s)
+    activations = tokens * (blocks + head_activation_bytes(s) + chunk_inputs)
     loss = chunk * (vocab_size * logit_bytes(s) + element_bytes(s) * s.hidden)
     return CUDA_CONTEXT_BYTES + state + weight_copy_bytes(s, vocab_size) + activations + loss
 
@@ -126,41 +143,58 @@ def required_gib(peak: int) -> float:
     return peak / USABLE_FRACTION / 2**30
 
 
+_CHECKPOINTED = " with activation checkpointing"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one rank trains a run on a GPU: sequences per micro-batch, whether the blocks are checkpointed (their
+    activations recomputed in the backward pass), and the predicted peak memory in bytes."""
+
+    micro_batch: int
+    checkpointing: bool
+    peak_bytes: int
+
+
+def needs_checkpointing(s: RunSettings, vocab_size: int, gpu_memory_gb: float, gpus: int = 1,
+                        loss_chunk_tokens: int | None = None) -> bool:
+    """Whether not even one sequence per micro-batch fits the GPU without activation checkpointing."""
+    return peak_bytes(s, vocab_size, 1, gpus, loss_chunk_tokens) > usable_bytes(gpu_memory_gb)
+
+
 def micro_batch_size(s: RunSettings, vocab_size: int, gpu_memory_gb: float, gpus: int = 1,
-                     loss_chunk_tokens: int | None = None) -> int:
+                     loss_chunk_tokens: int | None = None, checkpointing: bool = False) -> int:
     """The largest micro-batch (a divisor of the per-GPU batch) whose predicted peak fits the GPU; a ConfigError
     when not even one sequence fits."""
     per_gpu = s.batch_size // gpus
     usable = usable_bytes(gpu_memory_gb)
     for micro in (m for m in range(per_gpu, 0, -1) if per_gpu % m == 0):
-        if peak_bytes(s, vocab_size, micro, gpus, loss_chunk_tokens) <= usable:
+        if peak_bytes(s, vocab_size, micro, gpus, loss_chunk_tokens, checkpointing) <= usable:
             return micro
-    need = required_gib(peak_bytes(s, vocab_size, 1, gpus, loss_chunk_tokens))
+    need = required_gib(peak_bytes(s, vocab_size, 1, gpus, loss_chunk_tokens, checkpointing))
     raise ConfigError(f"training.gpu_memory_gb: {s.run_id} needs a predicted {need:.1f} GiB per GPU at one sequence "
-                      f"per micro-batch, more than {gpu_memory_gb:g} GiB")
+                      f"per micro-batch{_CHECKPOINTED if checkpointing else ''}, more than {gpu_memory_gb:g} GiB")
 
 
-def planned_micro_batch(s: RunSettings, vocab_size: int, training: Mapping[str, Any]) -> int:
-    """A GPU run's sequences per micro-batch: ``training.micro_batch_size``, or when null the largest that fits
-    ``training.gpu_memory_gb``; a ConfigError when its predicted peak does not fit."""
+def plan_run(s: RunSettings, vocab_size: int, training: Mapping[str, Any]) -> Plan:
+    """How a GPU run trains: ``training.activation_checkpointing`` ("auto": on only when one sequence per
+    micro-batch does not fit ``training.gpu_memory_gb`` without it), then ``training.micro_batch_size``, or when
+    null the largest that fits; a ConfigError when its predicted peak does not fit."""
     gpus, micro, gb = max(1, run_gpus(training, s.size)), training["micro_batch_size"], training["gpu_memory_gb"]
-    chunk = training["loss_chunk_tokens"]
+    chunk, setting = training["loss_chunk_tokens"], training["activation_checkpointing"]
+    checkpointing = needs_checkpointing(s, vocab_size, gb, gpus, chunk) if setting == "auto" else setting
     if micro is None:
-        return micro_batch_size(s, vocab_size, gb, gpus, chunk)
-    if (peak := peak_bytes(s, vocab_size, micro, gpus, chunk)) > usable_bytes(gb):
+        micro = micro_batch_size(s, vocab_size, gb, gpus, chunk, checkpointing)
+    elif (peak := peak_bytes(s, vocab_size, micro, gpus, chunk, checkpointing)) > usable_bytes(gb):
         raise ConfigError(f"training.micro_batch_size: {micro} sequences of {s.run_id} need a predicted "
-                          f"{required_gib(peak):.1f} GiB per GPU, more than training.gpu_memory_gb {gb:g}; "
-                          "lower it or set it to null")
-    return micro
+                          f"{required_gib(peak):.1f} GiB per GPU{_CHECKPOINTED if checkpointing else ''}, more than "
+                          f"training.gpu_memory_gb {gb:g}; lower it or set it to null")
+    return Plan(micro, checkpointing, peak_bytes(s, vocab_size, micro, gpus, chunk, checkpointing))
 
 
-def size_plans(runs: list[RunSettings], vocab_size: int, training: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
-    """Per model size on GPUs: the smallest micro-batch of its runs, and the largest predicted peak (bytes) of one
-    of its runs at its own micro-batch."""
-    plans: dict[str, tuple[int, int]] = {}
+def size_plans(runs: list[RunSettings], vocab_size: int, training: Mapping[str, Any]) -> dict[str, list[Plan]]:
+    """Per model size, the GPU plan of each of its runs (in the order of ``runs``)."""
+    plans: dict[str, list[Plan]] = {}
     for run in runs:
-        micro = planned_micro_batch(run, vocab_size, training)
-        peak = peak_bytes(run, vocab_size, micro, max(1, run_gpus(training, run.size)), training["loss_chunk_tokens"])
-        old_micro, old_peak = plans.get(run.size, (micro, peak))
-        plans[run.size] = (min(micro, old_micro), max(peak, old_peak))
+        plans.setdefault(run.size, []).append(plan_run(run, vocab_size, training))
     return plans

@@ -163,7 +163,15 @@ class Model(nn.Module):
     residual output projections ``o`` and ``fc2`` use std 0.02/sqrt(2·n_layers)
     (GPT-2 / OLMo) so the residual stream's variance does not grow with depth.
     Norm weights start at 1, LAC γ at ``opts.lac_init``.
+
+    ``activation_checkpointing`` (how the model executes, not what it is; off by default): in training with
+    gradients on, each block keeps only its input for the backward pass and recomputes the rest there. Nothing in a
+    block updates state in its forward pass (the quantizers are pure functions of their input, weight and γ), so
+    the recomputation reproduces the forward pass bit for bit and the loss and gradients are the same (in eager
+    mode; ``torch.compile`` may fuse the recomputation differently, equal up to rounding).
     """
+
+    activation_checkpointing: bool = False
 
     def __init__(self, cfg: ModelConfig, precision: Precision | str = "BF16",
                  opts: QuantOptions | None = None):
@@ -211,8 +219,9 @@ class Model(nn.Module):
             raise ValueError(f"sequence length {T} exceeds seq_len {self.cfg.seq_len}")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.tok_emb(idx)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, cos, sin)
+            x = checkpoint(block, x, cos, sin, use_reentrant=False) if recompute else block(x, cos, sin)
         return self.norm(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, chunk_tokens: int | None = None

@@ -182,9 +182,10 @@ class _FakeQuant(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if not ctx.saved_tensors:  # no γ: straight-through
+        saved = ctx.saved_tensors  # read once: activation checkpointing lets saved tensors be unpacked only once
+        if not saved:  # no γ: straight-through
             return grad, None, None, None, None, None
-        e, inside, gamma = ctx.saved_tensors
+        e, inside, gamma = saved
         if gamma.numel() == 1:  # one γ (e.g. per-token activations): a single dot product
             grad_gamma = torch.dot(grad.reshape(-1), e.reshape(-1)).reshape(gamma.shape)
         else:

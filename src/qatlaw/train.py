@@ -14,12 +14,12 @@ reported ``loss`` is the bias-corrected EMA of the training loss (the paper's "s
 exponential moving average of the weights when ``weight_ema`` > 0 (else with the final weights, which
 ``val_loss_last`` always scores).
 
-How a run executes (:class:`Execution`: device, threads, micro-batching, the loss's token chunks, ``torch.compile``,
-checkpoint intervals) is not part of its identity: changing it neither retrains finished runs nor invalidates
-checkpoints; the device never changes the numerics. On CUDA AdamW is fused (and bf16 runs use TF32 for what stays
-fp32); launched by ``torchrun`` with several processes, one run is trained data-parallel (each rank takes an equal
-share of every batch and of the validation windows, rank 0 writes). A checkpoint is written every
-``checkpoint_every`` steps and every ``checkpoint_minutes`` of wall time; on SIGTERM or SIGUSR1
+How a run executes (:class:`Execution`: device, threads, micro-batching, the loss's token chunks, activation
+checkpointing, ``torch.compile``, checkpoint intervals) is not part of its identity: changing it neither retrains
+finished runs nor invalidates checkpoints; the device never changes the numerics. On CUDA AdamW is fused (and bf16
+runs use TF32 for what stays fp32); launched by ``torchrun`` with several processes, one run is trained data-parallel
+(each rank takes an equal share of every batch and of the validation windows, rank 0 writes). A checkpoint is
+written every ``checkpoint_every`` steps and every ``checkpoint_minutes`` of wall time; on SIGTERM or SIGUSR1
 (:mod:`qatlaw.stopping`) the run ends its step, writes one and stops.
 """
 
@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from qatlaw import memory
 from qatlaw.config import schema_default, schema_key
 from qatlaw.errors import QatlawError
 from qatlaw.grid import RunSettings, effective_group
@@ -76,6 +77,7 @@ class Execution:
     device: str = schema_default("training", "device")
     micro_batch_size: int | None = schema_default("training", "micro_batch_size")
     loss_chunk_tokens: int | None = schema_default("training", "loss_chunk_tokens")
+    activation_checkpointing: bool | str = schema_default("training", "activation_checkpointing")
 
     def torch_device(self, local_rank: int = 0) -> torch.device:
         """'auto' is CUDA when available, else CPU; each data-parallel rank gets its own GPU."""
@@ -87,6 +89,21 @@ class Execution:
         if self.device == "cpu" or not torch.cuda.is_available():
             return torch.device("cpu")
         return torch.device("cuda", local_rank)
+
+    def checkpointing(self, s: RunSettings, vocab_size: int, device: torch.device, gpus: int = 1) -> bool:
+        """Whether the blocks recompute their activations in the backward pass: ``activation_checkpointing``, where
+        "auto" is off on CPU and on a GPU on only when one sequence per micro-batch does not fit its memory
+        (:func:`qatlaw.memory.needs_checkpointing`)."""
+        choices = schema_key("training", "activation_checkpointing")["enum"]
+        if self.activation_checkpointing not in choices:
+            raise TrainError(f"activation_checkpointing must be one of {', '.join(map(str, choices))}, "
+                             f"got {self.activation_checkpointing!r}")
+        if self.activation_checkpointing != "auto":
+            return bool(self.activation_checkpointing)
+        if device.type != "cuda":
+            return False
+        gpu_memory_gb = torch.cuda.get_device_properties(device).total_memory / 2**30
+        return memory.needs_checkpointing(s, vocab_size, gpu_memory_gb, gpus, self.loss_chunk_tokens)
 
 
 @dataclass(frozen=True)
@@ -334,6 +351,7 @@ def train_run(
     if par.world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     model = build_model(s, vocab).to(device)
+    model.activation_checkpointing = execution.checkpointing(s, vocab, device, par.world)
     opt = make_optimizer(model, s, fused=device.type == "cuda")
     average = WeightAverage(model, s.weight_ema_decay) if s.weight_ema > 0 else None
     batches = TokenBatches(train_tokens, s.seq_len, s.batch_size, s.seed)
@@ -362,8 +380,9 @@ def train_run(
     if par.world > 1:
         step_fn = torch.nn.parallel.DistributedDataParallel(step_fn, device_ids=[device] if device.type == "cuda" else None)
 
-    log.info("%s: N=%d, %d steps of %d tokens, lr %.2e, warm-up %d, on %s", s.run_id,
-             non_embedding_params(model.cfg), s.steps, s.tokens_per_step, s.lr, warmup, _device_name(device, par))
+    log.info("%s: N=%d, %d steps of %d tokens, lr %.2e, warm-up %d, on %s%s", s.run_id,
+             non_embedding_params(model.cfg), s.steps, s.tokens_per_step, s.lr, warmup, _device_name(device, par),
+             ", activation checkpointing" if model.activation_checkpointing else "")
     t0, first_step = time.perf_counter(), step
     saved_at = t0
     log_every = max(1, s.steps // 20)
