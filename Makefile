@@ -2,6 +2,10 @@
 #   make run    installs into .venv, then runs the default workflow (snakemake --cores 2)
 #   make test   installs into .venv, then runs the test suite
 #   make reference   the laptop grid from a clean results/, shipped as reference/laptop/ (about 80 min, 2 cores)
+#   make gpu-check   on a machine with one CUDA GPU: python -m qatlaw.bench --sections gpu (at most 8 min): training
+#                    MFU at 74M and 145M (BF16, W4A4), 973M peak memory vs the memory model, its evaluation, δ under
+#                    bf16 vs fp32, an exact resume; writes reference/gpu-check/ (gpu.parquet, gpu.md). Refuses to
+#                    run without CUDA (the CPU smoke mode is `python -m qatlaw.bench --sections gpu --smoke`)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
@@ -10,7 +14,7 @@ CORES ?= 2
 # Workflow shell commands call `qatlaw` and `snakemake` from the virtual environment.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test lint dry-run clean reference
+.PHONY: install run test lint dry-run clean reference gpu-check
 
 install: $(STAMP)
 
@@ -37,6 +41,9 @@ reference: install
 	  && echo $$(( $$(date +%s) - start )) > results/wall_s
 	$(BIN)/qatlaw reference $(REFERENCE_CONFIGS) --results results --out reference/laptop \
 	  --wall-file results/wall_s --command "make reference" --title "laptop grid (config/laptop.yaml)"
+
+gpu-check: install
+	$(BIN)/python -m qatlaw.bench --sections gpu --require-cuda --out reference/gpu-check
 
 lint: install
 	$(BIN)/snakemake --lint

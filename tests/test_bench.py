@@ -112,3 +112,88 @@ def test_cli_quick_writes_every_table(tmp_path, capsys):
     targets = pd.read_parquet(out / "targets.parquet")
     assert list(targets.columns) == ["target", "measured", "bound", "met"]
     assert np.isfinite(targets["measured"]).all() and (targets["measured"] > 0).all()
+
+
+def test_gpu_section_smoke_runs_every_check_end_to_end(tmp_path):
+    """The GPU check's code path on the CPU: every planned case and metric is one row, measured (only GPU memory is
+    skipped here) and consistent with the config's shapes and the memory model."""
+    import torch
+
+    from qatlaw import memory
+    from qatlaw.bench import gpu
+    from qatlaw.grid import non_embedding_count
+
+    out = tmp_path / "gpu"
+    assert main(["--sections", "gpu", "--smoke", "--config", str(CONFIG), "--peak-flops", "1e11", "--commit", "abc123",
+                 "--out", str(out)]) == 0
+    table = pd.read_parquet(out / "gpu.parquet")
+    assert list(table.columns) == [*gpu.COLUMNS, *gpu.ENVIRONMENT]
+    plan = gpu.make_plan(CONFIG, "unused", smoke=True)
+    expected = [(c.name, check, metric) for c in plan.cases() for check in c.checks for metric in gpu.METRICS[check]]
+    assert sorted(table[["case", "check", "metric"]].itertuples(index=False, name=None)) == sorted(expected)
+    env = table[list(gpu.ENVIRONMENT)].drop_duplicates()
+    assert len(env) == 1 and env["mode"].item() == "smoke" and env["commit"].item() == "abc123"
+    assert env["torch"].item() == torch.__version__ and len(env["source_sha256"].item()) == 16
+    skipped = table[table["status"] == "skipped"]
+    assert set(skipped["metric"]) == {"max_allocated_gib", "max_reserved_gib", "ratio_allocated", "ratio_reserved"}
+    assert (skipped["note"] == "no CUDA").all() and skipped["value"].isna().all()
+    measured = table[table["status"] != "skipped"]
+    assert (measured["status"] == "ok").all() and np.isfinite(measured["value"]).all(), measured[["case", "error"]]
+    value = table.set_index(["check", "case", "metric"])["value"].sort_index()
+
+    cfg, vocab = plan.paper, plan.paper["data"]["vocab_size"]
+    for case in (c for c in plan.cases() if c.part == "mfu"):
+        arch, v = cfg["models"][case.size], value.loc["mfu", case.name]
+        n = non_embedding_count(arch["layers"], arch["hidden"], arch["ffn"], arch["heads"], arch["kv_heads"])
+        assert v["mfu"] == pytest.approx(6 * (n + vocab * arch["hidden"]) * v["tokens_per_s"] / 1e11)
+        assert v["mfu_attention"] > v["mfu"] > 0
+        assert v["tokens_per_s"] * v["step_s"] == pytest.approx(8 * 32)  # the smoke batch: 8 sequences of 32
+    for case in (c for c in plan.cases() if c.part == "memory"):
+        row = table[(table["case"] == case.name) & (table["metric"] == "predicted_gib")].iloc[0]
+        s = gpu._settings(cfg, case.size, case.precision, case.group, case.numerics, 2)
+        assert row["micro_batch"] == memory.planned_micro_batch(s, vocab, cfg["training"]) == 4
+        assert row["value"] == pytest.approx(memory.peak_bytes(s, vocab, 4, 1, 64) / 2**30)
+        assert 0 < value.loc["eval", case.name, "val_loss"] < math.log(vocab) + 1
+        assert value.loc["eval", case.name, "eval_windows"] == 8
+    deltas = value.loc["delta"].xs("delta_val_loss", level="metric")
+    effect = value.loc["numerics_effect"].xs("delta_bf16_minus_fp32", level="metric").item()
+    assert effect == pytest.approx(deltas.filter(like="bf16").item() - deltas.filter(like="fp32").item())
+    resume = value.loc["resume"].droplevel("case")
+    assert resume["resume_step"] == 3 and resume["max_abs_loss_diff"] <= 1e-6 and resume["val_loss_abs_diff"] <= 1e-6
+    assert (out / "gpu.md").read_text().startswith("GPU check (smoke) on ")
+
+
+def test_gpu_parts_that_fail_or_run_out_of_time_are_failed_rows(monkeypatch):
+    """A case that raises (an out-of-memory error) and a part stopped at its cap give failed rows with the error;
+    a part with no time left is not started."""
+    from qatlaw.bench import gpu
+
+    plan = gpu.make_plan(CONFIG, "unused", smoke=True)
+    case = next(c for c in plan.cases() if c.part == "memory")
+
+    def out_of_memory():
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+
+    rows = gpu._guard(case, "cpu", out_of_memory)
+    assert [(r["check"], r["metric"]) for r in rows] == [(c, m) for c in ("memory", "eval") for m in gpu.METRICS[c]]
+    assert {r["status"] for r in rows} == {"failed"} and all(math.isnan(r["value"]) for r in rows)
+    assert {r["error"] for r in rows} == {"RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"}
+
+    monkeypatch.setattr(gpu, "PART_CAPS", {"resume": 0.5, "delta": 60.0})
+    monkeypatch.setattr(gpu, "MIN_PART_S", 0.2)  # resume starts, delta finds less than that left
+    table = gpu.measure_gpu(CONFIG, "unused", smoke=True, budget_s=0.6, echo=lambda _: None)
+    assert (table["status"] == "failed").all()
+    resume, delta = table[table["check"] == "resume"], table[table["check"] != "resume"]
+    assert resume["error"].str.startswith("time cap: stopped after").all()
+    assert len(resume) == len(gpu.METRICS["resume"])
+    assert set(delta["check"]) == {"delta", "numerics_effect"} and delta["error"].str.startswith("not started").all()
+
+
+def test_peak_flops_by_device_name_or_given():
+    from qatlaw.bench.gpu import peak_flops
+
+    assert peak_flops("NVIDIA H200", None) == (989e12, "peak 9.89e+14 FLOP/s (H200 dense bf16, table)")
+    assert peak_flops("NVIDIA A100-SXM4-80GB", None)[0] == 312e12
+    assert peak_flops("NVIDIA H200", 5e14) == (5e14, "peak 5e+14 FLOP/s (--peak-flops)")
+    value, note = peak_flops("AMD EPYC", None)
+    assert math.isnan(value) and "give --peak-flops" in note

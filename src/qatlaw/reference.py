@@ -47,7 +47,8 @@ def _machine() -> dict[str, Any]:
             "torch": torch.__version__, "platform": platform.platform()}
 
 
-def _commit(repo: Path) -> str:
+def git_commit(repo: Path) -> str:
+    """The commit checked out in ``repo`` ("unknown" without git or outside a repository)."""
     try:
         return subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -84,7 +85,7 @@ def package(results: str | Path, out: str | Path, config: Mapping[str, Any], *, 
         _copy(path, stage / path.relative_to(results))
     with atomic_path(stage / "config.yaml") as tmp:
         tmp.write_text(yaml.safe_dump(dict(config), sort_keys=False), encoding="utf-8")
-    info = {"title": title, "command": command, "wall_s": wall_s, "commit": _commit(Path.cwd()),
+    info = {"title": title, "command": command, "wall_s": wall_s, "commit": git_commit(Path.cwd()),
             "machine": _machine()}
     with atomic_path(stage / "run.json") as tmp:
         tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

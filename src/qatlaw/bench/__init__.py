@@ -1,4 +1,4 @@
-"""Benchmarks: matmul peak, training throughput, quantization overhead, threads vs jobs, fit speed, pipeline.
+"""Benchmarks: matmul peak, training speed, quantization overhead, threads vs jobs, fits, pipeline, GPU check.
 
 Run ``python -m qatlaw.bench`` from the repository root (``--quick`` for a short check, ``--help`` for options;
 the command line is :mod:`qatlaw.bench.__main__`). It prints one Markdown table per section and writes each to
@@ -6,5 +6,6 @@ the command line is :mod:`qatlaw.bench.__main__`). It prints one Markdown table 
 and ``targets.parquet`` (each target as measured vs its bound, :mod:`qatlaw.bench.report`). Each section's
 module docstring defines its columns: ``peak`` in :mod:`qatlaw.bench.machine`, ``train`` and ``concurrency`` in
 :mod:`qatlaw.bench.train`, ``fit`` in :mod:`qatlaw.bench.fitspeed`, ``pipeline`` in
-:mod:`qatlaw.bench.pipeline`, ``data`` in :mod:`qatlaw.bench.data`.
+:mod:`qatlaw.bench.pipeline`, ``data`` in :mod:`qatlaw.bench.data`, ``gpu`` (the GPU path's check, also
+``gpu.md``) in :mod:`qatlaw.bench.gpu`.
 """

@@ -14,6 +14,7 @@ import pandas as pd
 import qatlaw.bench
 from qatlaw.bench.data import DATA_CORPUS_TOKENS, measure_data
 from qatlaw.bench.fitspeed import measure_fits
+from qatlaw.bench.gpu import BUDGET_S, PAPER_VOCAB, gpu_markdown, gpu_worker, measure_gpu
 from qatlaw.bench.machine import PEAK_N, machine_info, matmul_peak
 from qatlaw.bench.pipeline import pipeline_overhead, read_wall_seconds
 from qatlaw.bench.report import markdown, targets
@@ -26,10 +27,10 @@ from qatlaw.bench.train import (
     measure_training,
 )
 
-SECTIONS = ("peak", "train", "numerics", "concurrency", "fit", "pipeline", "data")
-# Run by default: every section but numerics (a measured choice, asked for by name) and data, which writes about
-# 2 GB to --data-dir (ask for it with --sections data).
-DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s not in ("numerics", "data"))
+SECTIONS = ("peak", "train", "numerics", "concurrency", "fit", "pipeline", "data", "gpu")
+# Run by default: every section but numerics (a measured choice, asked for by name), data, which writes about
+# 2 GB to --data-dir (ask for it with --sections data), and gpu (the GPU path's check, make gpu-check).
+DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s not in ("numerics", "data", "gpu"))
 
 
 def _csv(text: str) -> list[str]:
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="short run: smallest size, 5 samples, 1 warm-up step, eager only, 1 s concurrency windows, "
                         "60 fit runs, 5 resamples, the workflow fit with 20")
     p.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
-                   help=f"comma-separated subset of {','.join(SECTIONS)} (default: all but data)")
+                   help=f"comma-separated subset of {','.join(SECTIONS)} (default: all but numerics, data and gpu)")
     p.add_argument("--config", default="config.yaml", help="config file with the model sizes (default config.yaml)")
     p.add_argument("--sizes", help=f"comma-separated model sizes (default {','.join(DEFAULT_SIZES)})")
     p.add_argument("--threads", type=int, default=1, help="torch threads for peak and train (default 1)")
@@ -63,8 +64,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-tokens", help="comma-separated corpus sizes of the data section, in tokens "
                                          f"(default {','.join(str(t) for t in DATA_CORPUS_TOKENS)})")
     p.add_argument("--data-dir", default="results/bench/data-work", help="scratch directory of the data section")
+    p.add_argument("--paper-config", default="config/paper.yaml",
+                   help="gpu: the paper grid's overlay of --config (default config/paper.yaml)")
+    p.add_argument("--smoke", action="store_true",
+                   help="gpu: the same code on the CPU with tiny shapes, in well under a minute (also when torch sees "
+                        "no CUDA GPU)")
+    p.add_argument("--require-cuda", action="store_true",
+                   help="gpu: fail when torch sees no CUDA GPU instead of running the smoke mode")
+    p.add_argument("--peak-flops", type=float,
+                   help="gpu: the device's peak bf16 FLOP/s for MFU (default: by device name, H100/H200 989e12, "
+                        "A100 312e12)")
+    p.add_argument("--vocab", type=int, default=PAPER_VOCAB,
+                   help=f"gpu: vocabulary of the paper's shapes (default {PAPER_VOCAB}, the OLMo-2 tokenizer's)")
+    p.add_argument("--gpu-compile", action="store_true",
+                   help="gpu: time MFU under torch.compile, as the paper grid trains (about a minute more per case)")
+    p.add_argument("--gpu-budget", type=float, default=BUDGET_S,
+                   help=f"gpu: seconds for all parts together (default {BUDGET_S:.0f}; each part has its own cap)")
+    p.add_argument("--commit", help="gpu: the commit to record (default: git rev-parse HEAD, 'unknown' without git)")
     p.add_argument("--out", default="results/bench", help="output directory for the Parquet tables")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--gpu-part", help=argparse.SUPPRESS)
     return p
 
 
@@ -72,6 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker:
         concurrency_worker(json.loads(args.worker))
+        return 0
+    if args.gpu_part:
+        gpu_worker(json.loads(args.gpu_part))
         return 0
     t_start = time.perf_counter()
     from qatlaw.config import load
@@ -137,6 +159,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"data: corpora of {', '.join(f'{t:,}' for t in sizes_tokens)} tokens in {args.data_dir}", flush=True)
         emit("data", measure_data(sizes_tokens, Path(args.data_dir), args.config),
              "Data stage: tokenize per core, gather, training RSS on the token store")
+    if "gpu" in sections:
+        import torch
+
+        from qatlaw.errors import QatlawError
+        from qatlaw.io import atomic_path
+
+        cuda = torch.cuda.is_available()
+        if args.require_cuda and (args.smoke or not cuda):
+            raise SystemExit("--require-cuda: " + ("--smoke runs on the CPU" if args.smoke else
+                                                   "torch sees no CUDA GPU"))
+        smoke = args.smoke or not cuda
+        if smoke and not args.smoke:
+            print("gpu: torch sees no CUDA GPU: smoke mode on the CPU", flush=True)
+
+        def save(table: pd.DataFrame) -> None:
+            write_parquet(table, out / "gpu.parquet")
+            with atomic_path(out / "gpu.md") as tmp:
+                tmp.write_text(gpu_markdown(table) + "\n", encoding="utf-8")
+
+        try:
+            gpu = measure_gpu(args.config, args.paper_config, smoke=smoke, vocab=args.vocab, compile=args.gpu_compile,
+                              peak=args.peak_flops, budget_s=args.gpu_budget, commit=args.commit, save=save)
+        except QatlawError as exc:
+            raise SystemExit(f"gpu: {exc}") from None
+        tables["gpu"] = gpu
+        print(f"\n### GPU path\n\n{gpu_markdown(gpu)}\n", flush=True)
     pipeline = None
     if "pipeline" in sections:
         results = Path(args.results)
