@@ -389,10 +389,11 @@ def test_delta_laws_at_a_threshold_far_below_their_noise_are_not_identified():
 def test_fit_depends_on_the_data_not_on_rounding_or_start_points():
     """The shipped laptop runs fitted three ways: as they are, with every loss and δ moved by one part in 10¹²,
     and with other Chinchilla start points (200 Halton points instead of 128). The same draws are identified;
-    every constant is the same to 1e-8, and every bootstrap draw to 1e-7 (k compared as log k, the quantity
-    fitted: |log k| ≈ 20 at this scale). Other start points change nothing at all; the 1e-12 nudge moves the
-    constants by < 3e-11 and the draws by up to 3e-8: a few resamples (e.g. two sizes only) amplify their
-    inputs' change 10⁴-fold, which is their conditioning, not the solver's tolerance."""
+    every constant and every bootstrap draw is the same to 1e-6 (k compared as log k, the quantity fitted: |log k|
+    ≈ 20 at this scale). Other start points change nothing at all. The 1e-12 nudge moved the Chinchilla constants
+    by up to 3.8e-8 and the draws by up to 1.0e-7 on an AMD EPYC (2026-12-02): the Chinchilla fit's Jacobi-scaled
+    Hessian has a condition number of 1.9e5, so its optimum moves that much with its inputs; that is the
+    conditioning of the data, not the solver's tolerance (Newton polishes to 1e-12)."""
     runs = pd.read_parquet(REFERENCE / "runs.parquet")
     deltas = runtable.delta_table(runs)
     rng = np.random.default_rng(0)
@@ -412,7 +413,7 @@ def test_fit_depends_on_the_data_not_on_rounding_or_start_points():
         mp.setattr(fit, "CHINCHILLA_INITS", 200)
         other_starts = fitted(deltas, runs)
     for other in (fitted(*nudged[::-1]), other_starts):
-        for mine, theirs, rtol in zip(base, other, (1e-8, 1e-7)):
+        for mine, theirs, rtol in zip(base, other, (1e-6, 1e-6)):
             keys = [c for c in mine.columns if c not in ("value", "ci_low", "ci_high", "objective")]
             pd.testing.assert_frame_equal(mine[keys], theirs[keys])
             np.testing.assert_allclose(theirs["value"], mine["value"], rtol=rtol, atol=1e-12)

@@ -36,7 +36,8 @@ How, and why the result is a property of the data rather than of the machine:
 
 Bootstrap intervals resample the runs with replacement (seeded) and refit each resample with the full data's
 Huber threshold, from the full-data optimum (δ laws), or from the best distinct local optima of the full-data
-fit (Chinchilla, whose E, A and α trade off along a flat valley on small grids). Resamples whose fit is not
+fit and ``BOOT_HALTON`` Halton starts (Chinchilla, whose E, A and α trade off along a flat valley on small grids:
+one L-BFGS path from one start may end at a saddle or another optimum depending on rounding). Resamples whose fit is not
 identified are skipped with a warning, and when fewer than half of them can be fitted no interval is reported
 (NaN). EPM intervals hold A and α at their point estimates.
 
@@ -109,6 +110,9 @@ MIN_CURVATURE = 1e-10  # smallest Jacobi-scaled Hessian eigenvalue of an identif
 MIN_TERM_SHARE = 1e-6
 TIE_RTOL = 1e-9  # two distinct local optima this close in objective leave the law not identified
 BOOT_STARTS = 4
+# Chinchilla bootstrap refits start from the fit's optima and from this many Halton points of the start box: one
+# L-BFGS path from a single start can end at a saddle or at another optimum depending on rounding
+BOOT_HALTON = 16
 BOOT_QUANTILES = (0.05, 0.95)
 MIN_BOOT_SHARE = 0.5
 HELD_OUT = {"largest_N": "N", "largest_D": "D"}
@@ -183,7 +187,10 @@ def _newton(objective: Objective, theta: np.ndarray) -> tuple[np.ndarray, float]
     diag = np.diag(h)
     if not (np.isfinite(h).all() and (diag > 0).all()):
         raise FitError("not identified: the objective is flat along some constant at the optimum")
-    scaled = h / np.sqrt(np.outer(diag, diag))
+    inv_sqrt = 1.0 / np.sqrt(diag)  # Jacobi scaling; the outer product of the diagonal itself may underflow
+    scaled = h * np.outer(inv_sqrt, inv_sqrt)
+    if not np.isfinite(scaled).all():
+        raise FitError("not identified: the Hessian's scale spans more than floating point holds")
     curvature = np.linalg.eigvalsh(scaled).min()
     if not curvature > MIN_CURVATURE:
         raise FitError(f"not identified: the optimum is not unique (scaled Hessian eigenvalue {curvature:.1e})")
@@ -428,8 +435,8 @@ class Chinchilla:
             if data[col].nunique() < 2:
                 raise FitError(f"{what}: column {col} takes a single value among the valid runs")
         logs = [np.log(data[c].to_numpy()) for c in self.columns]
+        box = CHINCHILLA_BOX[:n_params]
         if np.ndim(self.inits) == 0:
-            box = CHINCHILLA_BOX[:n_params]
             starts = _halton(int(self.inits), box[:, 0], box[:, 1])
         else:
             starts = np.atleast_2d(np.asarray(self.inits, dtype=float))
@@ -442,7 +449,7 @@ class Chinchilla:
         objective, theta = optima[0]
         draws = pd.DataFrame()
         if n_boot:
-            boot_starts = np.array([o[1] for o in optima])
+            boot_starts = np.vstack([np.array([o[1] for o in optima]), _halton(BOOT_HALTON, box[:, 0], box[:, 1])])
 
             def refit(idx: np.ndarray) -> dict[str, float] | None:
                 if len(np.unique(idx)) < n_params or min(len(np.unique(lg[idx])) for lg in logs[:2]) < 2:
