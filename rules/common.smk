@@ -6,7 +6,7 @@ import shlex
 from snakemake.exceptions import WorkflowError
 
 from qatlaw import config as qconfig
-from qatlaw import corpus, cost, data, grid, memory, outputs
+from qatlaw import analysis_plan, corpus, cost, data, grid, memory, outputs
 
 
 # `config` is validated, with the schema's defaults, by the Snakefile (qatlaw.config.load).
@@ -20,6 +20,9 @@ TRAIN_BATCHES = (
     if config["training"]["runs_per_job"] > 1
     else []
 )
+# The run ids of each (size, tokens, seed) cell, in grid order: the analyses (layer error, outliers) run one job
+# per cell (qatlaw.analysis_plan) and gather the cells' tables in grid order.
+CELLS = {cell: [run.run_id for run in runs] for cell, runs in grid.cells(list(RUNS.values())).items()}
 
 
 def final_outputs():
@@ -109,11 +112,6 @@ def allow_repeat_flag():
 def run_summaries():
     """Summary Parquet of every run of the grid."""
     return [f"results/runs/{run_id}/summary.parquet" for run_id in RUNS]
-
-
-def run_models():
-    """Final weights of every run of the grid."""
-    return [f"results/runs/{run_id}/model.pt" for run_id in RUNS]
 
 
 def _run(wildcards):
@@ -294,6 +292,50 @@ def train_execution(micro_batch, checkpointing):
         "loss_chunk_tokens": training["loss_chunk_tokens"] or 0,
         "activation_checkpointing": checkpointing,
     }
+
+
+def _cell(wildcards):
+    cell = f"{wildcards.size}/{wildcards.tokens}/seed{wildcards.seed}"
+    if cell not in CELLS:
+        raise WorkflowError(f"cell {cell} is not part of the configured grid")
+    return [RUNS[run_id] for run_id in CELLS[cell]]
+
+
+def cell_models(wildcards):
+    """Final weights of every run of one cell, in grid order."""
+    return [f"results/runs/{run.run_id}/model.pt" for run in _cell(wildcards)]
+
+
+def cell_tables(analysis):
+    """The per-cell tables of an analysis (layer_error, outliers), in grid order."""
+    return [f"results/analysis/{analysis}/{cell}.parquet" for cell in CELLS]
+
+
+def grid_run_ids():
+    """Every run id of the grid, in grid order: the rows of a gathered analysis table."""
+    return " ".join(RUNS)
+
+
+def _analysis_resources(wildcards):
+    return analysis_plan.job_resources(_cell(wildcards), config["data"]["vocab_size"], config["analysis"]["tokens"],
+                                       threads=config["training"]["threads"], gpu=qconfig.on_gpu(config["training"]))
+
+
+def analysis_mem_mb(wildcards):
+    """Memory to request for the analysis of one cell's models (the largest of them)."""
+    return _analysis_resources(wildcards)["mem_mb"]
+
+
+def analysis_runtime(wildcards, attempt):
+    """Minutes to request for the analysis of one cell's models, × the attempt (`--retries`)."""
+    return _analysis_resources(wildcards)["runtime"] * attempt
+
+
+def analysis_execution():
+    """Where analysis jobs run, as resources (not params: changing it reruns nothing): on GPU configs one GPU
+    each (gpu=1) and device cuda, else the CPU (training.threads threads)."""
+    gpu = qconfig.on_gpu(config["training"])
+    return {"gpu": int(gpu), "analysis_device": "cuda" if gpu else "cpu"}
 
 
 def run_metrics():

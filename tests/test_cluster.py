@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from test_workflow import ROOT, run_snakemake, write_user_project
+from test_workflow import ROOT, dry_run_resources, run_snakemake, write_user_project
 
 PROFILES = ROOT / "profiles"
 START = ROOT / "tests" / "cluster" / "start_local_slurm.sh"
@@ -63,23 +63,6 @@ def test_slurm_profile_keys():
     assert list(overrides) == ["train:slurm_extra", "train_nodes:slurm_extra"]
     for extra in overrides.values():
         assert re.fullmatch(r"'--signal=TERM@(\d+)'", extra)
-
-
-def dry_run_resources(output: str) -> dict[str, dict[str, str]]:
-    """Resources of every job a dry run would submit (localrules run on the submit host), keyed like the SLURM
-    job comment the executor sets: rule_<rule>[_wildcards_<values joined by _>]."""
-    jobs = {}
-    for block in re.split(r"\n(?=(?:local)?rule \w+:)", output):
-        rule = re.match(r"rule (\w+):", block)
-        resources = re.search(r"^\s+resources: (.*)$", block, re.MULTILINE)
-        if not rule or not resources:
-            continue
-        wildcards = re.search(r"^\s+wildcards: (.*)$", block, re.MULTILINE)
-        key = f"rule_{rule[1]}"
-        if wildcards:
-            key += "_wildcards_" + "_".join(part.split("=", 1)[1] for part in wildcards[1].split(", "))
-        jobs[key] = dict(part.split("=", 1) for part in resources[1].split(", "))
-    return jobs
 
 
 @pytest.mark.parametrize("profile", ["local", "slurm"])

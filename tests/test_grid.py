@@ -91,6 +91,17 @@ def test_batches_keep_cells_apart_and_cover_every_run_once():
     assert sorted(r.run_id for [r] in grid.batch_runs(runs, 1)) == sorted(r.run_id for r in runs)
 
 
+def test_cells_group_the_runs_in_grid_order():
+    runs = grid.grid_runs(config.load(ROOT / "config.yaml"))
+    cells = grid.cells(runs)
+    assert list(cells) == ["0.03M/1M/seed0", "0.03M/2M/seed0", "0.1M/1M/seed0", "0.1M/2M/seed0"]
+    assert all(run.run_id.startswith(cell + "/") for cell, members in cells.items() for run in members)
+    # the ablation's runs come last in the grid but belong to cell 0.1M/1M, after its main-grid runs
+    assert [run.run_id for run in cells["0.1M/1M/seed0"]] == [
+        run.run_id for run in runs if run.cell == "0.1M/1M/seed0"]
+    assert cells["0.1M/1M/seed0"][-1].precision == "W4A4-fc2w8" and len(cells["0.1M/1M/seed0"]) == 11
+
+
 def test_settings_json_of_several_runs():
     runs = grid.grid_runs(config.load(ROOT / "config.yaml"))[:2]
     text = "[" + ", ".join(r.to_json() for r in runs) + "]"

@@ -1,4 +1,5 @@
-"""Per-layer quantization error: exact errors, hooks on every linear layer's input, model files round-trip."""
+"""Per-layer quantization error: exact errors, hooks on every linear layer's input (whole or in micro-batches),
+model files round-trip, the gather of per-cell tables."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from qatlaw import layer_error, train
+from qatlaw import analysis_plan, layer_error, train
 from qatlaw.grid import RunSettings
 from qatlaw.tokens import write_tokens
 
@@ -60,6 +61,13 @@ def test_a_tensor_on_its_int4_grid_has_no_error():
     assert math.isnan(layer_error.relative_mse(torch.zeros(2, 8), 4, 8))
 
 
+def test_relative_mse_over_chunks_of_rows_is_that_of_the_whole_tensor():
+    x = torch.randn(analysis_plan.CHUNK_TOKENS * 2 + 5, 16, generator=torch.Generator().manual_seed(0))
+    q = layer_error.fake_quant(x, 4, 8)
+    whole = float((q - x).square().double().sum() / x.square().double().sum())
+    assert layer_error.relative_mse(x, 4, 8) == pytest.approx(whole, rel=1e-12)
+
+
 def test_hooks_see_every_linear_layer_input_before_its_fake_quant(tmp_path):
     model = save_model(tmp_path / "model.pt")
     idx = batch()
@@ -72,6 +80,22 @@ def test_hooks_see_every_linear_layer_input_before_its_fake_quant(tmp_path):
     expected = block.attn_norm(model.tok_emb(idx)).reshape(-1, 32)
     torch.testing.assert_close(seen[0][2], expected, rtol=0, atol=0)  # not on the 4-bit grid
     assert all(not layer._forward_pre_hooks for layer in model.qat_linears())
+    # one block's four inputs are what the resource estimate holds per token
+    assert sum(x.shape[1] for *_, x in seen[:4]) == analysis_plan.layer_input_width(SETTINGS)
+
+
+def test_micro_batches_of_windows_see_the_same_inputs_as_one_batch(tmp_path):
+    model = save_model(tmp_path / "model.pt")
+    idx = batch(n_windows=5)
+    whole, parts = [], []
+    layer_error.visit_layer_inputs(model, idx, lambda layer, x: whole.append(x.clone()), micro_batch=5)
+    layer_error.visit_layer_inputs(model, idx, lambda layer, x: parts.append(x.clone()), micro_batch=2)  # 2 + 2 + 1
+    assert len(whole) == len(parts) == 8
+    for a, b in zip(whole, parts):
+        torch.testing.assert_close(b, a)  # float rounding of the blocks' matmuls at most
+    table = layer_error.layer_error(model, idx, [16, "channel"], micro_batch=1)
+    expected = layer_error.layer_error(model, idx, [16, "channel"])
+    pd.testing.assert_frame_equal(table, expected, rtol=1e-6)
 
 
 def test_per_channel_equals_a_group_of_one_row():
@@ -116,3 +140,10 @@ def test_bad_inputs_name_the_file(tmp_path):
             layer_error.load_run(tmp_path / name)
     with pytest.raises(layer_error.AnalysisError, match="less than one window of 16"):
         layer_error.token_windows(np.arange(10), 100, 16)
+    with pytest.raises(layer_error.AnalysisError, match="device must be cpu or cuda, got 'tpu'"):
+        layer_error.torch_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(layer_error.AnalysisError, match="device is cuda but torch sees no CUDA GPU"):
+            layer_error.run_layer_error([tmp_path / "bad.pt"], tmp_path / "val.npy", tmp_path / "out.parquet",
+                                        device="cuda")
+        assert not (tmp_path / "out.parquet").exists()

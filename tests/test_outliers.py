@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from qatlaw import outliers, train
+from qatlaw import analysis_plan, outliers, train
 from qatlaw.grid import RunSettings
 from qatlaw.tokens import write_tokens
 
@@ -29,6 +29,32 @@ def test_kurtosis_on_hand_values():
     assert float(outliers.kurtosis(torch.tensor([0.0, 0.0, 0.0, 4.0]))) == pytest.approx(21 / 9)
     per_row = outliers.kurtosis(torch.tensor([[0.0, 0.0, 0.0, 4.0], [2.0, 2.0, 2.0, 2.0]]), dim=-1)
     assert float(per_row[0]) == pytest.approx(21 / 9) and math.isnan(per_row[1])
+    # all elements: (0, 0, 0, 4, 2, 2, 2, 2), mean 1.5: μ2 = (3·1.5² + 2.5² + 4·0.5²) / 8 = 1.75, μ4 likewise
+    pooled = outliers.pooled_kurtosis(torch.tensor([[0.0, 0.0, 0.0, 4.0], [2.0, 2.0, 2.0, 2.0]]))
+    assert pooled == pytest.approx((3 * 1.5**4 + 2.5**4 + 4 * 0.5**4) / 8 / 1.75**2)
+    assert math.isnan(outliers.pooled_kurtosis(torch.ones(3, 2)))
+
+
+def reference_stats(x: torch.Tensor) -> dict[str, float]:
+    """The statistics of x computed whole, in float64, with a full sort."""
+    x = x.double()
+    magnitude = x.abs().flatten().sort().values
+    n = magnitude.numel()
+    n_top = math.ceil(n / 100)
+    centred = x - x.mean()
+    return {
+        "kurtosis_token": float(outliers.kurtosis(x).nanmean()),
+        "kurtosis_all": float(centred.pow(4).mean() / centred.square().mean().square()),
+        "max_median_ratio": float(magnitude[-1] / ((magnitude[(n - 1) // 2] + magnitude[n // 2]) / 2)),
+        "top1_share": float(magnitude[n - n_top:].sum() / magnitude.sum()),
+    }
+
+
+def test_statistics_over_chunks_of_rows_are_those_of_the_whole_input():
+    rows = 2 * analysis_plan.CHUNK_TOKENS + 3
+    x = torch.randn(rows, 24, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 3.0, 24) + 0.5
+    x[5, 3] = 40.0
+    assert outliers.activation_stats(x) == pytest.approx(reference_stats(x), rel=1e-12)
 
 
 def test_gaussian_kurtosis_is_three():
@@ -75,6 +101,9 @@ def test_one_row_per_linear_layer(tmp_path):
     direct = outliers.outlier_stats(model, torch.from_numpy(tokens[:64].astype(np.int64)).view(4, 16))
     np.testing.assert_allclose(table["kurtosis_token"], direct["kurtosis_token"], rtol=1e-9)
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "outliers.parquet"), table)
+    # one window per micro-batch: the same statistics up to the float rounding of the blocks' matmuls
+    windows = torch.from_numpy(tokens[:64].astype(np.int64)).view(4, 16)
+    pd.testing.assert_frame_equal(outliers.outlier_stats(model, windows, micro_batch=1), direct, rtol=1e-6)
 
 
 def test_qat_model_inputs_are_measured_before_fake_quant():

@@ -33,6 +33,23 @@ def run_snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+def dry_run_resources(output: str) -> dict[str, dict[str, str]]:
+    """Resources of every job a dry run would submit (localrules run on the submit host), keyed like the SLURM
+    job comment the executor sets: rule_<rule>[_wildcards_<values joined by _>]."""
+    jobs = {}
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", output):
+        rule = re.match(r"rule (\w+):", block)
+        resources = re.search(r"^\s+resources: (.*)$", block, re.MULTILINE)
+        if not rule or not resources:
+            continue
+        wildcards = re.search(r"^\s+wildcards: (.*)$", block, re.MULTILINE)
+        key = f"rule_{rule[1]}"
+        if wildcards:
+            key += "_wildcards_" + "_".join(part.split("=", 1)[1] for part in wildcards[1].split(", "))
+        jobs[key] = dict(part.split("=", 1) for part in resources[1].split(", "))
+    return jobs
+
+
 def write_texts(workdir: Path) -> None:
     """A user corpus: 40 generated text files in workdir/texts (~50K training tokens at vocabulary 600)."""
     rng = random.Random(0)
@@ -168,11 +185,14 @@ def test_paper_grid_schedules_every_run_of_the_paper(tmp_path):
     result = run_snakemake(tmp_path, "--configfile", str(ROOT / "config" / "paper.yaml"), "--dry-run", "--cores", "1",
                            "--printshellcmds")
     assert result.returncode == 0, result.stderr
-    counts = dict(line.split()[:2] for line in result.stdout.splitlines()
-                  if line.split()[:1] in (["train"], ["train_nodes"], ["fit"], ["tokenize"], ["tokenizer"], ["gather"]))
-    # 74M and 145M train on one node of 8 GPUs (rule train); 297M, 595M and 973M on 2, 4 and 8 nodes (train_nodes)
+    counted = ("train", "train_nodes", "fit", "tokenize", "tokenizer", "gather", "layer_error_cell", "outliers_cell",
+               "layer_error", "outliers")
+    counts = dict(line.split()[:2] for line in result.stdout.splitlines() if line.split()[:1] in ([r] for r in counted))
+    # 74M and 145M train on one node of 8 GPUs (rule train); 297M, 595M and 973M on 2, 4 and 8 nodes (train_nodes);
+    # the analyses: one job per (size, tokens, seed) cell (4 x 4 + 973M at 2 budgets), then one gather
     assert counts == {"train": str(2 * 4 * (1 + 5 * 5)), "train_nodes": str(2 * 4 * (1 + 5 * 5) + 2 * (1 + 5) + 4),
-                      "fit": "1", "tokenize": "4", "tokenizer": "1", "gather": "1"}
+                      "fit": "1", "tokenize": "4", "tokenizer": "1", "gather": "1", "layer_error_cell": "18",
+                      "outliers_cell": "18", "layer_error": "1", "outliers": "1"}
     jobs = result.stdout.split("\nrule ")
     big = next(job for job in jobs if "973M/200B/seed0/W4A4_gchannel/summary.parquet" in job.split("\n", 3)[2])
     assert big.startswith("train_nodes:")
@@ -188,6 +208,60 @@ def test_paper_grid_schedules_every_run_of_the_paper(tmp_path):
     assert "input: olmo2-tokenizer.json" in result.stdout
     assert "74M/10B/seed0/W4A4_g32" in result.stdout and "973M/200B/seed0/W4A4_gchannel" in result.stdout
     assert "595M/100B/seed0/W4A4-qkva8_g128" in result.stdout
+    assert not (tmp_path / "results").exists()
+
+
+def analysis_jobs(output: str) -> dict[str, dict[str, str]]:
+    """Resources of the per-cell analysis jobs of a dry run, keyed by rule and cell: layer_error_cell 973M/100B/0."""
+    jobs = dry_run_resources(output)
+    cells = {}
+    for key, resources in jobs.items():
+        if match := re.fullmatch(r"rule_(layer_error_cell|outliers_cell)_wildcards_(.+)_(.+)_(\d+)", key):
+            cells[f"{match[1]} {match[2]}/{match[3]}/seed{match[4]}"] = resources
+    return cells
+
+
+def test_paper_analyses_ask_for_a_gpu_and_memory_from_the_model_size(tmp_path, monkeypatch):
+    """config/paper.yaml trains on GPUs: each cell's analysis job asks for one GPU, runs on cuda, and gets the
+    memory and time that qatlaw.analysis_plan estimates for the cell's models at analysis.tokens."""
+    from qatlaw import analysis_plan, config, grid
+
+    shutil.copy(ROOT / "config.yaml", tmp_path / "config.yaml")
+    write_paper_standin(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    cfg = config.load(ROOT / "config.yaml", ROOT / "config" / "paper.yaml")
+    result = run_snakemake(tmp_path, "--configfile", str(ROOT / "config" / "paper.yaml"), "--dry-run", "--cores", "1",
+                           "--printshellcmds")
+    assert result.returncode == 0, result.stderr
+    jobs = analysis_jobs(result.stdout)
+    cells = grid.cells(grid.grid_runs(cfg))
+    assert set(jobs) == {f"{rule} {cell}" for rule in ("layer_error_cell", "outliers_cell") for cell in cells}
+    for name, resources in jobs.items():
+        cell = name.split()[1]
+        expected = analysis_plan.job_resources(cells[cell], cfg["data"]["vocab_size"], cfg["analysis"]["tokens"],
+                                               threads=cfg["training"]["threads"], gpu=True)
+        assert (resources["gpu"], resources["analysis_device"]) == ("1", "cuda"), name
+        assert {key: int(resources[key]) for key in expected} == expected, name
+    mem_mb = {cell: int(jobs[f"layer_error_cell {cell}"]["mem_mb"]) for cell in ("74M/100B/seed0", "973M/100B/seed0")}
+    assert mem_mb["973M/100B/seed0"] > 3 * mem_mb["74M/100B/seed0"]
+    assert re.search(r"qatlaw outliers results/runs/973M/200B/seed0/BF16/model.pt .* --device cuda", result.stdout)
+
+
+def test_default_analyses_run_on_the_cpu_one_job_per_cell(tmp_path):
+    shutil.copy(ROOT / "config.yaml", tmp_path / "config.yaml")
+    result = run_snakemake(tmp_path, "--dry-run", "--cores", "2", "--printshellcmds")
+    assert result.returncode == 0, result.stderr
+    jobs = analysis_jobs(result.stdout)
+    cells = ["0.03M/1M/seed0", "0.03M/2M/seed0", "0.1M/1M/seed0", "0.1M/2M/seed0"]
+    assert set(jobs) == {f"{rule} {cell}" for rule in ("layer_error_cell", "outliers_cell") for cell in cells}
+    assert all((r["gpu"], r["analysis_device"]) == ("0", "cpu") for r in jobs.values())
+    # the ablation's runs are analysed with their cell, and the gather puts every run in grid order
+    assert re.search(r"qatlaw layer-error results/runs/0.1M/1M/seed0/BF16/model.pt .*W4A4-fc2w8_g16/model.pt "
+                     r"--val results/data/val.npy --out results/analysis/layer_error/0.1M/1M/seed0.parquet .*"
+                     r"--device cpu", result.stdout)
+    assert re.search(r"qatlaw gather-analysis results/analysis/outliers/0.03M/1M/seed0.parquet .* --runs "
+                     r"0.03M/1M/seed0/BF16 .* 0.1M/1M/seed0/W4A4-fc2w8_g16 --out results/analysis/outliers.parquet",
+                     result.stdout)
     assert not (tmp_path / "results").exists()
 
 

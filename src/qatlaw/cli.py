@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from qatlaw import analysis_plan
 from qatlaw.config import ConfigError, schema_default, schema_key
 from qatlaw.errors import QatlawError
 from qatlaw.stopping import STOPPED_STATUS, Stopped, StopSignals
@@ -233,17 +234,32 @@ def _mixed(args: argparse.Namespace) -> None:
     mixed.run_mixed(args.runs, args.out, args.ranking)
 
 
+def _lease_analysis_gpu(device: str) -> None:
+    """On ``cuda``, this job's own GPU (none where SLURM or the user chose it), before torch starts CUDA."""
+    from qatlaw import gpus
+
+    if device == "cuda" and gpus.assign(1, gpus.machine_gpus()):
+        log.info("GPU %s leased for this job (CUDA_VISIBLE_DEVICES)", os.environ["CUDA_VISIBLE_DEVICES"])
+
+
 def _layer_error(args: argparse.Namespace) -> None:
+    _lease_analysis_gpu(args.device)
     from qatlaw import layer_error
 
     layer_error.run_layer_error(args.models, args.val, args.out, n_tokens=args.tokens, groups=args.groups,
-                                bits=args.bits, threads=args.threads)
+                                bits=args.bits, threads=args.threads, device=args.device)
 
 
 def _outliers(args: argparse.Namespace) -> None:
+    _lease_analysis_gpu(args.device)
     from qatlaw import outliers
 
-    outliers.run_outliers(args.models, args.val, args.out, n_tokens=args.tokens, threads=args.threads)
+    outliers.run_outliers(args.models, args.val, args.out, n_tokens=args.tokens, threads=args.threads,
+                          device=args.device)
+
+
+def _gather_analysis(args: argparse.Namespace) -> None:
+    analysis_plan.gather_runs(args.tables, args.runs, args.out)
 
 
 def _fit(args: argparse.Namespace) -> None:
@@ -570,10 +586,18 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--tokens", type=int, default=schema_default("analysis", "tokens"),
                        help="validation tokens fed through each model")
         s.add_argument("--threads", type=int, default=1)
+        s.add_argument("--device", choices=analysis_plan.DEVICES, default="cpu", help="where the models run")
         if func is _layer_error:
             s.add_argument("--groups", nargs="+", default=[str(g) for g in schema_default("analysis", "groups")])
             s.add_argument("--bits", type=int, default=schema_default("analysis", "bits"))
         s.set_defaults(func=func)
+
+    s = sub.add_parser("gather-analysis", help="one layer-error or outliers table from the tables of its cells")
+    s.add_argument("tables", nargs="+", help="Parquet tables of some runs each")
+    s.add_argument("--runs", nargs="+", required=True,
+                   help="run ids: each in exactly one table; the rows in this order")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_gather_analysis)
     return p
 
 

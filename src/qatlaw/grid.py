@@ -89,9 +89,14 @@ class RunSettings:
         return 1.0 - 1.0 / max(1.0, self.weight_ema * self.steps)
 
     @property
+    def cell(self) -> str:
+        """Path-like id of the run's (size, tokens, seed) cell: size/tokens/seed."""
+        return f"{self.size}/{format_tokens(self.tokens)}/seed{self.seed}"
+
+    @property
     def run_id(self) -> str:
         """Path-like id: size/tokens/seed/variant."""
-        return f"{self.size}/{format_tokens(self.tokens)}/seed{self.seed}/{variant_name(self.precision, self.group)}"
+        return f"{self.cell}/{variant_name(self.precision, self.group)}"
 
     @property
     def tokens_per_step(self) -> int:
@@ -182,14 +187,19 @@ def grid_runs(cfg: Mapping[str, Any]) -> list[RunSettings]:
     return list(runs.values())
 
 
+def cells(runs: list[RunSettings]) -> dict[str, list[RunSettings]]:
+    """The runs of each (size, tokens, seed) cell, by :attr:`RunSettings.cell`, cells and runs in ``runs``'s order."""
+    by_cell: dict[str, list[RunSettings]] = {}
+    for run in runs:
+        by_cell.setdefault(run.cell, []).append(run)
+    return by_cell
+
+
 def batch_runs(runs: list[RunSettings], per_job: int) -> list[list[RunSettings]]:
     """Runs split into training jobs of at most ``per_job`` runs; a job never mixes (size, tokens, seed) cells,
     and a cell's runs are spread evenly over its jobs (11 runs at 6 per job: 6 + 5)."""
-    cells: dict[tuple, list[RunSettings]] = {}
-    for run in runs:
-        cells.setdefault((run.size, run.tokens, run.seed), []).append(run)
     jobs = []
-    for cell in cells.values():
+    for cell in cells(runs).values():
         n_jobs = math.ceil(len(cell) / per_job)
         jobs += [cell[i::n_jobs] for i in range(n_jobs)]
     return jobs

@@ -212,12 +212,15 @@ class Model(nn.Module):
             skip |= {id(self.tok_emb.weight), id(self.lm_head.weight)}
         return sum(p.numel() for p in self.parameters() if id(p) not in skip)
 
-    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
-        """The LM head's input (B, T, hidden) for token ids (B, T): the normed output of the last block."""
-        T = idx.shape[1]
+    def rope(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks' RoPE cos and sin tables for sequences of ``T`` tokens."""
         if T > self.cfg.seq_len:
             raise ValueError(f"sequence length {T} exceeds seq_len {self.cfg.seq_len}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        return self.rope_cos[:T], self.rope_sin[:T]
+
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """The LM head's input (B, T, hidden) for token ids (B, T): the normed output of the last block."""
+        cos, sin = self.rope(idx.shape[1])
         x = self.tok_emb(idx)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
