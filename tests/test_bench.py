@@ -151,7 +151,7 @@ def test_gpu_section_smoke_runs_every_check_end_to_end(tmp_path):
     for case in (c for c in plan.cases() if c.part == "memory"):
         row = table[(table["case"] == case.name) & (table["metric"] == "predicted_gib")].iloc[0]
         s = gpu._settings(cfg, case.size, case.precision, case.group, case.numerics, 2)
-        assert row["micro_batch"] == memory.planned_micro_batch(s, vocab, cfg["training"]) == 4
+        assert row["micro_batch"] == memory.plan_run(s, vocab, cfg["training"]).micro_batch == 4
         assert row["value"] == pytest.approx(memory.peak_bytes(s, vocab, 4, 1, 64) / 2**30)
         assert 0 < value.loc["eval", case.name, "val_loss"] < math.log(vocab) + 1
         assert value.loc["eval", case.name, "eval_windows"] == 8
