@@ -1,7 +1,9 @@
 # Two commands on a fresh machine (Python 3.11, git):
 #   make run    installs into .venv, then runs the default workflow (snakemake --cores 2)
 #   make test   installs into .venv, then runs the test suite
-#   make reference   the laptop grid from a clean results/, shipped as reference/laptop/ (about 80 min, 2 cores)
+#   make reference   the laptop grid from a clean results/, shipped as reference/laptop/ (about 80 min, 2 cores);
+#                    RESTORE=reference/laptop continues the study shipped there (trains only the runs it lacks),
+#                    GRID_CONFIGS="config/laptop.yaml part.yaml" ships a part of it (README "A study in parts")
 #   make gpu-check   on a machine with one CUDA GPU: python -m qatlaw.bench --sections gpu (at most 8 min): training
 #                    MFU at 74M and 145M (BF16, W4A4), 973M peak memory vs the memory model, its evaluation, δ under
 #                    bf16 vs fp32, an exact resume; writes reference/gpu-check/ (gpu.parquet, gpu.md). Refuses to
@@ -33,14 +35,16 @@ dry-run: install
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-REFERENCE_CONFIGS := config.yaml config/laptop.yaml
+GRID_CONFIGS ?= config/laptop.yaml
+RESTORE ?=
 
 reference: install
 	@test ! -e results/runs.parquet || { echo "make reference: results/ holds another grid's runs; move it away first (the reference is timed from a clean results/)"; exit 2; }
-	start=$$(date +%s); $(BIN)/snakemake --cores $(CORES) --show-failed-logs --configfile config/laptop.yaml \
-	  && echo $$(( $$(date +%s) - start )) > results/wall_s
-	$(BIN)/qatlaw reference $(REFERENCE_CONFIGS) --results results --out reference/laptop \
-	  --wall-file results/wall_s --command "make reference" --title "laptop grid (config/laptop.yaml)"
+	start=$$(date +%s); $(BIN)/snakemake --cores $(CORES) --show-failed-logs --configfile $(GRID_CONFIGS) \
+	  $(if $(RESTORE),--config restore=$(RESTORE)) && echo $$(( $$(date +%s) - start )) > results/wall_s
+	$(BIN)/qatlaw reference config.yaml $(GRID_CONFIGS) --results results --out reference/laptop \
+	  --wall-file results/wall_s --command "make reference$(if $(RESTORE), RESTORE=$(RESTORE))" \
+	  --title "laptop grid (config/laptop.yaml)"
 
 gpu-check: install
 	$(BIN)/python -m qatlaw.bench --sections gpu --require-cuda --out reference/gpu-check

@@ -6,7 +6,8 @@ import shlex
 from snakemake.exceptions import WorkflowError
 
 from qatlaw import config as qconfig
-from qatlaw import analysis_plan, corpus, cost, data, grid, memory, outputs
+from qatlaw import analysis_plan, corpus, cost, data, grid, memory, outputs, reference
+from qatlaw.errors import QatlawError
 
 
 # `config` is validated, with the schema's defaults, by the Snakefile (qatlaw.config.load).
@@ -14,15 +15,23 @@ SOURCES = qconfig.source_ids(config)
 # Tokenize jobs, in corpus order: one per corpus file (or per data.shards_per_job files), named in results/data/shards/.
 TOKENIZE_JOBS = data.tokenize_jobs(SOURCES, config["data"]["shards_per_job"])
 RUNS = {run.run_id: run for run in grid.grid_runs(config)}
+# Runs restored from a shipped study (config key restore, qatlaw.reference), checked before any job; the others
+# are trained here.
+try:
+    RESTORED = reference.restore_plan(config, config["restore"]) if config["restore"] else []
+except QatlawError as exc:
+    raise WorkflowError(f"restore: {exc}") from None
+TRAINED = [run for run_id, run in RUNS.items() if run_id not in RESTORED]
 # With training.runs_per_job > 1, runs are trained in jobs of several runs of one cell (rules named by batch_name).
 TRAIN_BATCHES = (
-    [[run.run_id for run in batch] for batch in grid.batch_runs(list(RUNS.values()), config["training"]["runs_per_job"])]
+    [[run.run_id for run in batch] for batch in grid.batch_runs(TRAINED, config["training"]["runs_per_job"])]
     if config["training"]["runs_per_job"] > 1
     else []
 )
-# The run ids of each (size, tokens, seed) cell, in grid order: the analyses (layer error, outliers) run one job
-# per cell (qatlaw.analysis_plan) and gather the cells' tables in grid order.
-CELLS = {cell: [run.run_id for run in runs] for cell, runs in grid.cells(list(RUNS.values())).items()}
+# The run ids trained here of each (size, tokens, seed) cell, in grid order: the analyses (layer error, outliers)
+# run one job per cell (qatlaw.analysis_plan) over its models trained here, and gather the cells' tables (and the
+# restored runs' rows) in grid order.
+CELLS = {cell: [run.run_id for run in runs] for cell, runs in grid.cells(TRAINED).items()}
 
 
 def final_outputs():
@@ -109,9 +118,22 @@ def allow_repeat_flag():
     return "--allow-repeat" if config["data"]["allow_repeat"] else ""
 
 
+def run_file(run_id, name):
+    """One file (summary.parquet, metrics.parquet) of a run of the grid: restored or trained here."""
+    return f"results/{reference.RESTORED}/runs/{run_id}/{name}" if run_id in RESTORED else f"results/runs/{run_id}/{name}"
+
+
 def run_summaries():
     """Summary Parquet of every run of the grid."""
-    return [f"results/runs/{run_id}/summary.parquet" for run_id in RUNS]
+    return [run_file(run_id, "summary.parquet") for run_id in RUNS]
+
+
+def restore_inputs():
+    """The files of the restore folder that rule restore reads."""
+    folder = os.path.normpath(config["restore"])
+    names = ["config.yaml", "runs.parquet", "run.json", *(f"analysis/{name}.parquet" for name in reference.RUN_ANALYSES),
+             *(f"runs/{run_id}/metrics.parquet" for run_id in RESTORED)]
+    return [os.path.join(folder, name) for name in names]
 
 
 def _run(wildcards):
@@ -297,18 +319,19 @@ def train_execution(micro_batch, checkpointing):
 def _cell(wildcards):
     cell = f"{wildcards.size}/{wildcards.tokens}/seed{wildcards.seed}"
     if cell not in CELLS:
-        raise WorkflowError(f"cell {cell} is not part of the configured grid")
+        raise WorkflowError(f"cell {cell} has no run of the configured grid to train here")
     return [RUNS[run_id] for run_id in CELLS[cell]]
 
 
 def cell_models(wildcards):
-    """Final weights of every run of one cell, in grid order."""
+    """Final weights of every run of one cell trained here, in grid order."""
     return [f"results/runs/{run.run_id}/model.pt" for run in _cell(wildcards)]
 
 
 def cell_tables(analysis):
-    """The per-cell tables of an analysis (layer_error, outliers), in grid order."""
-    return [f"results/analysis/{analysis}/{cell}.parquet" for cell in CELLS]
+    """The per-cell tables of an analysis (layer_error, outliers), in grid order, and the restored runs' rows."""
+    restored = [f"results/{reference.RESTORED}/analysis/{analysis}.parquet"] if RESTORED else []
+    return [f"results/analysis/{analysis}/{cell}.parquet" for cell in CELLS] + restored
 
 
 def grid_run_ids():
@@ -340,7 +363,7 @@ def analysis_execution():
 
 def run_metrics():
     """Per-step metrics of every run of the grid."""
-    return [f"results/runs/{run_id}/metrics.parquet" for run_id in RUNS]
+    return [run_file(run_id, "metrics.parquet") for run_id in RUNS]
 
 
 def named_inputs(keys):

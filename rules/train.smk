@@ -1,4 +1,5 @@
-# Training stage: one job per grid cell (BF16 baselines once per size/tokens/seed), then the run table.
+# Training stage: one job per grid cell (BF16 baselines once per size/tokens/seed), then the run table, which also
+# takes the runs restored from a shipped study (config key restore).
 # Resumable checkpoints live in results/checkpoints/, outside the outputs that Snakemake deletes on failure.
 # How runs execute (threads, GPUs, device, checkpoint interval, compile, micro-batch, activation checkpointing) comes
 # from threads and resources, which are not rerun triggers, so changing it retrains nothing; the run is identified
@@ -84,6 +85,25 @@ else:
                 "../envs/train.yaml"
             shell:
                 TRAIN_SHELL
+
+
+if RESTORED:
+
+    # The runs of a shipped study that count as done (config key restore): summaries, metrics, analysis rows.
+    rule restore:
+        input:
+            restore_inputs(),
+        output:
+            reference.restored_files(RESTORED),
+        params:
+            folder=config["restore"],
+            runs=" ".join(RESTORED),
+        log:
+            "results/logs/restore.log",
+        conda:
+            "../envs/analysis.yaml"
+        shell:
+            "qatlaw restore {params.folder:q} --runs {params.runs} --results results > {log} 2>&1"
 
 
 rule runs:

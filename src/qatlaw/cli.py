@@ -290,6 +290,13 @@ def _reference(args: argparse.Namespace) -> None:
     log.info("reference results -> %s", out)
 
 
+def _restore(args: argparse.Namespace) -> None:
+    from qatlaw import reference
+
+    reference.restore(args.folder, args.runs, args.results)
+    log.info("%d runs restored from %s -> %s/%s", len(args.runs), args.folder, args.results, reference.RESTORED)
+
+
 def _numbers(text: str) -> list[float]:
     """A comma-separated list of numbers: '1e9,7e9'."""
     try:
@@ -537,6 +544,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--command", default="", help="the command that produced the results (recorded)")
     s.add_argument("--title", default="reference grid")
     s.set_defaults(func=_reference)
+
+    s = sub.add_parser("restore", help="write runs of a shipped study folder into results/restored/ (rule restore)")
+    s.add_argument("folder", help="a study folder written by `qatlaw reference`, e.g. reference/laptop")
+    s.add_argument("--runs", required=True, nargs="+", help="the run ids to restore")
+    s.add_argument("--results", default="results")
+    s.set_defaults(func=_restore)
 
     law_help = "a shipped law (paper, laptop; see `qatlaw laws`) or a params.parquet / fit folder (default paper)"
     s = sub.add_parser("laws", help="the laws that ship with qatlaw")

@@ -48,6 +48,7 @@ from qatlaw.grid import format_tokens
 from qatlaw.io import atomic_path
 from qatlaw.outputs import FIGURES
 from qatlaw.precision import BASELINE, LAYER_TYPES
+from qatlaw.reference import metrics_path
 from qatlaw.report_inputs import CONSTANT_SYMBOLS, PlotError, read_input, select_inputs
 
 PRECISION_ORDER = (BASELINE, "W4A4", "W4A16", "W16A4", "W4A4-fc2a8", "W16A4-fc2a8")
@@ -856,7 +857,8 @@ def mixed_layer_ranking(mixed_ranking: str | Path, out_png: str | Path, caption_
 @_styled
 def training_curves(runs: str | Path, out_png: str | Path, caption_grid: str) -> None:
     """Smoothed training loss vs tokens of every precision in one cell (largest size and budget, smallest
-    numeric group, smallest seed) and its gap to BF16; metrics from ``runs/<run_id>/metrics.parquet``."""
+    numeric group, smallest seed) and its gap to BF16; metrics from ``runs/<run_id>/metrics.parquet`` beside
+    ``runs`` (or ``restored/runs/<run_id>/``: :func:`qatlaw.reference.metrics_path`)."""
     table = read_input(runs, "runs")
     fig, axes = _figure(1, 2, (13, 5))
     if table.empty:
@@ -873,7 +875,7 @@ def training_curves(runs: str | Path, out_png: str | Path, caption_grid: str) ->
     group = str(numeric[0]) if numeric else (groups.iloc[0] if len(groups) else None)
     cell = top[(top["precision"] == BASELINE) | (top["group"] == group)]
     cell = cell.sort_values("precision", key=lambda column: column.map(_precision_key))
-    curves = {r.precision: read_input(Path(runs).parent / "runs" / r.run_id / "metrics.parquet", "metrics")
+    curves = {r.precision: read_input(metrics_path(Path(runs).parent, r.run_id), "metrics")
               for r in cell.itertuples()}
     palette = dict(zip(curves, sns.color_palette("tab10", len(curves)), strict=True))
     base = curves.get(BASELINE)

@@ -1,5 +1,7 @@
 """A shipped reference result: a finished results folder copied into ``reference/<grid>/`` with its config, the
-machine and wall time it ran on, and its findings.
+machine and wall time it ran on, and its findings; and the restore of such a folder's runs into a new workflow, so
+that a study runs in parts (one session's runs are shipped, the next session restores them and trains the rest) and
+a shipped study can be extended with new cells.
 
 Layout of ``reference/<grid>/`` (written by :func:`package`):
 
@@ -11,8 +13,17 @@ Layout of ``reference/<grid>/`` (written by :func:`package`):
 | ``fit/{params,predictions,comparison,bootstrap}.parquet`` | the law fits and their bootstrap draws |
 | ``figures/*.png``, ``tables/*.md`` | the paper's figures and tables |
 | ``config.yaml`` | the exact merged config the grid ran with |
-| ``run.json`` | wall time, machine, commit, versions |
+| ``run.json`` | wall time, machine, commit, versions (and ``restored``: the run.json of the folder it continued) |
 | ``FINDINGS.md``, ``findings.parquet``, ``seed_noise`` in FINDINGS.md | :mod:`qatlaw.findings` |
+
+Restore (config key ``restore: <folder>``): every run of the configured grid that is in the folder's
+``runs.parquet`` counts as done. :func:`restore_plan` checks, before any job, that each such run is the same run
+(its settings in the config equal those in the folder's ``config.yaml``) and that the data and analysis settings
+are those the folder ran with; :func:`restore` (rule ``restore``) writes the runs' summary rows, metrics and rows
+of the per-run analyses (``layer_error``, ``outliers``: one model's rows never depend on another model) under
+``results/restored/`` in the layout of ``results/``. Model weights are not shipped, so the analysis jobs see only
+the models trained here, also in a cell that is partly restored; the gathered tables, ``runs.parquet`` and
+everything after them are those of one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -29,10 +40,16 @@ from typing import Any
 import yaml
 
 from qatlaw.errors import QatlawError
-from qatlaw.io import atomic_path
+from qatlaw.io import atomic_path, read_parquet, write_parquet
 from qatlaw.machine import cpu_model
 
 FIT_FILES = ("params", "predictions", "comparison", "bootstrap")
+# The per-run analyses: their tables hold each run's rows (run_id), gathered from one table per cell.
+RUN_ANALYSES = ("layer_error", "outliers")
+# Where a workflow keeps the restored files, in the layout of its results folder.
+RESTORED = "restored"
+# Data keys that do not change the token stores (how the tokenizing is split into jobs, a budget check).
+DATA_EXECUTION_KEYS = ("shards_per_job", "allow_repeat")
 
 
 class ReferenceError(QatlawError):
@@ -78,15 +95,24 @@ def package(results: str | Path, out: str | Path, config: Mapping[str, Any], *, 
             raise ReferenceError(f"{path}: missing; run the workflow to the end first")
     if not (analysis and figures and tables):
         raise ReferenceError(f"{results}: no analysis, figure or table files; run the workflow to the end first")
+    run_ids = read_parquet(results / "runs.parquet", ("run_id",), "run table", error=ReferenceError)["run_id"]
+    metrics = {run_id: metrics_path(results, run_id) for run_id in run_ids}
+    for run_id, path in metrics.items():
+        if not path.is_file():
+            raise ReferenceError(f"{path}: missing (metrics of run {run_id}); run the workflow to the end first")
     stage = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(stage, ignore_errors=True)
-    files = [*wanted, *analysis, *figures, *tables, *sorted((results / "runs").glob("*/*/*/*/metrics.parquet"))]
-    for path in files:
+    for path in [*wanted, *analysis, *figures, *tables]:
         _copy(path, stage / path.relative_to(results))
+    for run_id, path in metrics.items():
+        _copy(path, stage / "runs" / run_id / "metrics.parquet")
     with atomic_path(stage / "config.yaml") as tmp:
         tmp.write_text(yaml.safe_dump(dict(config), sort_keys=False), encoding="utf-8")
     info = {"title": title, "command": command, "wall_s": wall_s, "commit": git_commit(Path.cwd()),
             "machine": _machine()}
+    earlier = results / RESTORED / "run.json"
+    if earlier.is_file():
+        info["restored"] = json.loads(earlier.read_text(encoding="utf-8"))
     with atomic_path(stage / "run.json") as tmp:
         tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     findings.run_findings(stage, stage / "FINDINGS.md", stage / "findings.parquet",
@@ -95,3 +121,118 @@ def package(results: str | Path, out: str | Path, config: Mapping[str, Any], *, 
         shutil.rmtree(out)
     stage.rename(out)
     return out
+
+
+def metrics_path(results: str | Path, run_id: str) -> Path:
+    """The per-step metrics of run ``run_id`` in a results folder: trained there (``runs/<run_id>/``) or restored
+    (``restored/runs/<run_id>/``); in a shipped folder always the former."""
+    trained = Path(results) / "runs" / run_id / "metrics.parquet"
+    restored = Path(results) / RESTORED / "runs" / run_id / "metrics.parquet"
+    return restored if restored.is_file() and not trained.is_file() else trained
+
+
+def _study_file(folder: Path, name: str) -> Path:
+    path = folder / name
+    if not path.is_file():
+        raise ReferenceError(f"{path}: missing; {folder} is not a whole study folder (written by `qatlaw reference`)")
+    return path
+
+
+def _first_difference(here: Mapping[str, Any], there: Mapping[str, Any], skip: tuple[str, ...] = ()) -> str | None:
+    """The first key (sorted) whose value differs between two mappings, other than ``skip``."""
+    return next((key for key in sorted(set(here) | set(there)) if key not in skip and here.get(key) != there.get(key)),
+                None)
+
+
+def restore_plan(cfg: Mapping[str, Any], folder: str | Path) -> list[str]:
+    """The runs of ``cfg``'s grid that the shipped study ``folder`` holds, in grid order: checked to be the same
+    runs (equal settings), trained on the same data and analysed with the same settings. ReferenceError, one line
+    naming the file, run or key, for a missing or damaged folder, a changed setting or a folder with none of the
+    grid's runs."""
+    from qatlaw import config, grid
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ReferenceError(f"{folder}: no such folder (a study folder written by `qatlaw reference`)")
+    config_path = _study_file(folder, "config.yaml")
+    try:
+        shipped = config.load(config_path, check_files=False)
+    except config.ConfigError as exc:
+        raise ReferenceError(f"{config_path}: {exc}") from None
+    for section, skip in (("data", DATA_EXECUTION_KEYS), ("analysis", ())):
+        key = _first_difference(cfg[section], shipped[section], skip)
+        if key is not None:
+            raise ReferenceError(f"{section}.{key} is {cfg[section].get(key)!r} here but "
+                                 f"{shipped[section].get(key)!r} in {config_path}; the restored runs need the "
+                                 "settings they ran with")
+    table = _study_file(folder, "runs.parquet")
+    held = set(read_parquet(table, ("run_id",), "run table", error=ReferenceError)["run_id"])
+    shipped_runs = {run.run_id: run for run in grid.grid_runs(shipped)}
+    run_ids = []
+    for run in grid.grid_runs(cfg):
+        if run.run_id not in held:
+            continue
+        if run.run_id not in shipped_runs:
+            raise ReferenceError(f"{table}: run {run.run_id} is not in the grid of {config_path}; the folder is damaged")
+        here, there = json.loads(run.to_json()), json.loads(shipped_runs[run.run_id].to_json())
+        key = _first_difference(here, there)
+        if key is not None:
+            raise ReferenceError(f"run {run.run_id}: {key} is {here.get(key)!r} here but {there.get(key)!r} in "
+                                 f"{config_path}; a restored run must be the same run")
+        run_ids.append(run.run_id)
+    if not run_ids:
+        raise ReferenceError(f"{table}: none of the configured grid's runs is in it; nothing to restore")
+    for run_id in run_ids:
+        _study_file(folder, f"runs/{run_id}/metrics.parquet")
+    for analysis in RUN_ANALYSES:
+        path = _study_file(folder, f"analysis/{analysis}.parquet")
+        rows = set(read_parquet(path, ("run_id",), f"{analysis} table", error=ReferenceError)["run_id"])
+        missing = [run_id for run_id in run_ids if run_id not in rows]
+        if missing:
+            raise ReferenceError(f"{path}: no rows of run {missing[0]}; the folder is damaged")
+    _study_file(folder, "run.json")
+    return run_ids
+
+
+def restored_files(run_ids: list[str], results: str | Path = "results") -> list[str]:
+    """The files :func:`restore` writes into ``results`` for the runs ``run_ids``."""
+    base = Path(results) / RESTORED
+    return [*(str(base / "runs" / run_id / name) for run_id in run_ids for name in ("summary.parquet",
+                                                                                    "metrics.parquet")),
+            *(str(base / "analysis" / f"{analysis}.parquet") for analysis in RUN_ANALYSES), str(base / "run.json")]
+
+
+def restore(folder: str | Path, run_ids: list[str], results: str | Path) -> None:
+    """Write the shipped runs ``run_ids`` of ``folder`` into ``results/restored/`` (:func:`restored_files`): each
+    run's summary row and metrics, the per-run analyses' rows of these runs (in the folder's order) and the
+    folder's run.json. A summary column recorded only since the folder was shipped (numerics) is the run's
+    setting. ReferenceError naming the file for a missing run, column or file."""
+    from qatlaw import config, grid
+    from qatlaw.train import SUMMARY_COLUMNS
+
+    folder, base = Path(folder), Path(results) / RESTORED
+    settings = {run.run_id: run for run in grid.grid_runs(config.load(_study_file(folder, "config.yaml"),
+                                                                      check_files=False))}
+    path = _study_file(folder, "runs.parquet")
+    runs = read_parquet(path, ("run_id",), "run table", error=ReferenceError)
+    for run_id in run_ids:
+        row = runs[runs["run_id"] == run_id].reset_index(drop=True)
+        if len(row) != 1:
+            raise ReferenceError(f"{path}: {len(row)} rows of run {run_id}, expected one")
+        for column in SUMMARY_COLUMNS:
+            if column not in row and hasattr(settings[run_id], column):
+                row[column] = getattr(settings[run_id], column)
+        missing = [column for column in SUMMARY_COLUMNS if column not in row]
+        if missing:
+            raise ReferenceError(f"{path}: no column {missing[0]}, which runs.parquet records since; cannot restore")
+        write_parquet(row[list(SUMMARY_COLUMNS)], base / "runs" / run_id / "summary.parquet")
+        _copy(_study_file(folder, f"runs/{run_id}/metrics.parquet"), base / "runs" / run_id / "metrics.parquet")
+    for analysis in RUN_ANALYSES:
+        path = _study_file(folder, f"analysis/{analysis}.parquet")
+        table = read_parquet(path, ("run_id",), f"{analysis} table", error=ReferenceError)
+        rows = table[table["run_id"].isin(run_ids)].reset_index(drop=True)
+        missing = sorted(set(run_ids) - set(rows["run_id"]))
+        if missing:
+            raise ReferenceError(f"{path}: no rows of run {missing[0]}; the folder is damaged")
+        write_parquet(rows, base / "analysis" / f"{analysis}.parquet")
+    _copy(_study_file(folder, "run.json"), base / "run.json")
