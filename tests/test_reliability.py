@@ -338,7 +338,9 @@ def test_same_cell_twice_gives_identical_per_step_losses(reference):
 
 # ------------------------------------------------------------------- time limits and preemption: signals
 
-STOP_LINE = re.compile(r"(\S+): (SIG\w+): stopping after step (\d+)/(\d+), checkpoint ")
+STOP_LINE = re.compile(r"(\S+): (SIG\w+|a signal to another rank): stopping after step (\d+)/(\d+), checkpoint ")
+# a rank that learns of the stop from the others (the per-step all_reduce) before its own copy of the signal lands
+OTHER_RANK = "a signal to another rank"
 
 
 def torch_load(path: Path) -> dict:
@@ -419,7 +421,11 @@ def test_signalled_training_checkpoints_and_resumes_exactly(tmp_path, tokens, gp
         step = torch_load(out / "ckpt.pt")["step"]
         assert stopped_at < after <= step < TOY_STEPS  # the checkpoint of the step it stopped after
         stops = STOP_LINE.findall(text)
-        assert stops == [(s.run_id, signum.name, str(step), str(TOY_STEPS))] * max(1, gpus), text[-3000:]
+        # every rank stops after the same step; at least one names the signal, the others may have heard of it
+        # from that one first (under load torchrun's forwarded copy can land after the step's all_reduce)
+        assert len(stops) == max(1, gpus) and signum.name in {why for _, why, _, _ in stops}, text[-3000:]
+        assert {(run, step_, total) for run, _, step_, total in stops} == {(s.run_id, str(step), str(TOY_STEPS))}
+        assert {why for _, why, _, _ in stops} <= {signum.name, OTHER_RANK}
         resumed = f"resuming from checkpoint {out / 'ckpt.pt'} at step {stopped_at}/{TOY_STEPS}"
         assert (resumed in text) == bool(stopped_at)
         stopped = f"torchrun stopped on {signum.name} (see the log above)" if gpus else \
