@@ -150,9 +150,7 @@ def run_settings_json(wildcards):
 
 def _estimate(run):
     """Memory (per node) and runtime of one run on the configured threads or its GPUs."""
-    training = config["training"]
-    return grid.estimate_resources(run, config["data"]["vocab_size"], threads=training["threads"],
-                                   gpus=qconfig.run_gpus(training, run.size), nodes=qconfig.run_nodes(training, run.size))
+    return cost.run_resources(run, config["data"]["vocab_size"], config["training"])
 
 
 def _train_resources(wildcards):
@@ -187,8 +185,9 @@ def node_sizes(multi_node):
 
 
 def train_retries():
-    """Tries after the first of a training job: with a job time limit (training.job_hours), the segments of the
-    longest run plus two; without, the profile's or command line's `--retries` (None)."""
+    """Tries after the first of a training job: with a job time limit (training.job_hours), one per further
+    segment of the longest run, plus two for failures; without, the profile's or command line's `--retries`
+    (None)."""
     training = config["training"]
     if training["job_hours"] is None:
         return None

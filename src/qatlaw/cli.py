@@ -154,10 +154,19 @@ def _run_log(path: str | None):
         handler.close()
 
 
+def _lease_gpus(count: int) -> None:
+    """This job's own ``count`` GPUs (qatlaw.gpus; none where SLURM or the user chose them), named in
+    CUDA_VISIBLE_DEVICES for it and its workers."""
+    from qatlaw import gpus
+
+    if gpus.assign(count, gpus.machine_gpus()):
+        log.info("GPUs %s leased for this job (CUDA_VISIBLE_DEVICES)", os.environ["CUDA_VISIBLE_DEVICES"])
+
+
 def _train(args: argparse.Namespace) -> None:
     import subprocess
 
-    from qatlaw import gpus, launch
+    from qatlaw import launch
     from qatlaw.grid import RunSettings
 
     runs = RunSettings.many_from_json(args.settings)
@@ -165,9 +174,7 @@ def _train(args: argparse.Namespace) -> None:
         raise QatlawError(f"{len(runs)} runs in one job on {args.gpus} GPUs: give each run its own job "
                           "(training.runs_per_job: 1)")
     if args.device != "cpu" and args.nodes == 1 and "WORLD_SIZE" not in os.environ:
-        held = gpus.assign(max(1, args.gpus), gpus.machine_gpus())  # this job's own GPUs (none: CPU or SLURM)
-        if held:
-            log.info("GPUs %s leased for this job (CUDA_VISIBLE_DEVICES)", os.environ["CUDA_VISIBLE_DEVICES"])
+        _lease_gpus(max(1, args.gpus))
     if (args.gpus > 1 or args.nodes > 1) and "WORLD_SIZE" not in os.environ:
         command = launch.torchrun_command(max(1, args.gpus), args.nodes, args.argv)
         log.info("data parallel over %d GPUs on %d node(s): %s", args.gpus, args.nodes,
@@ -235,11 +242,9 @@ def _mixed(args: argparse.Namespace) -> None:
 
 
 def _lease_analysis_gpu(device: str) -> None:
-    """On ``cuda``, this job's own GPU (none where SLURM or the user chose it), before torch starts CUDA."""
-    from qatlaw import gpus
-
-    if device == "cuda" and gpus.assign(1, gpus.machine_gpus()):
-        log.info("GPU %s leased for this job (CUDA_VISIBLE_DEVICES)", os.environ["CUDA_VISIBLE_DEVICES"])
+    """On ``cuda``, this job's own GPU, before torch starts CUDA."""
+    if device == "cuda":
+        _lease_gpus(1)
 
 
 def _layer_error(args: argparse.Namespace) -> None:

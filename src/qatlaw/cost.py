@@ -34,11 +34,16 @@ class RunPlan:
     gpu_hours: float  # training FLOPs at grid.GPU_FLOPS_PER_GPU per GPU, without the estimate's margin
 
 
-def wall_minutes(run: grid.RunSettings, vocab_size: int, training: Mapping[str, Any]) -> int:
-    """Minutes of wall time a training run is estimated to take (grid.estimate_resources), on its own GPUs or
-    on training.threads CPU threads."""
+def run_resources(run: grid.RunSettings, vocab_size: int, training: Mapping[str, Any]) -> dict[str, int]:
+    """Memory (MB per node) and wall time (minutes) a training run is estimated to need
+    (grid.estimate_resources), on its own GPUs and nodes or on training.threads CPU threads."""
     gpus, nodes = qconfig.run_gpus(training, run.size), qconfig.run_nodes(training, run.size)
-    return grid.estimate_resources(run, vocab_size, threads=training["threads"], gpus=gpus, nodes=nodes)["runtime"]
+    return grid.estimate_resources(run, vocab_size, threads=training["threads"], gpus=gpus, nodes=nodes)
+
+
+def wall_minutes(run: grid.RunSettings, vocab_size: int, training: Mapping[str, Any]) -> int:
+    """Minutes of wall time a training run is estimated to take (:func:`run_resources`)."""
+    return run_resources(run, vocab_size, training)["runtime"]
 
 
 def segments(minutes: int, training: Mapping[str, Any]) -> int:

@@ -191,10 +191,3 @@ def plan_run(s: RunSettings, vocab_size: int, training: Mapping[str, Any]) -> Pl
                           f"training.gpu_memory_gb {gb:g}; lower it or set it to null")
     return Plan(micro, checkpointing, peak_bytes(s, vocab_size, micro, gpus, chunk, checkpointing))
 
-
-def size_plans(runs: list[RunSettings], vocab_size: int, training: Mapping[str, Any]) -> dict[str, list[Plan]]:
-    """Per model size, the GPU plan of each of its runs (in the order of ``runs``)."""
-    plans: dict[str, list[Plan]] = {}
-    for run in runs:
-        plans.setdefault(run.size, []).append(plan_run(run, vocab_size, training))
-    return plans
