@@ -36,15 +36,17 @@ test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 GRID_CONFIGS ?= config/laptop.yaml
+REFERENCE ?= reference/laptop
 RESTORE ?=
 
 reference: install
 	@test ! -e results/runs.parquet || { echo "make reference: results/ holds another grid's runs; move it away first (the reference is timed from a clean results/)"; exit 2; }
 	start=$$(date +%s); $(BIN)/snakemake --cores $(CORES) --show-failed-logs --configfile $(GRID_CONFIGS) \
 	  $(if $(RESTORE),--config restore=$(RESTORE)) && echo $$(( $$(date +%s) - start )) > results/wall_s
-	$(BIN)/qatlaw reference config.yaml $(GRID_CONFIGS) --results results --out reference/laptop \
-	  --wall-file results/wall_s --command "make reference$(if $(RESTORE), RESTORE=$(RESTORE))" \
-	  --title "laptop grid (config/laptop.yaml)"
+	$(BIN)/qatlaw reference config.yaml $(GRID_CONFIGS) --results results --out $(REFERENCE) \
+	  --wall-file results/wall_s \
+	  --command "make reference GRID_CONFIGS=\"$(GRID_CONFIGS)\" REFERENCE=$(REFERENCE)$(if $(RESTORE), RESTORE=$(RESTORE))" \
+	  --title "$(notdir $(REFERENCE)) grid ($(GRID_CONFIGS))"
 
 gpu-check: install
 	$(BIN)/python -m qatlaw.bench --sections gpu --require-cuda --out reference/gpu-check

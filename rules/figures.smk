@@ -37,6 +37,7 @@ for _table, _keys in outputs.TABLES.items():
             f"table_{_table}"
         input:
             **named_inputs(_keys),
+            metrics=run_metrics() if _table == "gap_opening" else [],
         output:
             csv=report(f"results/tables/{_table}.csv", category="5. Tables"),
             md=f"results/tables/{_table}.md",

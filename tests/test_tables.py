@@ -119,3 +119,31 @@ def test_tables_load_no_plotting_library():
     code = "import sys, qatlaw.tables; print(sorted({'matplotlib', 'seaborn'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def _curve(path: Path, loss_ema: list[float]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    steps = np.arange(1, len(loss_ema) + 1)
+    pd.DataFrame({"step": steps, "tokens": 100 * steps, "loss_ema": loss_ema}).to_parquet(path)
+
+
+def test_gap_opening_reads_when_each_qat_run_leaves_its_baseline(tmp_path: Path):
+    runs = pd.DataFrame({"run_id": ["s/1K/seed0/BF16", "s/1K/seed0/W4A4_g8", "s/1K/seed0/W4A16_g8"],
+                         "size": "s", "N": 1000, "D": 1000, "tokens_requested": 1000, "group": ["none", "8", "8"],
+                         "G": [np.nan, 8.0, 8.0], "precision": ["BF16", "W4A4", "W4A16"], "seed": 0,
+                         "loss": 3.0, "diverged": False})
+    runs.to_parquet(tmp_path / "runs.parquet")
+    base = [4.0, 3.5, 3.2, 3.0, 2.9, 2.8, 2.7, 2.6]
+    _curve(tmp_path / "runs/s/1K/seed0/BF16/metrics.parquet", base)
+    # the gap: large at the first step, small until the middle, then open at 0.1 from step 6 on
+    _curve(tmp_path / "runs/s/1K/seed0/W4A4_g8/metrics.parquet",
+           [b + g for b, g in zip(base, [0.3, 0.01, 0.02, 0.02, 0.03, 0.08, 0.1, 0.1], strict=True)])
+    _curve(tmp_path / "runs/s/1K/seed0/W4A16_g8/metrics.parquet", [b - 0.01 for b in base])
+    table = tables.make_table("gap_opening", {"runs": tmp_path / "runs.parquet"}, tmp_path / "gap").set_index("run_id")
+    w4a4 = table.loc["s/1K/seed0/W4A4_g8"]
+    assert (w4a4["gap_25"], w4a4["gap_50"], w4a4["gap_75"], w4a4["gap_100"]) == pytest.approx((0.01, 0.02, 0.08, 0.1))
+    assert w4a4["opened_at"] == pytest.approx(5 / 8)  # steps 1-5 are below 0.05 but the first
+    assert np.isnan(table.loc["s/1K/seed0/W4A16_g8", "opened_at"])  # a negative final gap never opened
+    md = (tmp_path / "gap.md").read_text()
+    assert "| s/1K/seed0/W4A4_g8 | 0.0100 | 0.0200 | 0.0800 | 0.1000 | 62% |" in md
+    assert "| s/1K/seed0/W4A16_g8 | -0.0100 | -0.0100 | -0.0100 | -0.0100 | never |" in md

@@ -37,6 +37,7 @@ TABLES: dict[str, tuple[str, ...]] = {
     "table1_constants": ("params",),
     "table2_laws": ("comparison", "params"),
     "table4_no_D": ("comparison", "params"),
+    "gap_opening": ("runs",),  # and runs/<run_id>/metrics.parquet beside runs.parquet
 }
 
 

@@ -14,6 +14,11 @@ workflow. The paper's numbers come from :func:`qatlaw.paper.constants`.
 - ``table4_no_D`` (paper Table 4): relative error of the unified law without and with its D term. Columns
   ``precision``, ``n_runs``, ``without_D_pct``, ``with_D_pct``, ``heldout_largest_D_without_pct``,
   ``heldout_largest_D_with_pct``, ``paper_without_D_pct``, ``paper_with_D_pct``.
+- ``gap_opening`` (not in the paper): when, in each QAT run, the gap to its BF16 baseline opens: the smoothed
+  training-loss gap (loss_ema − the baseline's loss_ema at the same step) at 25, 50, 75 and 100% of the steps, and
+  ``opened_at``, the fraction of steps after which the gap stays at or above half its final value. A run's δ is
+  only meaningful once its gap has opened. Columns ``run_id``, ``size``, ``N``, ``D``, ``precision``, ``G``,
+  ``seed``, ``gap_25``, ``gap_50``, ``gap_75``, ``gap_100``, ``opened_at``.
 
 A law that could not be fitted shows NaN (Markdown: "not fitted"); a missing input file or column is a
 :class:`qatlaw.report_inputs.PlotError`.
@@ -32,6 +37,7 @@ from qatlaw import fit, paper
 from qatlaw.io import atomic_path
 from qatlaw.outputs import TABLES
 from qatlaw.precision import BASELINE
+from qatlaw.reference import metrics_path
 from qatlaw.report_inputs import CONSTANT_SYMBOLS, read_input, select_inputs
 
 SETTINGS = {"W4A4": "δ_W4A4", "W4A16": "δ_W4A16 (weight only)", "W16A4": "δ_W16A4 (activation only)",
@@ -41,6 +47,9 @@ TABLE1_COLUMNS = ("setting", "law", "precision", "constant", "value", "ci_low", 
                   "n_dropped")
 TABLE2_COLUMNS = ("precision", "method", "law", "n_laws", "n_runs", "rel_error_pct", "heldout_largest_N_pct",
                   "heldout_largest_D_pct", "paper_rel_error_pct")
+GAP_COLUMNS = ("run_id", "size", "N", "D", "precision", "G", "seed", "gap_25", "gap_50", "gap_75", "gap_100",
+               "opened_at")
+GAP_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 TABLE4_COLUMNS = ("precision", "n_runs", "without_D_pct", "with_D_pct", "heldout_largest_D_without_pct",
                   "heldout_largest_D_with_pct", "paper_without_D_pct", "paper_with_D_pct")
 
@@ -179,6 +188,53 @@ def table4_no_D(comparison: str | Path, params: str | Path, out_stem: str | Path
            ["precision", "runs", "without D", "with D", "held-out largest D, without D",
             "held-out largest D, with D", "paper without D", "paper with D"])
     return table
+
+
+def opened_at(gap: pd.Series) -> float:
+    """Fraction of the steps (``gap``, one value per step in order) after which the gap stays at or above half its
+    final value; NaN when the final gap is not positive."""
+    final = float(gap.iloc[-1])
+    if not final > 0:
+        return math.nan
+    below = np.flatnonzero(gap.to_numpy(float) < final / 2)
+    return 0.0 if below.size == 0 else float(below[-1] + 1) / len(gap)
+
+
+def gap_opening(runs: str | Path, out_stem: str | Path) -> pd.DataFrame:
+    """When the gap of each QAT run to the BF16 baseline of its cell opens, from the per-step metrics."""
+    table = read_input(runs, "runs")
+    table = table[~table.get("diverged", pd.Series(False, index=table.index)).astype(bool)]
+    keys = ["size", "tokens_requested", "seed"]
+    bases = {tuple(r[k] for k in keys): r["run_id"] for _, r in table[table["precision"] == BASELINE].iterrows()}
+    curves: dict[str, pd.DataFrame] = {}
+
+    def curve(run_id: str) -> pd.DataFrame:
+        if run_id not in curves:
+            curves[run_id] = read_input(metrics_path(Path(runs).parent, run_id), "metrics")[["step", "loss_ema"]]
+        return curves[run_id]
+
+    rows = []
+    for _, run in table[table["precision"] != BASELINE].iterrows():
+        base = bases.get(tuple(run[k] for k in keys))
+        if base is None:
+            continue
+        both = curve(run["run_id"]).merge(curve(base), on="step", suffixes=("", "_bf16")).sort_values("step")
+        gap = both["loss_ema"] - both["loss_ema_bf16"]
+        at = {f"gap_{round(100 * f)}": float(gap.iloc[max(0, math.ceil(f * len(gap)) - 1)]) for f in GAP_FRACTIONS}
+        rows.append({"run_id": run["run_id"], "size": run["size"], "N": int(run["N"]), "D": int(run["D"]),
+                     "precision": run["precision"], "G": run["G"], "seed": int(run["seed"]), **at,
+                     "opened_at": opened_at(gap)})
+    out = pd.DataFrame(rows, columns=list(GAP_COLUMNS))
+
+    def markdown(row: pd.Series) -> list[str]:
+        return [row["run_id"], *(f"{row[f'gap_{round(100 * f)}']:.4f}" for f in GAP_FRACTIONS),
+                f"{100 * row['opened_at']:.0f}%" if np.isfinite(row["opened_at"]) else "never"]
+    _write(out, out_stem, "When the QAT–BF16 gap opens",
+           "Smoothed training-loss gap to the BF16 baseline of the same size, tokens and seed at a share of the "
+           "steps; opened at: the share of steps after which the gap stays at or above half its final value "
+           "(never: the final gap is not positive).", markdown,
+           ["run", *(f"gap at {round(100 * f)}%" for f in GAP_FRACTIONS), "opened at"])
+    return out
 
 
 TABLE_FUNCTIONS: dict[str, Callable[..., pd.DataFrame]] = {name: globals()[name] for name in TABLES}
