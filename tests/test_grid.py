@@ -43,17 +43,19 @@ def test_run_settings_follow_the_size_table(cfg):
 
 
 @pytest.mark.parametrize(
-    ("precision", "group", "variant"),
-    [("BF16", None, "BF16"), ("W4A4", 32, "W4A4_g32"), ("W4A4-fc2a8", "channel", "W4A4-fc2a8_gchannel")],
+    ("precision", "group", "fraction", "variant"),
+    [("BF16", None, 1.0, "BF16"), ("W4A4", 32, 1.0, "W4A4_g32"), ("W4A4-fc2a8", "channel", 1.0, "W4A4-fc2a8_gchannel"),
+     ("W4A4", 32, 0.35, "W4A4_g32_f0.35"), ("W4A4", 32, 0.0, "W4A4_g32_f0"), ("W4A16", "channel", 0.5, "W4A16_gchannel_f0.5")],
 )
-def test_variant_names_round_trip(precision, group, variant):
-    assert grid.variant_name(precision, group) == variant
-    assert grid.parse_variant(variant) == (precision, group)
+def test_variant_names_round_trip(precision, group, fraction, variant):
+    assert grid.variant_name(precision, group, fraction) == variant
+    assert grid.parse_variant(variant) == (precision, group, fraction)
 
 
-def test_bad_variant_is_a_clear_error():
+@pytest.mark.parametrize("variant", ["W4A4", "W4A4_g32_f1", "W4A4_g32_f0.50", "W4A4_g32_fx", "W4A4_g32_f1.5", "X_g32"])
+def test_bad_variant_is_a_clear_error(variant):
     with pytest.raises(grid.GridError, match="neither BF16 nor"):
-        grid.parse_variant("W4A4")
+        grid.parse_variant(variant)
 
 
 @pytest.mark.parametrize(("n", "text"), [(250_000, "250K"), (10**10, "10B"), (1234, "1234"), (2_500_000, "2500K")])

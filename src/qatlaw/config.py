@@ -212,8 +212,10 @@ def _check_grid(cfg: Mapping[str, Any]) -> None:
     from qatlaw import precision  # imported here: the schema checks must not need torch
 
     _check_cells(cfg, "grid", cfg["grid"])
+    _check_fractions(cfg, "grid", cfg["grid"])
     for i, extra in enumerate(cfg["grid"]["extra"]):
         _check_cells(cfg, f"grid.extra[{i}]", extra)
+        _check_fractions(cfg, f"grid.extra[{i}]", extra)
     ablation = cfg["grid"].get("ablation")
     if ablation:
         _check_cells(cfg, "grid.ablation", ablation)
@@ -260,6 +262,32 @@ def _check_cells(cfg: Mapping[str, Any], key: str, grid: Mapping[str, Any]) -> N
                 raise ConfigError(
                     f"{key}.tokens[{i}]: {tokens} tokens is less than one optimizer step of size '{size}' ({step} tokens)"
                 )
+
+
+def _check_fractions(cfg: Mapping[str, Any], key: str, grid: Mapping[str, Any]) -> None:
+    """Every QAT fraction strictly between 0 and 1 leaves at least one step of trunk and one of QAT in each of the
+    sub-grid's cells; a branch of a run on several nodes is refused (its job would be a one-node job)."""
+    from qatlaw import grid as qgrid
+
+    models, training = cfg["models"], cfg["training"]
+    fractions = grid.get("qat_fractions", cfg["grid"]["qat_fractions"])
+    for size in grid["sizes"]:
+        if any(f < 1 for f in fractions) and run_nodes(training, size) > 1:
+            raise ConfigError(f"{key}.qat_fractions: runs of size '{size}' span {run_nodes(training, size)} nodes; "
+                              "fractions below 1 are trained in one-node jobs (keep [1] for this sub-grid)")
+    for i, fraction in enumerate(fractions):
+        if not 0 < fraction < 1:
+            continue
+        for size in grid["sizes"]:
+            step = models[size].get("batch_size", training["batch_size"]) * training["seq_len"]
+            for value in grid["tokens"]:
+                steps = parse_tokens(value) // step
+                k = qgrid.branch_step(fraction, steps)
+                if not 0 < k < steps:
+                    raise ConfigError(
+                        f"{key}.qat_fractions[{i}]: {fraction} of the {steps} steps of size '{size}' at {value} tokens "
+                        f"leaves {steps - k} QAT steps after a trunk of {k}; use 0, 1 or a fraction that splits them"
+                    )
 
 
 def run_gpus(training: Mapping[str, Any], size: str) -> int:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from qatlaw import precision as prec
@@ -32,20 +34,47 @@ def format_tokens(n: int) -> str:
     return str(n)
 
 
-def variant_name(precision: str, group: int | str | None) -> str:
-    """Directory name of a run: 'BF16', or '<precision>_g<group>'."""
+def format_fraction(fraction: float) -> str:
+    """Shortest exact form of a QAT fraction for run ids: 0.35 -> '0.35', 0.0 -> '0'."""
+    return repr(float(fraction)).removesuffix(".0")
+
+
+def variant_name(precision: str, group: int | str | None, qat_fraction: float = 1.0) -> str:
+    """Directory name of a run: 'BF16', '<precision>_g<group>' (QAT from scratch), or
+    '<precision>_g<group>_f<fraction>' for a run that trains only its last ``qat_fraction`` of tokens in QAT
+    (``_f0``: post-training quantization)."""
     name = prec.canonical(precision)
-    return BASELINE if prec.parse(name).is_baseline else f"{name}_g{group}"
+    if prec.parse(name).is_baseline:
+        return BASELINE
+    return f"{name}_g{group}" + ("" if qat_fraction == 1 else f"_f{format_fraction(qat_fraction)}")
 
 
-def parse_variant(variant: str) -> tuple[str, int | str | None]:
-    """Inverse of :func:`variant_name`: (precision, group) with group None for the baseline."""
+_VARIANT = re.compile(r"(?P<precision>[^_]+)_g(?P<group>channel|[0-9]+)(?:_f(?P<fraction>[0-9.e-]+))?")
+
+
+def parse_variant(variant: str) -> tuple[str, int | str | None, float]:
+    """Inverse of :func:`variant_name`: (precision, group, QAT fraction), group None for the baseline."""
     if variant == BASELINE:
-        return BASELINE, None
-    name, sep, group = variant.rpartition("_g")
-    if not sep or not name:
-        raise GridError(f"run variant {variant!r} is neither BF16 nor <precision>_g<group>")
-    return name, (group if group == "channel" else int(group))
+        return BASELINE, None, 1.0
+    match = _VARIANT.fullmatch(variant)
+    try:
+        if match is None:
+            raise ValueError
+        fraction = 1.0 if match["fraction"] is None else float(match["fraction"])
+        if not 0 <= fraction <= 1 or variant_name(match["precision"], match["group"], fraction) != variant:
+            raise ValueError
+    except ValueError:
+        raise GridError(f"run variant {variant!r} is neither BF16 nor <precision>_g<group>[_f<fraction below 1>]") from None
+    group = match["group"]
+    return match["precision"], (group if group == "channel" else int(group)), fraction
+
+
+def branch_step(qat_fraction: float, steps: int) -> int:
+    """K, the steps a run with QAT fraction f trains as its BF16 baseline before fake quantization starts:
+    (1 − f) · steps rounded to the nearest step, halves up, computed on f's decimal form (f = 0.35 of 20 steps:
+    exactly 13). 0 for QAT from scratch (f = 1), every step for post-training quantization (f = 0)."""
+    exact = (1 - Decimal(repr(float(qat_fraction)))) * steps
+    return int(exact.to_integral_value(rounding=ROUND_HALF_UP))
 
 
 @dataclass(frozen=True)
@@ -79,6 +108,7 @@ class RunSettings:
     warmup_steps: int | None = None
     weight_ema: float = 0.0
     numerics: str = "fp32"
+    qat_fraction: float = 1.0
 
     @property
     def weight_ema_decay(self) -> float:
@@ -96,7 +126,33 @@ class RunSettings:
     @property
     def run_id(self) -> str:
         """Path-like id: size/tokens/seed/variant."""
-        return f"{self.cell}/{variant_name(self.precision, self.group)}"
+        return f"{self.cell}/{variant_name(self.precision, self.group, self.qat_fraction)}"
+
+    @property
+    def is_branch(self) -> bool:
+        """Whether the run starts from its baseline's trunk checkpoint: QAT fraction strictly between 0 and 1."""
+        return 0 < self.qat_fraction < 1
+
+    @property
+    def is_ptq(self) -> bool:
+        """Whether the run is post-training quantization (QAT fraction 0): its baseline's final model, not trained."""
+        return self.qat_fraction == 0
+
+    @property
+    def branch_step(self) -> int:
+        """Steps trained as the BF16 baseline before fake quantization starts (:func:`branch_step`)."""
+        return branch_step(self.qat_fraction, self.steps)
+
+    @property
+    def baseline(self) -> RunSettings:
+        """The BF16 baseline of the run's cell (itself for a baseline)."""
+        return replace(self, precision=BASELINE, group=None, qat_fraction=1.0)
+
+    @property
+    def trained_tokens(self) -> int:
+        """Tokens the run's own job trains: its budget, or after a trunk only the last f · D (whole steps; none for
+        post-training quantization)."""
+        return self.tokens if self.qat_fraction == 1 else (self.steps - self.branch_step) * self.tokens_per_step
 
     @property
     def tokens_per_step(self) -> int:
@@ -119,10 +175,13 @@ class RunSettings:
 
     def to_json(self) -> str:
         """Canonical JSON (sorted keys), also the run's identity for checkpoints and Snakemake's rerun trigger.
-        fp32 numerics, the default, is left out, so the runs of grids made before the setting keep their identity."""
+        fp32 numerics and QAT fraction 1, the defaults, are left out, so the runs of grids made before these
+        settings keep their identity."""
         fields = asdict(self)
         if fields["numerics"] == "fp32":
             del fields["numerics"]
+        if fields["qat_fraction"] == 1:
+            del fields["qat_fraction"]
         return json.dumps(fields, sort_keys=True)
 
     @classmethod
@@ -146,8 +205,8 @@ class RunSettings:
 
 
 def run_settings(cfg: Mapping[str, Any], size: str, tokens: int | str, precision: str, group: int | str | None,
-                 seed: int) -> RunSettings:
-    """Settings of one grid cell from a validated config."""
+                 seed: int, qat_fraction: float = 1.0) -> RunSettings:
+    """Settings of one grid cell from a validated config (a baseline's QAT fraction is always 1)."""
     arch, training, quant = cfg["models"][size], cfg["training"], cfg["quant"]
     name = prec.canonical(precision)
     return RunSettings(
@@ -159,31 +218,33 @@ def run_settings(cfg: Mapping[str, Any], size: str, tokens: int | str, precision
         weight_decay=training["weight_decay"], grad_clip=training["grad_clip"], loss_ema=training["loss_ema"],
         eval_tokens=training["eval_tokens"], clip=quant["clip"], format=quant["format"],
         lac=quant["lac"], warmup_steps=training["warmup_steps"], weight_ema=float(training["weight_ema"]),
-        numerics=training["numerics"],
+        numerics=training["numerics"], qat_fraction=1.0 if prec.parse(name).is_baseline else float(qat_fraction),
     )
 
 
 def grid_runs(cfg: Mapping[str, Any]) -> list[RunSettings]:
-    """Every run: per (size, tokens, seed) one BF16 baseline and each precision × group, for the main grid, the
-    extra sub-grids (each with its own seeds, by default the main grid's) and then the ablation sub-grid (each base precision with each override alone), without
-    repeats."""
+    """Every run: per (size, tokens, seed) one BF16 baseline and each precision × group × QAT fraction, for the
+    main grid, the extra sub-grids (each with its own seeds and QAT fractions, by default the main grid's) and then
+    the ablation sub-grid (each base precision with each override alone, QAT from scratch), without repeats."""
     runs: dict[str, RunSettings] = {}
 
-    def add_cells(sub: Mapping[str, Any], precisions: list[str]) -> None:
+    def add_cells(sub: Mapping[str, Any], precisions: list[str], fractions: list[float]) -> None:
         for size in sub["sizes"]:
             for tokens in sub["tokens"]:
                 for seed in sub.get("seeds", cfg["grid"]["seeds"]):
-                    for name, group in [(BASELINE, None)] + [(p, g) for p in precisions for g in sub["groups"]]:
-                        run = run_settings(cfg, size, tokens, name, group, seed)
+                    variants = [(p, g, f) for p in precisions for g in sub["groups"] for f in fractions]
+                    for name, group, fraction in [(BASELINE, None, 1.0), *variants]:
+                        run = run_settings(cfg, size, tokens, name, group, seed, fraction)
                         runs.setdefault(run.run_id, run)
 
-    add_cells(cfg["grid"], cfg["grid"]["precisions"])
+    main = cfg["grid"].get("qat_fractions", [1.0])
+    add_cells(cfg["grid"], cfg["grid"]["precisions"], main)
     for extra in cfg["grid"].get("extra", []):
-        add_cells(extra, extra["precisions"])
+        add_cells(extra, extra["precisions"], extra.get("qat_fractions", main))
     ablation = cfg["grid"].get("ablation")
     if ablation:
         bases = ablation["precisions"]
-        add_cells(ablation, bases + [f"{b}-{o}" for b in bases for o in ablation["overrides"]])
+        add_cells(ablation, bases + [f"{b}-{o}" for b in bases for o in ablation["overrides"]], [1.0])
     return list(runs.values())
 
 
@@ -197,12 +258,28 @@ def cells(runs: list[RunSettings]) -> dict[str, list[RunSettings]]:
 
 def batch_runs(runs: list[RunSettings], per_job: int) -> list[list[RunSettings]]:
     """Runs split into training jobs of at most ``per_job`` runs; a job never mixes (size, tokens, seed) cells,
-    and a cell's runs are spread evenly over its jobs (11 runs at 6 per job: 6 + 5)."""
+    nor a branch (0 < QAT fraction < 1) with the runs trained from scratch (the branch waits for its baseline's
+    trunk checkpoint), and a cell's runs of each kind are spread evenly over its jobs (11 runs at 6 per job: 6 + 5).
+    Post-training quantization runs are not trained: GridError."""
+    if any(run.is_ptq for run in runs):
+        raise GridError(f"run {next(run for run in runs if run.is_ptq).run_id} is post-training quantization, not a "
+                        "training run")
     jobs = []
     for cell in cells(runs).values():
-        n_jobs = math.ceil(len(cell) / per_job)
-        jobs += [cell[i::n_jobs] for i in range(n_jobs)]
+        for kind in ([run for run in cell if not run.is_branch], [run for run in cell if run.is_branch]):
+            n_jobs = math.ceil(len(kind) / per_job)
+            jobs += [kind[i::n_jobs] for i in range(n_jobs)]
     return jobs
+
+
+def trunk_steps(runs: list[RunSettings]) -> dict[str, list[int]]:
+    """The steps at which each BF16 baseline keeps a trunk checkpoint for the branches of its cell among ``runs``,
+    by the baseline's run id (sorted; baselines without branches left out)."""
+    steps: dict[str, set[int]] = {}
+    for run in runs:
+        if run.is_branch:
+            steps.setdefault(run.baseline.run_id, set()).add(run.branch_step)
+    return {run_id: sorted(ks) for run_id, ks in steps.items()}
 
 
 def token_budgets(cfg: Mapping[str, Any]) -> list[str | int]:
@@ -234,8 +311,9 @@ def _non_embedding(s: RunSettings) -> int:
 
 
 def training_flops(s: RunSettings, vocab_size: int) -> int:
-    """FLOPs of a run's training, 6·(N + V·h)·D (the LM head included: at CPU sizes it is much of the work)."""
-    return 6 * (_non_embedding(s) + vocab_size * s.hidden) * s.tokens
+    """FLOPs of a run's own training, 6·(N + V·h)·D with D its :attr:`RunSettings.trained_tokens` (the LM head
+    included: at CPU sizes it is much of the work)."""
+    return 6 * (_non_embedding(s) + vocab_size * s.hidden) * s.trained_tokens
 
 
 def estimate_resources(s: RunSettings, vocab_size: int, threads: int = 1, gpus: int = 0, nodes: int = 1
