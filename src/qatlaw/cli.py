@@ -11,11 +11,15 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qatlaw import analysis_plan
 from qatlaw.config import ConfigError, schema_default, schema_key
 from qatlaw.errors import QatlawError
 from qatlaw.stopping import STOPPED_STATUS, Stopped, StopSignals
+
+if TYPE_CHECKING:
+    from qatlaw.grid import RunSettings
 
 log = logging.getLogger("qatlaw")
 
@@ -193,9 +197,19 @@ def _train(args: argparse.Namespace) -> None:
     paths = {name: getattr(args, name) for name in ("summary", "metrics", "model", "checkpoint")}
     if args.run_log:
         paths["run_log"] = args.run_log
+    if args.trunk:
+        paths["trunk"] = args.trunk
     for name, values in paths.items():
         if len(values) != len(runs):
             raise QatlawError(f"--{name}: {len(values)} paths for {len(runs)} runs in --settings")
+    trunks = [None if not args.trunk or path == "-" else path for path in paths.get("trunk", [None] * len(runs))]
+    for settings, trunk in zip(runs, trunks):
+        if settings.is_branch and trunk is None:
+            raise QatlawError(f"--trunk: no trunk checkpoint for branch {settings.run_id}")
+        if trunk is not None and not Path(trunk).is_file():
+            raise QatlawError(f"{settings.run_id}: trunk checkpoint {trunk} is missing; its baseline "
+                              f"{settings.baseline.run_id} writes it")
+    keep = _keep_trunks(args.keep_trunk, runs)
     manifest = _read_manifest(args.manifest)
     train_tokens = tokens.open_tokens(args.train_tokens, manifest, "train")
     val_tokens = tokens.open_tokens(args.val_tokens, manifest, "val")
@@ -215,11 +229,43 @@ def _train(args: argparse.Namespace) -> None:
                     settings, train_tokens=train_tokens, val_tokens=val_tokens, manifest=manifest,
                     summary_path=paths["summary"][i], metrics_path=paths["metrics"][i], model_path=paths["model"][i],
                     checkpoint_path=paths["checkpoint"][i], execution=execution, keep_checkpoint=len(runs) > 1,
-                    stop=stop,
+                    stop=stop, trunk=trunks[i], keep_trunks=keep.get(i),
                 )
     if len(runs) > 1:
         for checkpoint in paths["checkpoint"]:
-            Path(checkpoint).unlink(missing_ok=True)
+            train.remove_checkpoint(checkpoint)
+
+
+def _keep_trunks(specs: list[str] | None, runs: list[RunSettings]) -> dict[int, dict[int, str]]:
+    """--keep-trunk STEP=PATH ...: the trunk checkpoints the job's one BF16 baseline keeps, by its index."""
+    if not specs:
+        return {}
+    baselines = [i for i, run in enumerate(runs) if run.is_baseline]
+    if len(baselines) != 1:
+        raise QatlawError(f"--keep-trunk: the job has {len(baselines)} BF16 baselines, not one to keep them")
+    steps = {}
+    for spec in specs:
+        step, sep, path = spec.partition("=")
+        if not sep or not step.isdigit() or not path:
+            raise QatlawError(f"--keep-trunk: {spec!r} is not STEP=PATH")
+        steps[int(step)] = path
+    return {baselines[0]: steps}
+
+
+def _ptq(args: argparse.Namespace) -> None:
+    from qatlaw import tokens, train
+    from qatlaw.grid import RunSettings
+
+    _lease_analysis_gpu(args.device)
+    settings = RunSettings.from_json(args.settings)
+    manifest = _read_manifest(args.manifest)
+    execution = train.Execution(threads=args.threads, device=args.device,
+                                micro_batch_size=args.micro_batch_size or None,
+                                loss_chunk_tokens=args.loss_chunk_tokens or None)
+    train.quantize_run(settings, baseline_summary=args.baseline_summary, baseline_metrics=args.baseline_metrics,
+                       baseline_model=args.baseline_model, val_tokens=tokens.open_tokens(args.val_tokens, manifest, "val"),
+                       manifest=manifest, summary_path=args.summary, metrics_path=args.metrics, model_path=args.model,
+                       execution=execution)
 
 
 def _runs(args: argparse.Namespace) -> None:
@@ -480,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, nargs="+")
     s.add_argument("--checkpoint", required=True, nargs="+", help="resumable checkpoint (kept outside the rule's outputs)")
     s.add_argument("--run-log", nargs="+", help="with several runs: each run's own log file (the job log has all)")
+    s.add_argument("--trunk", nargs="+", help="per run, the trunk checkpoint a branch starts from ('-': none)")
+    s.add_argument("--keep-trunk", nargs="+", metavar="STEP=PATH",
+                   help="trunk checkpoints the job's BF16 baseline writes for its cell's branches")
     s.add_argument("--threads", type=int, default=schema_default("training", "threads"), help="torch CPU threads")
     s.add_argument("--gpus", type=int, default=schema_default("training", "gpus_per_run"),
                    help="GPUs; above 1, rerun under torchrun, data parallel")
@@ -503,6 +552,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="1: recompute each block's activations in the backward pass; auto: only on a GPU that does "
                         "not fit one sequence per micro-batch without it")
     s.set_defaults(func=_train)
+
+    s = sub.add_parser("ptq", help="post-training quantization: score a baseline's final model under a precision")
+    s.add_argument("--settings", required=True, help="RunSettings of the run (QAT fraction 0) as JSON")
+    s.add_argument("--baseline-summary", required=True)
+    s.add_argument("--baseline-metrics", required=True)
+    s.add_argument("--baseline-model", required=True)
+    s.add_argument("--val-tokens", required=True)
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--summary", required=True)
+    s.add_argument("--metrics", required=True)
+    s.add_argument("--model", required=True)
+    s.add_argument("--threads", type=int, default=schema_default("training", "threads"), help="torch CPU threads")
+    s.add_argument("--device", choices=schema_key("training", "device")["enum"],
+                   default=schema_default("training", "device"))
+    s.add_argument("--micro-batch-size", type=int, default=schema_default("training", "micro_batch_size") or 0,
+                   help="validation windows per forward pass; 0: the batch size")
+    s.add_argument("--loss-chunk-tokens", type=int, default=schema_default("training", "loss_chunk_tokens") or 0,
+                   help="tokens whose logits and loss are computed at a time; 0: all at once")
+    s.set_defaults(func=_ptq)
 
     s = sub.add_parser("runs", help="collect run summaries into one table")
     s.add_argument("summaries", nargs="+")

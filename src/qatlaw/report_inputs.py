@@ -14,6 +14,7 @@ from qatlaw.decompose import DECOMPOSITION_COLUMNS, FIT_COLUMNS
 from qatlaw.errors import QatlawError
 from qatlaw.io import read_parquet
 from qatlaw.mixed import RANKING_COLUMNS
+from qatlaw.runtable import from_scratch
 
 COLUMNS: dict[str, tuple[str, ...]] = {  # the columns each input must have
     "runs": ("run_id", "size", "N", "D", "tokens_requested", "group", "G", "precision", "seed", "loss"),
@@ -37,8 +38,10 @@ class PlotError(QatlawError):
 
 def read_input(path: str | Path, key: str) -> pd.DataFrame:
     """Input ``key`` of ``COLUMNS`` from ``path``; PlotError naming the file and the expected columns when it is
-    missing, unreadable (e.g. truncated) or lacks a column."""
-    return read_parquet(path, COLUMNS[key], f"{key} table", error=PlotError)
+    missing, unreadable (e.g. truncated) or lacks a column. Of the run table only the runs at QAT fraction 1
+    (:func:`qatlaw.runtable.from_scratch`)."""
+    table = read_parquet(path, COLUMNS[key], f"{key} table", error=PlotError)
+    return from_scratch(table) if key == "runs" else table
 
 
 def select_inputs(kind: str, name: str, catalogue: Mapping[str, Sequence[str]],

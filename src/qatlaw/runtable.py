@@ -4,6 +4,11 @@
 validation loss (``val_loss``) or the smoothed training loss (``loss``, the paper's). :func:`read_runs` reads
 the run table, :func:`delta_table` pairs every QAT run with its baseline and :func:`metric_columns` names the
 loss and δ columns of a metric.
+
+Column ``qat_fraction`` (``QAT_FRACTION``) is the share f of a run's tokens trained in QAT: 1 for QAT from scratch
+and for the BF16 baselines, 0 < f < 1 for a branch from its baseline's trunk, 0 for post-training quantization
+(a run table written before the column existed holds only f = 1). The stages of the paper's study (δ law,
+decomposition, mixed precision, figures, findings) read only the runs at f = 1 (:func:`from_scratch`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ CELL = ["size", "tokens_requested", "seed"]  # a BF16 baseline and the QAT runs 
 # The columns of runs.parquet that the analyses and the fits read (a hand-made run table needs only these).
 RUN_TABLE_COLUMNS = ("run_id", "size", "N", "D", "tokens_requested", "seed", "precision", "group", "G", "loss",
                      "val_loss", "diverged")
+QAT_FRACTION = "qat_fraction"
 RUN_TABLE_KINDS = {"N": "number", "D": "number", "tokens_requested": "number", "seed": "number",
                    "G": "number", "loss": "number", "val_loss": "number", "diverged": "bool"}
 DELTA_COLUMNS = (
@@ -45,10 +51,24 @@ def metric_columns(metric: str) -> tuple[str, str]:
     return METRICS[metric]
 
 
-def read_runs(path: str | Path) -> pd.DataFrame:
+def with_qat_fraction(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with column ``qat_fraction``: 1.0 for every row of a table written before the column existed."""
+    return table if QAT_FRACTION in table else table.assign(**{QAT_FRACTION: 1.0})
+
+
+def from_scratch(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the runs trained in QAT from scratch and of the BF16 baselines (QAT fraction 1)."""
+    table = with_qat_fraction(table)
+    return table[table[QAT_FRACTION] == 1].reset_index(drop=True)
+
+
+def read_runs(path: str | Path, all_fractions: bool = False) -> pd.DataFrame:
     """The run table ``runs.parquet``, checked: RunTableError naming the file and ``RUN_TABLE_COLUMNS`` when it
-    is missing, unreadable (e.g. truncated) or lacks a column the analyses and fits need."""
-    return read_parquet(path, RUN_TABLE_COLUMNS, "run table", kinds=RUN_TABLE_KINDS, error=RunTableError)
+    is missing, unreadable (e.g. truncated) or lacks a column the analyses and fits need. Only the runs at QAT
+    fraction 1 (:func:`from_scratch`) unless ``all_fractions``; column ``qat_fraction`` always there."""
+    table = with_qat_fraction(read_parquet(path, RUN_TABLE_COLUMNS, "run table", kinds=RUN_TABLE_KINDS,
+                                           error=RunTableError))
+    return table if all_fractions else from_scratch(table)
 
 
 def delta_table(runs: pd.DataFrame) -> pd.DataFrame:

@@ -1,4 +1,5 @@
-"""One training run per grid cell: QAT (or the BF16 baseline) from scratch, resumable, with metrics.
+"""One training run per grid cell: QAT (or the BF16 baseline) from scratch or from the baseline's trunk,
+resumable, with metrics; and post-training quantization of a baseline.
 
 Paired design: every run of a (size, tokens, seed) cell starts from the same initial weights (the model is
 built right after ``torch.manual_seed(seed)``, and quantizer parameters are constant-initialized) and sees the
@@ -21,6 +22,14 @@ runs use TF32 for what stays fp32); launched by ``torchrun`` with several proces
 (each rank takes an equal share of every batch and of the validation windows, rank 0 writes). A checkpoint is
 written every ``checkpoint_every`` steps and every ``checkpoint_minutes`` of wall time; on SIGTERM or SIGUSR1
 (:mod:`qatlaw.stopping`) the run ends its step, writes one and stops.
+
+The FP→QAT split (:attr:`~qatlaw.grid.RunSettings.qat_fraction` f, "fused": QAT takes over the LR schedule's
+cooldown). A BF16 baseline whose cell has branches keeps a trunk checkpoint at each branch step K (model, AdamW
+state and weight average by parameter name, loss EMA, per-step rows; the data position is the step), staged beside
+its resumable checkpoint while it trains and published as an output at the end. A branch (0 < f < 1) starts from
+its trunk at step K = :attr:`~qatlaw.grid.RunSettings.branch_step` instead of training it again, so its first K
+steps are its baseline's, rows included, and trains the rest with fake quantization on the same schedule. f = 0
+(:func:`quantize_run`) scores the baseline's final model under the precision, without training.
 """
 
 from __future__ import annotations
@@ -30,8 +39,9 @@ import hashlib
 import logging
 import math
 import os
+import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +56,8 @@ from qatlaw.errors import QatlawError
 from qatlaw.grid import RunSettings, effective_group
 from qatlaw.io import atomic_path, read_parquet, write_parquet
 from qatlaw.model import Model, ModelConfig, non_embedding_params
-from qatlaw.quant import QuantOptions
+from qatlaw.quant import LAC, QuantOptions
+from qatlaw.runtable import with_qat_fraction
 from qatlaw.stopping import Stopped, StopSignals
 from qatlaw.tokens import Tokens, read_windows
 
@@ -55,7 +66,7 @@ log = logging.getLogger("qatlaw.train")
 SUMMARY_COLUMNS = (
     "run_id", "size", "N", "D", "tokens_requested", "group", "G", "precision", "seed", "loss", "val_loss",
     "val_loss_last", "final_step_loss", "steps", "tokens_per_step", "epochs", "lr", "wall_s", "tokens_per_s", "diverged",
-    "resumed", "vocab_size", "seq_len", "clip", "format", "lac", "device", "numerics",
+    "resumed", "vocab_size", "seq_len", "clip", "format", "lac", "device", "numerics", "qat_fraction",
 )
 # The per-step metrics file of a run (runs/<run_id>/metrics.parquet).
 STEP_COLUMNS = ("step", "tokens", "loss", "loss_ema", "lr", "grad_norm", "tokens_per_s")
@@ -308,6 +319,96 @@ def _leave_process_group(par: Parallel) -> None:
         torch.distributed.destroy_process_group()
 
 
+def trunk_staging(checkpoint_path: str | Path, step: int) -> Path:
+    """Where a baseline stages its trunk checkpoint at ``step`` while it trains: beside its resumable checkpoint,
+    outside the outputs that Snakemake deletes when a job fails."""
+    return Path(checkpoint_path).parent / "trunk" / f"step{step}.pt"
+
+
+def remove_checkpoint(checkpoint_path: str | Path) -> None:
+    """Delete a run's resumable checkpoint and the trunk checkpoints it staged."""
+    Path(checkpoint_path).unlink(missing_ok=True)
+    shutil.rmtree(trunk_staging(checkpoint_path, 0).parent, ignore_errors=True)
+
+
+def _publish(staged: Path, out: Path) -> None:
+    """Put a staged file at ``out`` atomically: a hard link (no copy of the bytes) where the filesystem allows."""
+    with atomic_path(out) as tmp:
+        tmp.unlink()
+        try:
+            os.link(staged, tmp)
+        except OSError:
+            shutil.copyfile(staged, tmp)
+
+
+def _fresh_parameters(model: Model) -> set[str]:
+    """Names of the quantizer parameters a BF16 model lacks (LAC γ)."""
+    return {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, LAC) for p, _ in m.named_parameters()}
+
+
+def _load_baseline_weights(model: Model, weights: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load a BF16 model's weights into ``model`` (of any precision of the cell); its quantizer parameters that the
+    baseline lacks keep their fresh init. TrainError naming ``source`` when the weights are of another shape."""
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError:
+        raise TrainError(f"{source}: weights of another model shape") from None
+    if unexpected or set(missing) - _fresh_parameters(model):
+        raise TrainError(f"{source}: weights of another model (missing {sorted(set(missing))[:1]}, unexpected "
+                         f"{sorted(unexpected)[:1]})")
+
+
+def read_trunk(path: str | Path, s: RunSettings, manifest: Mapping[str, Any], device: torch.device) -> dict:
+    """The trunk checkpoint branch ``s`` starts from, checked before any step: TrainError, one line naming the
+    file, when it is missing, unreadable, or not its baseline's (settings and data) at step K."""
+    path, base = Path(path), s.baseline.run_id
+    if not path.is_file():
+        raise TrainError(f"{s.run_id}: trunk checkpoint {path} is missing; its baseline {base} writes it")
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as exc:  # any damage: the trunk must be rewritten by its baseline, never guessed
+        raise TrainError(f"{s.run_id}: trunk checkpoint {path} is unreadable ({type(exc).__name__}); rerun its "
+                         f"baseline {base}") from None
+    if not isinstance(state, dict) or state.get("identity") != settings_hash(s.baseline, manifest):
+        raise TrainError(f"{s.run_id}: trunk checkpoint {path} is not that of baseline {base} with these settings "
+                         "and data; rerun the baseline")
+    if state.get("step") != s.branch_step:
+        raise TrainError(f"{s.run_id}: trunk checkpoint {path} is at step {state.get('step')}, not the branch step "
+                         f"{s.branch_step}")
+    return state
+
+
+def _trunk_state(identity: str, step: int, ema: float, rows: Sequence[tuple], diverged: bool, model: Model,
+                 opt: torch.optim.Optimizer, average: WeightAverage | None) -> dict:
+    """A baseline's training state at ``step`` for its branches, by parameter name (a QAT model has more)."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    names = _names(model, list(model.parameters()))
+    return {"identity": identity, "step": step, "ema": ema, "rows": list(rows), "diverged": diverged,
+            "model": model.state_dict(),
+            "optimizer": {name: opt.state[p] for name, p in zip(_names(model, params), params) if p in opt.state},
+            "weight_average": None if average is None else dict(zip(names, average.state_dict()))}
+
+
+def _start_from_trunk(state: Mapping[str, Any], path: Path, model: Model, opt: torch.optim.Optimizer,
+                      average: WeightAverage | None) -> None:
+    """Put a branch's model, optimizer and weight average in its trunk's state. The quantizer parameters a BF16
+    model lacks (LAC γ) start from their fresh init: empty AdamW state, and their init in the weight average."""
+    _load_baseline_weights(model, state["model"], f"trunk checkpoint {path}")
+    order = [name for group in opt.param_groups for name in _names(model, group["params"])]
+    saved = opt.state_dict()
+    saved["state"] = {i: state["optimizer"][name] for i, name in enumerate(order) if name in state["optimizer"]}
+    opt.load_state_dict(saved)
+    if average is not None:
+        trunk_average = state["weight_average"]
+        average.load_state_dict([trunk_average.get(name, a) for (name, _), a
+                                 in zip(model.named_parameters(), average.state_dict())])
+
+
+def _names(model: Model, params: Sequence[torch.Tensor]) -> list[str]:
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    return [by_id[id(p)] for p in params]
+
+
 def _device_name(device: torch.device, par: Parallel) -> str:
     name = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device)
     return name if par.world == 1 else f"{par.world}x {name}"
@@ -326,6 +427,8 @@ def train_run(
     execution: Execution = Execution(),
     keep_checkpoint: bool = False,
     stop: StopSignals | None = None,
+    trunk: str | Path | None = None,
+    keep_trunks: Mapping[int, str | Path] | None = None,
 ) -> dict[str, Any]:
     """Train one run to its token budget (resuming from ``checkpoint_path`` if it matches) and write its outputs.
 
@@ -335,7 +438,19 @@ def train_run(
     runs that dies later redoes a finished run's outputs without training it again.
     ``stop``: signal handlers the caller installed; once one fired (on any rank), the run ends its step, writes its
     checkpoint and raises :class:`~qatlaw.stopping.Stopped`.
+    ``trunk``: the trunk checkpoint a branch starts from (:func:`read_trunk`; required for a branch, and for a QAT
+    run from scratch a trunk at step 0 gives the same run). ``keep_trunks``: for a BF16 baseline, where to write
+    its trunk checkpoint at each of these steps (published when the run ends).
     """
+    if s.is_ptq:
+        raise TrainError(f"{s.run_id}: post-training quantization trains nothing (qatlaw ptq)")
+    if s.is_branch and trunk is None:
+        raise TrainError(f"{s.run_id}: a branch at QAT fraction {s.qat_fraction} needs its baseline's trunk checkpoint")
+    keep_trunks = {int(k): Path(v) for k, v in (keep_trunks or {}).items()}
+    if keep_trunks and not s.is_baseline:
+        raise TrainError(f"{s.run_id}: only a BF16 baseline keeps trunk checkpoints")
+    if any(not 0 <= k < s.steps for k in keep_trunks):
+        raise TrainError(f"{s.run_id}: trunk steps {sorted(keep_trunks)} are not all within its {s.steps} steps")
     par = Parallel.from_env()
     torch.set_num_threads(execution.threads)
     vocab = int(manifest["vocab_size"])
@@ -362,7 +477,11 @@ def train_run(
     step, ema, rows, diverged, resumed, wall_before = 0, 0.0, [], False, False, 0.0
     state = _read_checkpoint(checkpoint_path, device)
     if state is not None:
-        if state.get("identity") == identity:
+        unstaged = [k for k in keep_trunks if k <= state.get("step", 0) and not trunk_staging(checkpoint_path, k).is_file()]
+        if state.get("identity") == identity and unstaged:
+            log.warning("%s: ignoring checkpoint %s: the trunk checkpoint of step %d was not kept; starting from "
+                        "step 0", s.run_id, checkpoint_path, unstaged[0])
+        elif state.get("identity") == identity:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             if average is not None:
@@ -372,6 +491,12 @@ def train_run(
             log.info("%s: resuming from checkpoint %s at step %d/%d", s.run_id, checkpoint_path, step, s.steps)
         else:
             log.warning("%s: ignoring checkpoint %s written for other settings or data", s.run_id, checkpoint_path)
+    if trunk is not None and not resumed:
+        start = read_trunk(trunk, s, manifest, device)
+        _start_from_trunk(start, Path(trunk), model, opt, average)
+        step, ema, rows, diverged = start["step"], start["ema"], list(start["rows"]), start["diverged"]
+        log.info("%s: starting from trunk checkpoint %s of %s at step %d/%d", s.run_id, trunk, s.baseline.run_id,
+                 step, s.steps)
     if execution.compile:
         # a fresh compile per run: dynamo's cache of graphs per code object is bounded (8 by default), and a job
         # of several runs (each precision and G its own graph) would otherwise fall back to eager unannounced
@@ -380,9 +505,10 @@ def train_run(
     if par.world > 1:
         step_fn = torch.nn.parallel.DistributedDataParallel(step_fn, device_ids=[device] if device.type == "cuda" else None)
 
-    log.info("%s: N=%d, %d steps of %d tokens, lr %.2e, warm-up %d, on %s%s", s.run_id,
-             non_embedding_params(model.cfg), s.steps, s.tokens_per_step, s.lr, warmup, _device_name(device, par),
-             ", activation checkpointing" if model.activation_checkpointing else "")
+    log.info("%s: N=%d, %d steps of %d tokens, lr %.2e, warm-up %d, QAT fraction %s (from step %d), on %s%s",
+             s.run_id, non_embedding_params(model.cfg), s.steps, s.tokens_per_step, s.lr, warmup, s.qat_fraction,
+             s.branch_step, _device_name(device, par), ", activation checkpointing" if model.activation_checkpointing
+             else "")
     t0, first_step = time.perf_counter(), step
     saved_at = t0
     log_every = max(1, s.steps // 20)
@@ -396,6 +522,12 @@ def train_run(
                         "weight_average": None if average is None else average.state_dict()}, tmp)
         saved_at = time.perf_counter()
 
+    def stage_trunk() -> None:
+        if par.is_main and step in keep_trunks:
+            with atomic_path(trunk_staging(checkpoint_path, step)) as tmp:
+                torch.save(_trunk_state(identity, step, ema, rows, diverged, model, opt, average), tmp)
+
+    stage_trunk()
     while step < s.steps and not diverged:
         t_step = time.perf_counter()
         lr = lr_at(step, s.steps, s.lr, warmup, s.min_lr_ratio)
@@ -428,6 +560,7 @@ def train_run(
         ema_debiased = ema / (1 - s.loss_ema**step)
         tps = s.tokens_per_step / (time.perf_counter() - t_step)
         rows.append((step, step * s.tokens_per_step, loss_value, ema_debiased, lr, grad_norm, tps))
+        stage_trunk()
         if step % log_every == 0 or step == s.steps:
             eta = (time.perf_counter() - t0) / (step - first_step) * (s.steps - step)
             log.info("%s: step %d/%d loss %.4f ema %.4f lr %.2e %.0f tok/s ETA %.0f s", s.run_id, step, s.steps,
@@ -447,6 +580,10 @@ def train_run(
             _leave_process_group(par)
             raise Stopped(f"{s.run_id}: stopped on {signal_name} after step {step}/{s.steps}; rerun to resume")
 
+    if par.is_main:  # a baseline that diverged leaves its later branches its last state, marked diverged
+        for k in sorted(k for k in keep_trunks if k > step):
+            with atomic_path(trunk_staging(checkpoint_path, k)) as tmp:
+                torch.save(_trunk_state(identity, k, ema, rows, diverged, model, opt, average), tmp)
     wall = wall_before + time.perf_counter() - t0
     val_loss_last = val_loss = float("nan")
     if not diverged:
@@ -458,6 +595,7 @@ def train_run(
             average.swap()  # the averaged weights are the run's model from here on
             val_loss = evaluate(model, *scoring)
     trained = len(rows) * s.tokens_per_step
+    own = max(0, len(rows) - (s.branch_step if trunk is not None else 0)) * s.tokens_per_step  # the trunk aside
     summary = {
         "run_id": s.run_id, "size": s.size, "N": non_embedding_params(model.cfg), "D": trained,
         "tokens_requested": s.tokens, "group": "none" if s.group is None else str(s.group),
@@ -466,9 +604,9 @@ def train_run(
         "val_loss_last": val_loss_last,
         "final_step_loss": rows[-1][2] if rows else float("nan"), "steps": len(rows),
         "tokens_per_step": s.tokens_per_step, "epochs": trained / max(1, len(train_tokens)), "lr": s.lr,
-        "wall_s": wall, "tokens_per_s": trained / wall if wall > 0 else float("nan"), "diverged": diverged,
+        "wall_s": wall, "tokens_per_s": own / wall if wall > 0 else float("nan"), "diverged": diverged,
         "resumed": resumed, "vocab_size": vocab, "seq_len": s.seq_len, "clip": s.clip, "format": s.format,
-        "lac": s.lac, "device": _device_name(device, par), "numerics": s.numerics,
+        "lac": s.lac, "device": _device_name(device, par), "numerics": s.numerics, "qat_fraction": s.qat_fraction,
     }
     if par.is_main:
         if keep_checkpoint and not (resumed and first_step == step):
@@ -477,24 +615,89 @@ def train_run(
             save_checkpoint()
             if average is not None:
                 average.swap()
-        with atomic_path(model_path) as tmp:
-            torch.save({"settings": asdict(s), "model_config": asdict(model.cfg), "model": model.cpu().state_dict()}, tmp)
-        write_parquet(pd.DataFrame(rows, columns=list(STEP_COLUMNS)), metrics_path)
-        frame = pd.DataFrame([summary], columns=list(SUMMARY_COLUMNS)).astype({"G": "Int64"})
-        write_parquet(frame, summary_path)
+        for k, out in keep_trunks.items():
+            _publish(trunk_staging(checkpoint_path, k), out)
+        _write_outputs(s, model, rows, summary, model_path, metrics_path, summary_path)
         if not keep_checkpoint:
-            checkpoint_path.unlink(missing_ok=True)
+            remove_checkpoint(checkpoint_path)
         log.info("%s: done: loss %.4f val_loss %.4f (final weights %.4f) in %.1f s (%.0f tok/s)%s", s.run_id,
                  summary["loss"], val_loss, val_loss_last, wall, summary["tokens_per_s"], " DIVERGED" if diverged else "")
     _leave_process_group(par)
     return summary
 
 
+def _write_outputs(s: RunSettings, model: Model, rows: Sequence[tuple], summary: Mapping[str, Any],
+                   model_path: str | Path, metrics_path: str | Path, summary_path: str | Path) -> None:
+    """A run's model (with its settings), per-step metrics and summary row; the summary last."""
+    with atomic_path(model_path) as tmp:
+        torch.save({"settings": asdict(s), "model_config": asdict(model.cfg), "model": model.cpu().state_dict()}, tmp)
+    write_parquet(pd.DataFrame(rows, columns=list(STEP_COLUMNS)), metrics_path)
+    frame = pd.DataFrame([summary], columns=list(SUMMARY_COLUMNS)).astype({"G": "Int64"})
+    write_parquet(frame, summary_path)
+
+
+def quantize_run(
+    s: RunSettings,
+    *,
+    baseline_summary: str | Path,
+    baseline_metrics: str | Path,
+    baseline_model: str | Path,
+    val_tokens: Tokens,
+    manifest: Mapping[str, Any],
+    summary_path: str | Path,
+    metrics_path: str | Path,
+    model_path: str | Path,
+    execution: Execution = Execution(),
+) -> dict[str, Any]:
+    """Post-training quantization (QAT fraction 0): the baseline's final model (its weight average when it keeps
+    one) scored under ``s``'s precision, without a step of training; its quantizer parameters the baseline lacks
+    (LAC γ) at their fresh init. Writes a run's three files. Its metrics are the baseline's (every step was trunk);
+    its summary row is the baseline's (N, D, steps, epochs: the training its weights saw) with this run's id,
+    precision and group, ``val_loss`` of the quantized model (``val_loss_last`` the same, NaN when the baseline
+    scores a weight average: the final weights are not kept), ``loss`` and ``final_step_loss`` NaN (no training step
+    ran quantized), ``wall_s`` the scoring's, ``tokens_per_s`` NaN, and ``diverged`` the baseline's."""
+    if not s.is_ptq:
+        raise TrainError(f"{s.run_id}: QAT fraction {s.qat_fraction} is trained (qatlaw train), not only quantized")
+    torch.set_num_threads(execution.threads)
+    device = execution.torch_device()
+    base = read_parquet(baseline_summary, SUMMARY_COLUMNS, "run summary", error=TrainError).iloc[0].to_dict()
+    rows = list(read_parquet(baseline_metrics, STEP_COLUMNS, "run metrics", error=TrainError)
+                .itertuples(index=False, name=None))
+    try:
+        saved = torch.load(baseline_model, map_location="cpu", weights_only=False)
+        matches = RunSettings(**saved["settings"]) == s.baseline
+    except Exception as exc:  # any damage: one line naming the file
+        raise TrainError(f"{s.run_id}: baseline model {baseline_model} is unreadable ({type(exc).__name__})") from None
+    if not matches or base["run_id"] != s.baseline.run_id:
+        raise TrainError(f"{s.run_id}: {baseline_model} or {baseline_summary} is not the model of baseline "
+                         f"{s.baseline.run_id} with these settings")
+    model = build_model(s, int(manifest["vocab_size"]))
+    _load_baseline_weights(model, saved["model"], f"baseline model {baseline_model}")
+    model.to(device)
+    t0 = time.perf_counter()
+    val_loss = float("nan")
+    if not base["diverged"]:
+        val_loss = evaluate(model, val_tokens, s.seq_len, s.eval_tokens, execution.micro_batch_size or s.batch_size,
+                            device, s.numerics, execution.loss_chunk_tokens)
+    summary = base | {
+        "run_id": s.run_id, "group": str(s.group), "G": effective_group(s), "precision": s.precision,
+        "loss": float("nan"), "val_loss": val_loss, "val_loss_last": val_loss if s.weight_ema == 0 else float("nan"),
+        "final_step_loss": float("nan"), "wall_s": time.perf_counter() - t0, "tokens_per_s": float("nan"),
+        "resumed": False, "clip": s.clip, "format": s.format, "lac": s.lac, "device": _device_name(device, Parallel()),
+        "qat_fraction": s.qat_fraction,
+    }
+    _write_outputs(s, model, rows, summary, model_path, metrics_path, summary_path)
+    log.info("%s: post-training quantization of %s: val_loss %.4f (baseline %.4f)", s.run_id, s.baseline.run_id,
+             val_loss, base["val_loss"])
+    return summary
+
+
 def collect_runs(summary_paths: list[str | Path], out_path: str | Path) -> pd.DataFrame:
-    """Concatenate run summaries into one table (one row per run), checking each file's columns."""
+    """Concatenate run summaries into one table (one row per run), checking each file's columns (a summary
+    written before the QAT fraction was recorded is of a run from scratch)."""
     frames = []
     for path in summary_paths:
-        frame = read_parquet(path, SUMMARY_COLUMNS, "run summary", error=TrainError)
+        frame = with_qat_fraction(read_parquet(path, SUMMARY_COLUMNS[:-1], "run summary", error=TrainError))
         if tuple(frame.columns) != SUMMARY_COLUMNS or len(frame) != 1:
             raise TrainError(f"{path}: expected one run summary row with columns {', '.join(SUMMARY_COLUMNS)}")
         frames.append(frame)
