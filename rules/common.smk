@@ -22,16 +22,24 @@ try:
 except QatlawError as exc:
     raise WorkflowError(f"restore: {exc}") from None
 TRAINED = [run for run_id, run in RUNS.items() if run_id not in RESTORED]
-# With training.runs_per_job > 1, runs are trained in jobs of several runs of one cell (rules named by batch_name).
+# The FP→QAT split (grid.qat_fractions): the trunk checkpoints each BF16 baseline trained here keeps for its cell's
+# branches (by baseline run id: steps), and the post-training quantization runs (rule ptq, no training).
+TRUNK_STEPS = grid.trunk_steps(TRAINED)
+PTQ_RUNS = [run.run_id for run in TRAINED if run.is_ptq]
+# With training.runs_per_job > 1, or when baselines keep trunks (their jobs declare them as outputs), runs are
+# trained in jobs of runs of one cell (rules named by batch_name); a branch never shares a job with its baseline.
+BATCHED = config["training"]["runs_per_job"] > 1 or bool(TRUNK_STEPS)
 TRAIN_BATCHES = (
-    [[run.run_id for run in batch] for batch in grid.batch_runs(TRAINED, config["training"]["runs_per_job"])]
-    if config["training"]["runs_per_job"] > 1
+    [[run.run_id for run in batch]
+     for batch in grid.batch_runs([run for run in TRAINED if not run.is_ptq], config["training"]["runs_per_job"])]
+    if BATCHED
     else []
 )
-# The run ids trained here of each (size, tokens, seed) cell, in grid order: the analyses (layer error, outliers)
-# run one job per cell (qatlaw.analysis_plan) over its models trained here, and gather the cells' tables (and the
-# restored runs' rows) in grid order.
-CELLS = {cell: [run.run_id for run in runs] for cell, runs in grid.cells(TRAINED).items()}
+# The run ids at QAT fraction 1 trained here of each (size, tokens, seed) cell, in grid order: the analyses (layer
+# error, outliers) run one job per cell (qatlaw.analysis_plan) over its models trained here, and gather the cells'
+# tables (and the restored runs' rows) in grid order.
+CELLS = {cell: [run.run_id for run in runs]
+         for cell, runs in grid.cells([run for run in TRAINED if run.qat_fraction == 1]).items()}
 
 
 def final_outputs():
@@ -202,6 +210,8 @@ TRAIN_INPUTS = {
     "manifest": "results/data/manifest.json",
     "budget": "results/data/budget.json",
 }
+# Wildcard regex of the variants rule train trains: all but post-training quantization's (_f0, rule ptq).
+TRAINED_VARIANT = r"(?![^/]*_f0/)[^/]+"
 # exec: Snakemake's own child is then `qatlaw train`, which Snakemake waits for on SIGTERM (a time limit,
 # preemption, the SLURM profile's warning) while it writes its checkpoint; a shell in between would die at once.
 TRAIN_SHELL = (
@@ -213,8 +223,44 @@ TRAIN_SHELL = (
     "--checkpoint-minutes {resources.checkpoint_minutes} "
     "--compile {resources.compile} --micro-batch-size {resources.micro_batch_size} "
     "--loss-chunk-tokens {resources.loss_chunk_tokens} "
-    "--activation-checkpointing {resources.activation_checkpointing} {params.run_logs}> {log.job} 2>&1"
+    "--activation-checkpointing {resources.activation_checkpointing} {params.run_logs}{params.trunks}> {log.job} 2>&1"
 )
+
+
+def trunk_file(baseline_id, step):
+    """The trunk checkpoint a BF16 baseline keeps at ``step`` for its cell's branches (an output of its job)."""
+    return f"results/runs/{baseline_id}/trunk/step{step}.pt"
+
+
+def batch_trunk_outputs(batch):
+    """The trunk checkpoints the BF16 baseline of a training batch keeps (none without branches in its cell)."""
+    return [trunk_file(run_id, step) for run_id in batch for step in TRUNK_STEPS.get(run_id, [])]
+
+
+def batch_trunk_inputs(batch):
+    """The trunk checkpoint each branch of a training batch starts from (a batch holds branches only, or none)."""
+    return [trunk_file(RUNS[run_id].baseline.run_id, RUNS[run_id].branch_step) for run_id in batch
+            if RUNS[run_id].is_branch]
+
+
+def batch_trunk_flags(batch):
+    """The --trunk and --keep-trunk flags of a training batch (see batch_trunk_inputs, batch_trunk_outputs)."""
+    starts = batch_trunk_inputs(batch)
+    keeps = [f"{step}={trunk_file(run_id, step)}" for run_id in batch for step in TRUNK_STEPS.get(run_id, [])]
+    return "".join(f"--{flag} {' '.join(paths)} " for flag, paths in (("trunk", starts), ("keep-trunk", keeps))
+                   if paths)
+
+
+def _ptq_run(wildcards):
+    run = _run(wildcards)
+    if not run.is_ptq:
+        raise WorkflowError(f"run {run.run_id} is not post-training quantization")
+    return run
+
+
+def ptq_baseline(name):
+    """Input function: one file (summary.parquet, metrics.parquet, model.pt) of a PTQ run's BF16 baseline."""
+    return lambda wildcards: f"results/runs/{_ptq_run(wildcards).baseline.run_id}/{name}"
 
 
 def batch_files(batch, name):
@@ -334,8 +380,8 @@ def cell_tables(analysis):
 
 
 def grid_run_ids():
-    """Every run id of the grid, in grid order: the rows of a gathered analysis table."""
-    return " ".join(RUNS)
+    """Every run id of the grid at QAT fraction 1, in grid order: the rows of a gathered analysis table."""
+    return " ".join(run_id for run_id, run in RUNS.items() if run.qat_fraction == 1)
 
 
 def _analysis_resources(wildcards):

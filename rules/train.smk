@@ -1,12 +1,14 @@
 # Training stage: one job per grid cell (BF16 baselines once per size/tokens/seed), then the run table, which also
-# takes the runs restored from a shipped study (config key restore).
+# takes the runs restored from a shipped study (config key restore). With grid.qat_fractions below 1, a baseline's
+# job also writes the trunk checkpoints its cell's branches start from (inputs of their jobs), and rule ptq scores
+# a baseline's final model under each precision at fraction 0.
 # Resumable checkpoints live in results/checkpoints/, outside the outputs that Snakemake deletes on failure.
 # How runs execute (threads, GPUs, device, checkpoint interval, compile, micro-batch, activation checkpointing) comes
 # from threads and resources, which are not rerun triggers, so changing it retrains nothing; the run is identified
 # by params.settings.
 
 
-if config["training"]["runs_per_job"] == 1:
+if not BATCHED:
 
     rule train:
         input:
@@ -19,10 +21,12 @@ if config["training"]["runs_per_job"] == 1:
             settings=run_settings_json,
             checkpoint="results/checkpoints/{size}/{tokens}/seed{seed}/{variant}/ckpt.pt",
             run_logs="",
+            trunks="",
         threads: config["training"]["threads"]
         retries: train_retries()
         wildcard_constraints:
             size=node_sizes(multi_node=False) or "^$",
+            variant=TRAINED_VARIANT,
         resources:
             mem_mb=train_mem_mb,
             runtime=train_runtime,
@@ -63,14 +67,17 @@ else:
                 batch_name(i)
             input:
                 **TRAIN_INPUTS,
+                trunks=batch_trunk_inputs(batch),
             output:
                 summary=batch_files(batch, "summary.parquet"),
                 metrics=batch_files(batch, "metrics.parquet"),
                 model=batch_files(batch, "model.pt"),
+                trunks=batch_trunk_outputs(batch),
             params:
                 settings=batch_settings_json(batch),
                 checkpoint=batch_checkpoints(batch),
                 run_logs=run_log_flag(batch),
+                trunks=batch_trunk_flags(batch),
             threads: config["training"]["threads"]
             priority: batch_priority(batch)
             resources:
@@ -85,6 +92,40 @@ else:
                 "../envs/train.yaml"
             shell:
                 TRAIN_SHELL
+
+
+if PTQ_RUNS:
+
+    # Post-training quantization (QAT fraction 0): the baseline's final model scored under the precision.
+    rule ptq:
+        input:
+            summary=ptq_baseline("summary.parquet"),
+            metrics=ptq_baseline("metrics.parquet"),
+            model=ptq_baseline("model.pt"),
+            val="results/data/val.npy",
+            manifest="results/data/manifest.json",
+        output:
+            summary="results/runs/{size}/{tokens}/seed{seed}/{variant}/summary.parquet",
+            metrics="results/runs/{size}/{tokens}/seed{seed}/{variant}/metrics.parquet",
+            model="results/runs/{size}/{tokens}/seed{seed}/{variant}/model.pt",
+        params:
+            settings=run_settings_json,
+        threads: config["training"]["threads"]
+        wildcard_constraints:
+            variant=r"[^/]+_f0",
+        resources:
+            mem_mb=train_mem_mb,
+            runtime=train_runtime,
+            **analysis_execution(),
+        log:
+            "results/logs/train/{size}/{tokens}/seed{seed}/{variant}.log",
+        conda:
+            "../envs/train.yaml"
+        shell:
+            "qatlaw ptq --settings {params.settings:q} --baseline-summary {input.summary} "
+            "--baseline-metrics {input.metrics} --baseline-model {input.model} --val-tokens {input.val} "
+            "--manifest {input.manifest} --summary {output.summary} --metrics {output.metrics} "
+            "--model {output.model} --threads {threads} --device {resources.analysis_device} > {log} 2>&1"
 
 
 if RESTORED:

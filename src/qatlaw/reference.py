@@ -182,16 +182,27 @@ def restore_plan(cfg: Mapping[str, Any], folder: str | Path) -> list[str]:
         run_ids.append(run.run_id)
     if not run_ids:
         raise ReferenceError(f"{table}: none of the configured grid's runs is in it; nothing to restore")
+    for run in grid.grid_runs(cfg):
+        if run.qat_fraction < 1 and run.run_id not in run_ids and run.baseline.run_id in run_ids:
+            raise ReferenceError(f"run {run.run_id} would start from its baseline {run.baseline.run_id}, which is "
+                                 f"restored from {folder} without its model or trunk checkpoints; restore it too or "
+                                 "train the cell here")
     for run_id in run_ids:
         _study_file(folder, f"runs/{run_id}/metrics.parquet")
+    analysed = _analysed(shipped_runs, run_ids)
     for analysis in RUN_ANALYSES:
         path = _study_file(folder, f"analysis/{analysis}.parquet")
         rows = set(read_parquet(path, ("run_id",), f"{analysis} table", error=ReferenceError)["run_id"])
-        missing = [run_id for run_id in run_ids if run_id not in rows]
+        missing = [run_id for run_id in analysed if run_id not in rows]
         if missing:
             raise ReferenceError(f"{path}: no rows of run {missing[0]}; the folder is damaged")
     _study_file(folder, "run.json")
     return run_ids
+
+
+def _analysed(runs: Mapping[str, Any], run_ids: list[str]) -> list[str]:
+    """The runs among ``run_ids`` that the per-run analyses cover: those at QAT fraction 1."""
+    return [run_id for run_id in run_ids if runs[run_id].qat_fraction == 1]
 
 
 def restored_files(run_ids: list[str], results: str | Path = "results") -> list[str]:
@@ -205,8 +216,8 @@ def restored_files(run_ids: list[str], results: str | Path = "results") -> list[
 def restore(folder: str | Path, run_ids: list[str], results: str | Path) -> None:
     """Write the shipped runs ``run_ids`` of ``folder`` into ``results/restored/`` (:func:`restored_files`): each
     run's summary row and metrics, the per-run analyses' rows of these runs (in the folder's order) and the
-    folder's run.json. A summary column recorded only since the folder was shipped (numerics) is the run's
-    setting. ReferenceError naming the file for a missing run, column or file."""
+    folder's run.json. A summary column recorded only since the folder was shipped (numerics, qat_fraction) is
+    the run's setting. ReferenceError naming the file for a missing run, column or file."""
     from qatlaw import config, grid
     from qatlaw.train import SUMMARY_COLUMNS
 
@@ -227,11 +238,12 @@ def restore(folder: str | Path, run_ids: list[str], results: str | Path) -> None
             raise ReferenceError(f"{path}: no column {missing[0]}, which runs.parquet records since; cannot restore")
         write_parquet(row[list(SUMMARY_COLUMNS)], base / "runs" / run_id / "summary.parquet")
         _copy(_study_file(folder, f"runs/{run_id}/metrics.parquet"), base / "runs" / run_id / "metrics.parquet")
+    analysed = _analysed(settings, run_ids)
     for analysis in RUN_ANALYSES:
         path = _study_file(folder, f"analysis/{analysis}.parquet")
         table = read_parquet(path, ("run_id",), f"{analysis} table", error=ReferenceError)
-        rows = table[table["run_id"].isin(run_ids)].reset_index(drop=True)
-        missing = sorted(set(run_ids) - set(rows["run_id"]))
+        rows = table[table["run_id"].isin(analysed)].reset_index(drop=True)
+        missing = sorted(set(analysed) - set(rows["run_id"]))
         if missing:
             raise ReferenceError(f"{path}: no rows of run {missing[0]}; the folder is damaged")
         write_parquet(rows, base / "analysis" / f"{analysis}.parquet")
