@@ -1,0 +1,359 @@
+"""The FP→QAT split (Dremov et al. 2025): how much of training to spend in QAT after full-precision training.
+
+A run's ``qat_fraction`` f is the share of its D tokens trained in QAT: 1 is QAT from scratch (the paper this
+project reproduces, and every run of a table without the column), 0 is post-training quantization (PTQ: the
+final BF16 weights evaluated under the precision), 0 < f < 1 a branch of the BF16 baseline of its (size, tokens,
+seed) cell that trains its last f·D tokens in QAT. δ is measured against that baseline, as everywhere in the
+project (:func:`qatlaw.runtable.delta_table`), so the baseline's loss stands for the paper's Chinchilla-like term.
+
+What is measured, per cell (precision, group, size, tokens; seeds pooled) — :func:`cell_optima`:
+
+- ``f_measured``: the trained fraction with the lowest seed-mean δ (PTQ and f = 1 included);
+- ``f_star``: the smooth optimum among the runs with 0 < f ≤ 1, the vertex of a parabola in ln f through the
+  best fraction and its two neighbours (the best fraction itself when it is the smallest or 1); ``f_low``,
+  ``f_high`` its 90% interval over ``N_BOOT`` resamples of the seeds (a seed's runs share its trunk, so they are
+  resampled together). ``interior`` when the interval lies strictly between the smallest trained fraction and 1:
+  the minimum is bracketed by trained fractions, not at an edge;
+- ``scratch_gap``: δ(f = 1) − δ(f̂), f̂ the split fraction (0 < f < 1) with the lowest seed-mean δ (optimistic:
+  f̂ is picked on the same runs); ``ptq_gap``: δ(PTQ) − the highest δ of any QAT fraction.
+
+The paper's laws, fitted per precision and group with 90% intervals over resampled cells (:func:`fit_optimum_law`,
+:func:`fit_loss_law`), constants in ``laws/paper.yaml`` (``split``):
+
+- f*(S) = exp(−a / ln S), S = D / (N · B/8) the tokens per parameter byte, B the bit width of the precision
+  (:func:`bits`); fitted as ln f* = a · (−1 / ln S) by :func:`qatlaw.fit.solve_loglinear` on the cells' ``f_star``.
+- δ(N, D, f) = θ + φ / (N^ψ S_qat^ω) + λ / (N^ν S_fp^ξ S_qat^ρ), S_qat = f·S, S_fp = (1 − f)·S, on the runs with
+  0 < f < 1 (S_fp = 0 makes the last term infinite, so QAT from scratch lies outside the form). The paper's bit
+  factors 2^(−κB), 2^(−χB), 2^(−μB) are folded into θ, φ, λ: one law per precision cannot tell them apart.
+
+A constant the data cannot identify (too few cells, one S, collinear N and S) is reported in one line
+(``reason``), never as a number.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from numpy.typing import ArrayLike
+from scipy.optimize import least_squares
+
+from qatlaw import fit, paper, runtable
+from qatlaw import precision as prec
+from qatlaw.runtable import read_runs
+
+FRACTION = "qat_fraction"
+SCRATCH = 1.0  # QAT from scratch, and the value of a run table without the column
+GROUP = ["precision", "group"]  # one law per precision and group
+CELL = [*GROUP, "size", "tokens_requested"]  # one loss-against-f curve, seeds pooled
+N_BOOT = 2000  # resamples of the seeds of a cell (its optimum)
+LAW_BOOT = 200  # resamples of cells for a law (each a refit)
+SEED = 0
+LOSS_CONSTANTS = ("theta", "phi", "psi", "omega", "lambda", "nu", "xi", "rho")
+LOSS_STARTS = 32  # Halton starts of the loss-law fit
+# Box of the starts: theta, log phi, psi, omega, log lambda, nu, xi, rho
+LOSS_BOX = np.array([[0.0, 0.5], [-5.0, 5.0], [0.0, 1.0], [0.0, 1.5], [-5.0, 5.0], [0.0, 1.0], [0.0, 1.5], [0.0, 1.5]])
+BAD_RESIDUAL = 1e3  # the residual of a run where the law overflows (far from any optimum)
+MIN_EIGENVALUE = 1e-8  # smallest eigenvalue of the column-scaled JᵀJ at an identified loss-law optimum
+OPTIMA_COLUMNS = ("precision", "group", "G", "size", "tokens_requested", "N", "D", "bits", "S", "n_seeds",
+                  "fractions", "f_measured", "f_star", "f_low", "f_high", "interior", "scratch_gap", "ptq_gap")
+
+
+class SplitError(fit.FitError):
+    """A split law cannot be fitted, loaded or applied."""
+
+
+def fractions(runs: pd.DataFrame) -> pd.Series:
+    """Every run's QAT fraction (1.0, QAT from scratch, where the table has no ``qat_fraction`` column)."""
+    if FRACTION not in runs.columns:
+        return pd.Series(SCRATCH, index=runs.index, name=FRACTION)
+    return pd.to_numeric(runs[FRACTION], errors="coerce").fillna(SCRATCH).astype(float)
+
+
+def has_split(runs: pd.DataFrame) -> bool:
+    """Whether the run table has QAT runs that are not from scratch (a fraction below 1)."""
+    return bool((fractions(runs) < SCRATCH).any())
+
+
+def bits(precision: str) -> int:
+    """B of S: the lowest bit width among the precision's quantized weights (the paper quantizes weights), or
+    among its activations when every weight stays 16-bit."""
+    try:
+        layers = prec.parse(precision).layers.values()
+    except ValueError as exc:
+        raise SplitError(f"precision {precision}: {exc}") from None
+    weights = [lq.weight.bits for lq in layers if lq.weight.enabled]
+    acts = [lq.act.bits for lq in layers if lq.act.enabled]
+    if not (weights or acts):
+        raise SplitError(f"precision {precision} quantizes nothing: it has no QAT fraction")
+    return min(weights or acts)
+
+
+def tokens_per_parameter_byte(N: ArrayLike, D: ArrayLike, B: ArrayLike) -> np.ndarray | float:
+    """S = D / (N · B/8)."""
+    return np.asarray(D, float) / (np.asarray(N, float) * np.asarray(B, float) / 8)
+
+
+def optimum(S: ArrayLike, a: float) -> np.ndarray | float:
+    """The optimal QAT fraction f*(S) = exp(−a / ln S); SplitError for S ≤ 1, where the form has no meaning."""
+    S = np.asarray(S, float)
+    if not (S > 1).all():
+        raise SplitError(f"S = D / (N·B/8) = {S.min():.3g} <= 1: outside the domain of f* = exp(-a / ln S)")
+    return np.exp(-a / np.log(S))
+
+
+def predict_delta(constants: dict[str, float], N: ArrayLike, S: ArrayLike, f: ArrayLike) -> np.ndarray | float:
+    """δ(N, S, f) = θ + φ / (N^ψ (fS)^ω) + λ / (N^ν ((1 − f)S)^ξ (fS)^ρ)."""
+    c, N, S, f = constants, np.asarray(N, float), np.asarray(S, float), np.asarray(f, float)
+    s_qat, s_fp = f * S, (1 - f) * S
+    return (c["theta"] + c["phi"] / (N ** c["psi"] * s_qat ** c["omega"])
+            + c["lambda"] / (N ** c["nu"] * s_fp ** c["xi"] * s_qat ** c["rho"]))
+
+
+# ------------------------------------------------------------------------------------------- measured optima
+
+def split_deltas(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One row per QAT run that did not diverge: its cell, seed, N, D, B, S, ``qat_fraction`` and δ of ``metric``
+    (against the BF16 baseline of its size, tokens and seed)."""
+    try:
+        delta_col = runtable.metric_columns(metric)[1]
+        deltas = runtable.delta_table(runs)
+    except runtable.RunTableError as exc:
+        raise SplitError(f"split: {exc}") from None
+    f = fractions(runs).set_axis(runs["run_id"])
+    deltas = deltas[~deltas["diverged"]].assign(**{FRACTION: lambda d: d["run_id"].map(f).to_numpy(float)})
+    deltas = deltas.assign(delta=deltas[delta_col].astype(float), group=deltas["group"].astype(str),
+                           bits=deltas["precision"].map(bits))
+    deltas["S"] = tokens_per_parameter_byte(deltas["N"], deltas["D"], deltas["bits"])
+    return deltas.dropna(subset=["delta"]).reset_index(drop=True)
+
+
+def _parabola_optimum(log_f: np.ndarray, values: np.ndarray) -> float:
+    """The optimum of one cell's seed × fraction table of δ (fractions > 0, as ln f): the vertex of the parabola
+    in ln f fitted to the fraction with the lowest seed-mean δ and its two neighbours, or that fraction when it
+    is the smallest or the largest."""
+    mean = np.nanmean(values, axis=0)
+    best = int(np.nanargmin(mean))
+    if best in (0, len(log_f) - 1):
+        return float(np.exp(log_f[best]))
+    near = slice(best - 1, best + 2)
+    x, y = np.broadcast_to(log_f[near], values[:, near].shape).ravel(), values[:, near].ravel()
+    ok = np.isfinite(y)
+    c2, c1, _ = np.polyfit(x[ok], y[ok], 2)
+    vertex = -c1 / (2 * c2) if c2 > 0 else log_f[best]
+    return float(np.exp(np.clip(vertex, log_f[best - 1], log_f[best + 1])))
+
+
+def _cell_optimum(curves: pd.DataFrame, rng: np.random.Generator) -> tuple[float, float, float]:
+    """The smooth optimum of one cell (a seed × fraction table of δ, fractions > 0) and its seed-resampled
+    90% interval (NaN with fewer than 2 seeds)."""
+    log_f, values = np.log(curves.columns.to_numpy(float)), curves.to_numpy(float)
+    n = len(values)
+    point = _parabola_optimum(log_f, values)
+    if n < 2:
+        return point, math.nan, math.nan
+    draws = np.array([_parabola_optimum(log_f, values[rng.integers(0, n, n)]) for _ in range(N_BOOT)])
+    low, high = np.quantile(draws, fit.BOOT_QUANTILES)
+    return point, float(low), float(high)
+
+
+def cell_optima(deltas: pd.DataFrame) -> pd.DataFrame:
+    """The measured and smooth optimum of every cell with at least 3 trained fractions above 0 (columns
+    ``OPTIMA_COLUMNS``, see the module docstring), from :func:`split_deltas`."""
+    rng = np.random.default_rng(SEED)
+    rows = []
+    for key, cell in deltas.groupby(CELL, sort=True):
+        table = cell.pivot_table(index="seed", columns=FRACTION, values="delta", aggfunc="mean")
+        trained = table.loc[:, table.columns > 0]
+        if trained.shape[1] < 3:
+            continue
+        mean = table.mean()
+        split = mean[(mean.index > 0) & (mean.index < SCRATCH)]
+        f_star, f_low, f_high = _cell_optimum(trained, rng)
+        first = cell.iloc[0]
+        rows.append(dict(zip(CELL, key), G=first["G"], N=float(first["N"]), D=float(first["D"]),
+                         bits=int(first["bits"]), S=float(first["S"]), n_seeds=len(table),
+                         fractions=" ".join(f"{f:g}" for f in table.columns), f_measured=float(mean.idxmin()),
+                         f_star=f_star, f_low=f_low, f_high=f_high,
+                         interior=bool(f_low > trained.columns.min() and f_high < SCRATCH),
+                         scratch_gap=float(mean.get(SCRATCH, math.nan) - split.min()) if len(split) else math.nan,
+                         ptq_gap=float(mean.get(0.0, math.nan) - trained.mean().max())))
+    return pd.DataFrame(rows, columns=list(OPTIMA_COLUMNS))
+
+
+# ------------------------------------------------------------------------------------------------ the laws
+
+@dataclass(frozen=True)
+class LawFit:
+    """One fitted law of one precision and group: its constants (NaN when not identified, with ``reason``),
+    their 90% intervals, and the cells and runs behind them."""
+
+    precision: str
+    group: str
+    constants: dict[str, float]
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    n_cells: int = 0
+    n_runs: int = 0
+    reason: str = ""
+
+    @property
+    def identified(self) -> bool:
+        """Whether every constant was identified."""
+        return not self.reason
+
+
+def _intervals(draws: pd.DataFrame) -> dict[str, tuple[float, float]]:
+    if draws.empty:
+        return {}
+    low, high = (draws.quantile(q) for q in fit.BOOT_QUANTILES)
+    return {c: (float(low[c]), float(high[c])) for c in draws.columns}
+
+
+def fit_optimum_law(optima: pd.DataFrame, precision: str, group: str, n_boot: int = LAW_BOOT,
+                    seed: int = SEED) -> LawFit:
+    """a of f*(S) = exp(−a / ln S) fitted to the cells' smooth optima of one precision and group, with a 90%
+    interval over resampled cells; not identified (NaN, ``reason``) without 2 cells of distinct S > 1."""
+    cells = optima[(optima["precision"] == precision) & (optima["group"] == group)]
+    cells = cells[(cells["S"] > 1) & (cells["f_star"] > 0)]
+    nan = {"a": math.nan}
+    if cells["S"].nunique() < 2:
+        return LawFit(precision, group, nan, n_cells=len(cells),
+                      reason=f"a not identified: {cells['S'].nunique()} distinct S among the cells with an "
+                             "optimum (need 2)")
+    x = (-1.0 / np.log(cells["S"].to_numpy(float)))[:, None]
+    y = np.log(cells["f_star"].to_numpy(float))
+    c = fit.huber_threshold(x, y)
+    theta, _ = fit.solve_loglinear(x, y, c)
+
+    def refit(idx: np.ndarray) -> dict[str, float] | None:
+        if len(np.unique(x[idx])) < 2:
+            return None
+        return fit._identified(lambda: {"a": float(fit.solve_loglinear(x[idx], y[idx], c, theta)[0][0])})
+
+    draws = fit._bootstrap(refit, len(cells), ("a",), n_boot, seed, f"f*(S) law ({precision})") if n_boot else \
+        pd.DataFrame()
+    return LawFit(precision, group, {"a": float(theta[0])}, _intervals(draws), len(cells), int(len(cells)))
+
+
+def _loss_constants(theta: np.ndarray) -> dict[str, float]:
+    values = np.asarray(theta, float).copy()
+    with np.errstate(over="ignore"):
+        values[[1, 4]] = np.exp(values[[1, 4]])  # phi and lambda are fitted as logs
+    return dict(zip(LOSS_CONSTANTS, (float(v) for v in values)))
+
+
+def _solve_loss(N: np.ndarray, S: np.ndarray, f: np.ndarray, delta: np.ndarray,
+                starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The least-squares optimum of the loss law over ``starts``, refitted with a Huber loss at 1.345 robust
+    standard deviations of its residuals (as the δ laws of :mod:`qatlaw.fit`); its parameters and Jacobian."""
+    def residuals(theta: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            r = predict_delta(_loss_constants(theta), N, S, f) - delta
+        return np.clip(np.nan_to_num(r, nan=BAD_RESIDUAL), -BAD_RESIDUAL, BAD_RESIDUAL)
+
+    best = min((least_squares(residuals, s, method="trf", x_scale="jac") for s in starts), key=lambda r: r.cost)
+    n, p = len(delta), len(best.x)
+    scale = fit.MAD_TO_SD * float(np.median(np.abs(best.fun))) * math.sqrt(n / max(n - p, 1))
+    c = max(fit.MIN_THRESHOLD, fit.HUBER_K * scale)
+    robust = least_squares(residuals, best.x, loss="huber", f_scale=c, method="trf", x_scale="jac")
+    return robust.x, robust.jac
+
+
+def _unidentified(jac: np.ndarray) -> list[str]:
+    """The constants along the flattest direction of the column-scaled JᵀJ when it is not positive definite
+    beyond MIN_EIGENVALUE (empty when every constant is identified)."""
+    norms = np.linalg.norm(jac, axis=0)
+    if not (norms > 0).all():
+        return [name for name, n in zip(LOSS_CONSTANTS, norms) if not n > 0]
+    scaled = jac / norms
+    values, vectors = np.linalg.eigh(scaled.T @ scaled)
+    if values[0] > MIN_EIGENVALUE:
+        return []
+    weights = np.abs(vectors[:, 0])
+    return [name for name, w in zip(LOSS_CONSTANTS, weights) if w > 0.3 * weights.max()]
+
+
+def fit_loss_law(deltas: pd.DataFrame, precision: str, group: str, n_boot: int = LAW_BOOT,
+                 seed: int = SEED) -> LawFit:
+    """The loss law δ(N, S, f) (module docstring) fitted to the runs with 0 < f < 1 of one precision and group,
+    with 90% intervals over resampled cells; NaN constants and a one-line ``reason`` when the data cannot
+    identify them."""
+    runs = deltas[(deltas["precision"] == precision) & (deltas["group"] == group)]
+    runs = runs[(runs[FRACTION] > 0) & (runs[FRACTION] < SCRATCH)]
+    n_cells, nan = runs.groupby(["size", "tokens_requested"]).ngroups, dict.fromkeys(LOSS_CONSTANTS, math.nan)
+    if len(runs) <= len(LOSS_CONSTANTS):
+        return LawFit(precision, group, nan, n_cells=n_cells, n_runs=len(runs),
+                      reason=f"loss law not identified: {len(runs)} runs with 0 < f < 1 for "
+                             f"{len(LOSS_CONSTANTS)} constants")
+    N, S, f, delta = (runs[c].to_numpy(float) for c in ("N", "S", FRACTION, "delta"))
+    starts = fit._halton(LOSS_STARTS, LOSS_BOX[:, 0], LOSS_BOX[:, 1])
+    theta, jac = _solve_loss(N, S, f, delta, starts)
+    if flat := _unidentified(jac):
+        return LawFit(precision, group, nan, n_cells=n_cells, n_runs=len(runs),
+                      reason=f"loss law not identified: the runs do not constrain {', '.join(flat)} "
+                             f"({n_cells} cells, {runs['N'].nunique()} N, {runs['S'].nunique()} S)")
+    cells = runs.groupby(["size", "tokens_requested"]).ngroup().to_numpy()
+
+    def refit(idx: np.ndarray) -> dict[str, float] | None:
+        rows = np.concatenate([np.flatnonzero(cells == i) for i in idx])
+        solved, j = _solve_loss(N[rows], S[rows], f[rows], delta[rows], theta[None, :])
+        return None if _unidentified(j) else _loss_constants(solved)
+
+    draws = fit._bootstrap(refit, n_cells, LOSS_CONSTANTS, n_boot, seed, f"split loss law ({precision})") \
+        if n_boot else pd.DataFrame()
+    return LawFit(precision, group, _loss_constants(theta), _intervals(draws), n_cells, len(runs))
+
+
+# ---------------------------------------------------------------------------------------------- for planning
+
+@dataclass(frozen=True)
+class SplitLaw:
+    """The split law a plan uses: a of f*(S), and the loss-law constants per precision where known."""
+
+    name: str
+    source: str
+    a: float
+    loss: dict[str, dict[str, float]] = field(default_factory=dict)  # precision -> loss-law constants
+    notes: dict[str, str] = field(default_factory=dict)  # precision -> why its loss law is missing
+
+
+def paper_law() -> SplitLaw:
+    """The paper's f*(S) (its loss-law constants are not in this project's sources)."""
+    spec = paper.constants()["split"]
+    return SplitLaw("paper", spec["source"], float(spec["optimum"]["a"]))
+
+
+def _run_table(spec: str) -> Path | None:
+    """The run table a law spec points at: the file itself, ``<folder>/runs.parquet`` or, for a fit folder,
+    ``<folder>/../runs.parquet``; None when there is none."""
+    path = Path(spec)
+    candidates = [path] if path.is_file() else [path / "runs.parquet", path.parent / "runs.parquet"]
+    return next((p for p in candidates if p.name == "runs.parquet" and p.is_file()), None)
+
+
+def load_law(spec: str, metric: str) -> SplitLaw:
+    """The split law of ``--law``: the paper's for a shipped law name, else fitted (one law over every precision
+    of its split runs' cells) from the run table the spec points at. SplitError when that table has no split
+    runs or its f*(S) is not identified."""
+    path = _run_table(spec)
+    if path is None:
+        return paper_law()
+    runs = read_runs(path)
+    if not has_split(runs):
+        raise SplitError(f"--law {spec}: its run table {path} has no runs with {FRACTION} < 1 to fit a split law on")
+    deltas = split_deltas(runs, metric)
+    optima = cell_optima(deltas)
+    pooled = fit_optimum_law(optima.assign(precision="all", group="all"), "all", "all", n_boot=0)
+    if not pooled.identified:
+        raise SplitError(f"--law {spec}: {pooled.reason}")
+    loss, notes = {}, {}
+    for precision, group in deltas[GROUP].drop_duplicates().itertuples(index=False):
+        law = fit_loss_law(deltas, precision, group, n_boot=0)
+        if law.identified:
+            loss[precision] = law.constants
+        else:
+            notes[precision] = law.reason
+    return SplitLaw(path.parent.name or str(path), f"fitted to {path}", pooled.constants["a"], loss, notes)

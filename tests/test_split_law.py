@@ -1,0 +1,106 @@
+"""The FP→QAT split: per-cell optima, the paper's f*(S) and loss laws fitted to a synthetic run table drawn from
+known constants, a one-line reason where the data cannot identify a constant, findings unchanged without split
+runs, the split figures, and `qatlaw plan`'s recommended QAT fraction."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from qatlaw import paper, split
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = {"s1": 30_000, "s2": 100_000, "s3": 300_000}  # N
+TOKENS = (1_000_000, 3_000_000, 10_000_000)
+FRACTIONS = (0.0, 0.1, 0.2, 0.35, 0.5, 0.7, 1.0)
+TRUE = {"theta": 0.02, "phi": 0.5, "psi": 0.1, "omega": 0.6, "lambda": 4.0, "nu": 0.1, "xi": 0.8, "rho": 0.3}
+CHIN = {"A": 50.0, "B": 100.0, "E": 2.0, "alpha": 0.3, "beta": 0.3}
+
+
+@pytest.fixture(autouse=True)
+def fewer_resamples(monkeypatch: pytest.MonkeyPatch) -> None:
+    """200 seed resamples per cell instead of 2000: the tests check the estimates, not the intervals' width."""
+    monkeypatch.setattr(split, "N_BOOT", 200)
+
+
+def synthetic_runs(sizes: dict[str, float] = SIZES, tokens: tuple[int, ...] = TOKENS, seeds: int = 2,
+                   noise: float = 0.0005) -> pd.DataFrame:
+    """A run table with a BF16 baseline per cell and seed (a seed offset shared by its branches, as a trunk),
+    W4A4 G32 branches at FRACTIONS with δ from TRUE (f = 1: the law at f = 0.97; PTQ: twice the law at 0.99)
+    plus Gaussian noise."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for (size, N), D, seed in itertools.product(sizes.items(), tokens, range(seeds)):
+        bf16 = CHIN["E"] + CHIN["A"] / N ** CHIN["alpha"] + CHIN["B"] / D ** CHIN["beta"] + 0.01 * rng.standard_normal()
+        cell = {"size": size, "N": N, "D": D, "tokens_requested": D, "seed": seed, "diverged": False}
+        rows.append(cell | {"precision": "BF16", "group": "none", "G": None, "qat_fraction": 1.0, "loss": bf16})
+        S = split.tokens_per_parameter_byte(N, D, 4)
+        for f in FRACTIONS:
+            law_f = {0.0: 0.99, 1.0: 0.97}.get(f, f)
+            delta = split.predict_delta(TRUE, N, S, law_f) * (2 if f == 0 else 1)
+            rows.append(cell | {"precision": "W4A4", "group": "32", "G": 32, "qat_fraction": f,
+                                "loss": bf16 + delta + noise * rng.standard_normal()})
+    runs = pd.DataFrame(rows)
+    variant = np.where(runs["precision"] == "BF16", "BF16", "W4A4_g32_f" + runs["qat_fraction"].astype(str))
+    return runs.assign(run_id=runs["size"] + "/" + runs["tokens_requested"].astype(str) + "/seed" +
+                       runs["seed"].astype(str) + "/" + variant, G=runs["G"].astype("Int64"), val_loss=runs["loss"])
+
+
+def test_cell_optima_match_the_law():
+    deltas = split.split_deltas(synthetic_runs(), "val_loss")
+    optima = split.cell_optima(deltas)
+    assert len(optima) == len(SIZES) * len(TOKENS)
+    fs = np.linspace(0.1, 0.7, 601)
+    for r in optima.itertuples():
+        true = fs[np.argmin(split.predict_delta(TRUE, r.N, r.S, fs))]
+        assert abs(r.f_star - true) < 0.08, (r.size, r.tokens_requested, r.f_star, true)
+        assert r.f_low <= r.f_star <= r.f_high
+        assert r.f_measured in FRACTIONS and r.ptq_gap > 0 and r.scratch_gap > 0
+    assert optima["interior"].all()
+
+
+def test_optimum_law_recovers_the_papers_constant():
+    """f* drawn from the paper's f*(S) with a = 6.7297 and 3% noise gives back a within 0.1, with an interval."""
+    a = paper.constants()["split"]["optimum"]["a"]
+    S = np.geomspace(20, 2000, 8)
+    noise = np.exp(0.03 * np.random.default_rng(0).standard_normal(len(S)))
+    optima = pd.DataFrame({"precision": "W4A4", "group": "32", "S": S, "f_star": split.optimum(S, a) * noise})
+    law = split.fit_optimum_law(optima, "W4A4", "32", n_boot=100)
+    assert law.identified and abs(law.constants["a"] - a) < 0.1
+    low, high = law.intervals["a"]
+    assert low < law.constants["a"] < high
+
+
+def test_loss_law_recovers_known_constants():
+    law = split.fit_loss_law(split.split_deltas(synthetic_runs(), "val_loss"), "W4A4", "32", n_boot=0)
+    assert law.identified and law.n_cells == 9 and law.n_runs == 90
+    for name, true in TRUE.items():
+        assert law.constants[name] == pytest.approx(true, rel=0.1, abs=0.01), name
+
+
+def test_unidentified_constants_are_one_line():
+    """One size leaves N^ψ and N^ν indistinguishable from φ and λ; one budget too leaves a single S."""
+    deltas = split.split_deltas(synthetic_runs(sizes={"s2": 100_000}, tokens=(3_000_000,)), "val_loss")
+    loss = split.fit_loss_law(deltas, "W4A4", "32", n_boot=0)
+    assert not loss.identified and "\n" not in loss.reason and "not identified" in loss.reason
+    assert all(math.isnan(v) for v in loss.constants.values())
+    deltas = split.split_deltas(synthetic_runs(sizes={"s2": 100_000}, tokens=TOKENS), "val_loss")
+    flat = split.fit_loss_law(deltas, "W4A4", "32", n_boot=0)
+    assert not flat.identified and "psi" in flat.reason and "nu" in flat.reason, flat.reason
+    optimum = split.fit_optimum_law(split.cell_optima(split.split_deltas(
+        synthetic_runs(sizes={"s2": 100_000}, tokens=(3_000_000,)), "val_loss")), "W4A4", "32")
+    assert optimum.reason == "a not identified: 1 distinct S among the cells with an optimum (need 2)"
+
+
+def test_a_table_without_the_column_is_from_scratch():
+    runs = pd.read_parquet(ROOT / "reference" / "laptop" / "runs.parquet")
+    assert (split.fractions(runs) == 1.0).all() and not split.has_split(runs)
+    assert split.has_split(synthetic_runs(tokens=(1_000_000,)))
+    assert split.bits("W4A4") == 4 and split.bits("W16A4") == 4 and split.bits("W4A4-fc2a8") == 4
+    with pytest.raises(split.SplitError, match="outside the domain"):
+        split.optimum(0.5, 6.7)
