@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
-from qatlaw import paper, split
+from qatlaw import findings, paper, split
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"s1": 30_000, "s2": 100_000, "s3": 300_000}  # N
@@ -24,8 +25,9 @@ CHIN = {"A": 50.0, "B": 100.0, "E": 2.0, "alpha": 0.3, "beta": 0.3}
 
 @pytest.fixture(autouse=True)
 def fewer_resamples(monkeypatch: pytest.MonkeyPatch) -> None:
-    """200 seed resamples per cell instead of 2000: the tests check the estimates, not the intervals' width."""
+    """200 seed resamples per cell and 20 per law: the tests check the estimates, not the intervals' width."""
     monkeypatch.setattr(split, "N_BOOT", 200)
+    monkeypatch.setattr(split, "LAW_BOOT", 20)
 
 
 def synthetic_runs(sizes: dict[str, float] = SIZES, tokens: tuple[int, ...] = TOKENS, seeds: int = 2,
@@ -104,3 +106,28 @@ def test_a_table_without_the_column_is_from_scratch():
     assert split.bits("W4A4") == 4 and split.bits("W16A4") == 4 and split.bits("W4A4-fc2a8") == 4
     with pytest.raises(split.SplitError, match="outside the domain"):
         split.optimum(0.5, 6.7)
+
+
+def test_findings_without_split_runs_are_unchanged(tmp_path):
+    """reference/laptop (no qat_fraction column) gives exactly its shipped FINDINGS.md and findings.parquet."""
+    folder = ROOT / "reference" / "laptop"
+    metric = yaml.safe_load((folder / "config.yaml").read_text())["fit"]["metric"]
+    title = (folder / "FINDINGS.md").read_text().splitlines()[0].removeprefix("# ")
+    table = findings.run_findings(folder, tmp_path / "FINDINGS.md", tmp_path / "findings.parquet", metric, title)
+    assert (tmp_path / "FINDINGS.md").read_text() == (folder / "FINDINGS.md").read_text()
+    pd.testing.assert_frame_equal(table, pd.read_parquet(folder / "findings.parquet"))
+
+
+def test_split_findings_of_a_synthetic_table():
+    runs = synthetic_runs()
+    rows = pd.DataFrame(findings.split_findings(runs, "val_loss"), columns=list(findings.COLUMNS))
+    cells = rows[rows["finding"].str.startswith("f* inside (0, 1)")]
+    assert len(cells) == 9 and (cells["verdict"] == "reproduced").all()
+    for start in ("f* grows with S", "loss gap of QAT from scratch", "PTQ (f = 0) worse"):
+        row = rows[rows["finding"].str.startswith(start)].iloc[0]
+        assert row["verdict"] == "reproduced" and row["ci_low"] > 0, start
+    a = rows[rows["finding"].str.contains("exp")].iloc[0]
+    assert math.isfinite(a["measured"]) and a["paper"].startswith("6.7297")
+    section = findings.split_law_markdown(runs, "val_loss")
+    assert "| loss | W4A4 G32 | rho |" in section and "| f*(S) | W4A4 G32 | a | 6.7297 |" in section
+    assert findings.split_findings(pd.read_parquet(ROOT / "reference" / "laptop" / "runs.parquet"), "val_loss") == []

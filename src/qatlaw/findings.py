@@ -18,6 +18,12 @@ decomposition slope, the FC2 changes and the kurtosis gap. A sign claim is ``rep
 lies wholly on the paper's side of zero, ``opposite`` when it lies wholly on the other side, and ``not
 reproduced`` when it spans zero (indistinguishable from noise at this grid). The paper's numbers come from
 :func:`qatlaw.paper.constants`.
+
+A run table with runs of a QAT fraction below 1 (the FP→QAT split, :mod:`qatlaw.split`) adds the split's findings
+(Dremov et al. 2025) per precision and group: f* inside (0, 1) per cell (its seed-bootstrap interval), f* growing
+with S (the slope of ln f* on ln S over resampled cells), the constant a of f*(S) = exp(−a / ln S), the loss gap
+of QAT from scratch over f*, and PTQ worse than any QAT fraction (both over resampled cells); FINDINGS.md then
+also lists both split laws' constants. Without such runs the findings are exactly those above.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from qatlaw import fit, paper
+from qatlaw import fit, paper, split
 from qatlaw.config import schema_default
 from qatlaw.io import atomic_path, read_parquet, write_parquet
 from qatlaw.runtable import read_runs
@@ -257,6 +263,101 @@ def seed_finding(noise: pd.DataFrame) -> list[dict]:
     return rows
 
 
+def _cell_mean_row(name: str, cited: str, values: np.ndarray) -> dict:
+    """A sign finding on the mean of per-cell values, its interval over resampled cells."""
+    values = values[np.isfinite(values)]
+    if len(values) < 2:
+        return _row(name, cited, float(values.mean()) if len(values) else math.nan, (math.nan, math.nan),
+                    ("not reproduced", f"{len(values)} cell(s): too few to resample"), len(values))
+    interval = _interval(_resampled(len(values), lambda i: float(values[i].mean())))
+    return _row(name, cited, float(values.mean()), interval, _sign_verdict(*interval), len(values))
+
+
+def split_findings(runs: pd.DataFrame, metric: str) -> list[dict]:
+    """The FP→QAT split's findings per precision and group (module docstring); none without split runs."""
+    if not split.has_split(runs):
+        return []
+    cited = paper.constants()["split"]
+    a_paper, (f_small, f_large) = cited["optimum"]["a"], cited["optimum_range"]
+    deltas = split.split_deltas(runs, metric)
+    optima = split.cell_optima(deltas)
+    rows = []
+    for (precision, group), cells in optima.groupby(["precision", "group"], sort=True):
+        label = f"{precision} G{group}"
+        for r in cells.itertuples():
+            smallest = min(float(f) for f in r.fractions.split() if float(f) > 0)
+            if r.interior:
+                verdict = ("reproduced", f"90% interval inside the trained fractions ({smallest:g}, 1)")
+            elif not math.isfinite(r.f_low):
+                verdict = ("not reproduced", "one seed: no interval")
+            else:
+                edge = "1 (QAT from scratch)" if r.f_high >= split.SCRATCH else f"the smallest fraction {smallest:g}"
+                verdict = ("not reproduced", f"90% interval reaches {edge}: the minimum is not bracketed")
+            paper_f = split.optimum(r.S, a_paper) if r.S > 1 else math.nan
+            rows.append(_row(f"f* inside (0, 1) at {r.size}/{r.tokens_requested:.3g} ({label}, S = {r.S:.3g})",
+                             f"{f_small:.0%}–{f_large:.0%}+; f*(S) = {paper_f:.2f}", r.f_star, (r.f_low, r.f_high),
+                             verdict, r.n_seeds))
+        log_s, log_f = np.log(cells["S"].to_numpy(float)), np.log(cells["f_star"].to_numpy(float))
+        grows = f"f* grows with S ({label}): slope of ln f* on ln S"
+        if len(np.unique(log_s)) < 2:
+            rows.append(_row(grows, "> 0", math.nan, (math.nan, math.nan),
+                             ("not reproduced", "fewer than 2 cells of distinct S"), len(cells)))
+        else:
+            def slope(i: np.ndarray) -> float:
+                return float(np.polyfit(log_s[i], log_f[i], 1)[0]) if len(np.unique(log_s[i])) > 1 else math.nan
+            interval = _interval(_resampled(len(cells), slope))
+            rows.append(_row(grows, "> 0", slope(np.arange(len(cells))), interval, _sign_verdict(*interval),
+                             len(cells)))
+        law = split.fit_optimum_law(optima, precision, group, seed=SEED)
+        name = f"f*(S) = exp(-a / ln S) ({label}): a"
+        a_cited = f"{a_paper} (MAE {cited['optimum']['mae']})"
+        if not law.identified:
+            rows.append(_row(name, a_cited, math.nan, (math.nan, math.nan), ("not reproduced", law.reason),
+                             law.n_cells))
+        else:
+            low, high = law.intervals.get("a", (math.nan, math.nan))
+            verdict = ("reproduced", "the paper's a lies in the 90% interval") if low <= a_paper <= high else \
+                ("not reproduced", "the paper's a lies outside the 90% interval" if math.isfinite(low) else
+                 "no interval (too few cells to resample)")
+            rows.append(_row(name, a_cited, law.constants["a"], (low, high), verdict, law.n_cells))
+        rows.append(_cell_mean_row(f"loss gap of QAT from scratch over f* ({label}): δ(f = 1) − δ(f*)",
+                                   "> 0: from scratch is not optimal", cells["scratch_gap"].to_numpy(float)))
+        rows.append(_cell_mean_row(f"PTQ (f = 0) worse than any QAT ({label}): δ(PTQ) − the worst QAT δ",
+                                   "> 0: every QAT fraction beats PTQ", cells["ptq_gap"].to_numpy(float)))
+    return rows
+
+
+def split_law_markdown(runs: pd.DataFrame, metric: str) -> str:
+    """FINDINGS.md's section on the split laws' constants (the paper's beside this grid's, with 90% intervals);
+    empty without split runs."""
+    if not split.has_split(runs):
+        return ""
+    deltas = split.split_deltas(runs, metric)
+    optima = split.cell_optima(deltas)
+    cited = paper.constants()["split"]
+    lines = ["## FP→QAT split laws (Dremov et al. 2025)", "",
+             f"Forms and the paper's constants: `qatlaw.split`, `laws/paper.yaml` ({cited['source']}). "
+             "The paper's bit factors 2^(−κB), 2^(−χB), 2^(−μB) are folded into θ, φ, λ (one law per precision); "
+             "its loss-law constants are not in this project's sources (–).", "",
+             "| law | precision | constant | paper | this grid | 90% interval | cells | runs |",
+             "|---|---|---|---|---|---|---|---|"]
+    for precision, group in deltas[split.GROUP].drop_duplicates().itertuples(index=False):
+        for law, papers in ((split.fit_optimum_law(optima, precision, group), {"a": cited["optimum"]["a"]}),
+                            (split.fit_loss_law(deltas, precision, group), cited["loss_law"])):
+            if not law.identified:
+                lines.append(f"| {'f*(S)' if 'a' in law.constants else 'loss'} | {precision} G{group} | – | – | "
+                             f"{law.reason} | – | {law.n_cells} | {law.n_runs} |")
+                continue
+            for name, value in law.constants.items():
+                low, high = law.intervals.get(name, (math.nan, math.nan))
+                interval = f"[{_number(low)}, {_number(high)}]" if math.isfinite(low) else "–"
+                cited_value = papers.get(name)
+                lines.append(f"| {'f*(S)' if name == 'a' else 'loss'} | {precision} G{group} | {name} | "
+                             f"{'–' if cited_value is None else cited_value} | {_number(value)} | {interval} | "
+                             f"{law.n_cells} | {law.n_runs} |")
+    return "\n".join([*lines, ""])
+
+
 def findings(results: str | Path, metric: str = schema_default("fit", "metric")) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every finding of a results folder (the table of the module docstring) and its seed-noise table, with δ
     of ``metric`` (the fit's metric)."""
@@ -268,11 +369,12 @@ def findings(results: str | Path, metric: str = schema_default("fit", "metric"))
     comparison = read_parquet(root / "fit" / "comparison.parquet", fit.COMPARISON_COLUMNS, "comparison table")
     outliers = read_parquet(root / "analysis" / "outliers.parquet", ("run_id", "precision", "layer_type",
                                                                      "kurtosis_token"), "outliers table")
-    read_runs(root / "runs.parquet")  # the run table must be there and whole
+    runs = read_runs(root / "runs.parquet")
     noise = seed_noise(decomp)
     rows = [*law_findings(params, draws), decomposition_finding(decomp), ratio_finding(decomp),
             *fc2_findings(decomp), kurtosis_finding(outliers, "BF16"), kurtosis_finding(outliers, "W4A4"),
-            held_out_finding(comparison), *chinchilla_findings(params), *seed_finding(noise)]
+            held_out_finding(comparison), *chinchilla_findings(params), *seed_finding(noise),
+            *split_findings(runs, metric)]
     return pd.DataFrame(rows, columns=list(COLUMNS)), noise
 
 
@@ -282,8 +384,9 @@ def _number(value: float) -> str:
     return f"{value:.3g}" if abs(value) >= 1e-3 else f"{value:.2e}"
 
 
-def findings_markdown(table: pd.DataFrame, noise: pd.DataFrame, title: str, note: str = "") -> str:
-    """FINDINGS.md: the findings table and the seed-noise table (``note``: a paragraph under the title)."""
+def findings_markdown(table: pd.DataFrame, noise: pd.DataFrame, title: str, note: str = "", extra: str = "") -> str:
+    """FINDINGS.md: the findings table, the seed-noise table and ``extra`` sections (``note``: a paragraph under
+    the title)."""
     lines = [f"# {title}", "", "Generated by `qatlaw findings` from this folder's Parquet files; every number is "
              "measured. 90% intervals are bootstrap percentiles (see `qatlaw.findings`); \"not reproduced\" "
              "with an interval spanning 0 means within noise at this grid.", "", *([note, ""] if note else []),
@@ -301,6 +404,8 @@ def findings_markdown(table: pd.DataFrame, noise: pd.DataFrame, title: str, note
             lines.append(f"| {r.size} / {r.tokens_requested:.3g} / G{r.G} | {r.delta} | {r.seeds} | {r.mean:.4f} | "
                          f"{r.sd:.4f} | {r.cv:.1%} | {r.values} |")
         lines.append("")
+    if extra:
+        lines.append(extra)
     return "\n".join(lines)
 
 
@@ -308,7 +413,8 @@ def run_findings(results: str | Path, out_md: str | Path, out_parquet: str | Pat
                  title: str, note: str = "") -> pd.DataFrame:
     """Write FINDINGS.md and findings.parquet for a results folder."""
     table, noise = findings(results, metric)
+    extra = split_law_markdown(read_runs(Path(results) / "runs.parquet"), metric)
     write_parquet(table, out_parquet)
     with atomic_path(out_md) as tmp:
-        Path(tmp).write_text(findings_markdown(table, noise, title, note), encoding="utf-8")
+        Path(tmp).write_text(findings_markdown(table, noise, title, note, extra), encoding="utf-8")
     return table

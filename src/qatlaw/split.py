@@ -212,10 +212,12 @@ def _intervals(draws: pd.DataFrame) -> dict[str, tuple[float, float]]:
     return {c: (float(low[c]), float(high[c])) for c in draws.columns}
 
 
-def fit_optimum_law(optima: pd.DataFrame, precision: str, group: str, n_boot: int = LAW_BOOT,
+def fit_optimum_law(optima: pd.DataFrame, precision: str, group: str, n_boot: int | None = None,
                     seed: int = SEED) -> LawFit:
     """a of f*(S) = exp(−a / ln S) fitted to the cells' smooth optima of one precision and group, with a 90%
-    interval over resampled cells; not identified (NaN, ``reason``) without 2 cells of distinct S > 1."""
+    interval over ``n_boot`` (default ``LAW_BOOT``) resampled cells; not identified (NaN, ``reason``) without 2
+    cells of distinct S > 1."""
+    n_boot = LAW_BOOT if n_boot is None else n_boot
     cells = optima[(optima["precision"] == precision) & (optima["group"] == group)]
     cells = cells[(cells["S"] > 1) & (cells["f_star"] > 0)]
     nan = {"a": math.nan}
@@ -276,11 +278,12 @@ def _unidentified(jac: np.ndarray) -> list[str]:
     return [name for name, w in zip(LOSS_CONSTANTS, weights) if w > 0.3 * weights.max()]
 
 
-def fit_loss_law(deltas: pd.DataFrame, precision: str, group: str, n_boot: int = LAW_BOOT,
+def fit_loss_law(deltas: pd.DataFrame, precision: str, group: str, n_boot: int | None = None,
                  seed: int = SEED) -> LawFit:
     """The loss law δ(N, S, f) (module docstring) fitted to the runs with 0 < f < 1 of one precision and group,
-    with 90% intervals over resampled cells; NaN constants and a one-line ``reason`` when the data cannot
-    identify them."""
+    with 90% intervals over ``n_boot`` (default ``LAW_BOOT``) resampled cells; NaN constants and a one-line
+    ``reason`` when the data cannot identify them."""
+    n_boot = LAW_BOOT if n_boot is None else n_boot
     runs = deltas[(deltas["precision"] == precision) & (deltas["group"] == group)]
     runs = runs[(runs[FRACTION] > 0) & (runs[FRACTION] < SCRATCH)]
     n_cells, nan = runs.groupby(["size", "tokens_requested"]).ngroups, dict.fromkeys(LOSS_CONSTANTS, math.nan)
