@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from qatlaw import findings, paper, split
+from qatlaw import cli, findings, paper, split
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"s1": 30_000, "s2": 100_000, "s3": 300_000}  # N
@@ -131,3 +132,29 @@ def test_split_findings_of_a_synthetic_table():
     section = findings.split_law_markdown(runs, "val_loss")
     assert "| loss | W4A4 G32 | rho |" in section and "| f*(S) | W4A4 G32 | a | 6.7297 |" in section
     assert findings.split_findings(pd.read_parquet(ROOT / "reference" / "laptop" / "runs.parquet"), "val_loss") == []
+
+
+def test_plan_recommends_a_fraction(tmp_path, capsys):
+    """The paper's f*(S) by default (no loss at f*: its constants are not in our sources); a fitted law when
+    --law points at a fit folder beside a run table with split runs; bad inputs one error line."""
+    assert cli.main(["plan", "--N", "1e9", "--D", "1e11", "--precision", "W4A4"]) == 0
+    out = capsys.readouterr().out
+    f = split.optimum(1e11 / (1e9 * 4 / 8), paper.constants()["split"]["optimum"]["a"])
+    assert f"recommended f* = {f:.3f}" in out and "law paper" in out
+    assert f"predicted loss at f = {f:.3f}: – (the paper's loss-law constants" in out
+    assert "predicted loss at f = 1 (QAT from scratch): " in out
+    shutil.copytree(ROOT / "src" / "qatlaw" / "laws" / "laptop", tmp_path / "fit")
+    synthetic_runs().to_parquet(tmp_path / "runs.parquet")
+    assert cli.main(["plan", "--law", str(tmp_path / "fit"), "--N", "1e5", "--D", "3e6", "--precision", "W4A4"]) == 0
+    lines = {line.split(":")[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert f"(fitted to {tmp_path / 'runs.parquet'})" in lines["QAT fraction for W4A4 at G = 8"]
+    fitted = next(v for k, v in lines.items() if k.startswith("predicted loss at f = 0"))
+    assert float(fitted.split(": ")[1]) > 0
+    assert float(lines["predicted loss at f = 1 (QAT from scratch)"].split(": ")[1].split()[0]) > 0
+    for argv, message in ((["--precision", "BF16"], "precision BF16 quantizes nothing"),
+                          (["--precision", "W9A9"], "--precision W9A9: invalid precision"),
+                          (["--D", "1e8"], "outside the domain")):
+        args = {"--N": "1e9", "--D": "1e11", **dict(zip(argv[::2], argv[1::2]))}
+        assert cli.main(["plan", *itertools.chain.from_iterable(args.items())]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err

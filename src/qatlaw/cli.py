@@ -401,12 +401,42 @@ def _predict(args: argparse.Namespace) -> None:
     print(table.to_markdown(index=False, floatfmt=".4g"))
 
 
-def _plan(args: argparse.Namespace) -> None:
-    from qatlaw import laws
-    from qatlaw.precision import BASELINE
+def _split_lines(args: argparse.Namespace, law, table, precision: str | None) -> list[str]:
+    """The recommended QAT fraction of ``precision`` (else the best option's) and the predicted loss there and at
+    f = 1, as lines to print."""
+    from qatlaw import split
 
+    options = table[table["best"]] if precision is None else table[table["precision"] == precision]
+    if options.empty:
+        return ["QAT fraction: no option fits the memory budget" if precision is None else
+                f"QAT fraction: law {law.name} has no option for precision {precision}"]
+    row = options.iloc[0]
+    split_law = split.load_law(args.law, schema_default("fit", "metric"))
+    r = split.recommend(split_law, law, row["precision"], args.N, args.D, row["G"])
+    detail = split_law.fallback or ("" if split_law.name == "paper" else split_law.source)
+    source = f"law {split_law.name}" + (f" ({detail})" if detail else "")
+    at_f = f"{r['loss_f']:.4g}" if r["loss_f"] == r["loss_f"] else f"– ({r['why']})"
+    return [f"QAT fraction for {r['precision']} at G = {r['G']}: S = D / (N·{r['bits']}/8) = {r['S']:.4g}, "
+            f"recommended f* = {r['f']:.3f} (the last {r['f']:.1%} of the tokens in QAT), from "
+            f"f*(S) = exp(-a / ln S), a = {split_law.a:.4g}, {source}",
+            f"predicted loss at f = {r['f']:.3f}: {at_f}",
+            f"predicted loss at f = 1 (QAT from scratch): {r['loss_scratch']:.4g} (law {law.name})"]
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from qatlaw import laws, split
+    from qatlaw.precision import BASELINE, canonical
+
+    precision = None
+    if args.precision is not None:
+        try:
+            precision = canonical(args.precision)
+        except ValueError as exc:
+            raise laws.LawError(f"--precision {args.precision}: {exc}") from None
+        split.bits(precision)  # one that quantizes something
     law = laws.load(args.law)
     table = laws.plan(law, args.N, args.D, args.memory_gb)
+    split_lines = _split_lines(args, law, table, precision)
     _warn_extrapolation(law, [args.N], [args.D])
     budget = "" if args.memory_gb is None else f", weight memory <= {args.memory_gb:g} GB"
     print(f"law {law.name}: N = {args.N:.3g}, D = {args.D:.3g}{budget}")
@@ -422,6 +452,7 @@ def _plan(args: argparse.Namespace) -> None:
         b = best.iloc[0]
         print(f"best: {b['precision']} at G = {b['G']} (QAT loss {b['qat_loss']:.4g}, δ {b['delta']:.4g}, "
               f"{b['weight_gb']:.4g} GB)")
+    print("\n".join(split_lines))
     if args.plot:
         from qatlaw import plots
 
@@ -643,6 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--N", type=_positive, required=True)
     s.add_argument("--D", type=_positive, required=True)
     s.add_argument("--memory-gb", type=_positive, help="weight-memory budget in GB (1e9 bytes)")
+    s.add_argument("--precision", help="the precision to recommend a QAT fraction for (default: the best option's)")
     s.add_argument("--plot", help="PNG of δ against D for every option")
     s.set_defaults(func=_plan)
 

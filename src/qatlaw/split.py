@@ -41,7 +41,7 @@ import pandas as pd
 from numpy.typing import ArrayLike
 from scipy.optimize import least_squares
 
-from qatlaw import fit, paper, runtable
+from qatlaw import fit, laws, paper, runtable
 from qatlaw import precision as prec
 from qatlaw.runtable import read_runs
 
@@ -314,49 +314,75 @@ def fit_loss_law(deltas: pd.DataFrame, precision: str, group: str, n_boot: int |
 
 @dataclass(frozen=True)
 class SplitLaw:
-    """The split law a plan uses: a of f*(S), and the loss-law constants per precision where known."""
+    """The split law a plan uses: a of f*(S), the loss-law constants per precision where known, and why the
+    paper's law stands in for a fitted one (``fallback``)."""
 
     name: str
     source: str
     a: float
     loss: dict[str, dict[str, float]] = field(default_factory=dict)  # precision -> loss-law constants
     notes: dict[str, str] = field(default_factory=dict)  # precision -> why its loss law is missing
+    fallback: str = ""
 
 
-def paper_law() -> SplitLaw:
+def paper_law(fallback: str = "") -> SplitLaw:
     """The paper's f*(S) (its loss-law constants are not in this project's sources)."""
     spec = paper.constants()["split"]
-    return SplitLaw("paper", spec["source"], float(spec["optimum"]["a"]))
+    return SplitLaw("paper", spec["source"], float(spec["optimum"]["a"]), fallback=fallback)
 
 
 def _run_table(spec: str) -> Path | None:
-    """The run table a law spec points at: the file itself, ``<folder>/runs.parquet`` or, for a fit folder,
-    ``<folder>/../runs.parquet``; None when there is none."""
+    """The run table of a ``--law`` path: a runs.parquet itself, the one in its folder, or the one beside a fit
+    folder (a folder holding params.parquet); None for a shipped law's name or a path without one."""
+    if spec in laws.SHIPPED:
+        return None
     path = Path(spec)
-    candidates = [path] if path.is_file() else [path / "runs.parquet", path.parent / "runs.parquet"]
-    return next((p for p in candidates if p.name == "runs.parquet" and p.is_file()), None)
+    if path.name == "runs.parquet" and path.is_file():
+        return path
+    folder = path.parent if path.is_file() else path
+    candidates = [folder / "runs.parquet"] + ([folder.parent / "runs.parquet"]
+                                              if (folder / "params.parquet").is_file() else [])
+    return next((p for p in candidates if p.is_file()), None)
 
 
 def load_law(spec: str, metric: str) -> SplitLaw:
-    """The split law of ``--law``: the paper's for a shipped law name, else fitted (one law over every precision
-    of its split runs' cells) from the run table the spec points at. SplitError when that table has no split
-    runs or its f*(S) is not identified."""
+    """The split law of ``--law``: fitted (one f*(S) over every precision, a loss law per precision) to the
+    split runs of the run table a path points at, else the paper's, saying why (``fallback``). SplitError when
+    the fitted f*(S) is not identified."""
     path = _run_table(spec)
     if path is None:
-        return paper_law()
+        return paper_law("" if spec == "paper" else f"law {spec} has no run table to fit a split law on")
     runs = read_runs(path)
     if not has_split(runs):
-        raise SplitError(f"--law {spec}: its run table {path} has no runs with {FRACTION} < 1 to fit a split law on")
+        return paper_law(f"{path} has no runs with {FRACTION} < 1")
     deltas = split_deltas(runs, metric)
-    optima = cell_optima(deltas)
-    pooled = fit_optimum_law(optima.assign(precision="all", group="all"), "all", "all", n_boot=0)
+    pooled = fit_optimum_law(cell_optima(deltas).assign(precision="all", group="all"), "all", "all", n_boot=0)
     if not pooled.identified:
         raise SplitError(f"--law {spec}: {pooled.reason}")
     loss, notes = {}, {}
     for precision, group in deltas[GROUP].drop_duplicates().itertuples(index=False):
         law = fit_loss_law(deltas, precision, group, n_boot=0)
         if law.identified:
-            loss[precision] = law.constants
+            loss.setdefault(precision, law.constants)
         else:
-            notes[precision] = law.reason
+            notes.setdefault(precision, law.reason)
     return SplitLaw(path.parent.name or str(path), f"fitted to {path}", pooled.constants["a"], loss, notes)
+
+
+def recommend(split_law: SplitLaw, law: laws.Law, precision: str, N: float, D: float, G: float) -> dict:
+    """The recommended QAT fraction of a precision for N parameters on D tokens: ``S``, ``bits``, ``f`` (f*(S)),
+    ``loss_f`` (the split loss law's, over law's BF16 loss; NaN without one, ``why`` says why) and
+    ``loss_scratch`` (law's QAT loss at f = 1)."""
+    B = bits(precision)
+    S = float(tokens_per_parameter_byte(N, D, B))
+    f = float(optimum(S, split_law.a))
+    point = laws.predict(law, [N], [D], [G], [precision]).iloc[0]
+    constants = split_law.loss.get(precision)
+    if constants is None:
+        why = split_law.notes.get(precision, "the paper's loss-law constants are not in this project's sources"
+                                  if split_law.name == "paper" else f"no split runs of {precision}")
+        loss_f = math.nan
+    else:
+        why, loss_f = "", float(point["bf16_loss"] + predict_delta(constants, N, S, f))
+    return {"precision": precision, "G": G, "bits": B, "S": S, "f": f, "loss_f": loss_f, "why": why,
+            "loss_scratch": float(point["qat_loss"])}
