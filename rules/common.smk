@@ -59,6 +59,11 @@ def final_outputs():
         "results/fit/bootstrap.parquet",
         "results/FINDINGS.md",
         *expand("results/figures/{figure}.{ext}", figure=outputs.FIGURES, ext=["png", "svg"]),
+        *expand(
+            "results/figures/{figure}.{ext}",
+            figure=outputs.SPLIT_FIGURES if outputs.split_grid(config["grid"]) else [],
+            ext=["png", "svg"],
+        ),
         *expand("results/tables/{table}.{ext}", table=outputs.TABLES, ext=["csv", "md"]),
     ]
 
@@ -428,6 +433,7 @@ FIGURE_CATEGORIES = {
     "fig8_ratio": "2. Weight vs activation error",
     "fig9_outliers": "3. Outliers and mixed precision",
     "mixed_layer_ranking": "3. Outliers and mixed precision",
+    **dict.fromkeys(outputs.SPLIT_FIGURES, "6. FP→QAT split"),
 }
 
 

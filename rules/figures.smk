@@ -1,7 +1,8 @@
 # Figures stage: one rule per paper figure and table, drawn from Parquet outputs only (never by re-training).
-# Rules are generated from qatlaw.outputs.FIGURES / qatlaw.outputs.TABLES, which name each one's inputs.
+# Rules are generated from qatlaw.outputs.FIGURES / qatlaw.outputs.TABLES, which name each one's inputs; the
+# SPLIT_FIGURES rules exist always but are targets only for a grid with QAT fractions below 1 (common.smk).
 
-for _figure, _keys in outputs.FIGURES.items():
+for _figure, _keys in {**outputs.FIGURES, **outputs.SPLIT_FIGURES}.items():
 
     rule:
         name:

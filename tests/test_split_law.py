@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from qatlaw import cli, findings, paper, split
+from qatlaw import cli, findings, outputs, paper, plots, split
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"s1": 30_000, "s2": 100_000, "s3": 300_000}  # N
@@ -158,3 +158,20 @@ def test_plan_recommends_a_fraction(tmp_path, capsys):
         assert cli.main(["plan", *itertools.chain.from_iterable(args.items())]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.parametrize("name", list(outputs.SPLIT_FIGURES))
+def test_split_figures_render(name, tmp_path):
+    """From a synthetic split table, and (an explanation, not an error) from reference/laptop without one."""
+    runs = tmp_path / "runs.parquet"
+    synthetic_runs(sizes={"s1": 30_000, "s3": 300_000}, tokens=(1_000_000, 10_000_000)).to_parquet(runs)
+    plots.make_figure(name, {"runs": runs}, tmp_path / f"{name}.png", "synthetic")
+    assert (tmp_path / f"{name}.png").stat().st_size > 10_000 and (tmp_path / f"{name}.svg").is_file()
+    plots.make_figure(name, {"runs": ROOT / "reference" / "laptop" / "runs.parquet"}, tmp_path / "empty.png", "")
+    assert (tmp_path / "empty.png").is_file()
+
+
+def test_split_figures_only_for_a_split_grid():
+    assert not outputs.split_grid({"sizes": ["0.1M"]}) and not outputs.split_grid({"qat_fractions": [1.0]})
+    assert outputs.split_grid({"qat_fractions": [1.0], "extra": [{"qat_fractions": [0.0, 0.5, 1.0]}]})
+    assert not set(outputs.SPLIT_FIGURES) & set(outputs.FIGURES)

@@ -33,12 +33,24 @@ FIGURES: dict[str, tuple[str, ...]] = {
     "mixed_layer_ranking": ("mixed_ranking",),
     "training_curves": ("runs",),  # and runs/<run_id>/metrics.parquet beside runs.parquet
 }
+# Figures of the FP→QAT split (qatlaw.split): part of a run only when its grid trains QAT fractions below 1
+# (split_grid), so a grid without them has exactly the outputs above.
+SPLIT_FIGURES: dict[str, tuple[str, ...]] = {
+    "split_loss_vs_fraction": ("runs",),
+    "split_optimum_vs_S": ("runs",),
+}
 TABLES: dict[str, tuple[str, ...]] = {
     "table1_constants": ("params",),
     "table2_laws": ("comparison", "params"),
     "table4_no_D": ("comparison", "params"),
     "gap_opening": ("runs",),  # and runs/<run_id>/metrics.parquet beside runs.parquet
 }
+
+
+def split_grid(grid: Mapping[str, Sequence]) -> bool:
+    """Whether a config's grid (or one of its extra sub-grids) trains a QAT fraction below 1 (grid.qat_fractions,
+    default [1.0]: QAT from scratch only)."""
+    return any(float(f) < 1 for sub in [grid, *grid.get("extra", [])] for f in sub.get("qat_fractions", [1.0]))
 
 
 def grid_caption(grid: Mapping[str, Sequence]) -> str:
