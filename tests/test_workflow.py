@@ -294,3 +294,24 @@ def test_rules_find_the_workflows_tools_without_the_venv_on_path(tmp_path):
                             env=dict(os.environ, PATH=bare))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (tmp_path / "results" / "data" / "manifest.json").is_file()
+
+
+@pytest.mark.slow
+def test_whole_workflow_with_an_fp_to_qat_split(tmp_path):
+    """The split end to end: branches from the baselines' trunks and PTQ runs in the run table, today's stages on
+    the f = 1 runs only, the split's findings rows and figures."""
+    write_user_project(tmp_path)
+    cfg = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    cfg["grid"].update(tokens=["8K", "16K"], precisions=["W4A4"], seeds=[0, 1], qat_fractions=[0, 0.25, 0.5, 1])
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    result = run_snakemake(tmp_path, "--cores", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = pd.read_parquet(tmp_path / "results" / "runs.parquet")
+    assert len(runs) == 2 * 2 * (1 + 4)  # budgets x seeds x (BF16 + 4 fractions)
+    assert sorted(runs.loc[runs["precision"] == "W4A4", "qat_fraction"].unique()) == [0, 0.25, 0.5, 1]
+    assert {p.stem for p in (tmp_path / "results" / "figures").glob("*.png")} == {
+        *outputs.FIGURES, *outputs.SPLIT_FIGURES}
+    decomposition = pd.read_parquet(tmp_path / "results" / "analysis" / "decomposition.parquet")
+    assert len(decomposition) == 2 * 2 * 2  # the f = 1 runs only: cells x metrics
+    findings = (tmp_path / "results" / "FINDINGS.md").read_text()
+    assert "| W4A4 gamma_N > 0 |" in findings and "PTQ" in findings

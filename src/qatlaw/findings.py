@@ -369,7 +369,7 @@ def findings(results: str | Path, metric: str = schema_default("fit", "metric"))
     comparison = read_parquet(root / "fit" / "comparison.parquet", fit.COMPARISON_COLUMNS, "comparison table")
     outliers = read_parquet(root / "analysis" / "outliers.parquet", ("run_id", "precision", "layer_type",
                                                                      "kurtosis_token"), "outliers table")
-    runs = read_runs(root / "runs.parquet")
+    runs = read_runs(root / "runs.parquet", all_fractions=True)  # the split rows; the others read f = 1 runs
     noise = seed_noise(decomp)
     rows = [*law_findings(params, draws), decomposition_finding(decomp), ratio_finding(decomp),
             *fc2_findings(decomp), kurtosis_finding(outliers, "BF16"), kurtosis_finding(outliers, "W4A4"),
@@ -413,7 +413,7 @@ def run_findings(results: str | Path, out_md: str | Path, out_parquet: str | Pat
                  title: str, note: str = "") -> pd.DataFrame:
     """Write FINDINGS.md and findings.parquet for a results folder."""
     table, noise = findings(results, metric)
-    extra = split_law_markdown(read_runs(Path(results) / "runs.parquet"), metric)
+    extra = split_law_markdown(read_runs(Path(results) / "runs.parquet", all_fractions=True), metric)
     write_parquet(table, out_parquet)
     with atomic_path(out_md) as tmp:
         Path(tmp).write_text(findings_markdown(table, noise, title, note, extra), encoding="utf-8")

@@ -931,7 +931,7 @@ def _gap_limits(curves: Mapping[str, pd.DataFrame], base: pd.DataFrame | None) -
 
 def _split_inputs(runs: str | Path, metric: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The split runs' δ and the cells' optima (:mod:`qatlaw.split`) of a run table; empty without split runs."""
-    table = read_input(runs, "runs")
+    table = read_input(runs, "runs", all_fractions=True)
     if not split.has_split(table):
         return pd.DataFrame(), pd.DataFrame()
     deltas = split.split_deltas(table, metric)

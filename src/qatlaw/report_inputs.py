@@ -14,7 +14,7 @@ from qatlaw.decompose import DECOMPOSITION_COLUMNS, FIT_COLUMNS
 from qatlaw.errors import QatlawError
 from qatlaw.io import read_parquet
 from qatlaw.mixed import RANKING_COLUMNS
-from qatlaw.runtable import from_scratch
+from qatlaw.runtable import from_scratch, with_qat_fraction
 
 COLUMNS: dict[str, tuple[str, ...]] = {  # the columns each input must have
     "runs": ("run_id", "size", "N", "D", "tokens_requested", "group", "G", "precision", "seed", "loss"),
@@ -36,12 +36,14 @@ class PlotError(QatlawError):
     """An input file of a figure or table is missing or lacks columns."""
 
 
-def read_input(path: str | Path, key: str) -> pd.DataFrame:
+def read_input(path: str | Path, key: str, all_fractions: bool = False) -> pd.DataFrame:
     """Input ``key`` of ``COLUMNS`` from ``path``; PlotError naming the file and the expected columns when it is
     missing, unreadable (e.g. truncated) or lacks a column. Of the run table only the runs at QAT fraction 1
-    (:func:`qatlaw.runtable.from_scratch`)."""
+    (:func:`qatlaw.runtable.from_scratch`) unless ``all_fractions`` (the split figures)."""
     table = read_parquet(path, COLUMNS[key], f"{key} table", error=PlotError)
-    return from_scratch(table) if key == "runs" else table
+    if key != "runs":
+        return table
+    return with_qat_fraction(table) if all_fractions else from_scratch(table)
 
 
 def select_inputs(kind: str, name: str, catalogue: Mapping[str, Sequence[str]],

@@ -43,10 +43,10 @@ from scipy.optimize import least_squares
 
 from qatlaw import fit, laws, paper, runtable
 from qatlaw import precision as prec
-from qatlaw.runtable import read_runs
+from qatlaw.runtable import QAT_FRACTION as FRACTION
+from qatlaw.runtable import read_runs, with_qat_fraction
 
-FRACTION = "qat_fraction"
-SCRATCH = 1.0  # QAT from scratch, and the value of a run table without the column
+SCRATCH = 1.0  # QAT from scratch
 GROUP = ["precision", "group"]  # one law per precision and group
 CELL = [*GROUP, "size", "tokens_requested"]  # one loss-against-f curve, seeds pooled
 N_BOOT = 2000  # resamples of the seeds of a cell (its optimum)
@@ -68,9 +68,7 @@ class SplitError(fit.FitError):
 
 def fractions(runs: pd.DataFrame) -> pd.Series:
     """Every run's QAT fraction (1.0, QAT from scratch, where the table has no ``qat_fraction`` column)."""
-    if FRACTION not in runs.columns:
-        return pd.Series(SCRATCH, index=runs.index, name=FRACTION)
-    return pd.to_numeric(runs[FRACTION], errors="coerce").fillna(SCRATCH).astype(float)
+    return with_qat_fraction(runs)[FRACTION].astype(float)
 
 
 def has_split(runs: pd.DataFrame) -> bool:
@@ -352,7 +350,7 @@ def load_law(spec: str, metric: str) -> SplitLaw:
     path = _run_table(spec)
     if path is None:
         return paper_law("" if spec == "paper" else f"law {spec} has no run table to fit a split law on")
-    runs = read_runs(path)
+    runs = read_runs(path, all_fractions=True)
     if not has_split(runs):
         return paper_law(f"{path} has no runs with {FRACTION} < 1")
     deltas = split_deltas(runs, metric)
