@@ -302,12 +302,14 @@ def test_whole_workflow_with_an_fp_to_qat_split(tmp_path):
     the f = 1 runs only, the split's findings rows and figures."""
     write_user_project(tmp_path)
     cfg = yaml.safe_load((tmp_path / "config.yaml").read_text())
-    cfg["grid"].update(tokens=["8K", "16K"], precisions=["W4A4"], seeds=[0, 1], qat_fractions=[0, 0.25, 0.5, 1])
+    cfg["grid"].update(tokens=["8K", "16K"], precisions=["W4A4", "W4A4-fc2a8"], seeds=[0, 1], extra=[
+        {"sizes": ["0.1M"], "tokens": ["8K", "16K"], "groups": [32], "precisions": ["W4A4"],
+         "qat_fractions": [0, 0.25, 0.5]}])
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     result = run_snakemake(tmp_path, "--cores", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     runs = pd.read_parquet(tmp_path / "results" / "runs.parquet")
-    assert len(runs) == 2 * 2 * (1 + 4)  # budgets x seeds x (BF16 + 4 fractions)
+    assert len(runs) == 2 * 2 * (1 + 1 + 4)  # budgets x seeds x (BF16 + W4A4-fc2a8 + W4A4 at 4 fractions)
     assert sorted(runs.loc[runs["precision"] == "W4A4", "qat_fraction"].unique()) == [0, 0.25, 0.5, 1]
     assert {p.stem for p in (tmp_path / "results" / "figures").glob("*.png")} == {
         *outputs.FIGURES, *outputs.SPLIT_FIGURES}

@@ -1001,9 +1001,11 @@ def split_optimum_vs_S(runs: str | Path, out_png: str | Path, caption_grid: str,
         return
     a_paper = paper.constants()["split"]["optimum"]["a"]
     S_all = optima["S"].to_numpy(float)
-    grid = np.geomspace(max(1.5, S_all.min() / 3), S_all.max() * 3, 200)
+    low = max(1.5, S_all.min() / 3)  # f*(S) is defined for S > 1 only
+    grid = np.geomspace(low, max(S_all.max() * 3, 10 * low), 200)
     ax.plot(grid, split.optimum(grid, a_paper), "k--", label=f"paper: a = {a_paper}")
-    notes = []
+    outside = int((S_all <= 1).sum())
+    notes = [f"{outside} cells with S <= 1, outside the domain of f*(S)"] if outside else []
     groups = list(optima[split.GROUP].drop_duplicates().itertuples(index=False))
     palette = dict(zip(groups, sns.color_palette("tab10", len(groups))))
     for key in groups:
