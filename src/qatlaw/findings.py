@@ -299,9 +299,9 @@ def split_findings(runs: pd.DataFrame, metric: str) -> list[dict]:
                              verdict, r.n_seeds))
         log_s, log_f = np.log(cells["S"].to_numpy(float)), np.log(cells["f_star"].to_numpy(float))
         grows = f"f* grows with S ({label}): slope of ln f* on ln S"
-        if len(np.unique(log_s)) < 2:
+        if len(np.unique(log_s)) < 3:  # a line through 2 cells fits exactly: its resampled slopes are one value
             rows.append(_row(grows, "> 0", math.nan, (math.nan, math.nan),
-                             ("not reproduced", "fewer than 2 cells of distinct S"), len(cells)))
+                             ("not reproduced", "fewer than 3 cells of distinct S: no interval"), len(cells)))
         else:
             def slope(i: np.ndarray) -> float:
                 return float(np.polyfit(log_s[i], log_f[i], 1)[0]) if len(np.unique(log_s[i])) > 1 else math.nan
