@@ -559,7 +559,8 @@ def synthetic_runs(summary_columns: Sequence[str]) -> pd.DataFrame:
                            "val_loss": bf16 + delta + 0.05, "final_step_loss": bf16 + delta, "steps": d // 2048,
                            "tokens_per_step": 2048, "epochs": 0.5, "lr": 3e-3, "wall_s": 10.0,
                            "tokens_per_s": d / 10, "diverged": False, "resumed": False, "vocab_size": VOCAB,
-                           "seq_len": 128, "clip": "paper", "format": "int", "lac": "paper", "device": "cpu"}
+                           "seq_len": 128, "clip": "paper", "format": "int", "lac": "paper", "device": "cpu",
+                           "qat_fraction": 1.0}
                     rows.append({c: row.get(c) for c in summary_columns})
     return pd.DataFrame(rows).astype({"G": "Int64"})
 
