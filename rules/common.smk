@@ -215,7 +215,7 @@ TRAIN_INPUTS = {
     "manifest": "results/data/manifest.json",
     "budget": "results/data/budget.json",
 }
-# Wildcard regex of the variants rule train trains: all but post-training quantization's (_f0, rule ptq).
+# Wildcard regex of the variants the train rule trains, all but post-training quantization's (_f0, rule ptq).
 TRAINED_VARIANT = r"(?![^/]*_f0/)[^/]+"
 # exec: Snakemake's own child is then `qatlaw train`, which Snakemake waits for on SIGTERM (a time limit,
 # preemption, the SLURM profile's warning) while it writes its checkpoint; a shell in between would die at once.
