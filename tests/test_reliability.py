@@ -645,7 +645,7 @@ def _stages() -> list[Stage]:
         Stage("train-train_tokens", _train_argv, "train_tokens", STORE, TRAIN_OUTPUTS, store=True),
         Stage("train-val_tokens", _train_argv, "val_tokens", STORE, TRAIN_OUTPUTS, store=True),
         Stage("runs-summary", lambda p, o: ["runs", str(p["summary"]), "--out", str(o / "runs.parquet")],
-              "summary", train.SUMMARY_COLUMNS, ("runs.parquet",)),
+              "summary", train.SUMMARY_REQUIRED, ("runs.parquet",)),
         *(Stage(f"{cmd}-runs", lambda p, o, cmd=cmd, args=args: [cmd, "--runs", str(p["runs"]), *args(o)], "runs",
                 runtable.RUN_TABLE_COLUMNS, outs)
           for cmd, args, outs in (

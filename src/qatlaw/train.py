@@ -68,6 +68,8 @@ SUMMARY_COLUMNS = (
     "val_loss_last", "final_step_loss", "steps", "tokens_per_step", "epochs", "lr", "wall_s", "tokens_per_s", "diverged",
     "resumed", "vocab_size", "seq_len", "clip", "format", "lac", "device", "numerics", "qat_fraction",
 )
+# The columns every run summary has: those written before the QAT fraction was recorded lack it (QAT from scratch).
+SUMMARY_REQUIRED = SUMMARY_COLUMNS[:-1]
 # The per-step metrics file of a run (runs/<run_id>/metrics.parquet).
 STEP_COLUMNS = ("step", "tokens", "loss", "loss_ema", "lr", "grad_norm", "tokens_per_s")
 
@@ -697,7 +699,7 @@ def collect_runs(summary_paths: list[str | Path], out_path: str | Path) -> pd.Da
     written before the QAT fraction was recorded is of a run from scratch)."""
     frames = []
     for path in summary_paths:
-        frame = with_qat_fraction(read_parquet(path, SUMMARY_COLUMNS[:-1], "run summary", error=TrainError))
+        frame = with_qat_fraction(read_parquet(path, SUMMARY_REQUIRED, "run summary", error=TrainError))
         if tuple(frame.columns) != SUMMARY_COLUMNS or len(frame) != 1:
             raise TrainError(f"{path}: expected one run summary row with columns {', '.join(SUMMARY_COLUMNS)}")
         frames.append(frame)
