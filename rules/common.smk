@@ -7,6 +7,7 @@ from snakemake.exceptions import WorkflowError
 
 from qatlaw import config as qconfig
 from qatlaw import analysis_plan, corpus, cost, data, grid, memory, outputs, reference
+from qatlaw import precision as prec
 from qatlaw.errors import QatlawError
 
 
@@ -22,6 +23,9 @@ try:
 except QatlawError as exc:
     raise WorkflowError(f"restore: {exc}") from None
 TRAINED = [run for run_id, run in RUNS.items() if run_id not in RESTORED]
+# Whether the grid has a run whose precision has per-layer overrides: the mixed-precision stage and its figure are
+# targets only then (outputs.MIXED_ANALYSES).
+HAS_OVERRIDES = any(prec.parse(run.precision).has_overrides for run in RUNS.values())
 # The FP→QAT split (grid.qat_fractions): the trunk checkpoints each BF16 baseline trained here keeps for its cell's
 # branches (by baseline run id: steps), and the post-training quantization runs (rule ptq, no training).
 TRUNK_STEPS = grid.trunk_steps(TRAINED)
@@ -51,14 +55,17 @@ def final_outputs():
         "results/analysis/decomposition_fit.parquet",
         "results/analysis/layer_error.parquet",
         "results/analysis/outliers.parquet",
-        "results/analysis/mixed_precision.parquet",
-        "results/analysis/mixed_ranking.parquet",
+        *(outputs.MIXED_ANALYSES if HAS_OVERRIDES else []),
         "results/fit/params.parquet",
         "results/fit/predictions.parquet",
         "results/fit/comparison.parquet",
         "results/fit/bootstrap.parquet",
         "results/FINDINGS.md",
-        *expand("results/figures/{figure}.{ext}", figure=outputs.FIGURES, ext=["png", "svg"]),
+        *expand(
+            "results/figures/{figure}.{ext}",
+            figure=[f for f in outputs.FIGURES if HAS_OVERRIDES or f not in outputs.MIXED_FIGURES],
+            ext=["png", "svg"],
+        ),
         *expand(
             "results/figures/{figure}.{ext}",
             figure=outputs.SPLIT_FIGURES if outputs.split_grid(config["grid"]) else [],

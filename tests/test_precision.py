@@ -32,6 +32,14 @@ def test_uniform(name, w, a):
     assert not p.is_baseline
 
 
+@pytest.mark.parametrize("name, expected", [("BF16", False), ("W4A4", False), ("W4A16", False), ("W16A16", False),
+                                             ("W4A4-fc2a4", False), ("W4A4-fc2a8", True), ("W4A4-fc2a8-qkva8", True),
+                                             ("W16A4-fc2a8", True)])
+def test_has_overrides(name, expected):
+    """Per-layer overrides of the canonical name: one spelled to equal its base has none."""
+    assert parse(name).has_overrides is expected
+
+
 def test_tensor_enabled():
     assert TensorQuant(4).enabled and TensorQuant(8).enabled
     assert not TensorQuant(16).enabled

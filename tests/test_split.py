@@ -308,4 +308,6 @@ def test_dry_run_branch_jobs_wait_for_the_trunks_and_no_key_changes_nothing(tmp_
         assert f"{cell}/W4A4_g32/summary.parquet" in base  # QAT from scratch trains with its baseline, as before
     gathers = [job for job in jobs.values() if job.startswith("rule layer_error:")]
     assert len(gathers) == 1 and "_f0" not in gathers[0]  # the analyses see the runs at f = 1 only
+    # W4A4 only: no run with per-layer overrides, so no mixed-precision stage (it would have nothing to compare)
+    assert not [job for job in jobs.values() if job.startswith(("rule mixed:", "rule figure_mixed_layer_ranking:"))]
     assert not (tmp_path / "results").exists()

@@ -298,21 +298,23 @@ def test_rules_find_the_workflows_tools_without_the_venv_on_path(tmp_path):
 
 @pytest.mark.slow
 def test_whole_workflow_with_an_fp_to_qat_split(tmp_path):
-    """The split end to end: branches from the baselines' trunks and PTQ runs in the run table, today's stages on
-    the f = 1 runs only, the split's findings rows and figures."""
+    """The split end to end on a W4A4-only grid (the shape of config/laptop-split.yaml): branches from the
+    baselines' trunks and PTQ runs in the run table, today's stages on the f = 1 runs only, the split's findings
+    rows and figures, and no mixed-precision stage (no run with per-layer overrides to compare)."""
     write_user_project(tmp_path)
     cfg = yaml.safe_load((tmp_path / "config.yaml").read_text())
-    cfg["grid"].update(tokens=["8K", "16K"], precisions=["W4A4", "W4A4-fc2a8"], seeds=[0, 1], extra=[
+    cfg["grid"].update(tokens=["8K", "16K"], precisions=["W4A4"], seeds=[0, 1], ablation=None, extra=[
         {"sizes": ["0.1M"], "tokens": ["8K", "16K"], "groups": [32], "precisions": ["W4A4"],
          "qat_fractions": [0, 0.25, 0.5]}])
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     result = run_snakemake(tmp_path, "--cores", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     runs = pd.read_parquet(tmp_path / "results" / "runs.parquet")
-    assert len(runs) == 2 * 2 * (1 + 1 + 4)  # budgets x seeds x (BF16 + W4A4-fc2a8 + W4A4 at 4 fractions)
+    assert len(runs) == 2 * 2 * (1 + 4)  # budgets x seeds x (BF16 + W4A4 at 4 fractions)
     assert sorted(runs.loc[runs["precision"] == "W4A4", "qat_fraction"].unique()) == [0, 0.25, 0.5, 1]
     assert {p.stem for p in (tmp_path / "results" / "figures").glob("*.png")} == {
-        *outputs.FIGURES, *outputs.SPLIT_FIGURES}
+        *outputs.FIGURES, *outputs.SPLIT_FIGURES} - set(outputs.MIXED_FIGURES)
+    assert not any((tmp_path / path).exists() for path in outputs.MIXED_ANALYSES)
     decomposition = pd.read_parquet(tmp_path / "results" / "analysis" / "decomposition.parquet")
     assert len(decomposition) == 2 * 2 * 2  # the f = 1 runs only: cells x metrics
     findings = (tmp_path / "results" / "FINDINGS.md").read_text()

@@ -69,7 +69,7 @@ def overrides(precision: str) -> tuple[str, list[tuple[str, str, int]]]:
 
 def mixed_precision(deltas: pd.DataFrame) -> pd.DataFrame:
     """Compare every override run of ``deltas`` (:func:`qatlaw.runtable.delta_table`) with its base run."""
-    has_override = deltas["precision"].str.contains("-", regex=False)
+    has_override = deltas["precision"].map(lambda name: prec.parse(name).has_overrides).astype(bool)
     variants = deltas[has_override]
     if variants.empty:
         raise MixedError("no run has a precision with per-layer overrides (e.g. W4A4-fc2a8)")

@@ -47,6 +47,13 @@ TABLES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Outputs of the mixed-precision stage (qatlaw.mixed), which compares each run of a precision with per-layer
+# overrides (W4A4-fc2a8, the ablation's) with its base: part of a run only when its grid has such a run, so a grid
+# without one (a W4A4-only split grid) has no stage with nothing to compare.
+MIXED_ANALYSES = ("results/analysis/mixed_precision.parquet", INPUTS["mixed_ranking"])
+MIXED_FIGURES = ("mixed_layer_ranking",)
+
+
 def split_grid(grid: Mapping[str, Sequence]) -> bool:
     """Whether a config's grid (or one of its extra sub-grids) trains a QAT fraction below 1 (grid.qat_fractions,
     default [1.0]: QAT from scratch only)."""

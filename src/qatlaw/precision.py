@@ -88,6 +88,11 @@ class Precision:
         """True when no tensor of any layer is quantized."""
         return not any(lq.weight.enabled or lq.act.enabled for lq in self.layers.values())
 
+    @property
+    def has_overrides(self) -> bool:
+        """True when some layer's tensor differs from the base ``W<bits>A<bits>`` (e.g. ``W4A4-fc2a8``)."""
+        return "-" in self.name
+
 
 def parse(name: str) -> Precision:
     """Parse a precision string; the result carries the canonical name.
