@@ -59,6 +59,23 @@ def test_existing_grids_keep_every_run_id_and_identity(files):
         assert sorted(shipped["run_id"]) == sorted(run.run_id for run in runs)
 
 
+def test_laptop_split_grid_plans_the_issues_design():
+    """config/laptop-split.yaml: at least 3 (N, D) cells with S spanning 10x or more, the fractions 0 to 1, W4A4
+    at one G, 2 seeds per cell, every branch from its own cell's baseline."""
+    runs = grid.grid_runs(load_config(files=("config/laptop-v2.yaml", "config/laptop-split.yaml")))
+    quantized = [run for run in runs if run.precision != "BF16"]
+    assert {(run.precision, run.group) for run in quantized} == {("W4A4", 32)}
+    cells = {(run.size, run.tokens): run for run in quantized}
+    S = [2 * run.tokens / grid.non_embedding_count(run.layers, run.hidden, run.ffn, run.heads, run.kv_heads)
+         for run in cells.values()]  # D / (N * 4 bits / 8)
+    assert len(cells) >= 3 and max(S) / min(S) >= 10
+    for size, budget in cells:
+        in_cell = [run for run in quantized if (run.size, run.tokens) == (size, budget)]
+        assert {run.seed for run in in_cell} == {0, 1}
+        assert {0, 0.1, 0.2, 0.35, 0.5, 0.7, 1} <= {run.qat_fraction for run in in_cell}
+    assert grid.trunk_steps(runs)  # the baselines keep the branch points
+
+
 def test_old_run_tables_read_as_qat_from_scratch(tmp_path):
     table = runtable.read_runs(ROOT / "reference" / "laptop" / "runs.parquet", all_fractions=True)
     assert (table["qat_fraction"] == 1.0).all() and len(table) == 70
