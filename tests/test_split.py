@@ -15,7 +15,7 @@ import yaml
 from test_train import MANIFEST, VOCAB, settings, tokens, write_store  # noqa: F401 (tokens: the toy token fixture)
 from test_workflow import ROOT, run_snakemake, write_user_project
 
-from qatlaw import config, grid, runtable, train
+from qatlaw import config, grid, runtable, split, train
 from qatlaw.cli import main as cli_main
 
 # Every run id and identity (RunSettings.to_json) of config.yaml and config/laptop.yaml, and their training jobs,
@@ -66,8 +66,9 @@ def test_laptop_split_grid_plans_the_issues_design():
     quantized = [run for run in runs if run.precision != "BF16"]
     assert {(run.precision, run.group) for run in quantized} == {("W4A4", 32)}
     cells = {(run.size, run.tokens): run for run in quantized}
-    S = [2 * run.tokens / grid.non_embedding_count(run.layers, run.hidden, run.ffn, run.heads, run.kv_heads)
-         for run in cells.values()]  # D / (N * 4 bits / 8)
+    S = [split.tokens_per_parameter_byte(grid.non_embedding_count(run.layers, run.hidden, run.ffn, run.heads,
+                                                                  run.kv_heads), run.tokens, split.bits(run.precision))
+         for run in cells.values()]
     assert len(cells) >= 3 and max(S) / min(S) >= 10
     for size, budget in cells:
         in_cell = [run for run in quantized if (run.size, run.tokens) == (size, budget)]
