@@ -80,8 +80,8 @@ def test_laptop_split_grid_plans_the_issues_design():
 def test_old_run_tables_read_as_qat_from_scratch(tmp_path):
     table = runtable.read_runs(ROOT / "reference" / "laptop" / "runs.parquet", all_fractions=True)
     assert (table["qat_fraction"] == 1.0).all() and len(table) == 70
-    split = pd.concat([table.head(2), table.head(2).assign(run_id=lambda t: t["run_id"] + "_f0.5", qat_fraction=0.5)])
-    split.to_parquet(tmp_path / "runs.parquet")
+    branched = pd.concat([table.head(2), table.head(2).assign(run_id=lambda t: t["run_id"] + "_f0.5", qat_fraction=0.5)])
+    branched.to_parquet(tmp_path / "runs.parquet")
     assert list(runtable.read_runs(tmp_path / "runs.parquet")["run_id"]) == list(table["run_id"].head(2))
     assert len(runtable.read_runs(tmp_path / "runs.parquet", all_fractions=True)) == 4
 
