@@ -117,6 +117,18 @@ def test_cli_bad_input_is_one_line(args, message):
     assert len(lines) == 1 and lines[0].startswith(message), result.stderr
 
 
+@pytest.mark.parametrize("command", ["predict", "plan"])
+def test_a_fit_without_any_unified_law_is_refused_in_one_line(command):
+    """reference/laptop-split fits no δ law (one G, one precision): predict and plan say so, not a traceback."""
+    folder = ROOT / "reference" / "laptop-split" / "fit"
+    extra = ["--G", "32"] if command == "predict" else []
+    result = run(command, "--law", str(folder), "--N", "1e5", "--D", "4e6", *extra)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1 and "no precision has a fitted unified law" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_law_file_without_the_precision(tmp_path):
     params = pd.read_parquet(ROOT / "reference" / "laptop" / "fit" / "params.parquet")
     params[params["precision"] != "W16A4"].to_parquet(tmp_path / "params.parquet", index=False)

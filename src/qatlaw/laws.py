@@ -101,7 +101,11 @@ def load(spec: str = DEFAULT) -> Law:
     path = Path(spec)
     if not path.exists():
         raise LawError(f"--law {spec}: neither a shipped law ({', '.join(SHIPPED)}) nor an existing file or folder")
-    return _fitted(path.stem if path.is_file() else path.name, path, str(path))
+    law = _fitted(path.stem if path.is_file() else path.name, path, str(path))
+    if not law.precisions:
+        raise LawError(f"--law {spec}: no precision has a fitted unified law there (every one was left unfitted, "
+                       f"too few runs); give a fit that has one, or a shipped law ({', '.join(SHIPPED)})")
+    return law
 
 
 def available() -> list[Law]:
