@@ -1,4 +1,4 @@
-# Findings stage: every finding of the paper beside this grid's number, 90% interval and verdict.
+# Findings stage: every finding of the paper beside this grid's number, its interval and verdict.
 
 
 rule findings:
@@ -7,7 +7,7 @@ rule findings:
         decomposition="results/analysis/decomposition.parquet",
         outliers="results/analysis/outliers.parquet",
         params="results/fit/params.parquet",
-        comparison="results/fit/comparison.parquet",
+        predictions="results/fit/predictions.parquet",
         bootstrap="results/fit/bootstrap.parquet",
     output:
         md="results/FINDINGS.md",
@@ -15,8 +15,9 @@ rule findings:
     params:
         results=subpath(input.runs, parent=True),
         metric=config["fit"]["metric"],
-        note="The measured CPU-scale study, 70 runs with 90% intervals, is reference/laptop/FINDINGS.md "
-        "(make reference re-creates it); a small grid leaves most findings within noise.",
+        note="The measured CPU-scale studies are reference/laptop-v2/FINDINGS.md (96 runs) and "
+        "reference/laptop/FINDINGS.md (70 runs); a grid this small leaves most findings within noise or not "
+        "measurable.",
     log:
         "results/logs/findings.log",
     conda:

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from qatlaw import cli, findings, outputs, paper, plots, split
+from qatlaw import cli, findings, outputs, paper, plots, resample, split
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"s1": 30_000, "s2": 100_000, "s3": 300_000}  # N
@@ -62,7 +62,7 @@ def test_cell_optima_match_the_law():
     for r in optima.itertuples():
         true = fs[np.argmin(split.predict_delta(TRUE, r.N, r.S, fs))]
         assert abs(r.f_star - true) < 0.08, (r.size, r.tokens_requested, r.f_star, true)
-        assert r.f_low <= r.f_star <= r.f_high
+        assert r.f_low <= r.f_high and r.spread == split.SEED_RANGE  # 2 seeds: their range, not an interval
         assert r.f_measured in FRACTIONS and r.ptq_gap > 0 and r.scratch_gap > 0
     assert optima["interior"].all()
 
@@ -124,14 +124,68 @@ def test_split_findings_of_a_synthetic_table():
     rows = pd.DataFrame(findings.split_findings(runs, "val_loss"), columns=list(findings.COLUMNS))
     cells = rows[rows["finding"].str.startswith("f* inside (0, 1)")]
     assert len(cells) == 9 and (cells["verdict"] == "reproduced").all()
+    assert (cells["interval"] == split.SEED_RANGE).all()
     for start in ("f* grows with S", "loss gap of QAT from scratch", "PTQ (f = 0) worse"):
         row = rows[rows["finding"].str.startswith(start)].iloc[0]
         assert row["verdict"] == "reproduced" and row["ci_low"] > 0, start
     a = rows[rows["finding"].str.contains("exp")].iloc[0]
     assert math.isfinite(a["measured"]) and a["paper"].startswith("6.7297")
+    assert a["verdict"] in findings.VERDICTS and "±25%" in a["finding"]
     section = findings.split_law_markdown(runs, "val_loss")
     assert "| loss | W4A4 G32 | rho |" in section and "| f*(S) | W4A4 G32 | a | 6.7297 |" in section
     assert findings.split_findings(pd.read_parquet(ROOT / "reference" / "laptop" / "runs.parquet"), "val_loss") == []
+
+
+def test_scratch_gap_is_measured_on_the_seeds_that_did_not_choose_the_fraction():
+    """Seed 0's best split fraction is 0.2 and seed 1's 0.35: each seed's gap is measured at the other's choice,
+    so the gap is the one a user would get, not the best of the runs that measure it."""
+    runs = synthetic_runs(sizes={"s2": 100_000}, tokens=(3_000_000,), noise=0.0)
+    base = runs.loc[runs["precision"] == "BF16"].set_index("seed")["loss"]
+    shape = {0.0: 0.08, 0.1: 0.05, 0.2: 0.03, 0.35: 0.04, 0.5: 0.045, 0.7: 0.05, 1.0: 0.06}
+    for seed, best in ((0, 0.2), (1, 0.35)):
+        curve = dict(shape) if best == 0.2 else {**shape, 0.2: 0.04, 0.35: 0.03}
+        mask = (runs["seed"] == seed) & (runs["precision"] == "W4A4")
+        runs.loc[mask, "loss"] = base[seed] + runs.loc[mask, "qat_fraction"].map(curve)
+    runs["val_loss"] = runs["loss"]
+    gaps = split.seed_gaps(split.split_deltas(runs, "val_loss")).set_index("seed")
+    assert gaps.loc[0, "f_hat"] == 0.35 and gaps.loc[1, "f_hat"] == 0.2
+    assert gaps["scratch_gap"].to_numpy() == pytest.approx([0.06 - 0.04, 0.06 - 0.04])
+    assert split.cell_optima(split.split_deltas(runs, "val_loss"))["scratch_gap"].iloc[0] == pytest.approx(0.025)
+
+
+def test_split_gap_interval_resamples_cells_and_the_seeds_inside_them():
+    """Three cells of 2 seeds whose gaps disagree in sign inside one cell: the interval comes from resampling
+    cells and then seeds (qatlaw.resample), so it spans 0, where a resample of the 3 cell means would not."""
+    table = pd.DataFrame({"size": ["a", "a", "b", "b", "c", "c"], "tokens_requested": 1, "seed": [0, 1] * 3,
+                          "precision": "W4A4", "group": "32", "S": 10.0,
+                          "scratch_gap": [0.05, -0.03, 0.04, -0.02, 0.06, -0.03], "ptq_gap": 0.01})
+    row = findings._design_mean_row("gap", "> 0", table, "scratch_gap", "")
+    plan = resample.of_table(table, ["size", "tokens_requested"], "seed")
+    values = table["scratch_gap"].to_numpy()
+    expected = np.quantile([values[i].mean() for i in plan.draws(findings.N_BOOT, findings.SEED)], [0.05, 0.95])
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx(tuple(expected))
+    assert row["verdict"] == "within noise" and row["n"] == 6
+    cell_means = table.groupby("size")["scratch_gap"].mean().to_numpy()
+    assert (cell_means > 0).all()  # every cell mean is positive: a cell-mean resample would say "reproduced"
+
+
+def test_split_rows_can_come_out_opposite():
+    """Every seed's best fraction is 1 (QAT from scratch) and PTQ beats every QAT fraction: f* wholly at 1
+    (opposite), the gap of scratch over f̂ negative (opposite), PTQ better than the worst QAT (opposite)."""
+    runs = synthetic_runs(noise=0.0)
+    base = runs[runs["precision"] == "BF16"].set_index(["size", "tokens_requested", "seed"])["loss"]
+    qat = runs["precision"] == "W4A4"
+    keys = pd.MultiIndex.from_frame(runs.loc[qat, ["size", "tokens_requested", "seed"]])
+    curve = runs.loc[qat, "qat_fraction"].map({0.0: 0.02, 0.1: 0.09, 0.2: 0.08, 0.35: 0.07, 0.5: 0.06, 0.7: 0.05,
+                                                1.0: 0.03})
+    runs.loc[qat, "loss"] = base.reindex(keys).to_numpy() + curve.to_numpy() + \
+        0.001 * np.random.default_rng(0).standard_normal(int(qat.sum()))
+    runs["val_loss"] = runs["loss"]
+    rows = pd.DataFrame(findings.split_findings(runs, "val_loss"), columns=list(findings.COLUMNS))
+    verdict = dict(zip(rows["finding"], rows["verdict"]))
+    assert {v for k, v in verdict.items() if k.startswith("f* inside")} == {"opposite"}
+    assert verdict[next(k for k in verdict if k.startswith("loss gap"))] == "opposite"
+    assert verdict[next(k for k in verdict if k.startswith("PTQ"))] == "opposite"
 
 
 def test_plan_recommends_a_fraction(tmp_path, capsys):

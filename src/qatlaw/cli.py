@@ -341,6 +341,14 @@ def _reference(args: argparse.Namespace) -> None:
     log.info("reference results -> %s", out)
 
 
+def _refit(args: argparse.Namespace) -> None:
+    from qatlaw import reference
+
+    for folder in args.folders:
+        reference.refit(folder, command=f"qatlaw refit {folder}")
+        log.info("refitted %s (fit, figures, tables, findings; no run retrained)", folder)
+
+
 def _restore(args: argparse.Namespace) -> None:
     from qatlaw import reference
 
@@ -648,6 +656,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--command", default="", help="the command that produced the results (recorded)")
     s.add_argument("--title", default="reference grid")
     s.set_defaults(func=_reference)
+
+    s = sub.add_parser("refit", help="refit shipped studies in place: fit, figures, tables, findings (no training)")
+    s.add_argument("folders", nargs="+", help="study folders written by `qatlaw reference`, e.g. reference/laptop")
+    s.set_defaults(func=_refit)
 
     s = sub.add_parser("restore", help="write runs of a shipped study folder into results/restored/ (rule restore)")
     s.add_argument("folder", help="a study folder written by `qatlaw reference`, e.g. reference/laptop")

@@ -1,4 +1,4 @@
-"""The paper's findings, each set beside a grid's measured number, its 90% interval and a verdict.
+"""The paper's findings, each set beside a grid's measured number, its interval and a verdict.
 
 :func:`findings` reads a results folder (the workflow's ``results/`` or a shipped ``reference/<grid>/``) and
 returns one row per finding (``findings.parquet``; :func:`write_findings_md` renders it as FINDINGS.md):
@@ -7,22 +7,30 @@ returns one row per finding (``findings.parquet``; :func:`write_findings_md` ren
 |---|---|
 | ``finding`` | short name, e.g. ``W4A4 gamma_N > 0`` |
 | ``paper`` | the paper's number or claim |
-| ``measured``, ``ci_low``, ``ci_high`` | this grid's number and its 90% interval (NaN where none applies) |
-| ``verdict`` | ``reproduced``, ``not reproduced`` or ``opposite`` |
+| ``measured``, ``ci_low``, ``ci_high`` | this grid's number and its interval (NaN where none applies) |
+| ``interval`` | what ``ci_low``–``ci_high`` is: ``90%`` (bootstrap percentiles), ``seed range`` (2 seeds), or empty |
+| ``verdict`` | ``reproduced``, ``opposite``, ``within noise`` or ``not measurable`` (``VERDICTS``) |
 | ``reason`` | why, in the terms of the rule that decided it |
 | ``n`` | runs, cells or draws behind the number |
+| ``left_out`` | runs of the finding's kind that the number could not use (diverged, or a relative error of δ ≤ 0) |
 
-Every interval is a bootstrap percentile interval (5th–95th): of the law fit's own draws
-(``fit/bootstrap.parquet``) for fitted constants, and of ``N_BOOT`` resamples of cells (seeded) for the
-decomposition slope, the FC2 changes and the kurtosis gap. A sign claim is ``reproduced`` when its interval
-lies wholly on the paper's side of zero, ``opposite`` when it lies wholly on the other side, and ``not
-reproduced`` when it spans zero (indistinguishable from noise at this grid). The paper's numbers come from
-:func:`qatlaw.paper.constants`.
+**Intervals at the level of the design.** Runs of one (size, tokens, seed) share one BF16 baseline, so their δ
+share its noise: every interval resamples cells, and the seeds inside each cell (:mod:`qatlaw.resample`),
+N_BOOT times, seeded. The fitted constants' intervals come from the fit's own draws (``fit/bootstrap.parquet``),
+resampled the same way.
+
+**Verdicts, every one from an interval.** A sign claim is ``reproduced`` when the interval lies wholly on the
+paper's side of its threshold, ``opposite`` when wholly on the other side, ``within noise`` when it spans the
+threshold (measured, but not resolved by this grid). A band claim (k in [0.8, 1], an error at most 10%, a
+constant within ±25% of the paper's) is ``reproduced`` when the interval lies inside the band, ``opposite``
+when wholly outside, ``within noise`` when it spans an edge. ``not measurable`` says why the grid cannot test
+the claim (no such runs, a law its runs do not identify, one seed). Ratios are ratios of means over paired
+cells, never means of ratios, and a row says how many of its cells have a δ under the seed noise floor.
 
 A run table with runs of a QAT fraction below 1 (the FP→QAT split, :mod:`qatlaw.split`) adds the split's findings
-(Dremov et al. 2025) per precision and group: f* inside (0, 1) per cell (its seed-bootstrap interval), f* growing
-with S (the slope of ln f* on ln S over resampled cells), the constant a of f*(S) = exp(−a / ln S), the loss gap
-of QAT from scratch over f*, and PTQ worse than any QAT fraction (both over resampled cells); FINDINGS.md then
+(Dremov et al. 2025) per precision and group: f* inside (0, 1) per cell (its spread over seeds), f* growing with
+S (the slope of ln f* on ln S), the constant a of f*(S) = exp(−a / ln S) against the paper's, the loss gap of QAT
+from scratch over a fraction chosen on the other seeds, and PTQ worse than any QAT fraction; FINDINGS.md then
 also lists both split laws' constants. Without such runs the findings are exactly those above.
 """
 
@@ -34,44 +42,67 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.stats import chi2
 
-from qatlaw import fit, paper, split
+from qatlaw import fit, paper, resample, runtable, split
 from qatlaw.config import schema_default
 from qatlaw.io import atomic_path, read_parquet, write_parquet
 from qatlaw.runtable import read_runs
 
-COLUMNS = ("finding", "paper", "measured", "ci_low", "ci_high", "verdict", "reason", "n")
+COLUMNS = ("finding", "paper", "measured", "ci_low", "ci_high", "interval", "verdict", "reason", "n", "left_out")
+VERDICTS = ("reproduced", "opposite", "within noise", "not measurable")
 N_BOOT = 2000
 SEED = 0
 SIGN_PRECISIONS = ("W4A4", "W4A16", "W16A4")  # the unified laws whose exponents' signs are findings
-K_RANGE = (0.8, 1.0)
-HELD_OUT_BOUND = 0.10
+K_BAND = (0.8, 1.0)
+ERROR_BOUND = 0.10  # a law's mean relative error of δ this project counts as predictive
 CV_BOUND = 0.10
+EQUIVALENCE_RTOL = 0.25  # a constant matches the paper's when its whole interval lies within ±25% of it
+CELL = ["size", "tokens_requested"]  # a design cell; its seeds are resampled inside it
+INTERVAL_90 = split.INTERVAL_90
 
 
 def _interval(values: np.ndarray) -> tuple[float, float]:
+    """5th and 95th percentiles of the finite values; NaN when fewer than half the draws are finite."""
     values = np.asarray(values, float)
-    values = values[np.isfinite(values)]
-    if not len(values):
+    finite = values[np.isfinite(values)]
+    if not len(finite) or len(finite) < fit.MIN_BOOT_SHARE * len(values):
         return math.nan, math.nan
-    low, high = np.quantile(values, fit.BOOT_QUANTILES)
+    low, high = np.quantile(finite, fit.BOOT_QUANTILES)
     return float(low), float(high)
 
 
-def _resampled(n: int, stat: Callable[[np.ndarray], float]) -> np.ndarray:
-    """``stat`` of N_BOOT resamples (with replacement) of the indices 0..n-1."""
-    rng = np.random.default_rng(SEED)
-    return np.array([stat(rng.integers(0, n, n)) for _ in range(N_BOOT)])
+def _resampled(plan: resample.Design, stat: Callable[[np.ndarray], float]) -> np.ndarray:
+    """``stat`` of N_BOOT resamples of the design (row indices)."""
+    return np.array([stat(idx) for idx in plan.draws(N_BOOT, SEED)])
 
 
-def _sign_verdict(low: float, high: float, positive: bool = True) -> tuple[str, str]:
+def _design(table: pd.DataFrame) -> resample.Design:
+    return resample.of_table(table, CELL, "seed")
+
+
+def sign_verdict(low: float, high: float, positive: bool = True, threshold: float = 0.0) -> tuple[str, str]:
+    """The verdict of a claim "above ``threshold``" (below, when not ``positive``) from its interval."""
     if not (math.isfinite(low) and math.isfinite(high)):
-        return "not reproduced", "no interval (too few runs to resample)"
-    if (low > 0) if positive else (high < 0):
-        return "reproduced", "90% interval excludes 0 on the paper's side"
-    if (high < 0) if positive else (low > 0):
-        return "opposite", "90% interval excludes 0 on the other side"
-    return "not reproduced", "90% interval spans 0: within noise at this grid"
+        return "not measurable", "no interval: too few cells to resample"
+    at = f"{threshold:g}"
+    if (low > threshold) if positive else (high < threshold):
+        return "reproduced", f"interval excludes {at} on the paper's side"
+    if (high < threshold) if positive else (low > threshold):
+        return "opposite", f"interval excludes {at} on the other side"
+    return "within noise", f"interval spans {at}: measured, not resolved by this grid"
+
+
+def band_verdict(low: float, high: float, band: tuple[float, float]) -> tuple[str, str]:
+    """The verdict of a claim "inside ``band``" from its interval: inside, wholly outside, or spanning an edge."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return "not measurable", "no interval: too few cells to resample"
+    edges = f"[{_number(band[0])}, {_number(band[1])}]"
+    if band[0] <= low and high <= band[1]:
+        return "reproduced", f"interval inside {edges}"
+    if high < band[0] or low > band[1]:
+        return "opposite", f"interval wholly outside {edges}"
+    return "within noise", f"interval spans an edge of {edges}"
 
 
 def _minus(fraction: float) -> str:
@@ -80,9 +111,14 @@ def _minus(fraction: float) -> str:
 
 
 def _row(finding: str, cited: str, measured: float, interval: tuple[float, float], verdict: tuple[str, str],
-         n: int) -> dict:
-    return {"finding": finding, "paper": cited, "measured": measured, "ci_low": interval[0],
-            "ci_high": interval[1], "verdict": verdict[0], "reason": verdict[1], "n": int(n)}
+         n: int, left_out: int = 0, kind: str = INTERVAL_90) -> dict:
+    kind = kind if math.isfinite(interval[0]) else ""
+    return {"finding": finding, "paper": cited, "measured": measured, "ci_low": interval[0], "ci_high": interval[1],
+            "interval": kind, "verdict": verdict[0], "reason": verdict[1], "n": int(n), "left_out": int(left_out)}
+
+
+def _not_measurable(finding: str, cited: str, reason: str, n: int = 0, measured: float = math.nan) -> dict:
+    return _row(finding, cited, measured, (math.nan, math.nan), ("not measurable", reason), n)
 
 
 def _constant(params: pd.DataFrame, law: str, precision: str, constant: str) -> pd.Series | None:
@@ -90,150 +126,199 @@ def _constant(params: pd.DataFrame, law: str, precision: str, constant: str) -> 
     return None if rows.empty else rows.iloc[0]
 
 
-def law_findings(params: pd.DataFrame, draws: pd.DataFrame) -> list[dict]:
-    """Signs of the unified laws' exponents, and γD of weight- vs activation-only quantization."""
+def _why_not_fitted(runs: pd.DataFrame, precision: str) -> str:
+    """Why a precision's unified law has no constants, from the runs it would be fitted to."""
+    rows = runs[runs["precision"] == precision]
+    if rows.empty:
+        return f"no {precision} runs on this grid"
+    n = len(rows)
+    if n < len(fit.DELTA_CONSTANTS):
+        return f"{n} {precision} run{'s' * (n > 1)} for {len(fit.DELTA_CONSTANTS)} constants"
+    single = [c for c in ("N", "D", "G") if rows[c].nunique() < 2]
+    if single:
+        return f"its {n} runs have a single {', '.join(single)}: that exponent is not identified"
+    return f"its {n} runs do not identify every constant (see the fit's log)"
+
+
+def _cells_of(deltas: pd.DataFrame, precision: str) -> int:
+    return int(deltas[deltas["precision"] == precision].groupby(["N", "D"]).ngroups)
+
+
+def noise_floor(decomp: pd.DataFrame, column: str = "delta_W4A4") -> float:
+    """The seed noise floor of δ: the pooled standard deviation over seeds of δ_W4A4 (the δ a grid repeats over
+    seeds; every δ has the same sources of noise, a QAT run and its baseline) in every (size, tokens, G) with 2
+    or more seeds (NaN when no cell has 2)."""
+    groups = decomp.dropna(subset=[column]).groupby([*CELL, "G"])[column]
+    var, dof = groups.var(ddof=1), groups.count() - 1
+    ok = dof > 0
+    return float(np.sqrt((var[ok] * dof[ok]).sum() / dof[ok].sum())) if ok.any() else math.nan
+
+
+def _under_floor(values: np.ndarray, floor: float) -> str:
+    if not math.isfinite(floor):
+        return "seed noise floor not measured (no cell with 2 seeds)"
+    return f"{int((np.abs(values) < floor).sum())} of {len(values)} cells under the seed noise floor {floor:.3f}"
+
+
+def law_findings(params: pd.DataFrame, draws: pd.DataFrame, deltas: pd.DataFrame) -> list[dict]:
+    """Signs of the unified laws' exponents, and γD of weight- vs activation-only quantization (their draws
+    paired by resample number: the same cells drawn for both)."""
     rows = []
     table1 = paper.constants()["unified"]
     for precision in SIGN_PRECISIONS:
         cited = table1[precision]
         for constant in ("gamma_N", "gamma_D", "gamma_G"):
+            name, paper_value = f"{precision} {constant} > 0", f"{cited[constant]:.4f}"
             row = _constant(params, "unified", precision, constant)
             if row is None or not math.isfinite(row["value"]):
-                rows.append(_row(f"{precision} {constant} > 0", f"{cited[constant]:.4f}", math.nan,
-                                 (math.nan, math.nan), ("not reproduced", "law not fitted (too few runs)"), 0))
+                rows.append(_not_measurable(name, paper_value, f"law not fitted: {_why_not_fitted(deltas, precision)}"))
                 continue
             interval = (float(row["ci_low"]), float(row["ci_high"]))
-            rows.append(_row(f"{precision} {constant} > 0", f"{cited[constant]:.4f}", float(row["value"]), interval,
-                             _sign_verdict(*interval), int(row["n_runs"])))
+            verdict = sign_verdict(*interval) if math.isfinite(interval[0]) else \
+                ("not measurable", f"no interval: fewer than half the resamples of its {_cells_of(deltas, precision)} "
+                                   "cells identify the law")
+            rows.append(_row(name, paper_value, float(row["value"]), interval, verdict, int(row["n_runs"]),
+                             int(row["n_dropped"])))
     cited_w, cited_a = (table1[p]["gamma_D"] for p in ("W4A16", "W16A4"))
+    name, paper_value = "gamma_D W4A16 > gamma_D W16A4", f"{cited_w:.3f} − {cited_a:.3f} = {cited_w - cited_a:.3f}"
     w, a = (_constant(params, "unified", p, "gamma_D") for p in ("W4A16", "W16A4"))
-    if w is None or a is None or not (math.isfinite(w["value"]) and math.isfinite(a["value"])):
-        rows.append(_row("gamma_D W4A16 > gamma_D W16A4", f"{cited_w:.3f} > {cited_a:.3f}", math.nan,
-                         (math.nan, math.nan), ("not reproduced", "a law is not fitted"), 0))
+    missing = [p for p, r in (("W4A16", w), ("W16A4", a)) if r is None or not math.isfinite(r["value"])]
+    if missing:
+        rows.append(_not_measurable(name, paper_value, "; ".join(f"{p} law not fitted: {_why_not_fitted(deltas, p)}"
+                                                                 for p in missing)))
         return rows
-    pick = (draws["law"] == "unified") & (draws["constant"] == "gamma_D")
-    dw = draws[pick & (draws["precision"] == "W4A16")]["value"].to_numpy(float)
-    da = draws[pick & (draws["precision"] == "W16A4")]["value"].to_numpy(float)
-    n = min(len(dw), len(da))  # independent resamples of two run sets: draw i of one against draw i of the other
-    interval = _interval(dw[:n] - da[:n]) if n else (math.nan, math.nan)
-    rows.append(_row("gamma_D W4A16 > gamma_D W16A4", f"{cited_w:.3f} − {cited_a:.3f} = {cited_w - cited_a:.3f}",
-                     float(w["value"] - a["value"]), interval, _sign_verdict(*interval), n))
+    pick = draws[(draws["law"] == "unified") & (draws["constant"] == "gamma_D")]
+    wide = pick.pivot_table(index="draw", columns="precision", values="value")
+    paired = wide[["W4A16", "W16A4"]].dropna() if {"W4A16", "W16A4"} <= set(wide.columns) else wide.iloc[:0]
+    interval = _interval((paired["W4A16"] - paired["W16A4"]).to_numpy()) if len(paired) else (math.nan, math.nan)
+    rows.append(_row(name, paper_value, float(w["value"] - a["value"]), interval, sign_verdict(*interval),
+                     int(w["n_runs"] + a["n_runs"]), int(w["n_dropped"] + a["n_dropped"])))
     return rows
 
 
 def decomposition_finding(decomp: pd.DataFrame) -> dict:
-    """k of δ_W4A4 ≈ k·(δ_W4A16 + δ_W16A4) through the origin, with an interval over resampled cells."""
+    """k of δ_W4A4 ≈ k·(δ_W4A16 + δ_W16A4) through the origin, its interval over resampled cells and seeds, and
+    the band [0.8, 1]."""
     ok = decomp[["delta_W4A4", "sum_components"]].notna().all(axis=1)
-    x, y = decomp.loc[ok, "sum_components"].to_numpy(float), decomp.loc[ok, "delta_W4A4"].to_numpy(float)
-    name, cited = f"decomposition k in [{K_RANGE[0]}, {K_RANGE[1]}]", f"{paper.constants()['decomposition_k']}"
+    part = decomp[ok].reset_index(drop=True)
+    x, y = part["sum_components"].to_numpy(float), part["delta_W4A4"].to_numpy(float)
+    name, cited = f"decomposition k in [{K_BAND[0]}, {K_BAND[1]}]", f"{paper.constants()['decomposition_k']}"
     if len(x) < 2:
-        return _row(name, cited, math.nan, (math.nan, math.nan), ("not reproduced", "fewer than 2 cells"), len(x))
+        return _not_measurable(name, cited, "no cell with W4A4, W4A16 and W16A4 runs on this grid"
+                               if not len(x) else "1 cell with W4A4, W4A16 and W16A4 runs", len(x))
 
     def slope(idx: np.ndarray) -> float:
         sxx = float(x[idx] @ x[idx])
         return float(x[idx] @ y[idx]) / sxx if sxx > 0 else math.nan
 
-    k, interval = slope(np.arange(len(x))), _interval(_resampled(len(x), slope))
-    inside = K_RANGE[0] <= k <= K_RANGE[1]
-    verdict = ("reproduced", f"k within [{K_RANGE[0]}, {K_RANGE[1]}]") if inside else \
-        ("not reproduced", f"k outside [{K_RANGE[0]}, {K_RANGE[1]}]")
-    return _row(name, cited, k, interval, verdict, len(x))
+    interval = _interval(_resampled(_design(part), slope))
+    return _row(name, cited, slope(np.arange(len(x))), interval, band_verdict(*interval, K_BAND), len(x))
 
 
 def ratio_finding(decomp: pd.DataFrame) -> dict:
-    """R = δ_W16A4 / δ_W4A16 > 1 (activation error dominates), mean over cells with both δ > 0."""
-    ok = (decomp["delta_W4A16"] > 0) & (decomp["delta_W16A4"] > 0)
-    r = (decomp.loc[ok, "delta_W16A4"] / decomp.loc[ok, "delta_W4A16"]).to_numpy(float)
+    """The activation error exceeds the weight error: mean δ_W16A4 − mean δ_W4A16 > 0 over the cells with both,
+    with R = their ratio of means (the paper's 1.20–1.67) in the reason."""
+    part = decomp.dropna(subset=["delta_W4A16", "delta_W16A4"]).reset_index(drop=True)
     low, high = paper.constants()["ratio_R"]
-    name, cited = "R = delta_W16A4 / delta_W4A16 > 1", f"{low:.2f}–{high:.2f}"
-    if len(r) < 2:
-        return _row(name, cited, math.nan, (math.nan, math.nan), ("not reproduced", "fewer than 2 cells"), len(r))
-    log_r = np.log(r)
-    interval = tuple(float(np.exp(v)) for v in _interval(_resampled(len(r), lambda i: float(log_r[i].mean()))))
-    verdict = _sign_verdict(math.log(interval[0]), math.log(interval[1]))
-    verdict = (verdict[0], verdict[1].replace("excludes 0", "excludes 1").replace("spans 0", "spans 1"))
-    return _row(name + " (geometric mean)", cited, float(np.exp(log_r.mean())), interval, verdict, len(r))
+    name, cited = "delta_W16A4 > delta_W4A16 (R = ratio of means)", f"R = {low:.2f}–{high:.2f}"
+    if len(part) < 2:
+        return _not_measurable(name, cited, "fewer than 2 cells with W4A16 and W16A4 runs", len(part))
+    w, a = part["delta_W4A16"].to_numpy(float), part["delta_W16A4"].to_numpy(float)
+    interval = _interval(_resampled(_design(part), lambda i: float(a[i].mean() - w[i].mean())))
+    verdict, why = sign_verdict(*interval)
+    ratio = f"R = {a.mean() / w.mean():.2f}" if w.mean() > 0 else "R undefined (mean δ_W4A16 ≤ 0)"
+    return _row(name, cited, float(a.mean() - w.mean()), interval,
+                (verdict, f"{why}; {ratio}; δ_W4A16: {_under_floor(w, noise_floor(decomp))}"), len(part))
 
 
 def fc2_findings(decomp: pd.DataFrame) -> list[dict]:
-    """Relative change of δ_W4A4 with the FC2 input at 8 bit, per G (paired by cell and seed), and whether it
-    is larger at the coarsest G than at the finest."""
-    ok = (decomp["delta_W4A4"] > 0) & decomp["delta_W4A4_fc2a8"].notna()
-    part = decomp[ok].assign(change=lambda d: d["delta_W4A4_fc2a8"] / d["delta_W4A4"] - 1)
+    """Change of δ_W4A4 with the FC2 input at 8 bit, per G, as a ratio of means over paired cells (Σ δ_fc2a8 /
+    Σ δ_W4A4 − 1), and whether it is larger at the coarsest G than at the finest (the same cells resampled)."""
     cited = paper.constants()["fc2a8_change"]
     each = ", ".join(f"{v:+.1%} at G={g}" for g, v in cited.items())
-    fine_g, coarse_g = min(cited), max(cited)
-    contrast = f"{_minus(cited[coarse_g])} at G={coarse_g} vs {_minus(cited[fine_g])} at G={fine_g}"
-    rows, changes = [], {}
-    for G, sub in part.groupby("G"):
-        c = sub["change"].to_numpy(float)
-        changes[int(G)] = c
-        interval = _interval(_resampled(len(c), lambda i, c=c: float(c[i].mean()))) if len(c) > 1 else \
-            (math.nan, math.nan)
-        rows.append(_row(f"FC2-8-bit lowers delta_W4A4 at G={int(G)}", each, float(c.mean()), interval,
-                         _sign_verdict(*interval, positive=False), len(c)))
-    if len(changes) >= 2:
-        fine, coarse = changes[min(changes)], changes[max(changes)]
-        rng = np.random.default_rng(SEED)
-        diffs = np.array([rng.choice(coarse, len(coarse)).mean() - rng.choice(fine, len(fine)).mean()
-                          for _ in range(N_BOOT)])
-        interval = _interval(diffs)
-        rows.append(_row(f"FC2-8-bit lowers delta more at G={max(changes)} than at G={min(changes)}",
-                         contrast, float(coarse.mean() - fine.mean()), interval,
-                         _sign_verdict(*interval, positive=False), len(coarse) + len(fine)))
+    part = decomp.dropna(subset=["delta_W4A4", "delta_W4A4_fc2a8"]).reset_index(drop=True)
+    if part.empty:
+        return [_not_measurable("FC2-8-bit lowers delta_W4A4", each, "no W4A4-fc2a8 runs on this grid")]
+    floor = noise_floor(decomp)
+
+    def change(idx: np.ndarray) -> float:
+        base = part["delta_W4A4"].to_numpy(float)[idx].sum()
+        return float(part["delta_W4A4_fc2a8"].to_numpy(float)[idx].sum() / base - 1) if base > 0 else math.nan
+
+    rows, groups = [], sorted(int(g) for g in part["G"].unique())
+    for G in groups:
+        sub = part.index[part["G"] == G].to_numpy()
+        interval = _interval(_resampled(_design(part.loc[sub]), lambda i, sub=sub: change(sub[i])))
+        verdict, why = sign_verdict(*interval, positive=False)
+        rows.append(_row(f"FC2-8-bit lowers delta_W4A4 at G={G}", each, change(sub), interval,
+                         (verdict, f"{why}; {_under_floor(part.loc[sub, 'delta_W4A4'].to_numpy(float), floor)}"),
+                         len(sub)))
+    if len(groups) >= 2:
+        fine_g, coarse_g = min(cited), max(cited)
+        contrast = f"{_minus(cited[coarse_g])} at G={coarse_g} vs {_minus(cited[fine_g])} at G={fine_g}"
+        both = part[part["G"].isin([groups[0], groups[-1]])].reset_index(drop=True)
+        coarse = both["G"].to_numpy() == groups[-1]
+
+        def contrast_of(idx: np.ndarray) -> float:
+            rows_ = both.iloc[idx]
+            sums = [rows_[mask][["delta_W4A4", "delta_W4A4_fc2a8"]].sum() for mask in (coarse[idx], ~coarse[idx])]
+            if min(s["delta_W4A4"] for s in sums) <= 0:
+                return math.nan
+            return float(np.subtract(*(s["delta_W4A4_fc2a8"] / s["delta_W4A4"] for s in sums)))
+
+        interval = _interval(_resampled(_design(both), contrast_of))
+        rows.append(_row(f"FC2-8-bit lowers delta more at G={groups[-1]} than at G={groups[0]}", contrast,
+                         contrast_of(np.arange(len(both))), interval, sign_verdict(*interval, positive=False),
+                         len(both)))
     return rows
 
 
-def kurtosis_finding(outliers: pd.DataFrame, precision: str) -> dict:
+def kurtosis_finding(outliers: pd.DataFrame, runs: pd.DataFrame, precision: str) -> dict:
     """FC2's input has the highest kurtosis of the four linear inputs: the gap FC2 − the highest other layer
-    type (per-run means over blocks), with an interval over resampled runs."""
-    runs = outliers[outliers["precision"] == precision]
-    per = runs.groupby(["run_id", "layer_type"])["kurtosis_token"].mean().unstack("layer_type")
-    name = f"FC2 input kurtosis highest ({precision} runs)"
+    type (per-run means over blocks), with an interval over resampled cells and seeds."""
+    per = outliers[outliers["precision"] == precision].groupby(["run_id", "layer_type"])["kurtosis_token"] \
+        .mean().unstack("layer_type")
+    name = f"FC2 input kurtosis highest ({precision} runs): fc2 − highest other"
     kurtosis = paper.constants()["fc2_input_kurtosis"]
     cited = f"FC2 {kurtosis['BF16']} (BF16), {kurtosis['W4A4']} (W4A4); others lower"
     if "fc2" not in per or per.empty:
-        return _row(name, cited, math.nan, (math.nan, math.nan), ("not reproduced", "no outlier statistics"), 0)
+        return _not_measurable(name, cited, f"no outlier statistics of {precision} runs")
     others = per.drop(columns="fc2")
     gap = (per["fc2"] - others.max(axis=1)).to_numpy(float)
-    interval = _interval(_resampled(len(gap), lambda i: float(gap[i].mean())))
-    verdict = _sign_verdict(*interval)
+    cells = runs.set_index("run_id").reindex(per.index)[[*CELL, "seed"]].reset_index(drop=True)
+    interval = _interval(_resampled(_design(cells), lambda i: float(gap[i].mean())))
+    verdict = sign_verdict(*interval)
     top = per.mean().idxmax()
     reason = f"{verdict[1]}; mean kurtosis fc2 {per['fc2'].mean():.1f}, highest other {others.mean().idxmax()} " \
              f"{others.mean().max():.1f} (highest overall: {top})"
-    return _row(name + ": fc2 − highest other", cited, float(gap.mean()), interval, (verdict[0], reason), len(gap))
+    return _row(name, cited, float(gap.mean()), interval, (verdict[0], reason), len(gap))
 
 
-def held_out_finding(comparison: pd.DataFrame) -> dict:
-    """Mean relative error of the W4A4 law refitted without the largest N, on that N's runs."""
-    rows = comparison[(comparison["law"] == "unified") & (comparison["precision"] == "W4A4")]
-    value = float(rows["heldout_largest_N_rel_error"].iloc[0]) if len(rows) else math.nan
-    name = f"held-out largest N: W4A4 mean relative error <= {HELD_OUT_BOUND:.0%}"
-    cited = f"{paper.constants()['table2_rel_error_pct']['W4A4']['unified']}%"
-    if not math.isfinite(value):
-        return _row(name, cited, value, (math.nan, math.nan), ("not reproduced", "no held-out refit"), 0)
-    verdict = ("reproduced", f"within {HELD_OUT_BOUND:.0%}") if value <= HELD_OUT_BOUND else \
-        ("not reproduced", f"above {HELD_OUT_BOUND:.0%}")
-    return _row(name, cited, value, (math.nan, math.nan), verdict, int(rows["n_runs"].iloc[0]))
-
-
-def chinchilla_findings(params: pd.DataFrame) -> list[dict]:
-    """The Chinchilla fit on BF16 runs: more runs than constants, α and β > 0 with finite intervals."""
+def error_findings(predictions: pd.DataFrame, runs: pd.DataFrame) -> list[dict]:
+    """The W4A4 law's mean relative error of δ in sample (the paper's like number: Table 2's 4.7%) and on the
+    largest N predicted by a refit without it (the paper has no held-out number), each with its interval over
+    resampled cells and seeds, against ERROR_BOUND. A run with δ ≤ 0 has no relative error: it is counted in
+    ``left_out``."""
+    cited = paper.constants()["table2_rel_error_pct"]["W4A4"]["unified"]
     rows = []
-    cited = paper.constants()["chinchilla"]
-    for constant in ("alpha", "beta"):
-        row = _constant(params, "chinchilla", "BF16", constant)
-        if row is None or not math.isfinite(row["value"]):
-            rows.append(_row(f"Chinchilla {constant} > 0", f"{cited[constant]}", math.nan, (math.nan, math.nan),
-                             ("not reproduced", "not fitted"), 0))
+    for held_out, name, paper_value in (
+            ("none", "W4A4 law in sample", f"{cited}% (in sample, Table 2)"),
+            ("largest_N", "W4A4 law on the held-out largest N", "– (the paper reports in-sample errors only)")):
+        name = f"{name}: mean relative error <= {ERROR_BOUND:.0%}"
+        pred = predictions[(predictions["law"] == "unified") & (predictions["precision"] == "W4A4")
+                           & (predictions["held_out"] == held_out)]
+        scored = pred[pred["observed"] > 0].reset_index(drop=True)
+        if scored.empty:
+            rows.append(_not_measurable(name, paper_value, "no W4A4 law" if held_out == "none" else
+                                        "no held-out refit (the law is not fitted without the largest N)"))
             continue
-        n = int(row["n_runs"])
-        interval = (float(row["ci_low"]), float(row["ci_high"]))
-        verdict = _sign_verdict(*interval)
-        if n <= len(fit.CHINCHILLA_CONSTANTS) - 1:  # α = β tied: 4 free constants
-            verdict = ("not reproduced", f"{n} runs for 4 constants: an exact fit, not a measurement")
-        rows.append(_row(f"Chinchilla {constant} > 0", f"{cited[constant]} (tied alpha = beta)", float(row["value"]),
-                         interval, verdict, n))
+        err = scored["rel_error"].to_numpy(float)
+        cells = scored[["run_id"]].merge(runs[["run_id", *CELL, "seed"]], on="run_id", how="left")
+        interval = _interval(_resampled(_design(cells), lambda i: float(err[i].mean())))
+        verdict, why = band_verdict(*interval, (0.0, ERROR_BOUND))
+        left = len(pred) - len(scored)
+        note = f"; {left} run{'s' * (left != 1)} with δ ≤ 0 not scored" if left else ""
+        rows.append(_row(name, paper_value, float(err.mean()), interval, (verdict, why + note), len(scored), left))
     return rows
 
 
@@ -254,23 +339,49 @@ def seed_noise(decomp: pd.DataFrame) -> pd.DataFrame:
 
 
 def seed_finding(noise: pd.DataFrame) -> list[dict]:
+    """The seed CV of δ_W4A4 at every cell with 3 or more seeds against CV_BOUND, its 90% interval from the
+    χ² distribution of the sample variance (n − 1 degrees of freedom; the mean held at its estimate)."""
     rows = []
     for r in noise[noise["delta"] == "delta_W4A4"].itertuples():
-        verdict = ("reproduced", f"CV within {CV_BOUND:.0%}") if r.cv <= CV_BOUND else \
-            ("not reproduced", f"CV above {CV_BOUND:.0%}: seeds disagree on delta")
+        dof = r.seeds - 1
+        interval = (r.cv * math.sqrt(dof / chi2.ppf(fit.BOOT_QUANTILES[1], dof)),
+                    r.cv * math.sqrt(dof / chi2.ppf(fit.BOOT_QUANTILES[0], dof)))
         rows.append(_row(f"seed CV of delta_W4A4 at {r.size}/{r.tokens_requested:.3g}/G{r.G} <= {CV_BOUND:.0%}",
-                         "(target of this project)", r.cv, (math.nan, math.nan), verdict, r.seeds))
+                         "(target of this project)", r.cv, interval, band_verdict(*interval, (0.0, CV_BOUND)),
+                         r.seeds))
     return rows
 
 
-def _cell_mean_row(name: str, cited: str, values: np.ndarray) -> dict:
-    """A sign finding on the mean of per-cell values, its interval over resampled cells."""
-    values = values[np.isfinite(values)]
-    if len(values) < 2:
-        return _row(name, cited, float(values.mean()) if len(values) else math.nan, (math.nan, math.nan),
-                    ("not reproduced", f"{len(values)} cell(s): too few to resample"), len(values))
-    interval = _interval(_resampled(len(values), lambda i: float(values[i].mean())))
-    return _row(name, cited, float(values.mean()), interval, _sign_verdict(*interval), len(values))
+def _design_mean_row(name: str, cited: str, table: pd.DataFrame, column: str, empty_reason: str) -> dict:
+    """A sign finding on the mean of per-(cell, seed) values, its interval over resampled cells and seeds."""
+    part = table.dropna(subset=[column]).reset_index(drop=True)
+    if part.empty:
+        return _not_measurable(name, cited, empty_reason)
+    values = part[column].to_numpy(float)
+    interval = _interval(_resampled(_design(part), lambda i: float(values[i].mean())))
+    return _row(name, cited, float(values.mean()), interval, sign_verdict(*interval), len(part),
+                len(table) - len(part))
+
+
+def _optimum_row(r, label: str, f_small: float, f_large: float, a_paper: float) -> dict:
+    """f* inside (0, 1) in one cell, from its spread over seeds."""
+    smallest = min(float(f) for f in r.fractions.split() if float(f) > 0)
+    paper_f = split.optimum(r.S, a_paper) if r.S > 1 else math.nan
+    name = f"f* inside (0, 1) at {r.size}/{r.tokens_requested:.3g} ({label}, S = {r.S:.3g})"
+    cited = f"{f_small:.0%}–{f_large:.0%}+; f*(S) = {paper_f:.2f}"
+    if not math.isfinite(r.f_low):
+        return _row(name, cited, r.f_star, (math.nan, math.nan), ("not measurable", "one seed: no spread"),
+                    r.n_seeds)
+    spread = "the range of 2 seeds (not a 90% interval)" if r.spread == split.SEED_RANGE else "the 90% interval"
+    if r.interior:
+        verdict = ("reproduced", f"{spread} lies inside the trained fractions ({smallest:g}, 1)")
+    elif r.f_low >= split.SCRATCH or r.f_high <= smallest:
+        edge = "1 (QAT from scratch)" if r.f_low >= split.SCRATCH else f"the smallest fraction {smallest:g}"
+        verdict = ("opposite", f"{spread} lies wholly at {edge}")
+    else:
+        edge = "1 (QAT from scratch)" if r.f_high >= split.SCRATCH else f"the smallest fraction {smallest:g}"
+        verdict = ("within noise", f"{spread} reaches {edge}: the minimum is not bracketed")
+    return _row(name, cited, r.f_star, (r.f_low, r.f_high), verdict, r.n_seeds, kind=r.spread)
 
 
 def split_findings(runs: pd.DataFrame, metric: str) -> list[dict]:
@@ -280,50 +391,38 @@ def split_findings(runs: pd.DataFrame, metric: str) -> list[dict]:
     cited = paper.constants()["split"]
     a_paper, (f_small, f_large) = cited["optimum"]["a"], cited["optimum_range"]
     deltas = split.split_deltas(runs, metric)
-    optima = split.cell_optima(deltas)
+    optima, gaps = split.cell_optima(deltas), split.seed_gaps(deltas)
     rows = []
     for (precision, group), cells in optima.groupby(["precision", "group"], sort=True):
         label = f"{precision} G{group}"
-        for r in cells.itertuples():
-            smallest = min(float(f) for f in r.fractions.split() if float(f) > 0)
-            if r.interior:
-                verdict = ("reproduced", f"90% interval inside the trained fractions ({smallest:g}, 1)")
-            elif not math.isfinite(r.f_low):
-                verdict = ("not reproduced", "one seed: no interval")
-            else:
-                edge = "1 (QAT from scratch)" if r.f_high >= split.SCRATCH else f"the smallest fraction {smallest:g}"
-                verdict = ("not reproduced", f"90% interval reaches {edge}: the minimum is not bracketed")
-            paper_f = split.optimum(r.S, a_paper) if r.S > 1 else math.nan
-            rows.append(_row(f"f* inside (0, 1) at {r.size}/{r.tokens_requested:.3g} ({label}, S = {r.S:.3g})",
-                             f"{f_small:.0%}–{f_large:.0%}+; f*(S) = {paper_f:.2f}", r.f_star, (r.f_low, r.f_high),
-                             verdict, r.n_seeds))
-        log_s, log_f = np.log(cells["S"].to_numpy(float)), np.log(cells["f_star"].to_numpy(float))
+        rows += [_optimum_row(r, label, f_small, f_large, a_paper) for r in cells.itertuples()]
         grows = f"f* grows with S ({label}): slope of ln f* on ln S"
-        if len(np.unique(log_s)) < 3:  # a line through 2 cells fits exactly: its resampled slopes are one value
-            rows.append(_row(grows, "> 0", math.nan, (math.nan, math.nan),
-                             ("not reproduced", "fewer than 3 cells of distinct S: no interval"), len(cells)))
+        if cells["S"].nunique() < 3:  # a line through 2 cells fits exactly: nothing is left to resample
+            rows.append(_not_measurable(grows, "> 0", f"{cells['S'].nunique()} cells of distinct S (need 3)",
+                                        len(cells)))
         else:
-            def slope(i: np.ndarray) -> float:
-                return float(np.polyfit(log_s[i], log_f[i], 1)[0]) if len(np.unique(log_s[i])) > 1 else math.nan
-            interval = _interval(_resampled(len(cells), slope))
-            rows.append(_row(grows, "> 0", slope(np.arange(len(cells))), interval, _sign_verdict(*interval),
-                             len(cells)))
+            slope, draws = split.optimum_slope(deltas, precision, group, N_BOOT, SEED)
+            interval = _interval(draws)
+            rows.append(_row(grows, "> 0", slope, interval, sign_verdict(*interval), len(cells)))
         law = split.fit_optimum_law(optima, precision, group, seed=SEED)
-        name = f"f*(S) = exp(-a / ln S) ({label}): a"
+        name = f"f*(S) = exp(-a / ln S) ({label}): a within ±{EQUIVALENCE_RTOL:.0%} of the paper's"
         a_cited = f"{a_paper} (MAE {cited['optimum']['mae']})"
         if not law.identified:
-            rows.append(_row(name, a_cited, math.nan, (math.nan, math.nan), ("not reproduced", law.reason),
-                             law.n_cells))
+            rows.append(_not_measurable(name, a_cited, law.reason, law.n_cells))
         else:
-            low, high = law.intervals.get("a", (math.nan, math.nan))
-            verdict = ("reproduced", "the paper's a lies in the 90% interval") if low <= a_paper <= high else \
-                ("not reproduced", "the paper's a lies outside the 90% interval" if math.isfinite(low) else
-                 "no interval (too few cells to resample)")
-            rows.append(_row(name, a_cited, law.constants["a"], (low, high), verdict, law.n_cells))
-        rows.append(_cell_mean_row(f"loss gap of QAT from scratch over f* ({label}): δ(f = 1) − δ(f*)",
-                                   "> 0: from scratch is not optimal", cells["scratch_gap"].to_numpy(float)))
-        rows.append(_cell_mean_row(f"PTQ (f = 0) worse than any QAT ({label}): δ(PTQ) − the worst QAT δ",
-                                   "> 0: every QAT fraction beats PTQ", cells["ptq_gap"].to_numpy(float)))
+            interval = law.intervals.get("a", (math.nan, math.nan))
+            band = (a_paper * (1 - EQUIVALENCE_RTOL), a_paper * (1 + EQUIVALENCE_RTOL))
+            verdict, why = band_verdict(*interval, band)
+            rows.append(_row(name, a_cited, law.constants["a"], interval,
+                             (verdict, f"{why} (over resampled cells)"), law.n_cells))
+        mine = gaps[(gaps["precision"] == precision) & (gaps["group"].astype(str) == str(group))]
+        rows.append(_design_mean_row(
+            f"loss gap of QAT from scratch over f̂ ({label}): δ(f = 1) − δ(f̂), f̂ chosen on the other seeds",
+            "> 0: from scratch is not optimal", mine, "scratch_gap",
+            "one seed per cell: f̂ cannot be chosen apart from the runs that measure its gap"))
+        rows.append(_design_mean_row(f"PTQ (f = 0) worse than any QAT ({label}): δ(PTQ) − the worst QAT δ",
+                                     "> 0: every QAT fraction beats PTQ", mine, "ptq_gap",
+                                     "no PTQ runs (f = 0) on this grid"))
     return rows
 
 
@@ -366,37 +465,70 @@ def findings(results: str | Path, metric: str = schema_default("fit", "metric"))
     decomp = decomp[decomp["metric"] == metric]
     params = fit.read_params(root / "fit" / "params.parquet")
     draws = read_parquet(root / "fit" / "bootstrap.parquet", fit.BOOTSTRAP_COLUMNS, "bootstrap table")
-    comparison = read_parquet(root / "fit" / "comparison.parquet", fit.COMPARISON_COLUMNS, "comparison table")
+    predictions = read_parquet(root / "fit" / "predictions.parquet", fit.PREDICTIONS_COLUMNS, "predictions table")
     outliers = read_parquet(root / "analysis" / "outliers.parquet", ("run_id", "precision", "layer_type",
                                                                      "kurtosis_token"), "outliers table")
     runs = read_runs(root / "runs.parquet", all_fractions=True)  # the split rows; the others read f = 1 runs
+    deltas = runtable.delta_table(runtable.from_scratch(runs))
     noise = seed_noise(decomp)
-    rows = [*law_findings(params, draws), decomposition_finding(decomp), ratio_finding(decomp),
-            *fc2_findings(decomp), kurtosis_finding(outliers, "BF16"), kurtosis_finding(outliers, "W4A4"),
-            held_out_finding(comparison), *chinchilla_findings(params), *seed_finding(noise),
-            *split_findings(runs, metric)]
+    rows = [*law_findings(params, draws, deltas), decomposition_finding(decomp), ratio_finding(decomp),
+            *fc2_findings(decomp), kurtosis_finding(outliers, runs, "BF16"), kurtosis_finding(outliers, runs, "W4A4"),
+            *error_findings(predictions, runs), *seed_finding(noise), *split_findings(runs, metric)]
     return pd.DataFrame(rows, columns=list(COLUMNS)), noise
 
 
 def _number(value: float) -> str:
     if not math.isfinite(value):
         return "–"
+    if value == 0:
+        return "0"
     return f"{value:.3g}" if abs(value) >= 1e-3 else f"{value:.2e}"
+
+
+def _interval_cell(low: float, high: float, kind: str) -> str:
+    if not math.isfinite(low):
+        return "–"
+    return f"[{_number(low)}, {_number(high)}]" + (f" ({kind})" if kind and kind != INTERVAL_90 else "")
+
+
+def laws_markdown(params: pd.DataFrame) -> str:
+    """FINDINGS.md's table of the fitted Chinchilla and unified laws' constants (no verdict: what was fitted)."""
+    lines = ["## The fitted laws", "",
+             "Every constant with its 90% interval over resampled cells and seeds; `left out` counts runs the fit "
+             "could not use (diverged, or a NaN loss). Each QAT run enters its δ law as its QAT loss, L_BF16 + δ, "
+             "so a run whose δ came out ≤ 0 is fitted like any other. With α = β tied, the Chinchilla law's α "
+             "and β are one constant; α is bounded at 0.", "",
+             "| law | precision | constant | value | 90% interval | runs | left out |", "|---|---|---|---|---|---|---|"]
+    laws = params[params["law"].isin(["chinchilla", "unified"])]
+    fitted = laws.groupby(["law", "precision"])["value"].transform(lambda v: np.isfinite(v).any())
+    for r in laws[fitted].itertuples():
+        interval = _interval_cell(r.ci_low, r.ci_high, INTERVAL_90)
+        lines.append(f"| {r.law} | {r.precision} | {r.constant} | {_number(r.value)} | {interval} | {r.n_runs} | "
+                     f"{r.n_dropped} |")
+    missing = laws[~fitted].drop_duplicates(["law", "precision"])
+    if len(missing):
+        lines += ["", "Not fitted (too few runs, or constants their runs do not identify): " + ", ".join(
+            f"{r.law} {r.precision} ({r.n_runs} run{'s' * (r.n_runs != 1)})" for r in missing.itertuples()) + "."]
+    return "\n".join([*lines, ""])
 
 
 def findings_markdown(table: pd.DataFrame, noise: pd.DataFrame, title: str, note: str = "", extra: str = "") -> str:
     """FINDINGS.md: the findings table, the seed-noise table and ``extra`` sections (``note``: a paragraph under
     the title)."""
     lines = [f"# {title}", "", "Generated by `qatlaw findings` from this folder's Parquet files; every number is "
-             "measured. 90% intervals are bootstrap percentiles (see `qatlaw.findings`); \"not reproduced\" "
-             "with an interval spanning 0 means within noise at this grid.", "", *([note, ""] if note else []),
-             "| finding | paper | this grid | 90% interval | verdict | why | n |", "|---|---|---|---|---|---|---|"]
+             "measured. Intervals are 90% bootstrap percentiles over resampled cells and the seeds inside them "
+             "(a cell's runs share one BF16 baseline), or the range of 2 seeds where it says so. Verdicts: "
+             "**reproduced** (the interval lies on the paper's side, or inside its band), **opposite** (wholly on "
+             "the other side, or outside the band), **within noise** (measured; the interval spans the threshold "
+             "or a band's edge), **not measurable** (this grid cannot test it, and why); see `qatlaw.findings`.",
+             "", *([note, ""] if note else []),
+             "| finding | paper | this grid | interval | verdict | why | n |", "|---|---|---|---|---|---|---|"]
     for r in table.itertuples():
-        interval = f"[{_number(r.ci_low)}, {_number(r.ci_high)}]" if math.isfinite(r.ci_low) else "–"
-        lines.append(f"| {r.finding} | {r.paper} | {_number(r.measured)} | {interval} | **{r.verdict}** | "
-                     f"{r.reason} | {r.n} |")
+        n = f"{r.n} (+{r.left_out} left out)" if r.left_out else f"{r.n}"
+        lines.append(f"| {r.finding} | {r.paper} | {_number(r.measured)} | "
+                     f"{_interval_cell(r.ci_low, r.ci_high, r.interval)} | **{r.verdict}** | {r.reason} | {n} |")
     counts = table["verdict"].value_counts()
-    lines += ["", " · ".join(f"{v}: {counts.get(v, 0)}" for v in ("reproduced", "not reproduced", "opposite")), ""]
+    lines += ["", " · ".join(f"{v}: {counts.get(v, 0)}" for v in VERDICTS), ""]
     if len(noise):
         lines += ["## Seed noise (cells with 3 or more seeds)", "",
                   "| cell | δ | seeds | mean | sd | CV | per seed |", "|---|---|---|---|---|---|---|"]
@@ -413,7 +545,9 @@ def run_findings(results: str | Path, out_md: str | Path, out_parquet: str | Pat
                  title: str, note: str = "") -> pd.DataFrame:
     """Write FINDINGS.md and findings.parquet for a results folder."""
     table, noise = findings(results, metric)
-    extra = split_law_markdown(read_runs(Path(results) / "runs.parquet", all_fractions=True), metric)
+    params = fit.read_params(Path(results) / "fit" / "params.parquet")
+    extra = "\n".join(part for part in (laws_markdown(params), split_law_markdown(
+        read_runs(Path(results) / "runs.parquet", all_fractions=True), metric)) if part)
     write_parquet(table, out_parquet)
     with atomic_path(out_md) as tmp:
         Path(tmp).write_text(findings_markdown(table, noise, title, note, extra), encoding="utf-8")

@@ -82,11 +82,12 @@ from typing import NamedTuple, Protocol
 import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
-from scipy.optimize import minimize
+from scipy.optimize import least_squares, minimize
+from scipy.special import expit
 from scipy.stats import qmc
 from threadpoolctl import threadpool_limits
 
-from qatlaw import config, runtable
+from qatlaw import config, resample, runtable
 from qatlaw.errors import QatlawError
 from qatlaw.io import read_parquet, write_parquet
 from qatlaw.precision import BASELINE
@@ -241,21 +242,35 @@ def _halton(n: int, low: np.ndarray, high: np.ndarray) -> np.ndarray:
     return low + (high - low) * qmc.Halton(len(low), scramble=False).random(n)
 
 
-def _loglinear(x: np.ndarray, y: np.ndarray, c: float) -> Objective:
-    """Huber objective of the residuals x·θ − y of a law linear in its log parameters."""
+def _law_objective(x: np.ndarray, log_base: np.ndarray, log_obs: np.ndarray, c: float,
+                   offset: np.ndarray | float = 0.0) -> Objective:
+    """Huber objective of the log-loss residuals r = log(b + exp(x·θ + o)) − log(observed loss) of a law whose
+    quantization error exp(x·θ + o) adds to a baseline loss b (log b = −inf: r = x·θ + o − log(observed), a law
+    linear in its log parameters, whose objective is convex)."""
     def objective(theta: np.ndarray, hessian: bool) -> tuple[float, np.ndarray, np.ndarray | None]:
-        loss, psi, inside = _huber(x @ theta - y, c)
-        return loss / c**2, x.T @ psi / c**2, x[inside].T @ x[inside] / c**2 if hessian else None
+        u = x @ theta + offset
+        share = expit(u - log_base)  # ∂r/∂u: the error's share of the predicted loss (1 without a baseline)
+        loss, psi, inside = _huber(np.logaddexp(log_base, u) - log_obs, c)
+        grad = x.T @ (psi * share) / c**2
+        if not hessian:
+            return loss / c**2, grad, None
+        weight = np.where(inside, share**2, 0.0) + psi * share * (1.0 - share)
+        return loss / c**2, grad, (x * weight[:, None]).T @ x / c**2
     return objective
 
 
-def huber_threshold(x: np.ndarray, y: np.ndarray) -> float:
-    """The δ laws' Huber threshold: 1.345 robust standard deviations of the least-squares residuals."""
-    n, p = x.shape
+def _threshold(r: np.ndarray, p: int) -> float:
+    """The δ laws' Huber threshold from the least-squares residuals r of p parameters: 1.345 robust standard
+    deviations."""
+    n = len(r)
     if n <= p:
         return MIN_THRESHOLD
-    r = x @ np.linalg.lstsq(x, y, rcond=None)[0] - y
     return max(MIN_THRESHOLD, HUBER_K * MAD_TO_SD * float(np.median(np.abs(r))) * np.sqrt(n / (n - p)))
+
+
+def huber_threshold(x: np.ndarray, y: np.ndarray) -> float:
+    """The Huber threshold of a law linear in its log parameters (x·θ ≈ y)."""
+    return _threshold(x @ np.linalg.lstsq(x, y, rcond=None)[0] - y, x.shape[1])
 
 
 def solve_loglinear(x: np.ndarray, y: np.ndarray, c: float,
@@ -264,17 +279,93 @@ def solve_loglinear(x: np.ndarray, y: np.ndarray, c: float,
     FitError when it is not unique. Starts from ``start`` or the least-squares solution."""
     if start is None:
         start = np.linalg.lstsq(x, y, rcond=None)[0]
-    objective = _loglinear(x, y, c)
+    return _solve(_law_objective(x, np.full(len(y), -np.inf), y, c), start)
+
+
+def _solve(objective: Objective, start: np.ndarray) -> tuple[np.ndarray, float]:
     with threadpool_limits(limits=1, user_api="blas"):
         return _newton(objective, _lbfgs(objective, start, None)[0])
 
 
+@dataclass(frozen=True)
+class QatLoss:
+    """The runs of a δ law as the paper's law writes them, L_QAT = L_BF16 + δ: per run its design row x
+    (log δ̂ = x·θ + offset), the log of its baseline loss (−inf without one) and the log of its observed QAT
+    loss (log δ without a baseline). A run whose δ ≤ 0 still has a QAT loss, so it enters the fit like any
+    other run."""
+
+    x: np.ndarray
+    log_base: np.ndarray
+    log_obs: np.ndarray
+    offset: np.ndarray
+
+    def take(self, idx: np.ndarray) -> QatLoss:
+        return QatLoss(self.x[idx], self.log_base[idx], self.log_obs[idx], self.offset[idx])
+
+    def objective(self, c: float) -> Objective:
+        return _law_objective(self.x, self.log_base, self.log_obs, c, self.offset)
+
+    def residuals(self, theta: np.ndarray) -> np.ndarray:
+        return np.logaddexp(self.log_base, self.x @ theta + self.offset) - self.log_obs
+
+    def start(self) -> np.ndarray:
+        """The least-squares θ: of log δ on the runs with δ > 0 (every run without a baseline), then, with a
+        baseline, of every run's log QAT loss from there."""
+        with_base = np.isfinite(self.log_base).any()
+        delta = np.exp(self.log_obs) - np.exp(self.log_base) if with_base else np.exp(self.log_obs)
+        x, p, positive = self.x, self.x.shape[1], delta > 0
+        if positive.sum() >= p and np.linalg.matrix_rank(x[positive]) == p:
+            theta = np.linalg.lstsq(x[positive], np.log(delta[positive]) - self.offset[positive], rcond=None)[0]
+        else:
+            floor = np.log(max(float(np.abs(delta).mean()), 1e-6))
+            theta = np.linalg.lstsq(x, floor - self.offset, rcond=None)[0]
+        if not with_base:
+            return theta
+
+        def jac(t: np.ndarray) -> np.ndarray:
+            return expit(x @ t + self.offset - self.log_base)[:, None] * x
+        with threadpool_limits(limits=1, user_api="blas"):
+            return least_squares(self.residuals, theta, jac=jac, method="trf", x_scale="jac").x
+
+    def threshold(self, theta: np.ndarray) -> float:
+        """The Huber threshold from the residuals at the least-squares θ."""
+        return _threshold(self.residuals(theta), self.x.shape[1])
+
+    def solve(self, c: float, start: np.ndarray) -> tuple[np.ndarray, float]:
+        """The Huber optimum (threshold c) from ``start`` and its objective in units of c²; FitError when it is
+        not identified."""
+        return _solve(self.objective(c), start)
+
+
+def qat_loss(data: pd.DataFrame, x: np.ndarray, offset: np.ndarray | None = None) -> QatLoss:
+    """The QatLoss of a table of usable runs (:func:`_valid`) with columns ``delta`` and, where measured,
+    ``baseline``."""
+    delta = data["delta"].to_numpy(float)
+    if BASE in data.columns:
+        base = data[BASE].to_numpy(float)
+        log_base, log_obs = np.log(base), np.log(base + delta)
+    else:
+        log_base, log_obs = np.full(len(delta), -np.inf), np.log(delta)
+    return QatLoss(x, log_base, log_obs, np.zeros(len(delta)) if offset is None else offset)
+
+
 # ---------------------------------------------------------------------------------------------- run tables
 
+BASE = "baseline"  # a δ table's column of the BF16 baseline loss of every run (the QAT loss is baseline + delta)
+
+
 def _valid(df: pd.DataFrame, columns: tuple[str, ...]) -> tuple[pd.DataFrame, pd.Series]:
-    """The columns as floats (original index) and which runs a log-space fit can use."""
-    data = pd.DataFrame({c: pd.to_numeric(df[c], errors="coerce").astype(float) for c in columns}, index=df.index)
-    ok = np.isfinite(data).all(axis=1) & (data > 0).all(axis=1)
+    """The columns as floats (original index) and which runs a fit can use: finite, positive N, D and loss,
+    G ≥ 2, not diverged; a δ must be finite and, without a baseline loss to add it to, positive (with one, the
+    QAT loss baseline + δ must be positive, so a δ ≤ 0 is a run like any other)."""
+    with_base = "delta" in columns and BASE in df.columns
+    names = (*columns, BASE) if with_base else columns
+    data = pd.DataFrame({c: pd.to_numeric(df[c], errors="coerce").astype(float) for c in names}, index=df.index)
+    ok = np.isfinite(data).all(axis=1)
+    positive = [c for c in columns if not (with_base and c == "delta")]
+    ok &= (data[positive] > 0).all(axis=1)
+    if with_base:
+        ok &= (data[BASE] > 0) & (data[BASE] + data["delta"] > 0)
     if "G" in columns:
         ok &= data["G"] >= 2
     if "diverged" in df.columns:
@@ -283,20 +374,29 @@ def _valid(df: pd.DataFrame, columns: tuple[str, ...]) -> tuple[pd.DataFrame, pd
 
 
 def _usable(df: pd.DataFrame, columns: tuple[str, ...], what: str, n_params: int) -> tuple[pd.DataFrame, int]:
-    """The runs a log-space fit can use (columns as floats) and how many were dropped; FitError for a missing
-    column or too few runs for n_params."""
+    """The runs a fit can use (columns as floats) and how many were left out; FitError for a missing column or
+    too few runs for n_params."""
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise FitError(f"{what}: run table lacks columns {', '.join(missing)}")
     data, ok = _valid(df, columns)
     n_ok, n_dropped = int(ok.sum()), int((~ok).sum())
+    why = _why_left_out(columns, BASE in data.columns)
     if n_dropped:
-        log.warning("%s: dropped %d of %d runs (diverged, or NaN or non-positive %s or %s)", what, n_dropped,
-                    len(df), ", ".join(columns[:-1]), columns[-1])
+        ids = df.loc[~ok, "run_id"].astype(str).tolist() if "run_id" in df.columns else []
+        log.warning("%s: left out %d of %d runs (%s)%s", what, n_dropped, len(df), why,
+                    f": {', '.join(ids)}" if ids else "")
     if n_ok < n_params:
-        dropped = f" ({n_dropped} of {len(df)} diverged or have NaN or non-positive {columns[-1]})" if n_dropped else ""
+        dropped = f" ({n_dropped} of {len(df)} left out: {why})" if n_dropped else ""
         raise FitError(f"{what}: {n_ok} usable runs for {n_params} parameter{'s' * (n_params > 1)}{dropped}")
     return data[ok], n_dropped
+
+
+def _why_left_out(columns: tuple[str, ...], with_base: bool) -> str:
+    value = columns[-1]
+    if value == "delta" and with_base:
+        return f"diverged, or NaN {value} or non-positive {', '.join(columns[:-1])}"
+    return f"diverged, or NaN or non-positive {', '.join(columns[:-1])} or {value}"
 
 
 def _label(df: pd.DataFrame, what: str) -> str:
@@ -306,18 +406,23 @@ def _label(df: pd.DataFrame, what: str) -> str:
     return what
 
 
-def _bootstrap(refit: Callable[[np.ndarray], dict[str, float] | None], n: int, names: tuple[str, ...],
-               n_boot: int, seed: int, what: str) -> pd.DataFrame:
-    """n_boot refits on seeded resamples of the n runs, one row per resample whose fit is identified (refit
-    gives None otherwise), indexed by the resample's number; no rows when fewer than MIN_BOOT_SHARE of them are,
-    since the rest would then be a biased few."""
-    rng = np.random.default_rng(seed)
-    samples = {draw: s for draw in range(n_boot) if (s := refit(rng.integers(0, n, n))) is not None}
+def design(runs: pd.DataFrame) -> resample.Design:
+    """The resampling design of a run table (:mod:`qatlaw.resample`): cells by (N, D), the runs of one seed of
+    a cell (they share a BF16 baseline) kept together."""
+    return resample.of_table(runs, ["N", "D"], "seed")
+
+
+def _bootstrap(refit: Callable[[np.ndarray], dict[str, float] | None], plan: resample.Design,
+               names: tuple[str, ...], n_boot: int, seed: int, what: str) -> pd.DataFrame:
+    """n_boot refits on seeded resamples of ``plan`` (cells, and seeds within them), one row per resample whose
+    fit is identified (refit gives None otherwise), indexed by the resample's number; no rows when fewer than
+    MIN_BOOT_SHARE of them are, since the rest would then be a biased few."""
+    samples = {draw: s for draw, idx in enumerate(plan.draws(n_boot, seed)) if (s := refit(idx)) is not None}
     if len(samples) < n_boot:
         log.warning("%s: %d of %d bootstrap resamples could not identify every constant and were skipped",
                     what, n_boot - len(samples), n_boot)
     if len(samples) < MIN_BOOT_SHARE * n_boot:
-        log.warning("%s: no intervals: only %d of %d resamples could be fitted (too few runs for the constants)",
+        log.warning("%s: no intervals: only %d of %d resamples could be fitted (too few cells for the constants)",
                     what, len(samples), n_boot)
         return pd.DataFrame(columns=list(names), dtype=float)
     return pd.DataFrame.from_dict(samples, orient="index", columns=list(names))
@@ -458,7 +563,7 @@ class Chinchilla:
                 resampled = _chinchilla_objective(log_n, log_d, log_l, self.tie)
                 return _identified(lambda: self._constants(_optima(
                     resampled, boot_starts, bounds, lambda theta: self._degenerate(theta, log_n, log_d))[0][1]))
-            draws = _bootstrap(refit, len(data), CHINCHILLA_CONSTANTS, n_boot, seed, what)
+            draws = _bootstrap(refit, design(runs.loc[data.index]), CHINCHILLA_CONSTANTS, n_boot, seed, what)
         return Fit(self._constants(theta), objective * CHINCHILLA_HUBER**2, len(data), n_dropped, draws)
 
     def predict(self, fit: Fit, runs: pd.DataFrame) -> np.ndarray:
@@ -497,14 +602,16 @@ class DeltaLaw:
         free = tuple(c for c in DELTA_CONSTANTS if self.use_D or c != "gamma_D")
         what = _label(runs, self.name)
         data, n_dropped = _usable(runs, self.columns, what, len(free))
-        x, y = self._design(data), np.log(data["delta"].to_numpy())
+        x = self._design(data)
         if np.linalg.matrix_rank(x) < x.shape[1]:
             single = [c for c in ("N", "D", "G") if (self.use_D or c != "D") and data[c].nunique() < 2]
             why = f"column {', '.join(single)} takes a single value" if single else "N, D and G are collinear"
             raise FitError(f"{what}: cannot identify every exponent: {why} among the valid runs")
-        c = huber_threshold(x, y)
+        runs_ = qat_loss(data, x)
         try:
-            theta, objective = solve_loglinear(x, y, c)
+            theta = runs_.start()
+            c = runs_.threshold(theta)
+            theta, objective = runs_.solve(c, theta)
         except FitError as exc:
             raise FitError(f"{what}: {exc}") from None
         draws = pd.DataFrame()
@@ -512,8 +619,9 @@ class DeltaLaw:
             def refit(idx: np.ndarray) -> dict[str, float] | None:
                 if np.linalg.matrix_rank(x[idx]) < x.shape[1]:
                     return None
-                return _identified(lambda: self._constants(solve_loglinear(x[idx], y[idx], c, theta)[0]))
-            draws = _bootstrap(refit, len(data), DELTA_CONSTANTS, n_boot, seed, what)[list(free)]
+                return _identified(lambda: self._constants(runs_.take(idx).solve(c, theta)[0]))
+            plan = design(runs.loc[data.index])
+            draws = _bootstrap(refit, plan, DELTA_CONSTANTS, n_boot, seed, what)[list(free)]
         return Fit(self._constants(theta), objective * c**2, len(data), n_dropped, draws)
 
     def predict(self, fit: Fit, runs: pd.DataFrame) -> np.ndarray:
@@ -567,27 +675,28 @@ class EPM:
 
 
 def fit_epm(runs: pd.DataFrame, chin_params: dict, *, n_boot: int = 0, seed: int = 0) -> Fit:
-    """The EPM law given Chinchilla's A and α: per granularity, log δ + α log N − log A = log(eff^−α − 1) is
-    one constant, fitted as a Huber location; its constants are ``eff_G<granularity>``."""
+    """The EPM law given Chinchilla's A and α: per granularity, δ = exp(θ) · A / N^α with θ = log(eff^−α − 1)
+    one constant, fitted to the QAT losses as the δ laws are; its constants are ``eff_G<granularity>``."""
     alpha, log_a, what = chin_params["alpha"], np.log(chin_params["A"]), _label(runs, "epm")
     if not alpha > 0:
         raise FitError(f"{what}: the Chinchilla exponent alpha must be positive, got {alpha}")
     data, n_dropped = _usable(runs, EPM.columns, what, 1)
     constants, objective, draws = {}, 0.0, []
     for label, grp in data.groupby(_granularity(runs.loc[data.index]), sort=False):
-        y = np.log(grp["delta"].to_numpy()) + alpha * np.log(grp["N"].to_numpy()) - log_a
-        x = np.ones((len(y), 1))
-        c = huber_threshold(x, y)
+        x = np.ones((len(grp), 1))
+        grp_runs = qat_loss(grp, x, log_a - alpha * np.log(grp["N"].to_numpy()))
         try:
-            theta, f = solve_loglinear(x, y, c)
+            theta = grp_runs.start()
+            c = grp_runs.threshold(theta)
+            theta, f = grp_runs.solve(c, theta)
         except FitError as exc:
             raise FitError(f"{what} G {label}: {exc}") from None
         name = f"eff_G{label}"
         constants[name], objective = _eff(theta[0], alpha), objective + f * c**2
         if n_boot:
-            def refit(idx: np.ndarray, x=x, y=y, c=c, theta=theta, name=name) -> dict[str, float] | None:
-                return _identified(lambda: {name: _eff(solve_loglinear(x[idx], y[idx], c, theta)[0][0], alpha)})
-            draws.append(_bootstrap(refit, len(y), (name,), n_boot, seed, f"{what} G {label}"))
+            def refit(idx: np.ndarray, grp_runs=grp_runs, c=c, theta=theta, name=name) -> dict[str, float] | None:
+                return _identified(lambda: {name: _eff(grp_runs.take(idx).solve(c, theta)[0][0], alpha)})
+            draws.append(_bootstrap(refit, design(runs.loc[grp.index]), (name,), n_boot, seed, f"{what} G {label}"))
     table = pd.concat(draws, axis=1) if draws else pd.DataFrame()
     return Fit(constants, objective, len(data), n_dropped, table, base=dict(chin_params))
 
@@ -642,7 +751,8 @@ def _prediction_rows(law: Law, precision: str, fit: Fit, runs: pd.DataFrame, hel
         "run_id": runs["run_id"].to_numpy(), "law": law.name, "precision": precision,
         "N": runs["N"].to_numpy(), "D": runs["D"].to_numpy(), "G": runs["G"].to_numpy(),
         "observed": observed, "predicted": predicted, "residual": predicted - observed,
-        "rel_error": np.abs(predicted - observed) / observed, "held_out": held_out,
+        "rel_error": np.where(observed > 0, np.abs(predicted - observed) / np.where(observed > 0, observed, 1.0),
+                              np.nan), "held_out": held_out,
     })
 
 
@@ -712,7 +822,8 @@ def run_fits(deltas: pd.DataFrame, runs: pd.DataFrame, *, n_boot: int = 200, see
     if len(numerics) > 1:
         raise FitError(f"run_fits: the run table mixes numerics {', '.join(numerics)}: a law is fitted to runs of one "
                        "numerics (training.numerics), so fit each apart")
-    runs, deltas = runs.assign(loss=runs[loss_col]), deltas.assign(delta=deltas[delta_col])
+    runs = runs.assign(loss=runs[loss_col])
+    deltas = deltas.assign(delta=deltas[delta_col], **{BASE: deltas[f"baseline_{loss_col}"]})
     bf16 = runs[runs["precision"] == BASELINE]
     chinchilla = Chinchilla()
     parts = [_assess(chinchilla, BASELINE, bf16, n_boot, seed)]

@@ -447,7 +447,8 @@ def _fit_scatter(ax: Axes, preds: pd.DataFrame, params: pd.DataFrame, law: str, 
     rows = preds[(preds["law"] == law) & (preds["precision"] == precision)]
     dropped = params.loc[(params["law"] == law) & (params["precision"] == precision), "n_dropped"]
     n_dropped = int(dropped.max()) if len(dropped) and np.isfinite(dropped.max()) else 0
-    note = f"{precision}: {n_dropped} run{'s' * (n_dropped != 1)} dropped (diverged or δ≤0)" if n_dropped else ""
+    note = (f"{precision}: {n_dropped} run{'s' * (n_dropped != 1)} left out of the fit (diverged, or a NaN loss)"
+            if n_dropped else "")
     if rows.empty:
         ax.set_title(precision)
         _empty(ax, f"{law} law for {precision} not fitted (too few valid runs): no predictions")
@@ -1011,9 +1012,9 @@ def split_optimum_vs_S(runs: str | Path, out_png: str | Path, caption_grid: str,
     for key in groups:
         cells = optima[(optima["precision"] == key[0]) & (optima["group"] == key[1])]
         color = palette[key]
-        err = np.vstack([cells["f_star"] - cells["f_low"], cells["f_high"] - cells["f_star"]])
-        ax.errorbar(cells["S"], cells["f_star"], yerr=np.where(np.isfinite(err), err, 0), fmt="o", color=color,
-                    capsize=3, label=f"{key[0]} G{key[1]}: cells")
+        ax.plot(cells["S"], cells["f_star"], "o", color=color, label=f"{key[0]} G{key[1]}: cells")
+        spread = cells[np.isfinite(cells["f_low"])]  # the seeds' 90% interval, or the range of 2 seeds
+        ax.vlines(spread["S"], spread["f_low"], spread["f_high"], color=color)
         law = split.fit_optimum_law(optima, *key)
         if law.identified:
             low, high = law.intervals.get("a", (math.nan, math.nan))
@@ -1027,7 +1028,8 @@ def split_optimum_vs_S(runs: str | Path, out_png: str | Path, caption_grid: str,
     ax.set_ylabel("optimal QAT fraction f*")
     ax.set_title("f* against S (Dremov et al. 2025)", fontsize="medium")
     ax.legend(fontsize="small", frameon=False, loc="upper left")
-    _save(fig, out_png, caption_grid, [f"δ of {metric}", *notes])
+    _save(fig, out_png, caption_grid, [f"δ of {metric}; bars: each cell's spread over seeds (90% interval, or the "
+                                       "range of 2 seeds)", *notes])
 
 
 # ---------------------------------------------------------------------------------------------- entry point

@@ -13,7 +13,7 @@ Layout of ``reference/<grid>/`` (written by :func:`package`):
 | ``fit/{params,predictions,comparison,bootstrap}.parquet`` | the law fits and their bootstrap draws |
 | ``figures/*.png``, ``tables/*.md`` | the paper's figures and tables |
 | ``config.yaml`` | the exact merged config the grid ran with |
-| ``run.json`` | wall time, machine, commit, versions (and ``restored``: the run.json of the folder it continued) |
+| ``run.json`` | wall time, machine, commit, versions (``restored``: the run.json of the folder it continued; ``refits``: each later refit, :func:`refit`) |
 | ``FINDINGS.md``, ``findings.parquet``, ``seed_noise`` in FINDINGS.md | :mod:`qatlaw.findings` |
 
 Restore (config key ``restore: <folder>``): every run of the configured grid that is in the folder's
@@ -248,3 +248,62 @@ def restore(folder: str | Path, run_ids: list[str], results: str | Path) -> None
             raise ReferenceError(f"{path}: no rows of run {missing[0]}; the folder is damaged")
         write_parquet(rows, base / "analysis" / f"{analysis}.parquet")
     _copy(_study_file(folder, "run.json"), base / "run.json")
+
+
+def refit(folder: str | Path, *, command: str = "") -> Path:
+    """Refit a shipped study in place from its runs and analyses, training nothing: the law fits, every figure
+    and table it ships, FINDINGS.md and findings.parquet, with the merged config it ran with (its ``fit`` keys
+    included). ``run.json`` gains a ``refits`` entry (commit, machine, seconds, command). The folder is only
+    replaced once everything is written."""
+    import time
+
+    from qatlaw import config
+
+    folder = Path(folder)
+    for name in ("run.json", "config.yaml", "runs.parquet"):
+        if not (folder / name).is_file():
+            raise ReferenceError(f"{folder / name}: missing; not a study folder written by `qatlaw reference`")
+    start = time.monotonic()
+    cfg = config.read_yaml(folder / "config.yaml")
+    stage = folder.with_name(f".{folder.name}.refit.tmp")
+    shutil.rmtree(stage, ignore_errors=True)
+    shutil.copytree(folder, stage)
+    try:
+        _refit_stage(stage, cfg, command, start)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    old = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    folder.rename(old)
+    stage.rename(folder)
+    shutil.rmtree(old)
+    return folder
+
+
+def _refit_stage(stage: Path, cfg: Mapping[str, Any], command: str, start: float) -> None:
+    """Every refitted file of :func:`refit`, written into the staging copy ``stage``."""
+    import time
+
+    from qatlaw import findings, fit, outputs, plots, runtable, tables
+
+    metric = cfg["fit"]["metric"]
+    runs = runtable.read_runs(stage / "runs.parquet")
+    fit.write_fits(fit.run_fits(runtable.delta_table(runs), runs, n_boot=cfg["fit"]["bootstrap"],
+                                seed=cfg["fit"]["seed"], metric=metric), stage / "fit")
+    inputs = {key: stage / path.removeprefix("results/") for key, path in outputs.INPUTS.items()}
+    caption = outputs.grid_caption(cfg["grid"])
+    for png in sorted((stage / "figures").glob("*.png")):
+        keys = {**outputs.FIGURES, **outputs.SPLIT_FIGURES}[png.stem]
+        plots.make_figure(png.stem, {k: str(inputs[k]) for k in keys}, png, caption, metric=metric)
+        png.with_suffix(".svg").unlink(missing_ok=True)  # a study ships its figures as PNG
+    for md in sorted((stage / "tables").glob("*.md")):
+        tables.make_table(md.stem, {k: str(inputs[k]) for k in outputs.TABLES[md.stem]}, md.with_suffix(""))
+        md.with_suffix(".csv").unlink(missing_ok=True)  # and its tables as Markdown
+    info = json.loads((stage / "run.json").read_text(encoding="utf-8"))
+    info.setdefault("refits", []).append({"command": command, "commit": git_commit(Path.cwd()),
+                                          "machine": _machine(), "seconds": round(time.monotonic() - start, 1)})
+    with atomic_path(stage / "run.json") as tmp:
+        tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    findings.run_findings(stage, stage / "FINDINGS.md", stage / "findings.parquet", metric,
+                          f"Findings: {info['title']}")

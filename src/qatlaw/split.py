@@ -11,11 +11,13 @@ What is measured, per cell (precision, group, size, tokens; seeds pooled) — :f
 - ``f_measured``: the trained fraction with the lowest seed-mean δ (PTQ and f = 1 included);
 - ``f_star``: the smooth optimum among the runs with 0 < f ≤ 1, the vertex of a parabola in ln f through the
   best fraction and its two neighbours (the best fraction itself when it is the smallest or 1); ``f_low``,
-  ``f_high`` its 90% interval over ``N_BOOT`` resamples of the seeds (a seed's runs share its trunk, so they are
-  resampled together). ``interior`` when the interval lies strictly between the smallest trained fraction and 1:
-  the minimum is bracketed by trained fractions, not at an edge;
+  ``f_high`` its spread over seeds (``spread``): the 90% interval over ``N_BOOT`` resamples of the seeds with 3
+  or more seeds (a seed's runs share its trunk, so they are resampled together), the range of the two seeds'
+  own optima with 2, none with 1. ``interior`` when the spread lies strictly between the smallest trained
+  fraction and 1: the minimum is bracketed by trained fractions, not at an edge;
 - ``scratch_gap``: δ(f = 1) − δ(f̂), f̂ the split fraction (0 < f < 1) with the lowest seed-mean δ (optimistic:
-  f̂ is picked on the same runs); ``ptq_gap``: δ(PTQ) − the highest δ of any QAT fraction.
+  f̂ is picked on the same runs; :func:`seed_gaps` measures it on runs that did not pick it); ``ptq_gap``:
+  δ(PTQ) − the highest δ of any QAT fraction.
 
 The paper's laws, fitted per precision and group with 90% intervals over resampled cells (:func:`fit_optimum_law`,
 :func:`fit_loss_law`), constants in ``laws/paper.yaml`` (``split``):
@@ -41,7 +43,7 @@ import pandas as pd
 from numpy.typing import ArrayLike
 from scipy.optimize import least_squares
 
-from qatlaw import fit, laws, paper, runtable
+from qatlaw import fit, laws, paper, resample, runtable
 from qatlaw import precision as prec
 from qatlaw.runtable import QAT_FRACTION as FRACTION
 from qatlaw.runtable import read_runs, with_qat_fraction
@@ -59,7 +61,9 @@ LOSS_BOX = np.array([[0.0, 0.5], [-5.0, 5.0], [0.0, 1.0], [0.0, 1.5], [-5.0, 5.0
 BAD_RESIDUAL = 1e3  # the residual of a run where the law overflows (far from any optimum)
 MIN_EIGENVALUE = 1e-8  # smallest eigenvalue of the column-scaled JᵀJ at an identified loss-law optimum
 OPTIMA_COLUMNS = ("precision", "group", "G", "size", "tokens_requested", "N", "D", "bits", "S", "n_seeds",
-                  "fractions", "f_measured", "f_star", "f_low", "f_high", "interior", "scratch_gap", "ptq_gap")
+                  "fractions", "f_measured", "f_star", "f_low", "f_high", "spread", "interior", "scratch_gap",
+                  "ptq_gap")
+INTERVAL_90, SEED_RANGE = "90%", "seed range"  # what f_low–f_high is: a bootstrap interval, or 2 seeds' range
 
 
 class SplitError(fit.FitError):
@@ -145,17 +149,36 @@ def _parabola_optimum(log_f: np.ndarray, values: np.ndarray) -> float:
     return float(np.exp(np.clip(vertex, log_f[best - 1], log_f[best + 1])))
 
 
-def _cell_optimum(curves: pd.DataFrame, rng: np.random.Generator) -> tuple[float, float, float]:
-    """The smooth optimum of one cell (a seed × fraction table of δ, fractions > 0) and its seed-resampled
-    90% interval (NaN with fewer than 2 seeds)."""
+def _cell_optimum(curves: pd.DataFrame, rng: np.random.Generator) -> tuple[float, float, float, str]:
+    """The smooth optimum of one cell (a seed × fraction table of δ, fractions > 0) and its spread over seeds:
+    the 90% interval over resampled seeds with 3 or more seeds, the range of the seeds' own optima with 2 (a
+    resample of 2 seeds can only give those two or their mean), none with 1; and which of these it is."""
     log_f, values = np.log(curves.columns.to_numpy(float)), curves.to_numpy(float)
     n = len(values)
     point = _parabola_optimum(log_f, values)
     if n < 2:
-        return point, math.nan, math.nan
+        return point, math.nan, math.nan, ""
+    if n == 2:
+        each = [_parabola_optimum(log_f, values[[i]]) for i in range(n)]
+        return point, float(min(each)), float(max(each)), SEED_RANGE
     draws = np.array([_parabola_optimum(log_f, values[rng.integers(0, n, n)]) for _ in range(N_BOOT)])
     low, high = np.quantile(draws, fit.BOOT_QUANTILES)
-    return point, float(low), float(high)
+    return point, float(low), float(high), INTERVAL_90
+
+
+def _cells(deltas: pd.DataFrame) -> list[tuple[tuple, pd.DataFrame, pd.DataFrame]]:
+    """Every cell with at least 3 trained fractions above 0: its key (``CELL``), its rows and its seed ×
+    fraction table of δ."""
+    out = []
+    for key, cell in deltas.groupby(CELL, sort=True):
+        table = cell.pivot_table(index="seed", columns=FRACTION, values="delta", aggfunc="mean")
+        if (table.columns > 0).sum() >= 3:
+            out.append((key, cell, table))
+    return out
+
+
+def _split_fractions(table: pd.DataFrame) -> pd.DataFrame:
+    return table.loc[:, (table.columns > 0) & (table.columns < SCRATCH)]
 
 
 def cell_optima(deltas: pd.DataFrame) -> pd.DataFrame:
@@ -163,23 +186,63 @@ def cell_optima(deltas: pd.DataFrame) -> pd.DataFrame:
     ``OPTIMA_COLUMNS``, see the module docstring), from :func:`split_deltas`."""
     rng = np.random.default_rng(SEED)
     rows = []
-    for key, cell in deltas.groupby(CELL, sort=True):
-        table = cell.pivot_table(index="seed", columns=FRACTION, values="delta", aggfunc="mean")
+    for key, cell, table in _cells(deltas):
         trained = table.loc[:, table.columns > 0]
-        if trained.shape[1] < 3:
-            continue
         mean = table.mean()
-        split = mean[(mean.index > 0) & (mean.index < SCRATCH)]
-        f_star, f_low, f_high = _cell_optimum(trained, rng)
+        split = _split_fractions(table).mean()
+        f_star, f_low, f_high, spread = _cell_optimum(trained, rng)
         first = cell.iloc[0]
         rows.append(dict(zip(CELL, key), G=first["G"], N=float(first["N"]), D=float(first["D"]),
                          bits=int(first["bits"]), S=float(first["S"]), n_seeds=len(table),
                          fractions=" ".join(f"{f:g}" for f in table.columns), f_measured=float(mean.idxmin()),
-                         f_star=f_star, f_low=f_low, f_high=f_high,
+                         f_star=f_star, f_low=f_low, f_high=f_high, spread=spread,
                          interior=bool(f_low > trained.columns.min() and f_high < SCRATCH),
                          scratch_gap=float(mean.get(SCRATCH, math.nan) - split.min()) if len(split) else math.nan,
                          ptq_gap=float(mean.get(0.0, math.nan) - trained.mean().max())))
     return pd.DataFrame(rows, columns=list(OPTIMA_COLUMNS))
+
+
+def seed_gaps(deltas: pd.DataFrame) -> pd.DataFrame:
+    """Per cell and seed (columns ``CELL``, ``seed``, ``S``): ``scratch_gap`` = δ(f = 1) − δ(f̂) of that seed,
+    f̂ the split fraction (0 < f < 1) with the lowest mean δ over the cell's *other* seeds, so the fraction is
+    not chosen on the runs that measure its gap (NaN in a cell of one seed), ``f_hat`` that fraction; and
+    ``ptq_gap`` = δ(PTQ) − the highest δ of any QAT fraction of that seed."""
+    rows = []
+    for key, cell, table in _cells(deltas):
+        split, trained = _split_fractions(table), table.loc[:, table.columns > 0]
+        for seed in table.index:
+            others = split.drop(index=seed).mean()
+            f_hat = float(others.idxmin()) if others.notna().any() else math.nan
+            own = table.loc[seed]
+            rows.append(dict(zip(CELL, key), seed=seed, S=float(cell["S"].iloc[0]), f_hat=f_hat,
+                             scratch_gap=float(own.get(SCRATCH, math.nan) - own[f_hat]) if math.isfinite(f_hat)
+                             else math.nan,
+                             ptq_gap=float(own.get(0.0, math.nan) - trained.loc[seed].max())))
+    return pd.DataFrame(rows, columns=[*CELL, "seed", "S", "f_hat", "scratch_gap", "ptq_gap"])
+
+
+def optimum_slope(deltas: pd.DataFrame, precision: str, group: str, n_boot: int = N_BOOT,
+                  seed: int = SEED) -> tuple[float, np.ndarray]:
+    """The slope of ln f* on ln S over the cells of one precision and group, and its value on ``n_boot``
+    resamples of the design (cells with replacement, and the seeds inside each; the cell's f* recomputed from
+    the drawn seeds; NaN where a resample has fewer than 2 distinct S)."""
+    cells = [(np.log(c["S"].iloc[0]), t.loc[:, t.columns > 0]) for key, c, t in _cells(deltas)
+             if key[0] == precision and str(key[1]) == str(group)]
+    log_s = np.array([s for s, _ in cells])
+    curves = [(np.log(t.columns.to_numpy(float)), t.to_numpy(float)) for _, t in cells]
+
+    def slope(xs: np.ndarray, ys: np.ndarray) -> float:
+        return float(np.polyfit(xs, ys, 1)[0]) if len(np.unique(xs)) > 1 else math.nan
+
+    point = slope(log_s, np.log([_parabola_optimum(lf, v) for lf, v in curves]))
+    rng = np.random.default_rng(seed)
+    draws = np.empty(n_boot)
+    for b in range(n_boot):
+        picked = rng.integers(0, len(cells), len(cells))
+        f_star = [_parabola_optimum(curves[i][0], curves[i][1][rng.integers(0, len(curves[i][1]),
+                                                                             len(curves[i][1]))]) for i in picked]
+        draws[b] = slope(log_s[picked], np.log(f_star))
+    return point, draws
 
 
 # ------------------------------------------------------------------------------------------------ the laws
@@ -233,8 +296,8 @@ def fit_optimum_law(optima: pd.DataFrame, precision: str, group: str, n_boot: in
             return None
         return fit._identified(lambda: {"a": float(fit.solve_loglinear(x[idx], y[idx], c, theta)[0][0])})
 
-    draws = fit._bootstrap(refit, len(cells), ("a",), n_boot, seed, f"f*(S) law ({precision})") if n_boot else \
-        pd.DataFrame()
+    draws = fit._bootstrap(refit, resample.runs(len(cells)), ("a",), n_boot, seed, f"f*(S) law ({precision})") \
+        if n_boot else pd.DataFrame()
     return LawFit(precision, group, {"a": float(theta[0])}, _intervals(draws), len(cells), int(len(cells)))
 
 
@@ -296,14 +359,12 @@ def fit_loss_law(deltas: pd.DataFrame, precision: str, group: str, n_boot: int |
         return LawFit(precision, group, nan, n_cells=n_cells, n_runs=len(runs),
                       reason=f"loss law not identified: the runs do not constrain {', '.join(flat)} "
                              f"({n_cells} cells, {runs['N'].nunique()} N, {runs['S'].nunique()} S)")
-    cells = runs.groupby(["size", "tokens_requested"]).ngroup().to_numpy()
-
-    def refit(idx: np.ndarray) -> dict[str, float] | None:
-        rows = np.concatenate([np.flatnonzero(cells == i) for i in idx])
+    def refit(rows: np.ndarray) -> dict[str, float] | None:
         solved, j = _solve_loss(N[rows], S[rows], f[rows], delta[rows], theta[None, :])
         return None if _unidentified(j) else _loss_constants(solved)
 
-    draws = fit._bootstrap(refit, n_cells, LOSS_CONSTANTS, n_boot, seed, f"split loss law ({precision})") \
+    plan = resample.of_table(runs, ["size", "tokens_requested"], "seed")
+    draws = fit._bootstrap(refit, plan, LOSS_CONSTANTS, n_boot, seed, f"split loss law ({precision})") \
         if n_boot else pd.DataFrame()
     return LawFit(precision, group, _loss_constants(theta), _intervals(draws), n_cells, len(runs))
 
