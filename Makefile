@@ -4,6 +4,7 @@
 #   make reference   the laptop grid from a clean results/, shipped as reference/laptop/ (about 80 min, 2 cores);
 #                    RESTORE=reference/laptop continues the study shipped there (trains only the runs it lacks),
 #                    GRID_CONFIGS="config/laptop.yaml part.yaml" ships a part of it (README "A study in parts")
+#   make readme      rewrites the README blocks that quote the shipped studies (<!-- qatlaw:... -->) from reference/
 #   make gpu-check   on a machine with one CUDA GPU: python -m qatlaw.bench --sections gpu (at most 8 min): training
 #                    MFU at 74M and 145M (BF16, W4A4), 973M peak memory vs the memory model, its evaluation, δ under
 #                    bf16 vs fp32, an exact resume; writes reference/gpu-check/ (gpu.parquet, gpu.md). Refuses to
@@ -16,7 +17,7 @@ CORES ?= 2
 # Workflow shell commands call `qatlaw` and `snakemake` from the virtual environment.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test lint dry-run clean reference gpu-check
+.PHONY: install run test lint dry-run clean reference gpu-check readme
 
 install: $(STAMP)
 
@@ -47,6 +48,9 @@ reference: install
 	  --wall-file results/wall_s \
 	  --command "make reference GRID_CONFIGS=\"$(GRID_CONFIGS)\" REFERENCE=$(REFERENCE)$(if $(RESTORE), RESTORE=$(RESTORE))" \
 	  --title "$(notdir $(REFERENCE)) grid ($(GRID_CONFIGS))"
+
+readme: install
+	$(BIN)/python -c "from qatlaw import readme; [readme.update(p) for p in ('README.md', 'reference/README.md')]"
 
 gpu-check: install
 	$(BIN)/python -m qatlaw.bench --sections gpu --require-cuda --out reference/gpu-check

@@ -453,6 +453,16 @@ def _fit_scatter(ax: Axes, preds: pd.DataFrame, params: pd.DataFrame, law: str, 
         ax.set_title(precision)
         _empty(ax, f"{law} law for {precision} not fitted (too few valid runs): no predictions")
         return note
+    if log:  # a run whose δ came out ≤ 0 is in the fit but has no place on log axes: counted in the caption
+        hidden = int((rows["observed"] <= 0).sum())
+        rows = rows[rows["observed"] > 0]
+        if hidden:
+            note = "; ".join(filter(None, [note, f"{precision}: {hidden} run{'s' * (hidden != 1)} with δ ≤ 0 "
+                                                 "fitted, not shown on log axes"]))
+        if rows.empty:
+            ax.set_title(precision)
+            _empty(ax, f"{law} law for {precision}: no run with δ > 0 to show on log axes")
+            return note
     D = rows["D"].to_numpy(float)
     sizes = 30 + 170 * D / D.max() if law == "chinchilla" else np.full(len(rows), 50.0)
     for held, marker in HELD_OUT_MARKERS.items():
