@@ -72,7 +72,7 @@ def test_table1_lists_constants_with_intervals_next_to_the_paper(inputs: dict[st
     csv = pd.read_csv(out.with_suffix(".csv"))
     assert len(csv) == len(table) and csv.loc[0, "value"] == pytest.approx(0.2)
     md = out.with_suffix(".md").read_text()
-    assert "| δ_W4A4 | γD | 0.08 | [0.072, 0.088] | 0.0745 | 8 (2 dropped) |" in md
+    assert "| δ_W4A4 | γD | 0.08 | [0.072, 0.088] | 0.0745 | 8 (2 left out) |" in md
     assert "| δ_W16A4, FC2 input 8 bit | k | not fitted | – | 0.1273 |" in md
     assert "| Chinchilla (BF16 loss) | α | 0.31 | [0.279, 0.341] | 0.3022 |" in md
 

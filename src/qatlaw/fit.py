@@ -16,9 +16,14 @@ validation loss and its δ (the default), or ``loss``, the smoothed training los
 How, and why the result is a property of the data rather than of the machine:
 
 - Every law minimizes the summed Huber loss of its log-space residuals log(predicted) − log(observed).
-- **δ laws** (unified, no_D, epm) are linear in their log parameters (log k, γ; or log(eff^−α − 1)), so the
-  objective is convex. The Huber threshold is set from the data's own scale: c = 1.345 σ̂, with σ̂ = 1.4826 ·
-  median |r| · √(n / (n − p)) from the least-squares residuals r (at least ``MIN_THRESHOLD``). A threshold of
+- **δ laws** (unified, no_D, epm) are fitted to the QAT loss as the paper's law writes it, L_QAT = L_BF16 + δ̂:
+  the residual of a run is log(L_BF16 + δ̂) − log(L_QAT), with its own BF16 baseline's measured loss (the δ
+  table's ``baseline`` column; :class:`QatLoss`). A run whose δ came out ≤ 0 has a QAT loss like any other, so
+  it enters the fit; leaving it out would drop the smallest δ, which sit at the largest N, and bias γN down. δ̂
+  is linear in its log parameters (log k, γ; or log(eff^−α − 1)); without a baseline column the residual is
+  log δ̂ − log δ, whose objective is convex, and a δ ≤ 0 cannot enter. The Huber threshold is set from the
+  data's own scale: c = 1.345 σ̂, with σ̂ = 1.4826 · median |r| · √(n / (n − p)) from the least-squares
+  residuals r (at least ``MIN_THRESHOLD``). A threshold of
   1e-3 on residuals of 0.1–1 (δ's seed noise at small scale) would make the loss almost L1, which is flat along
   whole segments, so its minimizer is not unique; at 1.345 σ̂ most runs sit in the quadratic part (the usual
   choice: 95% efficiency for Gaussian noise, bounded influence for the runs far off the law).
@@ -31,10 +36,12 @@ How, and why the result is a property of the data rather than of the machine:
   parameter), and, for Chinchilla, if no other local optimum comes within a relative 1e-9 of its objective.
   A law that fails this is reported as not identified (NaN constants and a warning), never as a number.
 - Signs of the γ are not constrained, so a wrong-signed exponent shows that the data disagree with the law.
-  Runs that diverged, or whose value (loss or δ) is NaN or ≤ 0, cannot enter a log: they are dropped with a
-  warning and counted (``n_dropped``).
+  Runs that diverged, or whose loss (or, without a baseline, δ) is NaN or ≤ 0, are left out with a warning that
+  names them and counted (``n_dropped``).
 
-Bootstrap intervals resample the runs with replacement (seeded) and refit each resample with the full data's
+Bootstrap intervals resample the design (:mod:`qatlaw.resample`: cells by (N, D) with replacement, then the
+seeds inside each, the runs of one seed of a cell kept together since they share a BF16 baseline; seeded) and
+refit each resample with the full data's
 Huber threshold, from the full-data optimum (δ laws), or from the best distinct local optima of the full-data
 fit and ``BOOT_HALTON`` Halton starts (Chinchilla, whose E, A and α trade off along a flat valley on small grids:
 one L-BFGS path from one start may end at a saddle or another optimum depending on rounding). Resamples whose fit is not
@@ -53,13 +60,13 @@ Outputs of :func:`run_fits` (``results/fit/``, written by :func:`write_fits`):
 | ``value`` | the fitted value; NaN when the law could not be fitted or is not identified (a warning is logged) |
 | ``ci_low``, ``ci_high`` | 5th and 95th bootstrap percentiles (NaN without bootstrap, and for γD of no_D) |
 | ``n_runs`` | runs the fit used (epm: over all its granularities) |
-| ``n_dropped`` | runs dropped as diverged or with NaN or non-positive values |
+| ``n_dropped`` | runs left out as diverged or with a NaN or non-positive loss |
 | ``objective`` | summed Huber loss at the optimum (epm: summed over its granularities) |
 
-``predictions.parquet``, one row per run a law used (dropped runs have none) and law: ``run_id``, ``law``,
+``predictions.parquet``, one row per run a law used (left-out runs have none) and law: ``run_id``, ``law``,
 ``precision``, ``N``, ``D``, ``G`` (null for chinchilla), ``observed`` (loss for chinchilla, else δ),
-``predicted``, ``residual`` (predicted − observed), ``rel_error`` (|residual| / observed), ``held_out``
-(``none``: in-sample fit; ``largest_N`` / ``largest_D``: the run has the fit's largest N / D and the prediction
+``predicted``, ``residual`` (predicted − observed), ``rel_error`` (|residual| / observed; NaN where observed ≤ 0),
+``held_out`` (``none``: in-sample fit; ``largest_N`` / ``largest_D``: the run has the fit's largest N / D and the prediction
 comes from a refit without those runs; for epm the held-out refit also refits A and α without them).
 
 ``bootstrap.parquet``, the bootstrap refits behind the intervals, one row per (law, precision, draw, constant):
@@ -67,7 +74,7 @@ comes from a refit without those runs; for epm the held-out refit also refits A 
 ``value``. A law's draws give its prediction bands (evaluate the law at each draw, take percentiles).
 
 ``comparison.parquet``, one row per law and precision: ``law``, ``precision``, ``rel_error`` (mean in-sample
-|δ̂ − δ| / δ, or loss for chinchilla), ``n_runs``, ``heldout_largest_N_rel_error``,
+|δ̂ − δ| / δ over the runs with δ > 0, or loss for chinchilla), ``n_runs``, ``heldout_largest_N_rel_error``,
 ``heldout_largest_D_rel_error`` (NaN where the refit is not possible).
 """
 

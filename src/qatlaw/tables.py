@@ -8,7 +8,7 @@ workflow. The paper's numbers come from :func:`qatlaw.paper.constants`.
 - ``table1_constants`` (paper Table 1): the unified law's k, γN, γD, γG per precision and the Chinchilla
   constants, with their 90% bootstrap intervals. Columns ``setting``, ``law``, ``precision``, ``constant``,
   ``value``, ``ci_low``, ``ci_high``, ``paper``, ``n_runs``, ``n_dropped``.
-- ``table2_laws`` (paper Table 2): mean relative error |δ̂ − δ|/δ of the EPM laws (one per granularity) and of
+- ``table2_laws`` (paper Table 2): mean relative error |δ̂ − δ|/δ (over the runs with δ > 0) of the EPM laws (one per granularity) and of
   the unified law, per precision. Columns ``precision``, ``method``, ``law``, ``n_laws``, ``n_runs``,
   ``rel_error_pct``, ``heldout_largest_N_pct``, ``heldout_largest_D_pct``, ``paper_rel_error_pct``.
 - ``table4_no_D`` (paper Table 4): relative error of the unified law without and with its D term. Columns
@@ -118,10 +118,11 @@ def table1_constants(params: str | Path, out_stem: str | Path) -> pd.DataFrame:
             else "–"
         return [row["setting"], CONSTANT_SYMBOLS[row["constant"]], _cell(row["value"]), ci,
                 _cell(row["paper"]) if np.isfinite(row["paper"]) else "–",
-                f"{_cell(row['n_runs'])} ({_cell(row['n_dropped'])} dropped)"]
+                f"{_cell(row['n_runs'])} ({_cell(row['n_dropped'])} left out)"]
     _write(table, out_stem, "Table 1: fitted constants (this run vs the paper)",
-           "δ = k · D^γD · (log2 G)^γG / N^γN per precision; L = E + A/N^α + B/D^β for BF16. 90% bootstrap "
-           "intervals over runs; dropped runs diverged or had δ ≤ 0.", markdown,
+           "δ = k · D^γD · (log2 G)^γG / N^γN per precision, fitted to the QAT loss L_BF16 + δ (a run whose δ ≤ 0 "
+           "enters); L = E + A/N^α + B/D^β for BF16. 90% bootstrap intervals over resampled cells and the seeds "
+           "inside them; left-out runs diverged or had a NaN loss.", markdown,
            ["setting", "constant", "fitted", "90% CI", "paper", "runs"])
     return table
 
