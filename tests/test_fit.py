@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -160,11 +161,31 @@ def test_quest_bf16_chinchilla_fit_and_unidentified_delta_law(quest):
     out = fit.Chinchilla(inits=32).fit(bf16)
     assert out.n_runs == 6 and 0 < out.constants["alpha"] < 1
     assert fit.relative_error(fit.predict_loss(out.constants, bf16["N"], bf16["D"]), bf16["loss"]) < 0.003
-    # one granularity (per-row quantizers) and D ∝ N: the unified law's exponents are not identified
+    # one granularity (per-row quantizers) and D ∝ N: γN and γD are not separately identified, and the law says
+    # so with the one exponent the ray identifies, γD − γN (the slope of the log δ on log N test above)
     w4a4 = quest[(quest["w_bits"] == 4) & (quest["a_bits"] == 4) & (quest["w_quant"] == "TrustQuantizer")]
     delta = w4a4["loss"].to_numpy() - bf16.set_index("N").loc[w4a4["N"], "loss"].to_numpy()
-    with pytest.raises(fit.FitError, match="G takes a single value"):
+    with pytest.raises(fit.FitError, match=r"one D/N ray \(D/N 97–101\): gamma_N and gamma_D are not separately "
+                                           r"identified; gamma_D − gamma_N = -0.171"):
         fit.DeltaLaw().fit(w4a4.assign(G=768, delta=delta))
+    base = bf16.set_index("N").loc[w4a4["N"], "loss"].to_numpy()  # fitted as QAT losses (Huber), about the same
+    with pytest.raises(fit.FitError, match="gamma_D − gamma_N = -0.163"):
+        fit.DeltaLaw().fit(w4a4.assign(G=768, delta=delta, baseline=base))
+
+
+def test_one_group_size_leaves_gamma_g_unidentified_and_k_at_that_g():
+    """A table with a single G (Quartet's MXFP4, G = 32): γG is NaN, not a number fitted to noise, and k is the
+    law's value at that G, so the law predicts there exactly."""
+    df = delta_grid("W4A4")
+    one = df[df["G"] == 32]
+    out = fit.DeltaLaw().fit(one)
+    assert math.isnan(out.constants["gamma_G"])
+    true = law("W4A4")
+    assert out.constants["k"] == pytest.approx(true["k"] * np.log2(32) ** true["gamma_G"], rel=1e-6)
+    assert out.constants["gamma_N"] == pytest.approx(true["gamma_N"], rel=1e-6)
+    np.testing.assert_allclose(fit.predict_delta(out.constants, one["N"], one["D"], one["G"]), one["delta"], rtol=1e-6)
+    boot = fit.DeltaLaw().fit(one.assign(seed=0), n_boot=20)
+    assert set(boot.draws.columns) == {"k", "gamma_N", "gamma_D"}
 
 
 # ------------------------------------------------------------------------------------------------- robustness
@@ -246,7 +267,7 @@ def test_unfittable_inputs_raise_fit_error():
     df = delta_grid("W4A4")
     with pytest.raises(fit.FitError, match="lacks columns G, delta"):
         fit.DeltaLaw().fit(df.drop(columns=["G", "delta"]))
-    with pytest.raises(fit.FitError, match="0 usable runs for 4 parameters"):
+    with pytest.raises(fit.FitError, match="0 usable runs for 3 parameters"):  # at least k, γN, γD
         fit.DeltaLaw().fit(df.assign(delta=np.nan))
     with pytest.raises(fit.FitError, match="3 usable runs for 4 parameters"):
         fit.DeltaLaw().fit(df.iloc[[0, 7, 30]])

@@ -146,3 +146,28 @@ def test_cli_plan_refuses_a_bad_number_in_one_line(args):
     assert result.returncode == 2
     assert [line for line in result.stderr.splitlines() if "error" in line] == [result.stderr.strip().splitlines()[-1]]
     assert "positive number" in result.stderr
+
+
+def test_a_law_fitted_at_one_g_predicts_there_only(tmp_path):
+    """γG NaN (one G among its runs): the law is listed, predicts at that G, and refuses another in one line."""
+    import numpy as np
+
+    from qatlaw import fit as qfit
+
+    rows = [{"N": n, "D": d, "G": 32, "delta": 0.5 * d**0.07 / n**0.22, "precision": "MXFP4-fwd",
+             "run_id": f"r{i}", "held_out": "none"}
+            for i, (n, d) in enumerate((n, d) for n in (3e7, 1e8, 3e8) for d in (1e9, 1e10, 1e11))]
+    runs = pd.DataFrame(rows)
+    law = qfit.DeltaLaw().fit(runs)
+    params = pd.DataFrame([{"law": "unified", "precision": "MXFP4-fwd", "constant": c, "value": v, "ci_low": np.nan,
+                            "ci_high": np.nan, "n_runs": 9, "n_dropped": 0, "objective": 0.0}
+                           for c, v in law.constants.items()])
+    params.to_parquet(tmp_path / "params.parquet", index=False)
+    runs.assign(law="unified", observed=runs["delta"], predicted=runs["delta"], residual=0.0, rel_error=0.0) \
+        .loc[:, list(qfit.PREDICTIONS_COLUMNS)].to_parquet(tmp_path / "predictions.parquet", index=False)
+    loaded = laws.load(str(tmp_path))
+    assert loaded.precisions == ["MXFP4-fwd"] and loaded.one_g("MXFP4-fwd") == 32
+    point = laws.predict(loaded, [1e8], [1e10], [32], ["MXFP4-fwd"]).iloc[0]
+    assert point["delta"] == pytest.approx(0.5 * 1e10**0.07 / 1e8**0.22, rel=1e-6)
+    with pytest.raises(laws.LawError, match="fitted at one G for MXFP4-fwd \\(32\\): gamma_G is not identified"):
+        laws.predict(loaded, [1e8], [1e10], [64], ["MXFP4-fwd"])

@@ -275,6 +275,16 @@ def _runs(args: argparse.Namespace) -> None:
     log.info("%d runs (%d diverged) -> %s", len(table), int(table["diverged"].sum()), args.out)
 
 
+def _import_runs(args: argparse.Namespace) -> None:
+    from qatlaw import external
+
+    runs = external.run(args.table, args.out, args.precision or ())
+    qat = runs[runs["precision"] != "BF16"]
+    log.info("%d runs (%d BF16, %d QAT: %s) from %s -> %s", len(runs), len(runs) - len(qat), len(qat),
+             ", ".join(f"{p} {n}" for p, n in qat["precision"].value_counts().sort_index().items()), args.table,
+             args.out)
+
+
 def _decompose(args: argparse.Namespace) -> None:
     from qatlaw import decompose
 
@@ -615,6 +625,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("summaries", nargs="+")
     s.add_argument("--out", required=True)
     s.set_defaults(func=_runs)
+
+    s = sub.add_parser("import-runs", help="check a run table from outside (CSV or Parquet) and write it as runs.parquet")
+    s.add_argument("table", help="one row per run: N, D, precision, G, loss (final validation loss), seed optional")
+    s.add_argument("--out", required=True, help="runs.parquet to write")
+    s.add_argument("--precision", nargs="+", metavar="LABEL",
+                   help="QAT labels of the table beyond this project's precision strings, e.g. MXFP4-fwd")
+    s.set_defaults(func=_import_runs)
 
     s = sub.add_parser("decompose", help="δ per run, weight/activation decomposition and its fit")
     s.add_argument("--runs", required=True)

@@ -134,9 +134,16 @@ def _why_not_fitted(runs: pd.DataFrame, precision: str) -> str:
     n = len(rows)
     if n < len(fit.DELTA_CONSTANTS):
         return f"{n} {precision} run{'s' * (n > 1)} for {len(fit.DELTA_CONSTANTS)} constants"
-    single = [c for c in ("N", "D", "G") if rows[c].nunique() < 2]
+    single = [c for c in ("N", "D") if rows[c].nunique() < 2]
     if single:
         return f"its {n} runs have a single {', '.join(single)}: that exponent is not identified"
+    free = len(fit.DELTA_CONSTANTS) - (rows["G"].nunique() < 2)
+    if (points := fit.design_points(rows)) <= free:
+        one_g = " (one G: gamma_G is not identified)" if free < len(fit.DELTA_CONSTANTS) else ""
+        return f"its {n} runs sit at {points} distinct (N, D, G) points for {free} constants{one_g}: an exact fit"
+    usable = rows.dropna(subset=["delta", "baseline"]) if "baseline" in rows else rows.dropna(subset=["delta"])
+    if len(usable) > 1 and (ray := fit.one_ray(usable)):
+        return ray
     return f"its {n} runs do not identify every constant (see the fit's log)"
 
 
@@ -170,6 +177,14 @@ def law_findings(params: pd.DataFrame, draws: pd.DataFrame, deltas: pd.DataFrame
         for constant in ("gamma_N", "gamma_D", "gamma_G"):
             name, paper_value = f"{precision} {constant} > 0", f"{cited[constant]:.4f}"
             row = _constant(params, "unified", precision, constant)
+            fitted = _constant(params, "unified", precision, "gamma_N")
+            if constant == "gamma_G" and fitted is not None and math.isfinite(fitted["value"]) and \
+                    not math.isfinite(row["value"]):
+                G = deltas.loc[deltas["precision"] == precision, "G"].dropna().unique()
+                rows.append(_not_measurable(name, paper_value, f"one G ({', '.join(f'{g:g}' for g in G)}) among its "
+                                            "runs: gamma_G is not identified (the law keeps k at that G)",
+                                            int(fitted["n_runs"])))
+                continue
             if row is None or not math.isfinite(row["value"]):
                 rows.append(_not_measurable(name, paper_value, f"law not fitted: {_why_not_fitted(deltas, precision)}"))
                 continue
@@ -469,7 +484,9 @@ def findings(results: str | Path, metric: str = schema_default("fit", "metric"))
     outliers = read_parquet(root / "analysis" / "outliers.parquet", ("run_id", "precision", "layer_type",
                                                                      "kurtosis_token"), "outliers table")
     runs = read_runs(root / "runs.parquet", all_fractions=True)  # the split rows; the others read f = 1 runs
+    loss_col, delta_col = runtable.metric_columns(metric)
     deltas = runtable.delta_table(runtable.from_scratch(runs))
+    deltas = deltas.assign(delta=deltas[delta_col], baseline=deltas[f"baseline_{loss_col}"])
     noise = seed_noise(decomp)
     rows = [*law_findings(params, draws, deltas), decomposition_finding(decomp), ratio_finding(decomp),
             *fc2_findings(decomp), kurtosis_finding(outliers, runs, "BF16"), kurtosis_finding(outliers, runs, "W4A4"),

@@ -81,6 +81,7 @@ comes from a refit without those runs; for epm the held-out refit also refits A 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -467,9 +468,12 @@ def predict_loss(chin_params: dict, N: ArrayLike, D: ArrayLike) -> np.ndarray | 
 
 
 def predict_delta(params: dict, N: ArrayLike, D: ArrayLike, G: ArrayLike) -> np.ndarray | float:
-    """δ = k · D^γD · (log2 G)^γG / N^γN."""
+    """δ = k · D^γD · (log2 G)^γG / N^γN; a law fitted at one G (γG NaN) has (log2 G)^γG folded into k, so
+    it holds at that G only."""
     p = params
-    return p["k"] * np.power(D, p["gamma_D"]) * np.power(np.log2(G), p["gamma_G"]) / np.power(N, p["gamma_N"])
+    gamma_G = p.get("gamma_G", math.nan)
+    g_term = np.power(np.log2(G), gamma_G) if np.isfinite(gamma_G) else 1.0  # NaN: k is the value at its one G
+    return p["k"] * np.power(D, p["gamma_D"]) * g_term / np.power(N, p["gamma_N"])
 
 
 def _chinchilla_objective(log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, tie: bool) -> Objective:
@@ -577,6 +581,35 @@ class Chinchilla:
         return predict_loss(fit.constants, runs["N"].to_numpy(float), runs["D"].to_numpy(float))
 
 
+def design_points(runs: pd.DataFrame, use_D: bool = True) -> int:
+    """Distinct points of the design a δ law is fitted at: (N, D, G), or (N, G) without D. Seeds repeat a point;
+    a law needs more points than constants, or it passes through them whatever the noise."""
+    return len(runs[["N", "D", "G"] if use_D else ["N", "G"]].drop_duplicates())
+
+
+RAY_SPAN = 1.5  # runs whose D/N spans less than this factor lie on one D/N ray
+
+
+def one_ray(runs: pd.DataFrame) -> str:
+    """Why a δ law cannot separate γN from γD when every run lies on one D/N ray (D/N spanning less than
+    RAY_SPAN while N varies), with γD − γN, the slope of log δ on log N, the one exponent they identify (fitted
+    as the law is, to the QAT loss where a baseline is given); empty otherwise."""
+    ratio = runs["D"].to_numpy(float) / runs["N"].to_numpy(float)
+    if runs["N"].nunique() < 2 or ratio.max() / ratio.min() >= RAY_SPAN:
+        return ""
+    x = np.column_stack([np.ones(len(runs)), np.log(runs["N"].to_numpy(float))])
+    if runs["G"].nunique() > 1:
+        x = np.column_stack([x, np.log(np.log2(runs["G"].to_numpy(float)))])
+    along = qat_loss(runs, x)
+    try:
+        start = along.start()
+        slope = f"{along.solve(along.threshold(start), start)[0][1]:.3g}"
+    except FitError:
+        slope = "not identified either"
+    return (f"every run lies on one D/N ray (D/N {ratio.min():.3g}–{ratio.max():.3g}): gamma_N and gamma_D are not "
+            f"separately identified; gamma_D − gamma_N = {slope} (the slope of log δ on log N)")
+
+
 @dataclass
 class DeltaLaw:
     """δ = k·D^γD·(log2 G)^γG/N^γN (``unified``), or with γD fixed at 0 (``no_D``, when not ``use_D``)."""
@@ -591,29 +624,43 @@ class DeltaLaw:
     def constant_names(self, runs: pd.DataFrame) -> tuple[str, ...]:
         return DELTA_CONSTANTS
 
-    def _design(self, data: pd.DataFrame) -> np.ndarray:
-        """Columns of log δ̂ = log k − γN log N [+ γD log D] + γG log log2 G."""
+    def _design(self, data: pd.DataFrame, with_g: bool = True) -> np.ndarray:
+        """Columns of log δ̂ = log k − γN log N [+ γD log D] [+ γG log log2 G]."""
         cols = [np.ones(len(data)), -np.log(data["N"].to_numpy())]
         if self.use_D:
             cols.append(np.log(data["D"].to_numpy()))
-        cols.append(np.log(np.log2(data["G"].to_numpy())))
+        if with_g:
+            cols.append(np.log(np.log2(data["G"].to_numpy())))
         return np.column_stack(cols)
 
-    def _constants(self, theta: np.ndarray) -> dict[str, float]:
+    def _constants(self, theta: np.ndarray, with_g: bool = True) -> dict[str, float]:
         theta = [float(t) for t in theta]
         gamma_D = theta.pop(2) if self.use_D else 0.0
-        return {"k": float(np.exp(theta[0])), "gamma_N": theta[1], "gamma_D": gamma_D, "gamma_G": theta[2]}
+        gamma_G = theta[2] if with_g else math.nan
+        return {"k": float(np.exp(theta[0])), "gamma_N": theta[1], "gamma_D": gamma_D, "gamma_G": gamma_G}
 
     def fit(self, runs: pd.DataFrame, n_boot: int = 0, seed: int = 0,
             held_out: tuple[str, float] | None = None) -> Fit:
-        free = tuple(c for c in DELTA_CONSTANTS if self.use_D or c != "gamma_D")
+        """The law on ``runs``. With one G among them γG is not identified: it is NaN and k is the law's value at
+        that G ((log2 G)^γG folded in; :func:`predict_delta` holds there only). FitError when the runs cannot
+        identify the rest: too few, no more design points than constants, a single N or D, or every run on one
+        D/N ray (only γD − γN is identified)."""
         what = _label(runs, self.name)
-        data, n_dropped = _usable(runs, self.columns, what, len(free))
-        x = self._design(data)
+        data, n_dropped = _usable(runs, self.columns, what, 2 + self.use_D)
+        with_g = data["G"].nunique() > 1
+        free = tuple(c for c in DELTA_CONSTANTS if (self.use_D or c != "gamma_D") and (with_g or c != "gamma_G"))
+        if len(data) < len(free):
+            raise FitError(f"{what}: {len(data)} usable runs for {len(free)} parameters")
+        if (points := design_points(data, self.use_D)) <= len(free):
+            raise FitError(f"{what}: {points} distinct (N, D, G) points for {len(free)} constants: an exact fit "
+                           "through them, not a measurement")
+        x = self._design(data, with_g)
         if np.linalg.matrix_rank(x) < x.shape[1]:
-            single = [c for c in ("N", "D", "G") if (self.use_D or c != "D") and data[c].nunique() < 2]
+            single = [c for c in ("N", "D") if (self.use_D or c != "D") and data[c].nunique() < 2]
             why = f"column {', '.join(single)} takes a single value" if single else "N, D and G are collinear"
             raise FitError(f"{what}: cannot identify every exponent: {why} among the valid runs")
+        if self.use_D and (ray := one_ray(data)):
+            raise FitError(f"{what}: {ray}")
         runs_ = qat_loss(data, x)
         try:
             theta = runs_.start()
@@ -621,15 +668,18 @@ class DeltaLaw:
             theta, objective = runs_.solve(c, theta)
         except FitError as exc:
             raise FitError(f"{what}: {exc}") from None
+        if not with_g:
+            log.warning("%s: one G (%g) among its runs: gamma_G is not identified; k is the law's value at that G",
+                        what, data["G"].iloc[0])
         draws = pd.DataFrame()
         if n_boot:
             def refit(idx: np.ndarray) -> dict[str, float] | None:
                 if np.linalg.matrix_rank(x[idx]) < x.shape[1]:
                     return None
-                return _identified(lambda: self._constants(runs_.take(idx).solve(c, theta)[0]))
+                return _identified(lambda: self._constants(runs_.take(idx).solve(c, theta)[0], with_g))
             plan = design(runs.loc[data.index])
             draws = _bootstrap(refit, plan, DELTA_CONSTANTS, n_boot, seed, what)[list(free)]
-        return Fit(self._constants(theta), objective * c**2, len(data), n_dropped, draws)
+        return Fit(self._constants(theta, with_g), objective * c**2, len(data), n_dropped, draws)
 
     def predict(self, fit: Fit, runs: pd.DataFrame) -> np.ndarray:
         return predict_delta(fit.constants, *(runs[c].to_numpy(float) for c in ("N", "D", "G")))

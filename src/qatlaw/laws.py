@@ -57,10 +57,18 @@ class Law:
 
     @property
     def precisions(self) -> list[str]:
-        """Precisions with a fitted unified law."""
-        unified = self.params[self.params["law"] == "unified"]
+        """Precisions with a fitted unified law (γG may be NaN: a law fitted at one G)."""
+        unified = self.params[(self.params["law"] == "unified") & (self.params["constant"] != "gamma_G")]
         ok = unified.groupby("precision")["value"].apply(lambda v: bool(np.isfinite(v.astype(float)).all()))
         return sorted(ok[ok].index, key=lambda p: (len(p), p))
+
+    def one_g(self, precision: str) -> float | None:
+        """The one G a precision's law was fitted at (its γG not identified), or None."""
+        rows = self.params[(self.params["law"] == "unified") & (self.params["precision"] == precision)
+                           & (self.params["constant"] == "gamma_G")]
+        if rows.empty or np.isfinite(float(rows["value"].iloc[0])):
+            return None
+        return self.ranges.get("G", (math.nan, math.nan))[0]
 
 
 def _paper() -> Law:
@@ -117,7 +125,7 @@ def _check(law: Law, precisions: list[str]) -> list[str]:
     names = []
     for p in precisions:
         try:
-            name = prec.canonical(p)
+            name = p if p in law.precisions else prec.canonical(p)  # a run table's own label, or a precision string
         except ValueError as exc:
             raise LawError(f"--precision {p}: {exc}") from None
         if name not in law.precisions:
@@ -151,7 +159,7 @@ def _law_constants(params: pd.DataFrame, law: str, precision: str) -> dict[str, 
         have = sorted(params.loc[params["law"] == law, "precision"].unique())
         raise LawError(f"params table has no {law} law for precision {precision} (it has: {', '.join(have)})")
     values = dict(zip(rows["constant"], rows["value"].astype(float)))
-    if not np.isfinite(list(values.values())).all():
+    if not np.isfinite([v for c, v in values.items() if c != "gamma_G"]).all():
         raise LawError(f"params table: the {law} law for {precision} was not fitted "
                        "(too few valid runs, or not identified)")
     return values
@@ -178,6 +186,11 @@ def predict(law: Law, N: list[float], D: list[float], G: list[float], precisions
     """δ, the BF16 loss and the QAT loss for every precision × N × D × G, with 90% intervals from the law's
     bootstrap draws where it has them (NaN otherwise). Columns: ``PREDICTION_COLUMNS``."""
     names = _check(law, precisions)
+    for name in names:
+        fixed = law.one_g(name)
+        if fixed is not None and any(g != fixed for g in G):
+            raise LawError(f"law {law.name} was fitted at one G for {name} ({fixed:g}): gamma_G is not identified, "
+                           f"so it predicts at G = {fixed:g} only")
     grid = pd.MultiIndex.from_product([names, N, D, G], names=["precision", "N", "D", "G"]).to_frame(index=False)
     out = []
     for name, part in grid.groupby("precision", sort=False):
