@@ -4,6 +4,7 @@
 #   make reference   the laptop grid from a clean results/, shipped as reference/laptop/ (about 80 min, 2 cores);
 #                    RESTORE=reference/laptop continues the study shipped there (trains only the runs it lacks),
 #                    GRID_CONFIGS="config/laptop.yaml part.yaml" ships a part of it (README "A study in parts")
+#   make quartet     the law fitted to Quartet's published runs (reference/data/quartet), shipped as reference/quartet/
 #   make readme      rewrites the README blocks that quote the shipped studies (<!-- qatlaw:... -->) from reference/
 #   make gpu-check   on a machine with one CUDA GPU: python -m qatlaw.bench --sections gpu (at most 8 min): training
 #                    MFU at 74M and 145M (BF16, W4A4), 973M peak memory vs the memory model, its evaluation, δ under
@@ -17,7 +18,7 @@ CORES ?= 2
 # Workflow shell commands call `qatlaw` and `snakemake` from the virtual environment.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test lint dry-run clean reference gpu-check readme
+.PHONY: install run test lint dry-run clean reference gpu-check readme quartet
 
 install: $(STAMP)
 
@@ -48,6 +49,27 @@ reference: install
 	  --wall-file results/wall_s \
 	  --command "make reference GRID_CONFIGS=\"$(GRID_CONFIGS)\" REFERENCE=$(REFERENCE)$(if $(RESTORE), RESTORE=$(RESTORE))" \
 	  --title "$(notdir $(REFERENCE)) grid ($(GRID_CONFIGS))"
+
+# A study of a run table from outside (config external.table), here Quartet's published runs: import, fit,
+# figures, tables, findings; no training. STUDY_CONFIG names the config overlay, STUDY the folder it ships to.
+STUDY_CONFIG ?= config/quartet.yaml
+STUDY ?= reference/quartet
+OUTSIDE := results/outside
+quartet: install
+	rm -rf $(OUTSIDE)
+	start=$$(date +%s); \
+	$(BIN)/qatlaw import-runs --config config.yaml $(STUDY_CONFIG) --out $(OUTSIDE)/runs.parquet && \
+	$(BIN)/qatlaw fit --runs $(OUTSIDE)/runs.parquet --out-dir $(OUTSIDE)/fit --config config.yaml $(STUDY_CONFIG) && \
+	for fig in fig10_chinchilla delta_vs_paper; do \
+	  $(BIN)/qatlaw figure $$fig --input runs=$(OUTSIDE)/runs.parquet params=$(OUTSIDE)/fit/params.parquet \
+	    predictions=$(OUTSIDE)/fit/predictions.parquet --out $(OUTSIDE)/figures/$$fig.png \
+	    --caption "$(notdir $(STUDY)): $(STUDY_CONFIG)" || exit 1; done && \
+	for table in table1_constants table2_laws table4_no_D; do \
+	  $(BIN)/qatlaw table $$table --input params=$(OUTSIDE)/fit/params.parquet \
+	    comparison=$(OUTSIDE)/fit/comparison.parquet --out-stem $(OUTSIDE)/tables/$$table || exit 1; done && \
+	echo $$(( $$(date +%s) - start )) > $(OUTSIDE)/wall_s
+	$(BIN)/qatlaw reference config.yaml $(STUDY_CONFIG) --results $(OUTSIDE) --out $(STUDY) --wall-file $(OUTSIDE)/wall_s \
+	  --command "make quartet STUDY_CONFIG=$(STUDY_CONFIG) STUDY=$(STUDY)" --title "$(notdir $(STUDY)) ($(STUDY_CONFIG))"
 
 readme: install
 	$(BIN)/python -c "from qatlaw import readme; [readme.update(p) for p in ('README.md', 'reference/README.md')]"

@@ -15,6 +15,7 @@ rule fit:
         bootstrap=config["fit"]["bootstrap"],
         seed=config["fit"]["seed"],
         metric=config["fit"]["metric"],
+        untie="" if config["fit"]["tie"] else "--untie",
     log:
         "results/logs/fit.log",
     benchmark:
@@ -23,4 +24,4 @@ rule fit:
         "../envs/analysis.yaml"
     shell:
         "qatlaw fit --runs {input} --out-dir {params.out_dir} --bootstrap {params.bootstrap} "
-        "--seed {params.seed} --metric {params.metric} > {log} 2>&1"
+        "--seed {params.seed} --metric {params.metric} {params.untie} > {log} 2>&1"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from qatlaw import fit, laws
+from qatlaw import cli, fit, laws
 
 ROOT = Path(__file__).resolve().parents[1]
 QATLAW = [sys.executable, "-m", "qatlaw"]
@@ -171,3 +171,18 @@ def test_a_law_fitted_at_one_g_predicts_there_only(tmp_path):
     assert point["delta"] == pytest.approx(0.5 * 1e10**0.07 / 1e8**0.22, rel=1e-6)
     with pytest.raises(laws.LawError, match="fitted at one G for MXFP4-fwd \\(32\\): gamma_G is not identified"):
         laws.predict(loaded, [1e8], [1e10], [64], ["MXFP4-fwd"])
+
+
+def test_the_shipped_quartet_law_predicts_at_g_32_and_plan_refuses_its_labels(capsys):
+    law = laws.load("quartet")
+    assert law.precisions == ["MXFP4-fwd", "MXFP4-full"] and law.one_g("MXFP4-fwd") == 32
+    assert cli.main(["predict", "--law", "quartet", "--N", "1e8", "--D", "1e10", "--G", "32",
+                     "--precision", "MXFP4-fwd"]) == 0
+    assert cli.main(["predict", "--law", "quartet", "--N", "1e8", "--D", "1e10", "--G", "64",
+                     "--precision", "MXFP4-fwd"]) != 0
+    assert "predicts at G = 32 only" in capsys.readouterr().err
+    assert cli.main(["plan", "--law", "quartet", "--N", "1e9", "--D", "2e10"]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not precision strings" in err
+    shipped = pd.read_parquet(ROOT / "reference" / "quartet" / "fit" / "params.parquet")
+    pd.testing.assert_frame_equal(law.params.reset_index(drop=True), shipped)

@@ -18,7 +18,7 @@ study = pytest.mark.parametrize("study", STUDIES, ids=[p.name for p in STUDIES])
 
 
 def test_the_shipped_studies_are_found():
-    assert {"laptop", "laptop-v2"} <= {p.name for p in STUDIES}
+    assert {"laptop", "laptop-v2", "laptop-split", "quartet"} <= {p.name for p in STUDIES}
 
 
 @pytest.mark.slow
@@ -48,4 +48,10 @@ def test_every_run_of_the_shipped_grid_is_in_its_run_table(study: Path):
 
     cfg = config.validate(config.read_yaml(study / "config.yaml"))
     runs = pd.read_parquet(study / "runs.parquet")
+    if (cfg.get("external") or {}).get("table"):  # a run table from outside: its rows are the table's
+        from qatlaw import external
+
+        table = external.read_table(Path(__file__).resolve().parent.parent / cfg["external"]["table"])
+        assert sorted(runs["run_id"]) == sorted(external.import_runs(table, cfg["external"]["precisions"])["run_id"])
+        return
     assert sorted(runs["run_id"]) == sorted(r.run_id for r in grid_runs(cfg))

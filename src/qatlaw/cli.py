@@ -276,13 +276,18 @@ def _runs(args: argparse.Namespace) -> None:
 
 
 def _import_runs(args: argparse.Namespace) -> None:
-    from qatlaw import external
+    from qatlaw import config, external
 
-    runs = external.run(args.table, args.out, args.precision or ())
+    table, precisions = args.table, args.precision or []
+    if args.config:
+        spec = config.load(*args.config).get("external") or {}
+        table, precisions = table or spec.get("table"), precisions or spec.get("precisions", [])
+    if not table:
+        raise external.ExternalTableError("import-runs: no table: give TABLE or --config files with external.table")
+    runs = external.run(table, args.out, precisions)
     qat = runs[runs["precision"] != "BF16"]
     log.info("%d runs (%d BF16, %d QAT: %s) from %s -> %s", len(runs), len(runs) - len(qat), len(qat),
-             ", ".join(f"{p} {n}" for p, n in qat["precision"].value_counts().sort_index().items()), args.table,
-             args.out)
+             ", ".join(f"{p} {n}" for p, n in qat["precision"].value_counts().sort_index().items()), table, args.out)
 
 
 def _decompose(args: argparse.Namespace) -> None:
@@ -327,8 +332,13 @@ def _fit(args: argparse.Namespace) -> None:
     from qatlaw import fit, runtable
 
     runs = runtable.read_runs(args.runs)
-    tables = fit.run_fits(runtable.delta_table(runs), runs, n_boot=args.bootstrap, seed=args.seed,
-                          metric=args.metric)
+    settings = {"bootstrap": args.bootstrap, "seed": args.seed, "metric": args.metric, "tie": not args.untie}
+    if args.config:
+        from qatlaw import config
+
+        settings = config.load(*args.config)["fit"]
+    tables = fit.run_fits(runtable.delta_table(runs), runs, n_boot=settings["bootstrap"], seed=settings["seed"],
+                          metric=settings["metric"], tie=settings["tie"])
     fit.write_fits(tables, args.out_dir)
     for row in tables.comparison.itertuples():
         log.info("%s %s: relative error %.1f%% over %d runs", row.law, row.precision, 100 * row.rel_error, row.n_runs)
@@ -627,7 +637,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_runs)
 
     s = sub.add_parser("import-runs", help="check a run table from outside (CSV or Parquet) and write it as runs.parquet")
-    s.add_argument("table", help="one row per run: N, D, precision, G, loss (final validation loss), seed optional")
+    s.add_argument("table", nargs="?",
+                   help="one row per run: N, D, precision, G, loss (final validation loss), seed optional")
+    s.add_argument("--config", nargs="+", metavar="FILE",
+                   help="config files (merged in order) whose external.table and external.precisions to use")
     s.add_argument("--out", required=True, help="runs.parquet to write")
     s.add_argument("--precision", nargs="+", metavar="LABEL",
                    help="QAT labels of the table beyond this project's precision strings, e.g. MXFP4-fwd")
@@ -654,6 +667,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=schema_default("fit", "seed"))
     s.add_argument("--metric", choices=metric["enum"], default=metric["default"],
                    help="loss fitted: val_loss (validation, default) or loss (smoothed training loss, the paper's)")
+    s.add_argument("--untie", action="store_true",
+                   help="fit Chinchilla's alpha and beta apart (config fit.tie: false); tied by default, as the paper")
+    s.add_argument("--config", nargs="+", metavar="FILE",
+                   help="take bootstrap, seed, metric and tie from the fit keys of these config files (merged in order)")
     s.set_defaults(func=_fit)
 
     s = sub.add_parser("findings", help="the paper's findings beside a results folder's numbers (FINDINGS.md)")

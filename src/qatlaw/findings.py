@@ -44,7 +44,8 @@ import numpy as np
 import pandas as pd
 from scipy.stats import chi2
 
-from qatlaw import fit, paper, resample, runtable, split
+from qatlaw import decompose, fit, paper, resample, runtable, split
+from qatlaw import precision as prec
 from qatlaw.config import schema_default
 from qatlaw.io import atomic_path, read_parquet, write_parquet
 from qatlaw.runtable import read_runs
@@ -167,15 +168,31 @@ def _under_floor(values: np.ndarray, floor: float) -> str:
     return f"{int((np.abs(values) < floor).sum())} of {len(values)} cells under the seed noise floor {floor:.3f}"
 
 
+def outside_labels(params: pd.DataFrame) -> list[str]:
+    """The QAT labels of a run table from outside (not this project's precision strings) that have a unified
+    law: their exponents' signs are findings too, beside the paper's W4A4 values."""
+    return [label for label in sorted(params.loc[params["law"] == "unified", "precision"].unique()) if outside(label)]
+
+
+def outside(label: str) -> bool:
+    """Whether a precision label is a run table's own (qatlaw.external), not one of this project's strings."""
+    try:
+        prec.parse(label)
+    except ValueError:
+        return True
+    return False
+
+
 def law_findings(params: pd.DataFrame, draws: pd.DataFrame, deltas: pd.DataFrame) -> list[dict]:
     """Signs of the unified laws' exponents, and γD of weight- vs activation-only quantization (their draws
     paired by resample number: the same cells drawn for both)."""
     rows = []
     table1 = paper.constants()["unified"]
-    for precision in SIGN_PRECISIONS:
-        cited = table1[precision]
+    for precision in (*SIGN_PRECISIONS, *outside_labels(params)):
+        cited = table1.get(precision)
         for constant in ("gamma_N", "gamma_D", "gamma_G"):
-            name, paper_value = f"{precision} {constant} > 0", f"{cited[constant]:.4f}"
+            name = f"{precision} {constant} > 0"
+            paper_value = f"{cited[constant]:.4f}" if cited else f"> 0 (W4A4: {table1['W4A4'][constant]:.4f})"
             row = _constant(params, "unified", precision, constant)
             fitted = _constant(params, "unified", precision, "gamma_N")
             if constant == "gamma_G" and fitted is not None and math.isfinite(fitted["value"]) and \
@@ -297,7 +314,8 @@ def kurtosis_finding(outliers: pd.DataFrame, runs: pd.DataFrame, precision: str)
     kurtosis = paper.constants()["fc2_input_kurtosis"]
     cited = f"FC2 {kurtosis['BF16']} (BF16), {kurtosis['W4A4']} (W4A4); others lower"
     if "fc2" not in per or per.empty:
-        return _not_measurable(name, cited, f"no outlier statistics of {precision} runs")
+        return _not_measurable(name, cited, f"no outlier statistics of {precision} runs (they need the models' "
+                                            "weights)")
     others = per.drop(columns="fc2")
     gap = (per["fc2"] - others.max(axis=1)).to_numpy(float)
     cells = runs.set_index("run_id").reindex(per.index)[[*CELL, "seed"]].reset_index(drop=True)
@@ -309,7 +327,7 @@ def kurtosis_finding(outliers: pd.DataFrame, runs: pd.DataFrame, precision: str)
     return _row(name, cited, float(gap.mean()), interval, (verdict[0], reason), len(gap))
 
 
-def error_findings(predictions: pd.DataFrame, runs: pd.DataFrame) -> list[dict]:
+def error_findings(predictions: pd.DataFrame, runs: pd.DataFrame, precision: str = "W4A4") -> list[dict]:
     """The W4A4 law's mean relative error of δ in sample (the paper's like number: Table 2's 4.7%) and on the
     largest N predicted by a refit without it (the paper has no held-out number), each with its interval over
     resampled cells and seeds, against ERROR_BOUND. A run with δ ≤ 0 has no relative error: it is counted in
@@ -317,14 +335,15 @@ def error_findings(predictions: pd.DataFrame, runs: pd.DataFrame) -> list[dict]:
     cited = paper.constants()["table2_rel_error_pct"]["W4A4"]["unified"]
     rows = []
     for held_out, name, paper_value in (
-            ("none", "W4A4 law in sample", f"{cited}% (in sample, Table 2)"),
-            ("largest_N", "W4A4 law on the held-out largest N", "– (the paper reports in-sample errors only)")):
+            ("none", f"{precision} law in sample",
+             f"{cited}% ({'' if precision == 'W4A4' else 'W4A4, '}in sample, Table 2)"),
+            ("largest_N", f"{precision} law on the held-out largest N", "– (the paper reports in-sample errors only)")):
         name = f"{name}: mean relative error <= {ERROR_BOUND:.0%}"
-        pred = predictions[(predictions["law"] == "unified") & (predictions["precision"] == "W4A4")
+        pred = predictions[(predictions["law"] == "unified") & (predictions["precision"] == precision)
                            & (predictions["held_out"] == held_out)]
         scored = pred[pred["observed"] > 0].reset_index(drop=True)
         if scored.empty:
-            rows.append(_not_measurable(name, paper_value, "no W4A4 law" if held_out == "none" else
+            rows.append(_not_measurable(name, paper_value, f"no {precision} law" if held_out == "none" else
                                         "no held-out refit (the law is not fitted without the largest N)"))
             continue
         err = scored["rel_error"].to_numpy(float)
@@ -441,6 +460,41 @@ def split_findings(runs: pd.DataFrame, metric: str) -> list[dict]:
     return rows
 
 
+def vs_paper(runs: pd.DataFrame, metric: str, labels: list[str]) -> pd.DataFrame:
+    """Every QAT run of the ``labels`` beside the paper's INT4 W4A4 law (Table 1) at its N, D and G: ``delta``
+    (measured, of ``metric``), ``paper`` (the law's δ) and ``ratio`` = delta / paper, by label, N and D."""
+    loss_col, delta_col = runtable.metric_columns(metric)
+    deltas = runtable.delta_table(runtable.from_scratch(runs))
+    deltas = deltas[deltas["precision"].isin(labels) & ~deltas["diverged"]]
+    law = paper.constants()["unified"]["W4A4"]
+    cited = fit.predict_delta(law, deltas["N"].to_numpy(float), deltas["D"].to_numpy(float),
+                              deltas["G"].to_numpy(float))
+    out = deltas[["precision", "size", "N", "D", "G", "seed"]].assign(
+        delta=deltas[delta_col].to_numpy(float), paper=cited, ratio=deltas[delta_col].to_numpy(float) / cited)
+    return out.sort_values(["precision", "N", "D"]).reset_index(drop=True)
+
+
+def vs_paper_markdown(runs: pd.DataFrame, metric: str, labels: list[str]) -> str:
+    """FINDINGS.md's section setting each run of a table from outside beside the paper's INT4 law (empty
+    without such labels)."""
+    if not labels:
+        return ""
+    table = vs_paper(runs, metric, labels)
+    lines = ["## Beside the paper's INT4 law", "",
+             "Each QAT run's δ beside δ of the paper's W4A4 law (Table 1: INT4 AbsMax, k 0.1582, γN 0.2186, γD "
+             "0.0745, γG 0.7779) at its N, D and G. A different format, tokenizer and corpus: the ratio says how far "
+             "this table's runs are from the paper's law, not whether the paper's constants hold.", "",
+             "| precision | ratio measured / paper: median [min, max] | runs |", "|---|---|---|"]
+    for label, part in table.groupby("precision"):
+        lines.append(f"| {label} | {part['ratio'].median():.3g} [{part['ratio'].min():.3g}, "
+                     f"{part['ratio'].max():.3g}] | {len(part)} |")
+    lines += ["", "| precision | N | D | D/N | G | δ measured | δ paper law | ratio |", "|---|---|---|---|---|---|---|---|"]
+    for r in table.itertuples():
+        lines.append(f"| {r.precision} | {r.N:.4g} | {r.D:.4g} | {r.D / r.N:.0f} | {r.G:g} | {r.delta:.4f} | "
+                     f"{r.paper:.4f} | {r.ratio:.3g} |")
+    return "\n".join([*lines, ""])
+
+
 def split_law_markdown(runs: pd.DataFrame, metric: str) -> str:
     """FINDINGS.md's section on the split laws' constants (the paper's beside this grid's, with 90% intervals);
     empty without split runs."""
@@ -476,13 +530,13 @@ def findings(results: str | Path, metric: str = schema_default("fit", "metric"))
     """Every finding of a results folder (the table of the module docstring) and its seed-noise table, with δ
     of ``metric`` (the fit's metric)."""
     root = Path(results)
-    decomp = read_parquet(root / "analysis" / "decomposition.parquet", ("metric", "delta_W4A4"), "decomposition")
+    decomp = _analysis(root / "analysis" / "decomposition.parquet", decompose.DECOMPOSITION_COLUMNS, "decomposition",
+                       ("metric", "delta_W4A4"))
     decomp = decomp[decomp["metric"] == metric]
     params = fit.read_params(root / "fit" / "params.parquet")
     draws = read_parquet(root / "fit" / "bootstrap.parquet", fit.BOOTSTRAP_COLUMNS, "bootstrap table")
     predictions = read_parquet(root / "fit" / "predictions.parquet", fit.PREDICTIONS_COLUMNS, "predictions table")
-    outliers = read_parquet(root / "analysis" / "outliers.parquet", ("run_id", "precision", "layer_type",
-                                                                     "kurtosis_token"), "outliers table")
+    outliers = _analysis(root / "analysis" / "outliers.parquet", OUTLIER_COLUMNS, "outliers table")
     runs = read_runs(root / "runs.parquet", all_fractions=True)  # the split rows; the others read f = 1 runs
     loss_col, delta_col = runtable.metric_columns(metric)
     deltas = runtable.delta_table(runtable.from_scratch(runs))
@@ -490,8 +544,21 @@ def findings(results: str | Path, metric: str = schema_default("fit", "metric"))
     noise = seed_noise(decomp)
     rows = [*law_findings(params, draws, deltas), decomposition_finding(decomp), ratio_finding(decomp),
             *fc2_findings(decomp), kurtosis_finding(outliers, runs, "BF16"), kurtosis_finding(outliers, runs, "W4A4"),
-            *error_findings(predictions, runs), *seed_finding(noise), *split_findings(runs, metric)]
+            *(row for label in ("W4A4", *outside_labels(params)) for row in error_findings(predictions, runs, label)),
+            *seed_finding(noise), *split_findings(runs, metric)]
     return pd.DataFrame(rows, columns=list(COLUMNS)), noise
+
+
+OUTLIER_COLUMNS = ("run_id", "precision", "layer_type", "kurtosis_token")
+
+
+def _analysis(path: Path, columns: tuple[str, ...], what: str, required: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """An analysis table of a results folder; empty (its columns, no rows) where the folder has none: a run
+    table from outside (:mod:`qatlaw.external`) has no model weights to analyse, and no decomposition without
+    W4A16 and W16A4 runs."""
+    if not path.is_file():
+        return pd.DataFrame(columns=list(columns))
+    return read_parquet(path, required or columns, what)
 
 
 def _number(value: float) -> str:
@@ -563,8 +630,9 @@ def run_findings(results: str | Path, out_md: str | Path, out_parquet: str | Pat
     """Write FINDINGS.md and findings.parquet for a results folder."""
     table, noise = findings(results, metric)
     params = fit.read_params(Path(results) / "fit" / "params.parquet")
-    extra = "\n".join(part for part in (laws_markdown(params), split_law_markdown(
-        read_runs(Path(results) / "runs.parquet", all_fractions=True), metric)) if part)
+    runs = read_runs(Path(results) / "runs.parquet", all_fractions=True)
+    extra = "\n".join(part for part in (laws_markdown(params), vs_paper_markdown(runs, metric, outside_labels(params)),
+                                         split_law_markdown(runs, metric)) if part)
     write_parquet(table, out_parquet)
     with atomic_path(out_md) as tmp:
         Path(tmp).write_text(findings_markdown(table, noise, title, note, extra), encoding="utf-8")

@@ -862,11 +862,13 @@ def _draw_rows(law: str, precision: str, fit: Fit) -> pd.DataFrame:
 
 
 def run_fits(deltas: pd.DataFrame, runs: pd.DataFrame, *, n_boot: int = 200, seed: int = 0,
-             metric: str = config.schema_default("fit", "metric")) -> FitTables:
+             metric: str = config.schema_default("fit", "metric"),
+             tie: bool = config.schema_default("fit", "tie")) -> FitTables:
     """Every law of the study: Chinchilla on the non-diverged BF16 runs of ``runs``, and for every precision of
     ``deltas`` (:func:`qatlaw.runtable.delta_table`) the unified, no_D and EPM laws, all on ``metric``: ``val_loss``
     (the validation loss and its δ, ``delta_val``) or ``loss`` (the smoothed training loss and ``delta``).
-    Returns the tables of the module docstring; a law that cannot be fitted leaves NaN rows and a warning."""
+    Chinchilla's α and β are tied unless not ``tie``. Returns the tables of the module docstring; a law that
+    cannot be fitted leaves NaN rows and a warning."""
     try:
         loss_col, delta_col = runtable.metric_columns(metric)
     except runtable.RunTableError as exc:
@@ -882,7 +884,7 @@ def run_fits(deltas: pd.DataFrame, runs: pd.DataFrame, *, n_boot: int = 200, see
     runs = runs.assign(loss=runs[loss_col])
     deltas = deltas.assign(delta=deltas[delta_col], **{BASE: deltas[f"baseline_{loss_col}"]})
     bf16 = runs[runs["precision"] == BASELINE]
-    chinchilla = Chinchilla()
+    chinchilla = Chinchilla(tie=tie)
     parts = [_assess(chinchilla, BASELINE, bf16, n_boot, seed)]
     for precision in sorted(p for p in deltas["precision"].dropna().unique() if p != BASELINE):
         sub = deltas[deltas["precision"] == precision]

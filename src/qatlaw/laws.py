@@ -6,7 +6,9 @@ A law is a params table (the schema of ``results/fit/params.parquet``: ``unified
 has them. Shipped with the package (:data:`SHIPPED`):
 
 - ``paper``: Table 1 of the paper and its Chinchilla constants (``laws/paper.yaml``);
-- ``laptop``: this project's ``reference/laptop`` fit (``laws/laptop/``: params, bootstrap draws, predictions).
+- ``laptop``: this project's ``reference/laptop`` fit (``laws/laptop/``: params, bootstrap draws, predictions);
+- ``quartet``: this project's ``reference/quartet`` fit of Quartet's published runs (``laws/quartet/``), MXFP4 at
+  G = 32 only (its γG is not identified, so it predicts at G = 32 only).
 
 Any folder or ``params.parquet`` the workflow wrote works too: the draws are read from ``bootstrap.parquet``
 beside it and the range from ``predictions.parquet`` (the runs each law was fitted on).
@@ -30,7 +32,10 @@ from qatlaw.io import read_parquet
 log = logging.getLogger("qatlaw.laws")
 
 LAW_DIR = Path(__file__).with_name("laws")
-SHIPPED = {"paper": paper.PATH, "laptop": LAW_DIR / "laptop"}
+SHIPPED = {"paper": paper.PATH, "laptop": LAW_DIR / "laptop", "quartet": LAW_DIR / "quartet"}
+SOURCES = {"laptop": "this project's reference/laptop fit (config/laptop.yaml, 70 CPU runs)",
+           "quartet": "this project's reference/quartet fit of Quartet's published runs (30M-200M, MXFP4 G 32; "
+                      "config/quartet.yaml)"}
 DEFAULT = "paper"
 EXTRAPOLATION = 10.0  # warn when N or D lies more than this factor outside the fitted range
 # Share of a Llama-3-style block's linear weights per layer type (ffn = 8/3 hidden, kv heads = heads / 4):
@@ -105,7 +110,7 @@ def load(spec: str = DEFAULT) -> Law:
     if spec == "paper":
         return _paper()
     if spec in SHIPPED:
-        return _fitted(spec, SHIPPED[spec], "this project's reference/laptop fit (config/laptop.yaml, 70 CPU runs)")
+        return _fitted(spec, SHIPPED[spec], SOURCES[spec])
     path = Path(spec)
     if not path.exists():
         raise LawError(f"--law {spec}: neither a shipped law ({', '.join(SHIPPED)}) nor an existing file or folder")
@@ -210,6 +215,14 @@ def predict(law: Law, N: list[float], D: list[float], G: list[float], precisions
     return pd.concat(out, ignore_index=True).loc[:, list(PREDICTION_COLUMNS)]
 
 
+def _is_precision(name: str) -> bool:
+    try:
+        prec.parse(name)
+    except ValueError:
+        return False
+    return True
+
+
 def weight_memory_gb(precision: str, N: float, G: float) -> float:
     """Weight memory of N non-embedding parameters: each layer type's share of N (``LAYER_SHARES``) at its weight
     bits, plus one 16-bit scale per group of G quantized weights."""
@@ -231,6 +244,10 @@ def plan_groups(law: Law) -> list[int]:
 def plan(law: Law, N: float, D: float, memory_gb: float | None = None) -> pd.DataFrame:
     """Every precision × G option of the law ranked by predicted QAT loss (best first), with its weight memory,
     whether it fits ``memory_gb`` and the best option that does (``best``)."""
+    labels = [name for name in law.precisions if not _is_precision(name)]
+    if labels:
+        raise LawError(f"law {law.name}: {', '.join(labels)} are a run table's labels, not precision strings: plan "
+                       "cannot count their weight memory or bits; use predict")
     rows = []
     for name in law.precisions:
         for G in plan_groups(law):

@@ -39,6 +39,10 @@ SPLIT_FIGURES: dict[str, tuple[str, ...]] = {
     "split_loss_vs_fraction": ("runs",),
     "split_optimum_vs_S": ("runs",),
 }
+# Figures of a run table from outside (qatlaw.external): its QAT labels beside the paper's INT4 law.
+EXTERNAL_FIGURES: dict[str, tuple[str, ...]] = {
+    "delta_vs_paper": ("runs",),
+}
 TABLES: dict[str, tuple[str, ...]] = {
     "table1_constants": ("params",),
     "table2_laws": ("comparison", "params"),

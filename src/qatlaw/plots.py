@@ -46,7 +46,7 @@ from qatlaw import fit, paper, split
 from qatlaw.config import schema_default
 from qatlaw.grid import format_tokens
 from qatlaw.io import atomic_path
-from qatlaw.outputs import FIGURES, SPLIT_FIGURES
+from qatlaw.outputs import EXTERNAL_FIGURES, FIGURES, SPLIT_FIGURES
 from qatlaw.precision import BASELINE, LAYER_TYPES
 from qatlaw.reference import metrics_path
 from qatlaw.report_inputs import CONSTANT_SYMBOLS, PlotError, read_input, select_inputs
@@ -1044,7 +1044,37 @@ def split_optimum_vs_S(runs: str | Path, out_png: str | Path, caption_grid: str,
 
 # ---------------------------------------------------------------------------------------------- entry point
 
-CATALOGUE = {**FIGURES, **SPLIT_FIGURES}
+@_styled
+def delta_vs_paper(runs: str | Path, out_png: str | Path, caption_grid: str, metric: str = METRIC) -> None:
+    """Each measured δ of a run table's own QAT labels against δ of the paper's INT4 W4A4 law at its N, D and G
+    (y = x: the paper's law), point size ∝ D/N."""
+    from qatlaw import findings
+
+    table = read_input(runs, "runs")
+    labels = sorted(p for p in table["precision"].unique() if findings.outside(p))
+    rows = findings.vs_paper(table, metric, labels)
+    fig, axes = _figure(1, 1, (6.4, 5.8))
+    ax = axes[0, 0]
+    if rows.empty:
+        _empty(ax, "no QAT runs of a label from outside this project")
+        _save(fig, out_png, caption_grid)
+        return
+    colors = dict(zip(labels, sns.color_palette("tab10", len(labels))))
+    ratio = rows["D"] / rows["N"]
+    for label, part in rows.groupby("precision"):
+        ax.scatter(part["paper"], part["delta"], s=20 + 60 * np.log10(ratio[part.index] / ratio.min() + 1),
+                   color=colors[label], edgecolors="k", linewidths=0.5, label=f"{label} (median ratio "
+                   f"{part['ratio'].median():.2g})", zorder=3)
+    span = np.array([0.0, max(rows["paper"].max(), rows["delta"].max()) * 1.1])
+    ax.plot(span, span, "--", color="0.4", label="y = x: the paper's INT4 law")
+    ax.set_xlabel("δ of the paper's W4A4 law at the run's N, D, G (nats)")
+    ax.set_ylabel(f"measured δ: {DELTA_LABEL}")
+    ax.set_title("measured δ against the paper's INT4 law", fontsize="medium")
+    ax.legend(fontsize="small", frameon=False)
+    _save(fig, out_png, caption_grid, [f"δ of {metric}; point size ∝ D/N"])
+
+
+CATALOGUE = {**FIGURES, **SPLIT_FIGURES, **EXTERNAL_FIGURES}
 FIGURE_FUNCTIONS: dict[str, Callable[..., None]] = {name: globals()[name] for name in CATALOGUE}
 
 

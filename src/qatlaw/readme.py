@@ -13,7 +13,7 @@ from what the files give (``tests/test_readme.py`` fails on any).
 Block kinds:
 
 - ``study``: runs, diverged runs, the wall time of every part, the verdict counts of FINDINGS.md, and the W4A4
-  law's exponents with their intervals and the runs behind them;
+  law's exponents (or those of a run table's own labels) with their intervals and the runs behind them;
 - ``findings``: every finding's number, interval and verdict, as one table;
 - ``split``: δ of every split run, by cell, seed and QAT fraction (the lowest of each row in bold);
 - ``deltas``: δ_W4A4 of every cell, group and seed (the fit's metric);
@@ -74,15 +74,22 @@ def study_block(folder: Path) -> str:
              f"- FINDINGS.md, {len(table)} rows: " + ", ".join(f"{counts.get(v, 0)} {v}" for v in findings.VERDICTS)
              + "."]
     params = pd.read_parquet(folder / "fit" / "params.parquet")
-    w4a4 = params[(params["law"] == "unified") & (params["precision"] == "W4A4")].set_index("constant")
+    unified = params[params["law"] == "unified"]
     cited = paper.constants()["unified"]["W4A4"]
-    if len(w4a4) and math.isfinite(w4a4.loc["gamma_N", "value"]):
-        exps = "; ".join(f"{c.replace('gamma_', 'γ')} = {_number(w4a4.loc[c, 'value'])} "
-                         f"[{_number(w4a4.loc[c, 'ci_low'])}, {_number(w4a4.loc[c, 'ci_high'])}] "
-                         f"(paper {cited[c]})" for c in ("gamma_N", "gamma_D", "gamma_G"))
-        left = int(w4a4.loc["gamma_N", "n_dropped"])
-        lines.append(f"- W4A4 law on {int(w4a4.loc['gamma_N', 'n_runs'])} runs ({left} left out): {exps}.")
-    else:
+    shown = 0
+    for label in ("W4A4", *findings.outside_labels(params)):
+        law = unified[unified["precision"] == label].set_index("constant")
+        if not len(law) or not math.isfinite(law.loc["gamma_N", "value"]):
+            continue
+        shown += 1
+        exps = "; ".join(f"{c.replace('gamma_', 'γ')} = {_number(law.loc[c, 'value'])} "
+                         f"[{_number(law.loc[c, 'ci_low'])}, {_number(law.loc[c, 'ci_high'])}]"
+                         + (f" (paper {cited[c]})" if label == "W4A4" else "")
+                         for c in ("gamma_N", "gamma_D", "gamma_G") if math.isfinite(law.loc[c, "value"]))
+        note = "" if math.isfinite(law.loc["gamma_G", "value"]) else "; γG not identified (one G)"
+        lines.append(f"- {label} law on {int(law.loc['gamma_N', 'n_runs'])} runs "
+                     f"({int(law.loc['gamma_N', 'n_dropped'])} left out): {exps}{note}.")
+    if not shown:
         row = table[table["finding"] == "W4A4 gamma_N > 0"]
         lines.append(f"- No W4A4 law: {row['reason'].iloc[0] if len(row) else 'no W4A4 runs'}.")
     return "\n".join(lines) + "\n"

@@ -93,10 +93,11 @@ def package(results: str | Path, out: str | Path, config: Mapping[str, Any], *, 
     for path in wanted:
         if not path.is_file():
             raise ReferenceError(f"{path}: missing; run the workflow to the end first")
-    if not (analysis and figures and tables):
+    outside = bool((config.get("external") or {}).get("table"))  # runs from a table: no weights, no metrics
+    if not ((analysis or outside) and figures and tables):
         raise ReferenceError(f"{results}: no analysis, figure or table files; run the workflow to the end first")
     run_ids = read_parquet(results / "runs.parquet", ("run_id",), "run table", error=ReferenceError)["run_id"]
-    metrics = {run_id: metrics_path(results, run_id) for run_id in run_ids}
+    metrics = {} if outside else {run_id: metrics_path(results, run_id) for run_id in run_ids}
     for run_id, path in metrics.items():
         if not path.is_file():
             raise ReferenceError(f"{path}: missing (metrics of run {run_id}); run the workflow to the end first")
@@ -289,12 +290,15 @@ def _refit_stage(stage: Path, cfg: Mapping[str, Any], command: str, start: float
 
     metric = cfg["fit"]["metric"]
     runs = runtable.read_runs(stage / "runs.parquet")
+    outside = bool((cfg.get("external") or {}).get("table"))
+    caption = f"{stage.name.removeprefix('.').removesuffix('.refit.tmp')}: {cfg['external']['table']}" if outside \
+        else outputs.grid_caption(cfg["grid"])
     fit.write_fits(fit.run_fits(runtable.delta_table(runs), runs, n_boot=cfg["fit"]["bootstrap"],
-                                seed=cfg["fit"]["seed"], metric=metric), stage / "fit")
+                                seed=cfg["fit"]["seed"], metric=metric, tie=cfg["fit"].get("tie", True)),
+                   stage / "fit")
     inputs = {key: stage / path.removeprefix("results/") for key, path in outputs.INPUTS.items()}
-    caption = outputs.grid_caption(cfg["grid"])
     for png in sorted((stage / "figures").glob("*.png")):
-        keys = {**outputs.FIGURES, **outputs.SPLIT_FIGURES}[png.stem]
+        keys = plots.CATALOGUE[png.stem]
         plots.make_figure(png.stem, {k: str(inputs[k]) for k in keys}, png, caption, metric=metric)
         png.with_suffix(".svg").unlink(missing_ok=True)  # a study ships its figures as PNG
     for md in sorted((stage / "tables").glob("*.md")):
