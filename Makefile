@@ -50,26 +50,10 @@ reference: install
 	  --command "make reference GRID_CONFIGS=\"$(GRID_CONFIGS)\" REFERENCE=$(REFERENCE)$(if $(RESTORE), RESTORE=$(RESTORE))" \
 	  --title "$(notdir $(REFERENCE)) grid ($(GRID_CONFIGS))"
 
-# A study of a run table from outside (config external.table), here Quartet's published runs: import, fit,
-# figures, tables, findings; no training. STUDY_CONFIG names the config overlay, STUDY the folder it ships to.
-STUDY_CONFIG ?= config/quartet.yaml
-STUDY ?= reference/quartet
-OUTSIDE := results/outside
-quartet: install
-	rm -rf $(OUTSIDE)
-	start=$$(date +%s); \
-	$(BIN)/qatlaw import-runs --config config.yaml $(STUDY_CONFIG) --out $(OUTSIDE)/runs.parquet && \
-	$(BIN)/qatlaw fit --runs $(OUTSIDE)/runs.parquet --out-dir $(OUTSIDE)/fit --config config.yaml $(STUDY_CONFIG) && \
-	for fig in fig10_chinchilla delta_vs_paper; do \
-	  $(BIN)/qatlaw figure $$fig --input runs=$(OUTSIDE)/runs.parquet params=$(OUTSIDE)/fit/params.parquet \
-	    predictions=$(OUTSIDE)/fit/predictions.parquet --out $(OUTSIDE)/figures/$$fig.png \
-	    --caption "$(notdir $(STUDY)): $(STUDY_CONFIG)" || exit 1; done && \
-	for table in table1_constants table2_laws table4_no_D; do \
-	  $(BIN)/qatlaw table $$table --input params=$(OUTSIDE)/fit/params.parquet \
-	    comparison=$(OUTSIDE)/fit/comparison.parquet --out-stem $(OUTSIDE)/tables/$$table || exit 1; done && \
-	echo $$(( $$(date +%s) - start )) > $(OUTSIDE)/wall_s
-	$(BIN)/qatlaw reference config.yaml $(STUDY_CONFIG) --results $(OUTSIDE) --out $(STUDY) --wall-file $(OUTSIDE)/wall_s \
-	  --command "make quartet STUDY_CONFIG=$(STUDY_CONFIG) STUDY=$(STUDY)" --title "$(notdir $(STUDY)) ($(STUDY_CONFIG))"
+# Quartet's published runs (config/quartet.yaml: external.table): the workflow from its runs stage, shipped as
+# reference/quartet/; nothing is trained.
+quartet:
+	$(MAKE) reference GRID_CONFIGS=config/quartet.yaml REFERENCE=reference/quartet
 
 readme: install
 	$(BIN)/python -c "from qatlaw import readme; [readme.update(p) for p in ('README.md', 'reference/README.md')]"

@@ -2,6 +2,7 @@
 import os
 import re
 import shlex
+import sys
 
 from snakemake.exceptions import WorkflowError
 
@@ -13,9 +14,25 @@ from qatlaw.errors import QatlawError
 
 # `config` is validated, with the schema's defaults, by the Snakefile (qatlaw.config.load).
 SOURCES = qconfig.source_ids(config)
+# A run table from outside (config key external.table, qatlaw.external): the DAG starts at the runs stage, nothing
+# is trained, and no stage that needs model weights runs. The table is checked here, before any job.
+EXTERNAL = (config.get("external") or {}).get("table")
+EXTERNAL_PRECISIONS = (config.get("external") or {}).get("precisions", [])
+if EXTERNAL:
+    from qatlaw import external as qexternal
+    from qatlaw.findings import outside
+
+    try:
+        _IMPORTED = qexternal.import_runs(qexternal.read_table(EXTERNAL), EXTERNAL_PRECISIONS, what=EXTERNAL)
+    except QatlawError as exc:
+        raise WorkflowError(f"external.table: {exc}") from None
+    EXTERNAL_LABELS = sorted(set(_IMPORTED["precision"]) - {prec.BASELINE})
+    # The decomposition needs runs of its precisions (W4A4, W4A16, W16A4, ...); the figures drawn from it too.
+    EXTERNAL_STAGES, EXTERNAL_DECOMPOSES = qexternal.stages(_IMPORTED, EXTERNAL)
+    print(f"qat-scaling: {EXTERNAL_STAGES}", file=sys.stderr)
 # Tokenize jobs, in corpus order: one per corpus file (or per data.shards_per_job files), named in results/data/shards/.
 TOKENIZE_JOBS = data.tokenize_jobs(SOURCES, config["data"]["shards_per_job"])
-RUNS = {run.run_id: run for run in grid.grid_runs(config)}
+RUNS = {} if EXTERNAL else {run.run_id: run for run in grid.grid_runs(config)}
 # Runs restored from a shipped study (config key restore, qatlaw.reference), checked before any job; the others
 # are trained here.
 try:
@@ -46,8 +63,34 @@ CELLS = {cell: [run.run_id for run in runs]
          for cell, runs in grid.cells([run for run in TRAINED if run.qat_fraction == 1]).items()}
 
 
+# The figure captions' first line: the grid, or the run table from outside.
+CAPTION = f"run table {EXTERNAL}" if EXTERNAL else outputs.grid_caption(config["grid"])
+FIT_FILES = [f"results/fit/{name}.parquet" for name in ("params", "predictions", "comparison", "bootstrap")]
+
+
+def external_outputs():
+    """Targets of a run table from outside: the run table, the decomposition where it has the precisions, the
+    fit, the figures and tables that need no model weights or training metrics, and the findings."""
+    decomposes = ["results/analysis/decomposition.parquet", "results/analysis/decomposition_fit.parquet"]
+    weightless = [f for f, keys in outputs.FIGURES.items()
+                  if not {"outliers", "mixed_ranking"} & set(keys) and f != "training_curves"
+                  and (EXTERNAL_DECOMPOSES or "decomposition" not in keys)]
+    own = list(outputs.EXTERNAL_FIGURES) if any(map(outside, EXTERNAL_LABELS)) else []
+    return [
+        "results/runs.parquet",
+        *(decomposes if EXTERNAL_DECOMPOSES else []),
+        *FIT_FILES,
+        "results/FINDINGS.md",
+        *expand("results/figures/{figure}.{ext}", figure=[*weightless, *own], ext=["png", "svg"]),
+        *expand("results/tables/{table}.{ext}", table=[t for t in outputs.TABLES if t != "gap_opening"],
+                ext=["csv", "md"]),
+    ]
+
+
 def final_outputs():
     """Targets of the default run."""
+    if EXTERNAL:
+        return external_outputs()
     return [
         "results/data/manifest.json",
         "results/runs.parquet",

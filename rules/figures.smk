@@ -1,8 +1,9 @@
 # Figures stage: one rule per paper figure and table, drawn from Parquet outputs only (never by re-training).
 # Rules are generated from qatlaw.outputs.FIGURES / qatlaw.outputs.TABLES, which name each one's inputs; the
-# SPLIT_FIGURES rules exist always but are targets only for a grid with QAT fractions below 1 (common.smk).
+# SPLIT_FIGURES rules exist always but are targets only for a grid with QAT fractions below 1, the EXTERNAL_FIGURES
+# ones only for a run table from outside with labels of its own (common.smk).
 
-for _figure, _keys in {**outputs.FIGURES, **outputs.SPLIT_FIGURES}.items():
+for _figure, _keys in {**outputs.FIGURES, **outputs.SPLIT_FIGURES, **outputs.EXTERNAL_FIGURES}.items():
 
     rule:
         name:
@@ -20,7 +21,7 @@ for _figure, _keys in {**outputs.FIGURES, **outputs.SPLIT_FIGURES}.items():
         params:
             figure=_figure,
             inputs=input_args(_keys),
-            caption=outputs.grid_caption(config["grid"]),
+            caption=CAPTION,
             metric=config["fit"]["metric"],
         log:
             f"results/logs/figures/{_figure}.log",

@@ -4,8 +4,8 @@
 rule findings:
     input:
         runs="results/runs.parquet",
-        decomposition="results/analysis/decomposition.parquet",
-        outliers="results/analysis/outliers.parquet",
+        decomposition=[] if EXTERNAL and not EXTERNAL_DECOMPOSES else "results/analysis/decomposition.parquet",
+        outliers=[] if EXTERNAL else "results/analysis/outliers.parquet",
         params="results/fit/params.parquet",
         predictions="results/fit/predictions.parquet",
         bootstrap="results/fit/bootstrap.parquet",
@@ -15,7 +15,9 @@ rule findings:
     params:
         results=subpath(input.runs, parent=True),
         metric=config["fit"]["metric"],
-        note="The measured CPU-scale studies are reference/laptop-v2/FINDINGS.md (96 runs) and "
+        note=EXTERNAL_STAGES
+        if EXTERNAL
+        else "The measured CPU-scale studies are reference/laptop-v2/FINDINGS.md (96 runs) and "
         "reference/laptop/FINDINGS.md (70 runs); a grid this small leaves most findings within noise or not "
         "measurable.",
     log:

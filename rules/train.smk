@@ -147,14 +147,35 @@ if RESTORED:
             "qatlaw restore {params.folder:q} --runs {params.runs} --results results > {log} 2>&1"
 
 
-rule runs:
-    input:
-        run_summaries(),
-    output:
-        "results/runs.parquet",
-    log:
-        "results/logs/runs.log",
-    conda:
-        "../envs/train.yaml"
-    shell:
-        "qatlaw runs {input} --out {output} > {log} 2>&1"
+if EXTERNAL:
+
+    # A run table from outside (config key external.table): checked and normalized, nothing trained.
+    rule import_runs:
+        input:
+            EXTERNAL,
+        output:
+            "results/runs.parquet",
+        params:
+            precisions=" ".join(shlex.quote(p) for p in EXTERNAL_PRECISIONS),
+        log:
+            "results/logs/runs.log",
+        conda:
+            "../envs/analysis.yaml"
+        shell:
+            "qatlaw import-runs {input:q} --out {output} "
+            + ("--precision {params.precisions} " if EXTERNAL_PRECISIONS else "")
+            + "> {log} 2>&1"
+
+else:
+
+    rule runs:
+        input:
+            run_summaries(),
+        output:
+            "results/runs.parquet",
+        log:
+            "results/logs/runs.log",
+        conda:
+            "../envs/train.yaml"
+        shell:
+            "qatlaw runs {input} --out {output} > {log} 2>&1"

@@ -319,3 +319,52 @@ def test_whole_workflow_with_an_fp_to_qat_split(tmp_path):
     assert len(decomposition) == 2 * 2 * 2  # the f = 1 runs only: cells x metrics
     findings = (tmp_path / "results" / "FINDINGS.md").read_text()
     assert "| W4A4 gamma_N > 0 |" in findings and "PTQ" in findings
+
+
+def external_config(workdir: Path, table: pd.DataFrame, precisions: list[str]) -> None:
+    """config.yaml of the repository with a run table from outside (external.table) and 20 bootstrap draws."""
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    table.to_csv(workdir / "table.csv", index=False)
+    cfg["external"] = {"table": "table.csv", "precisions": precisions}
+    cfg["fit"]["bootstrap"] = 20
+    (workdir / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def outside_table() -> pd.DataFrame:
+    """BF16 and MXFP4-fwd (G 32) runs at 4 sizes × 3 D/N from known laws."""
+    from qatlaw import fit
+
+    rows = []
+    for n in (3e7, 5e7, 1e8, 2e8):
+        for ratio in (25, 100, 400):
+            base = float(fit.predict_loss({"E": 1.9, "A": 240.0, "B": 600.0, "alpha": 0.3, "beta": 0.3}, n, n * ratio))
+            delta = 0.5 * (n * ratio) ** 0.07 / n**0.22 * (1 + 0.02 * np.sin(n * ratio))
+            rows += [{"N": n, "D": n * ratio, "precision": "BF16", "G": None, "loss": base},
+                     {"N": n, "D": n * ratio, "precision": "MXFP4-fwd", "G": 32, "loss": base + delta}]
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.slow
+def test_a_run_table_from_outside_starts_the_workflow_at_its_runs_stage(tmp_path):
+    """external.table: no data stage, no training, no stage that needs model weights; fit, figures, tables and
+    FINDINGS.md as for a trained grid, and FINDINGS.md says which stages ran."""
+    external_config(tmp_path, outside_table(), ["MXFP4-fwd"])
+    result = run_snakemake(tmp_path, "--cores", "2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Stages run: import, fit, figures, tables, findings; skipped: data, training" in result.stderr
+    results = tmp_path / "results"
+    assert not (results / "data").exists() and not (results / "analysis").exists()
+    assert (results / "figures" / "delta_vs_paper.png").is_file() and (results / "tables" / "table1_constants.md").is_file()
+    text = (results / "FINDINGS.md").read_text()
+    assert "Runs imported from table.csv" in text and "| MXFP4-fwd gamma_N > 0 |" in text
+    assert "## Beside the paper's INT4 law" in text
+
+
+def test_a_bad_run_table_from_outside_fails_before_any_job(tmp_path):
+    table = outside_table()
+    external_config(tmp_path, table.drop(index=[0]), ["MXFP4-fwd"])
+    result = run_snakemake(tmp_path, "--cores", "1", "--dry-run")
+    assert result.returncode != 0
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if "external.table" in line]
+    assert len(lines) == 1 and "QAT row(s) 1 have no BF16 row of the same N, D and seed" in lines[0], lines
+    assert not (tmp_path / "results").exists()

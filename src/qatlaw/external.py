@@ -138,3 +138,19 @@ def run(path: str | Path, out: str | Path, precisions: Sequence[str] = ()) -> pd
     runs = import_runs(read_table(path), precisions, what=str(path))
     write_parquet(runs, out)
     return runs
+
+
+def stages(runs: pd.DataFrame, table: str | Path) -> tuple[str, bool]:
+    """What a workflow started from a run table does (a sentence for the log and FINDINGS.md), and whether it
+    decomposes δ (only with runs of the decomposition's precisions: W4A4, W4A16, W16A4, ...)."""
+    from qatlaw.decompose import COMPONENTS
+
+    labels = sorted(set(runs["precision"]) - {BASELINE})
+    decomposes = bool(set(labels) & set(COMPONENTS.values()))
+    ran = ["import", *(["decomposition"] if decomposes else []), "fit", "figures", "tables", "findings"]
+    skipped = ["data", "training", "per-layer error", "outliers", "mixed precision",
+               *([] if decomposes else ["decomposition (no W4A4, W4A16 or W16A4 runs)"])]
+    return (f"Runs imported from {table} ({len(runs)} runs: {', '.join(labels)} and {BASELINE}). Stages run: "
+            f"{', '.join(ran)}; skipped: {', '.join(skipped)} (they need the training data or the models' "
+            "weights)."), decomposes
+

@@ -117,7 +117,8 @@ def package(results: str | Path, out: str | Path, config: Mapping[str, Any], *, 
     with atomic_path(stage / "run.json") as tmp:
         tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     findings.run_findings(stage, stage / "FINDINGS.md", stage / "findings.parquet",
-                          config.get("fit", {}).get("metric", "val_loss"), f"Findings: {title}")
+                          config.get("fit", {}).get("metric", "val_loss"), f"Findings: {title}",
+                          _outside_note(stage, config))
     if out.exists():
         shutil.rmtree(out)
     stage.rename(out)
@@ -310,4 +311,12 @@ def _refit_stage(stage: Path, cfg: Mapping[str, Any], command: str, start: float
     with atomic_path(stage / "run.json") as tmp:
         tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     findings.run_findings(stage, stage / "FINDINGS.md", stage / "findings.parquet", metric,
-                          f"Findings: {info['title']}")
+                          f"Findings: {info['title']}", _outside_note(stage, cfg))
+
+
+def _outside_note(folder: Path, config: Mapping[str, Any]) -> str:
+    """FINDINGS.md's note of a study of a run table from outside: which stages ran (empty for a trained grid)."""
+    from qatlaw import external, runtable
+
+    table = (config.get("external") or {}).get("table")
+    return external.stages(runtable.read_runs(folder / "runs.parquet"), table)[0] if table else ""
