@@ -72,9 +72,10 @@ def external_outputs():
     """Targets of a run table from outside: the run table, the decomposition where it has the precisions, the
     fit, the figures and tables that need no model weights or training metrics, and the findings."""
     decomposes = ["results/analysis/decomposition.parquet", "results/analysis/decomposition_fit.parquet"]
+    decomposition_figures = {"fig11_components_fit", "fig12_fc2_fit"}  # the decomposition's precisions' laws
     weightless = [f for f, keys in outputs.FIGURES.items()
                   if not {"outliers", "mixed_ranking"} & set(keys) and f != "training_curves"
-                  and (EXTERNAL_DECOMPOSES or "decomposition" not in keys)]
+                  and (EXTERNAL_DECOMPOSES or ("decomposition" not in keys and f not in decomposition_figures))]
     own = list(outputs.EXTERNAL_FIGURES) if any(map(outside, EXTERNAL_LABELS)) else []
     return [
         "results/runs.parquet",

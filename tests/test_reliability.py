@@ -528,10 +528,10 @@ def test_diverging_runs_are_recorded_and_the_workflow_finishes(tmp_path):
     assert "(3 diverged)" in (results / "logs" / "runs.log").read_text()
 
     fit_log = (results / "logs" / "fit.log").read_text()
-    assert re.search(r"chinchilla.*: dropped 1 of 2 runs \(diverged", fit_log), fit_log
+    assert re.search(r"chinchilla.*: left out 1 of 2 runs \(diverged", fit_log), fit_log
     params = pd.read_parquet(results / "fit" / "params.parquet")
     assert (params.loc[params["law"] == "chinchilla", "n_dropped"] == 1).all()
-    assert (params.loc[params["law"] == "unified", "n_dropped"] >= 1).all()  # (tiny runs may also have δ <= 0)
+    assert (params.loc[params["law"] == "unified", "n_dropped"] >= 1).all()  # the diverged runs, left out
     assert "they or their baseline diverged" in (results / "logs" / "decompose.log").read_text()
     for figure in outputs.FIGURES:
         assert (results / "figures" / f"{figure}.png").is_file(), figure
@@ -805,8 +805,8 @@ def test_fit_excludes_diverged_runs_and_says_so(inputs, tmp_path, monkeypatch, c
                          "--bootstrap", "0"]) == 0
         params[name] = pd.read_parquet(tmp_path / name / "params.parquet").set_index(["law", "precision", "constant"])
     log = caplog.text
-    assert re.search(r"chinchilla.*: dropped 1 of 10 runs \(diverged", log), log
-    assert re.search(r"\(W4A4\): dropped 2 of 20 runs \(diverged", log), log
+    assert re.search(r"chinchilla.*: left out 1 of 10 runs \(diverged", log), log
+    assert re.search(r"\(W4A4\): left out 2 of 20 runs \(diverged", log), log
     dropped = (params["dirty"]["n_dropped"] - params["clean"]["n_dropped"]).groupby("law").max()
     assert dropped.to_dict() == {"chinchilla": 1, "epm": 2, "no_D": 2, "unified": 2}
     assert (params["dirty"]["n_runs"] == params["clean"]["n_runs"]).all()

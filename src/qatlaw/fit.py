@@ -652,7 +652,8 @@ class DeltaLaw:
         if len(data) < len(free):
             raise FitError(f"{what}: {len(data)} usable runs for {len(free)} parameters")
         if (points := design_points(data, self.use_D)) <= len(free):
-            raise FitError(f"{what}: {points} distinct (N, D, G) points for {len(free)} constants: an exact fit "
+            axes = "(N, D, G)" if self.use_D else "(N, G)"
+            raise FitError(f"{what}: {points} distinct {axes} points for {len(free)} constants: an exact fit "
                            "through them, not a measurement")
         x = self._design(data, with_g)
         if np.linalg.matrix_rank(x) < x.shape[1]:

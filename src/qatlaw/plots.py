@@ -93,10 +93,12 @@ def _cells(decomp: pd.DataFrame, column: str) -> pd.DataFrame:
 
 
 def constants(params: pd.DataFrame, law: str, precision: str) -> dict[str, float] | None:
-    """Fitted constants of a law, or None when it is absent or was not fitted (NaN)."""
+    """Fitted constants of a law, or None when it is absent or was not fitted (NaN); a unified law fitted at one G
+    keeps its γG NaN (not identified)."""
     rows = params[(params["law"] == law) & (params["precision"] == precision)]
     values = dict(zip(rows["constant"], rows["value"].astype(float), strict=True))
-    return values if values and all(np.isfinite(list(values.values()))) else None
+    fitted = [v for c, v in values.items() if not (law in ("unified", "no_D") and c == "gamma_G")]
+    return values if values and all(np.isfinite(fitted)) else None
 
 
 def _intervals(params: pd.DataFrame, law: str, precision: str) -> dict[str, tuple[float, float]]:
@@ -114,6 +116,9 @@ def law_text(params: pd.DataFrame, law: str, precision: str) -> str:
     ci = _intervals(params, law, precision)
     parts = []
     for name, value in values.items():
+        if not np.isfinite(value):
+            parts.append(f"{CONSTANT_SYMBOLS.get(name, name)} not identified (one G; k at that G)")
+            continue
         interval = f" [{ci[name][0]:.3g}, {ci[name][1]:.3g}]" if name in ci else ""
         parts.append(f"{CONSTANT_SYMBOLS.get(name, name)}={value:.3g}{interval}")
     return " · ".join(parts) + (" (90% bootstrap CI)" if ci else " (no bootstrap CI)")
@@ -535,14 +540,22 @@ def _fit_figure(predictions: str | Path, params: str | Path, out_png: str | Path
         ax.set_xlabel(f"observed {what}")
         ax.set_ylabel(f"predicted {what}")
         ax.set_aspect("equal", adjustable="box")
-    _save(fig, out_png, caption_grid, notes)
+    _save(fig, out_png, caption_grid, list(dict.fromkeys(notes)))
 
 
 @_styled
 def fig5_fit(predictions: str | Path, params: str | Path, bootstrap: str | Path, out_png: str | Path,
              caption_grid: str) -> None:
-    """Predicted vs observed δ_W4A4 of the unified law with its 90% bootstrap band, held-out refits marked."""
-    _fit_figure(predictions, params, out_png, caption_grid, ("W4A4",), "δ_W4A4 (nats)", bootstrap)
+    """Predicted vs observed δ_W4A4 of the unified law with its 90% bootstrap band, held-out refits marked; for a
+    run table from outside without W4A4 runs, the same for each of its own QAT labels."""
+    from qatlaw import findings
+
+    labels = findings.outside_labels(read_input(params, "params"))
+    w4a4 = read_input(predictions, "predictions")["precision"].eq("W4A4").any()
+    if labels and not w4a4:
+        _fit_figure(predictions, params, out_png, caption_grid, tuple(labels), "δ (nats)", bootstrap)
+    else:
+        _fit_figure(predictions, params, out_png, caption_grid, ("W4A4",), "δ_W4A4 (nats)", bootstrap)
 
 
 @_styled

@@ -33,6 +33,7 @@ import pandas as pd
 from qatlaw import findings, paper, split
 from qatlaw.config import read_yaml
 from qatlaw.errors import QatlawError
+from qatlaw.io import atomic_path
 from qatlaw.runtable import read_runs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -182,5 +183,7 @@ def update(path: str | Path) -> int:
     """Rewrite every block of a Markdown file from the shipped files; the number of blocks."""
     path = Path(path)
     text = path.read_text(encoding="utf-8")
-    path.write_text(BLOCK.sub(_render, text), encoding="utf-8")
+    rendered = BLOCK.sub(_render, text)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(rendered, encoding="utf-8")
     return len(BLOCK.findall(text))
