@@ -64,13 +64,7 @@ def _size(n: float) -> str:
 
 
 def _known(label: str, declared: Sequence[str]) -> bool:
-    if label == BASELINE or label in declared:
-        return True
-    try:
-        prec.parse(label)
-    except ValueError:
-        return False
-    return True
+    return label == BASELINE or label in declared or prec.is_precision(label)
 
 
 def import_runs(table: pd.DataFrame, precisions: Sequence[str] = (), what: str = "run table") -> pd.DataFrame:

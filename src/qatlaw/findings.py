@@ -176,11 +176,7 @@ def outside_labels(params: pd.DataFrame) -> list[str]:
 
 def outside(label: str) -> bool:
     """Whether a precision label is a run table's own (qatlaw.external), not one of this project's strings."""
-    try:
-        prec.parse(label)
-    except ValueError:
-        return True
-    return False
+    return not prec.is_precision(label)
 
 
 def law_findings(params: pd.DataFrame, draws: pd.DataFrame, deltas: pd.DataFrame) -> list[dict]:

@@ -215,14 +215,6 @@ def predict(law: Law, N: list[float], D: list[float], G: list[float], precisions
     return pd.concat(out, ignore_index=True).loc[:, list(PREDICTION_COLUMNS)]
 
 
-def _is_precision(name: str) -> bool:
-    try:
-        prec.parse(name)
-    except ValueError:
-        return False
-    return True
-
-
 def weight_memory_gb(precision: str, N: float, G: float) -> float:
     """Weight memory of N non-embedding parameters: each layer type's share of N (``LAYER_SHARES``) at its weight
     bits, plus one 16-bit scale per group of G quantized weights."""
@@ -244,7 +236,7 @@ def plan_groups(law: Law) -> list[int]:
 def plan(law: Law, N: float, D: float, memory_gb: float | None = None) -> pd.DataFrame:
     """Every precision × G option of the law ranked by predicted QAT loss (best first), with its weight memory,
     whether it fits ``memory_gb`` and the best option that does (``best``)."""
-    labels = [name for name in law.precisions if not _is_precision(name)]
+    labels = [name for name in law.precisions if not prec.is_precision(name)]
     if labels:
         raise LawError(f"law {law.name}: {', '.join(labels)} are a run table's labels, not precision strings: plan "
                        "cannot count their weight memory or bits; use predict")

@@ -94,6 +94,16 @@ class Precision:
         return "-" in self.name
 
 
+def is_precision(name: str) -> bool:
+    """Whether ``name`` is a precision string of this grammar (a run table from outside may use labels of its own,
+    e.g. MXFP4-fwd)."""
+    try:
+        parse(name)
+    except ValueError:
+        return False
+    return True
+
+
 def parse(name: str) -> Precision:
     """Parse a precision string; the result carries the canonical name.
 
