@@ -98,6 +98,8 @@ def _fitted(name: str, path: Path, source: str) -> Law:
     if preds_path.is_file():
         preds = read_parquet(preds_path, fit.PREDICTIONS_COLUMNS, "predictions table", error=LawError)
         used = preds[preds["held_out"] == "none"]
+        if (used["law"] == "unified").any():  # the δ laws' range: BF16-only runs (Chinchilla) may reach further
+            used = used[used["law"] == "unified"]
         for col in ("N", "D", "G"):
             values = pd.to_numeric(used[col], errors="coerce").dropna().astype(float)
             if len(values):
