@@ -186,11 +186,11 @@ def law_findings(params: pd.DataFrame, draws: pd.DataFrame, deltas: pd.DataFrame
     table1 = paper.constants()["unified"]
     for precision in (*SIGN_PRECISIONS, *outside_labels(params)):
         cited = table1.get(precision)
+        fitted = _constant(params, "unified", precision, "gamma_N")
         for constant in ("gamma_N", "gamma_D", "gamma_G"):
             name = f"{precision} {constant} > 0"
             paper_value = f"{cited[constant]:.4f}" if cited else f"> 0 (W4A4: {table1['W4A4'][constant]:.4f})"
             row = _constant(params, "unified", precision, constant)
-            fitted = _constant(params, "unified", precision, "gamma_N")
             if constant == "gamma_G" and fitted is not None and math.isfinite(fitted["value"]) and \
                     not math.isfinite(row["value"]):
                 G = deltas.loc[deltas["precision"] == precision, "G"].dropna().unique()

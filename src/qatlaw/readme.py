@@ -45,10 +45,6 @@ class ReadmeError(QatlawError):
     """A README block names an unknown kind or a study that is not shipped."""
 
 
-def _number(value: float) -> str:
-    return findings._number(value)
-
-
 def _wall(info: dict) -> tuple[float, int]:
     """Seconds of every part of a study (its run.json and the ones it restored), and the number of parts."""
     total, parts = 0.0, 0
@@ -83,8 +79,8 @@ def study_block(folder: Path) -> str:
         if not len(law) or not math.isfinite(law.loc["gamma_N", "value"]):
             continue
         shown += 1
-        exps = "; ".join(f"{c.replace('gamma_', 'γ')} = {_number(law.loc[c, 'value'])} "
-                         f"[{_number(law.loc[c, 'ci_low'])}, {_number(law.loc[c, 'ci_high'])}]"
+        exps = "; ".join(f"{c.replace('gamma_', 'γ')} = {findings._number(law.loc[c, 'value'])} "
+                         f"[{findings._number(law.loc[c, 'ci_low'])}, {findings._number(law.loc[c, 'ci_high'])}]"
                          + (f" (paper {cited[c]})" if label == "W4A4" else "")
                          for c in ("gamma_N", "gamma_D", "gamma_G") if math.isfinite(law.loc[c, "value"]))
         note = "" if math.isfinite(law.loc["gamma_G", "value"]) else "; γG not identified (one G)"
@@ -102,7 +98,7 @@ def findings_block(folder: Path) -> str:
     lines = ["| finding | paper | this grid | interval | verdict | n |", "|---|---|---|---|---|---|"]
     for r in table.itertuples():
         n = f"{r.n} (+{r.left_out} left out)" if r.left_out else f"{r.n}"
-        lines.append(f"| {r.finding} | {r.paper} | {_number(r.measured)} | "
+        lines.append(f"| {r.finding} | {r.paper} | {findings._number(r.measured)} | "
                      f"{findings._interval_cell(r.ci_low, r.ci_high, r.interval)} | {r.verdict} | {n} |")
     return "\n".join(lines) + "\n"
 
