@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qatlaw.model import Model, ModelConfig, QuantOptions, non_embedding_params
+from qatlaw.grid import padded_vocab
+from qatlaw.model import Model, ModelConfig, QuantOptions, lm_loss, non_embedding_params
 from qatlaw.quant import QATLinear
 
 TINY = ModelConfig(vocab_size=64, n_layers=2, hidden=32, ffn=64, n_heads=4, n_kv_heads=2, seq_len=16)
@@ -42,8 +43,42 @@ def test_paper_sizes_closed_form(n, layers, hidden, ffn, heads, kv):
 def test_param_count_matches_closed_form(precision, opts):
     model = make(precision, opts)
     assert model.num_params() == non_embedding_params(TINY)
-    emb = 2 * TINY.vocab_size * TINY.hidden
+    emb = 2 * padded_vocab(TINY.vocab_size) * TINY.hidden  # the embedding and head as held: padded to 128 rows
     assert model.num_params(non_embedding=False) == non_embedding_params(TINY) + emb
+
+
+def test_padding_changes_no_weight_of_the_true_vocabulary(monkeypatch):
+    """The padded model's weights are those of the same model without padding, its padding rows zero: so a run's
+    training does not depend on the padding (the CPU grids' 512 needs none; a vocabulary of 600 gets 640 rows)."""
+    import qatlaw.model
+
+    padded = make()
+    monkeypatch.setattr(qatlaw.model, "padded_vocab", lambda v: v)
+    plain = make()
+    for name, weight in plain.state_dict().items():
+        torch.testing.assert_close(padded.state_dict()[name][: len(weight)], weight, rtol=0, atol=0)
+    assert padded.lm_head.weight[TINY.vocab_size:].abs().max() == padded.tok_emb.weight[TINY.vocab_size:].abs().max() == 0
+
+
+def test_vocabulary_is_padded_to_128_and_the_loss_is_over_the_true_vocabulary():
+    """The paper's 100,278 ids get 100,352 rows (OLMo-2's padding); a multiple of 128 (the CPU grids' 512) is left
+    as it is, so those runs are unchanged. Logits and loss cover the true vocabulary only: the padded rows get no
+    gradient from the loss, and the loss is that of a head of the true rows."""
+    assert [padded_vocab(v) for v in (100278, 512, 64, 129)] == [100352, 512, 128, 256]
+    model = make()
+    assert model.tok_emb.weight.shape[0] == model.lm_head.weight.shape[0] == 128
+    idx = tokens()
+    assert model(idx).shape == (2, 16, TINY.vocab_size)
+    loss = model(idx[:, :-1], idx[:, 1:])
+    hidden = model.hidden(idx[:, :-1])
+    true_head = nn.Linear(TINY.hidden, TINY.vocab_size, bias=False)
+    true_head.weight.data = model.lm_head.weight.data[: TINY.vocab_size]
+    torch.testing.assert_close(loss, lm_loss(hidden, true_head, idx[:, 1:]), rtol=1e-6, atol=1e-6)
+    for chunk in (None, 10):
+        model.zero_grad()
+        model(idx[:, :-1], idx[:, 1:], chunk).backward()
+        assert model.lm_head.weight.grad[TINY.vocab_size:].abs().max() == 0
+        assert model.lm_head.weight.grad[: TINY.vocab_size].abs().max() > 0
 
 
 def test_shapes_and_loss():
@@ -119,7 +154,8 @@ def test_output_projections_scaled_init():
     assert block.attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.1)
     assert block.mlp.fc2.weight.std().item() == pytest.approx(0.02 / 4, rel=0.1)  # 1/sqrt(2·8) = 1/4
     assert block.attn.o.weight.std().item() == pytest.approx(0.02 / 4, rel=0.15)
-    assert model.tok_emb.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert model.tok_emb.weight[: cfg.vocab_size].std().item() == pytest.approx(0.02, rel=0.1)  # its padding is zero
+    assert model.tok_emb.weight[cfg.vocab_size :].abs().max() == 0
 
 
 @pytest.mark.parametrize("precision, opts", [

@@ -296,6 +296,17 @@ def effective_group(s: RunSettings) -> int | None:
     return s.hidden if s.group == "channel" else int(s.group)
 
 
+# The embedding and LM head have a multiple of this many rows (GPU matmul tiles); OLMo-2 pads its 100,278 to 100,352.
+VOCAB_MULTIPLE = 128
+
+
+def padded_vocab(vocab_size: int) -> int:
+    """Rows of a model's embedding and LM head for a tokenizer of ``vocab_size`` ids: the next multiple of
+    :data:`VOCAB_MULTIPLE`. The rows past the vocabulary are never a token nor a target; the loss is over the true
+    vocabulary, and N and the FLOPs count it, not the padding."""
+    return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
 def non_embedding_count(layers: int, hidden: int, ffn: int, heads: int, kv_heads: int) -> int:
     """N of the scaling law for a model shape: every parameter but the token embedding and the LM head (norm
     weights included)."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qatlaw.config import ConfigError, run_gpus
-from qatlaw.grid import RunSettings, non_embedding_count
+from qatlaw.grid import RunSettings, non_embedding_count, padded_vocab
 from qatlaw.precision import LAYER_TYPES, parse, uses_lac
 
 FP32 = 4
@@ -24,8 +24,17 @@ STATE_BYTES_PER_PARAM = 16
 # fp32 gradient and one fp32 temporary of the softmax backward
 LOSS_BYTES_PER_LOGIT = 12
 CUDA_CONTEXT_BYTES = 2**30
+# NCCL's buffers and streams of a data-parallel process, outside torch's allocator like the CUDA context: an
+# allowance, not a measurement (the GPU check's mem_get_info rows measure what a process really holds)
+NCCL_BYTES = 2**30
+# what the model does not count of the tensors (other kernels' saved tensors and workspaces under torch.compile and
+# the fused attention, cuBLAS workspaces), as a share of those it counts
+HEADROOM = 0.05
 # share of the GPU's memory the caching allocator can fill (fragmentation)
 USABLE_FRACTION = 0.9
+# bytes per parameter of a resumable checkpoint: fp32 weights and the two AdamW moments (and the weight average,
+# where a run keeps one, as much again as the weights)
+CHECKPOINT_BYTES_PER_PARAM = 12
 
 
 def element_bytes(s: RunSettings) -> int:
@@ -86,14 +95,21 @@ def saved_activation_bytes(s: RunSettings, vocab_size: int, micro_batch: int, lo
     tokens = micro_batch * s.seq_len
     whole = whole_loss(tokens, loss_chunk_tokens)
     loss = tokens * (element_bytes(s) * s.hidden + FP32 * vocab_size if whole else FP32 * s.hidden)
-    copies = weight_copy_bytes(s, vocab_size if whole else 0, blocks=not checkpointing)
+    copies = weight_copy_bytes(s, padded_vocab(vocab_size) if whole else 0, blocks=not checkpointing)
     block = checkpointed_block_bytes(s) if checkpointing else layer_activation_bytes(s)
     return tokens * (s.layers * block + head_activation_bytes(s)) + loss + copies
 
 
 def parameter_count(s: RunSettings, vocab_size: int) -> int:
-    """Every trained parameter: N, the token embedding and the untied LM head (LAC γ are negligible)."""
-    return non_embedding_count(s.layers, s.hidden, s.ffn, s.heads, s.kv_heads) + 2 * vocab_size * s.hidden
+    """Every parameter held: N, the token embedding and the untied LM head, both padded (grid.padded_vocab; LAC γ
+    are negligible)."""
+    return non_embedding_count(s.layers, s.hidden, s.ffn, s.heads, s.kv_heads) + 2 * padded_vocab(vocab_size) * s.hidden
+
+
+def checkpoint_bytes(s: RunSettings, vocab_size: int) -> int:
+    """Size of a run's resumable checkpoint."""
+    per_param = CHECKPOINT_BYTES_PER_PARAM + (FP32 if s.weight_ema > 0 else 0)
+    return per_param * parameter_count(s, vocab_size)
 
 
 def weight_copy_bytes(s: RunSettings, vocab_size: int, blocks: bool = True) -> int:
@@ -114,23 +130,27 @@ def peak_bytes(s: RunSettings, vocab_size: int, micro_batch: int, gpus: int = 1,
                loss_chunk_tokens: int | None = None, checkpointing: bool = False) -> int:
     """Predicted peak GPU memory of one rank training ``s`` at ``micro_batch`` sequences per pass.
 
-    Parameters, gradients and AdamW moments in fp32 (plus DDP's gradient buckets on several GPUs), the autocast
-    weight copies, the CUDA context, the saved activations of the micro-batch, one block's gradients during its
-    backward, and the logits of one loss chunk of ``loss_chunk_tokens`` tokens (None: the whole micro-batch).
-    With activation ``checkpointing`` the blocks keep only their inputs, and during a block's backward its
-    recomputed activations are alive as well (the weight copies stay counted in full: an upper bound then).
+    Parameters, gradients and AdamW moments in fp32 (DDP's buckets hold the gradients themselves:
+    ``gradient_as_bucket_view``), the autocast weight copies, the saved activations of the micro-batch, one block's
+    gradients during its backward, and the logits of one loss chunk of ``loss_chunk_tokens`` tokens (None: the whole
+    micro-batch), over the padded vocabulary; all that with :data:`HEADROOM` for what the model does not count;
+    then the CUDA context, and on several GPUs NCCL's buffers. With activation ``checkpointing`` the blocks keep
+    only their inputs, and during a block's backward its recomputed activations are alive as well (the weight
+    copies stay counted in full: an upper bound then).
     """
     tokens = micro_batch * s.seq_len
     chunk = tokens if whole_loss(tokens, loss_chunk_tokens) else loss_chunk_tokens
-    state = (STATE_BYTES_PER_PARAM + (FP32 if gpus > 1 else 0)) * parameter_count(s, vocab_size)
+    state = STATE_BYTES_PER_PARAM * parameter_count(s, vocab_size)
     chunk_inputs = 0 if chunk == tokens else FP32 * s.hidden
     if checkpointing:
         blocks = s.layers * checkpointed_block_bytes(s) + 2 * layer_activation_bytes(s)
     else:
         blocks = (s.layers + 1) * layer_activation_bytes(s)
     activations = tokens * (blocks + head_activation_bytes(s) + chunk_inputs)
-    loss = chunk * (vocab_size * logit_bytes(s) + element_bytes(s) * s.hidden)
-    return CUDA_CONTEXT_BYTES + state + weight_copy_bytes(s, vocab_size) + activations + loss
+    loss = chunk * (padded_vocab(vocab_size) * element_bytes(s) + vocab_size * LOSS_BYTES_PER_LOGIT
+                    + element_bytes(s) * s.hidden)
+    tensors = state + weight_copy_bytes(s, padded_vocab(vocab_size)) + activations + loss
+    return CUDA_CONTEXT_BYTES + (NCCL_BYTES if gpus > 1 else 0) + int((1 + HEADROOM) * tensors)
 
 
 def usable_bytes(gpu_memory_gb: float) -> int:

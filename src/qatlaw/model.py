@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from qatlaw.grid import non_embedding_count
+from qatlaw.grid import non_embedding_count, padded_vocab
 from qatlaw.precision import Precision, parse
 from qatlaw.quant import LAC, QATLinear, QuantOptions
 
@@ -78,23 +78,32 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
 
 
-def _cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Cross-entropy of the fp32 logits ``head(hidden)`` against ``targets``, flattened over tokens."""
-    return F.cross_entropy(head(hidden).float().flatten(0, -2), targets.flatten(), reduction=reduction)
+def logits(hidden: torch.Tensor, head: nn.Linear, vocab_size: int | None = None) -> torch.Tensor:
+    """``head(hidden)`` over the true vocabulary: the first ``vocab_size`` of the padded head's outputs (None: all)."""
+    out = head(hidden)
+    return out if vocab_size is None or vocab_size == out.shape[-1] else out[..., :vocab_size]
 
 
-def lm_loss(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, chunk_tokens: int | None = None
-            ) -> torch.Tensor:
+def _cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, reduction: str,
+                   vocab_size: int | None = None) -> torch.Tensor:
+    """Cross-entropy of the fp32 logits over the true vocabulary against ``targets``, flattened over tokens."""
+    return F.cross_entropy(logits(hidden, head, vocab_size).float().flatten(0, -2), targets.flatten(),
+                           reduction=reduction)
+
+
+def lm_loss(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, chunk_tokens: int | None = None,
+            vocab_size: int | None = None) -> torch.Tensor:
     """Mean cross-entropy of the fp32 logits ``head(hidden)`` (hidden (..., h)) against ``targets`` (...), with the
-    logits of at most ``chunk_tokens`` tokens alive at a time, in the forward and the backward pass (None: all).
+    logits of at most ``chunk_tokens`` tokens alive at a time, in the forward and the backward pass (None: all),
+    over the first ``vocab_size`` of the head's outputs (None: all; a padded head has more).
 
     Equal to the loss of all logits at once up to float rounding, gradients included; bit-identical when one chunk
     holds every token. Each chunk's logits are recomputed in the backward pass instead of kept.
     """
     if chunk_tokens is None or targets.numel() <= chunk_tokens:
-        return _cross_entropy(hidden, head, targets, "mean")
+        return _cross_entropy(hidden, head, targets, "mean", vocab_size)
     chunks = zip(hidden.flatten(0, -2).split(chunk_tokens), targets.flatten().split(chunk_tokens))
-    total = sum(checkpoint(_cross_entropy, h, head, t, "sum", use_reentrant=False) for h, t in chunks)
+    total = sum(checkpoint(_cross_entropy, h, head, t, "sum", vocab_size, use_reentrant=False) for h, t in chunks)
     return total / targets.numel()
 
 
@@ -189,6 +198,7 @@ class Model(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self._init_weights()
+        self._pad_vocabulary()
 
     def _init_weights(self) -> None:
         out_std = INIT_STD / math.sqrt(2 * self.cfg.n_layers)
@@ -196,6 +206,17 @@ class Model(nn.Module):
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 residual_out = getattr(m, "layer_type", None) in ("o", "fc2")
                 nn.init.normal_(m.weight, std=out_std if residual_out else INIT_STD)
+
+    @torch.no_grad()
+    def _pad_vocabulary(self) -> None:
+        """Give the embedding and the LM head zero rows up to a multiple of 128 (grid.padded_vocab), for aligned
+        matmul shapes. They are added after the init, which draws the true rows as an unpadded model does, so a
+        run's weights, and its training, do not depend on the padding; the loss never sees those rows."""
+        rows = padded_vocab(self.cfg.vocab_size) - self.cfg.vocab_size
+        if rows:
+            for m in (self.tok_emb, self.lm_head):
+                m.weight = nn.Parameter(torch.cat([m.weight, m.weight.new_zeros(rows, self.cfg.hidden)]))
+            self.tok_emb.num_embeddings = self.lm_head.out_features = padded_vocab(self.cfg.vocab_size)
 
     def qat_linears(self) -> list[QATLinear]:
         """The quantized linear layers, in block order (qkv, o, fc1, fc2)."""
@@ -232,4 +253,6 @@ class Model(nn.Module):
         """Logits (B, T, vocab) for token ids (B, T); given ``targets`` (B, T), the mean next-token cross-entropy
         instead, never holding the logits of more than ``chunk_tokens`` tokens (see :func:`lm_loss`)."""
         x = self.hidden(idx)
-        return self.lm_head(x) if targets is None else lm_loss(x, self.lm_head, targets, chunk_tokens)
+        if targets is None:
+            return logits(x, self.lm_head, self.cfg.vocab_size)
+        return lm_loss(x, self.lm_head, targets, chunk_tokens, self.cfg.vocab_size)
