@@ -177,6 +177,12 @@ def gather_runtime(wildcards, attempt):
     return int(30 + _size_mb(corpus_files()) / 500) * attempt
 
 
+def gather_mem_mb(wildcards, input, attempt):
+    """MB for the gather: from the corpus's document count (qatlaw.data.gather_memory_mb), once the tokenize jobs'
+    document tables exist (Snakemake evaluates it again when the job is ready), × the attempt."""
+    return data.gather_memory_mb(input.docs) * attempt
+
+
 def allow_repeat_flag():
     """CLI flag that lets token budgets exceed the training split."""
     return "--allow-repeat" if config["data"]["allow_repeat"] else ""
@@ -279,7 +285,8 @@ TRAIN_SHELL = (
     "--checkpoint-minutes {resources.checkpoint_minutes} "
     "--compile {resources.compile} --micro-batch-size {resources.micro_batch_size} "
     "--loss-chunk-tokens {resources.loss_chunk_tokens} "
-    "--activation-checkpointing {resources.activation_checkpointing} {params.run_logs}{params.trunks}> {log.job} 2>&1"
+    "--activation-checkpointing {resources.activation_checkpointing} --stop-seconds {resources.stop_seconds} "
+    "{params.run_logs}{params.trunks}>> {log.job} 2>&1"
 )
 
 
@@ -403,8 +410,9 @@ def train_execution(micro_batch, checkpointing):
     """How training jobs execute, as resources of the train rule (not params), so that changing them retrains
     nothing: device, checkpoint intervals (steps; minutes, as a
     string: Snakemake rounds float resources), torch.compile, ``micro_batch``, the sequences per micro-batch, and
-    ``checkpointing``, activation checkpointing (0, 1 or auto; each a value or a function of the wildcards), and
-    tokens per chunk of the loss (0 = all at once)."""
+    ``checkpointing``, activation checkpointing (0, 1 or auto; each a value or a function of the wildcards),
+    tokens per chunk of the loss (0 = all at once), and the seconds between the stop signal and the time limit,
+    which SLURM is asked for (sbatch --signal; a profile's train:slurm_extra replaces this one)."""
     training = config["training"]
     return {
         "train_device": training["device"],
@@ -414,6 +422,8 @@ def train_execution(micro_batch, checkpointing):
         "micro_batch_size": micro_batch,
         "loss_chunk_tokens": training["loss_chunk_tokens"] or 0,
         "activation_checkpointing": checkpointing,
+        "stop_seconds": training["stop_seconds"],
+        "slurm_extra": f"--signal=TERM@{training['stop_seconds']}",
     }
 
 

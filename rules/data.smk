@@ -115,7 +115,7 @@ rule gather:
         eos=eos_flag(),
     resources:
         # each document's source and split draw, and one job's document table at a time
-        mem_mb=4000,
+        mem_mb=gather_mem_mb,
         runtime=gather_runtime,
     log:
         "results/logs/gather.log",

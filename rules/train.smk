@@ -116,6 +116,9 @@ if PTQ_RUNS:
         resources:
             mem_mb=train_mem_mb,
             runtime=train_runtime,
+            # windows per forward: the training micro-batch (a whole paper batch at once runs out of GPU memory)
+            micro_batch_size=train_micro_batch_size,
+            loss_chunk_tokens=config["training"]["loss_chunk_tokens"] or 0,
             **analysis_execution(),
         log:
             "results/logs/train/{size}/{tokens}/seed{seed}/{variant}.log",
@@ -125,7 +128,9 @@ if PTQ_RUNS:
             "qatlaw ptq --settings {params.settings:q} --baseline-summary {input.summary} "
             "--baseline-metrics {input.metrics} --baseline-model {input.model} --val-tokens {input.val} "
             "--manifest {input.manifest} --summary {output.summary} --metrics {output.metrics} "
-            "--model {output.model} --threads {threads} --device {resources.analysis_device} > {log} 2>&1"
+            "--model {output.model} --threads {threads} --device {resources.analysis_device} "
+            "--micro-batch-size {resources.micro_batch_size} --loss-chunk-tokens {resources.loss_chunk_tokens} "
+            "> {log} 2>&1"
 
 
 if RESTORED:

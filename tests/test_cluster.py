@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from qatlaw import data
 from test_workflow import ROOT, dry_run_resources, run_snakemake, write_user_project
 
 PROFILES = ROOT / "profiles"
@@ -56,13 +57,8 @@ def test_slurm_profile_keys():
     assert profile["slurm-requeue"] is True
     defaults = dict(item.split("=", 1) for item in profile["default-resources"])
     assert int(defaults["mem_mb"]) > 0 and int(defaults["runtime"]) > 0
-    # train's memory and runtime come from the rule (qatlaw.grid.estimate_resources), never from the profile; the
-    # profile only asks SLURM for SIGTERM ahead of the time limit (to every process of the job, not B: its batch
-    # shell), which `qatlaw train` answers with a checkpoint
-    overrides = dict(item.split("=", 1) for item in profile["set-resources"])
-    assert list(overrides) == ["train:slurm_extra", "train_nodes:slurm_extra"]
-    for extra in overrides.values():
-        assert re.fullmatch(r"'--signal=TERM@(\d+)'", extra)
+    # train's memory, runtime and stop signal come from the rule, never from the profile: it sets no resources
+    assert "set-resources" not in profile
 
 
 @pytest.mark.parametrize("profile", ["local", "slurm"])
@@ -80,6 +76,9 @@ def test_profiles_drive_a_dry_run(tmp_path, profile):
         assert jobs["rule_fit"]["mem_mb"] == defaults["mem_mb"]
         assert jobs["rule_fit"]["runtime"] == defaults["runtime"]
         assert all(res["mem_mb"] != defaults["mem_mb"] for res in train.values()), train
+        # SIGTERM training.stop_seconds ahead of the time limit, to every process of the job (not B: its batch
+        # shell), which `qatlaw train` answers with a checkpoint
+        assert {res["slurm_extra"] for res in train.values()} == {"--signal=TERM@120"}, train
 
 
 def slurm_unavailable(reason: str):
@@ -162,7 +161,10 @@ def test_workflow_through_slurm_matches_a_local_run(tmp_path, local_slurm):
     assert set(jobs) == set(expected)
     train = [key for key in jobs if key.startswith("rule_train_wildcards_")]
     assert len(train) == 4 and "rule_fit" in jobs, sorted(jobs)
-    # sbatch asked for what Snakemake computed: train's estimates (rules/common.smk), the profile's defaults.
+    # sbatch asked for what Snakemake computed: train's estimates (rules/common.smk), the profile's defaults; and
+    # for gather, from the documents its tokenize jobs found (counted once their tables exist, after the dry run)
+    expected["rule_gather"]["mem_mb"] = data.gather_memory_mb(sorted((cluster / "results/data/shards").glob("*.parquet")))
+    assert expected["rule_gather"]["mem_mb"] > data.GATHER_BASE_MB
     for key, info in jobs.items():
         assert mem_mb(info["MinMemoryNode"]) == int(expected[key]["mem_mb"]), (key, info["MinMemoryNode"])
         assert minutes(info["TimeLimit"]) == int(expected[key]["runtime"]), (key, info["TimeLimit"])

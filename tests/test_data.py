@@ -6,11 +6,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import random
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from tokenizers import Tokenizer
@@ -86,6 +89,19 @@ def staged(tmp_path_factory, corpus_shards) -> dict[str, Path]:
 
 def manifest_of(paths: dict[str, Path]) -> dict:
     return json.loads(paths["manifest.json"].read_text())
+
+
+def test_gather_memory_grows_with_the_corpus_documents(tmp_path, staged):
+    """gather's memory request is read from the tokenize jobs' document tables (their row counts): 2,000 MB plus
+    64 bytes a document (200M documents: 14.8 GB, where a fixed 4,000 MB failed above about 75M); the base alone
+    while the tables do not exist yet (a dry run)."""
+    tables = sorted((staged["train.npy"].parent / "shards").glob("*.parquet"))
+    documents = sum(len(pd.read_parquet(p)) for p in tables)
+    assert data.gather_memory_mb(tables) == 2000 + math.ceil(64 * documents / 1e6)
+    assert data.gather_memory_mb([*tables, tmp_path / "not yet.parquet"]) == 2000
+    big = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"doc_id": pa.array([""] * 3_000_000)}), big)
+    assert data.gather_memory_mb([big] * 67) == 2000 + 12_864  # 201M documents
 
 
 def test_tokenize_detokenize_round_trip(staged):

@@ -36,3 +36,20 @@ def test_existing_output_is_replaced_whole(tmp_path):
     write_json({"v": 2}, target)
     assert target.read_text().strip().endswith("}") and '"v": 2' in target.read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_a_durable_output_is_on_disk_before_its_name_and_its_name_before_return(tmp_path, monkeypatch):
+    """durable=True (checkpoints): fsync of the file before the rename, then of its folder; plain outputs skip both."""
+    import qatlaw.io
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(qatlaw.io.os, "fsync", lambda fd: events.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(qatlaw.io.os, "replace", lambda a, b: events.append("rename") or real_replace(a, b))
+    with atomic_path(tmp_path / "plain.pt") as tmp:
+        tmp.write_text("x")
+    assert events == ["rename"]
+    events.clear()
+    with atomic_path(tmp_path / "ckpt.pt", durable=True) as tmp:
+        tmp.write_text("x")
+    assert events == ["fsync", "rename", "fsync"] and (tmp_path / "ckpt.pt").read_text() == "x"

@@ -310,6 +310,7 @@ def test_dry_run_branch_jobs_wait_for_the_trunks_and_no_key_changes_nothing(tmp_
     assert dry_run_jobs(tmp_path) == explicit
 
     cfg["grid"]["qat_fractions"] = [0, 0.5, 1]
+    cfg["training"]["micro_batch_size"] = 8
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     jobs = dry_run_jobs(tmp_path)
     for budget, k in (("8K", 2), ("16K", 4)):  # 3 and 7 steps of 16 x 128 tokens: K = 1.5 and 3.5, halves up
@@ -323,6 +324,7 @@ def test_dry_run_branch_jobs_wait_for_the_trunks_and_no_key_changes_nothing(tmp_
         assert "BF16" not in branch.split("output:")[1].split("\n")[0]  # not in its baseline's job
         ptq = jobs[f"{cell}/W4A4_g32_f0/summary.parquet"]
         assert ptq.startswith("rule ptq:") and f"--baseline-model {cell}/BF16/model.pt" in ptq
+        assert "--micro-batch-size 8 " in ptq  # scored as the runs train: a whole paper batch is an OOM
         assert f"{cell}/W4A4_g32/summary.parquet" in base  # QAT from scratch trains with its baseline, as before
     gathers = [job for job in jobs.values() if job.startswith("rule layer_error:")]
     assert len(gathers) == 1 and "_f0" not in gathers[0]  # the analyses see the runs at f = 1 only

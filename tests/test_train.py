@@ -330,10 +330,13 @@ def test_data_parallel_run_under_torchrun_matches_one_process(tmp_path, tokens):
     write_store(tmp_path, tokens)
     out = tmp_path / "ddp"
     result = subprocess.run(train_command(tmp_path, out, "--gpus", "2", "--loss-chunk-tokens", "24",
-                                          "--activation-checkpointing", "1"), capture_output=True, text=True,
-                            timeout=300)
+                                          "--activation-checkpointing", "1", "--threads", "2"), capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 2x cpu, activation checkpointing" in result.stderr
+    # the node's 2 CPUs shared by its 2 workers, and torchrun's default 30 s replaced by the stop lead time
+    assert "1 CPU thread(s) each" in result.stderr and "--shutdown-timeout=120" in result.stderr
+    assert len(re.findall(r"step 12/12 loss", result.stderr)) == 1  # only rank 0 logs its steps
     single = run(tmp_path, settings(), tokens, "single")
     ddp = pd.read_parquet(out / "summary.parquet").iloc[0]
     assert ddp["device"] == "2x cpu" and single["device"] == "cpu"
@@ -357,6 +360,14 @@ exit $status
 """
 
 
+def install_srun(bin_dir: Path, script: str) -> dict[str, str]:
+    """Put a stand-in ``srun`` running ``script`` in ``bin_dir``; the environment that finds it first."""
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "srun").write_text(script)
+    (bin_dir / "srun").chmod(0o755)
+    return dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
 @pytest.mark.slow
 def test_two_node_run_under_srun_matches_one_process(tmp_path, tokens):
     """`qatlaw train --gpus 2 --nodes 2`, as the train_nodes rule starts it in a SLURM job: srun (a stand-in that
@@ -364,16 +375,19 @@ def test_two_node_run_under_srun_matches_one_process(tmp_path, tokens):
     c10d rendezvous on this host; the two gloo ranks train the same model as one process."""
     write_store(tmp_path, tokens)
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text(FAKE_SRUN)
-    (bin_dir / "srun").chmod(0o755)
+    env = install_srun(bin_dir, FAKE_SRUN)
     out = tmp_path / "nodes"
-    result = subprocess.run(train_command(tmp_path, out, "--gpus", "2", "--nodes", "2"), capture_output=True,
-                            text=True, timeout=300, env=dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}"))
+    result = subprocess.run(train_command(tmp_path, out, "--gpus", "2", "--nodes", "2", "--threads", "2",
+                                          "--stop-seconds", "300"),
+                            capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     call = (bin_dir / "calls").read_text()
-    assert call.startswith("srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --kill-on-bad-exit=1 ")
+    # each node's task gets the job's CPUs per node (a step started from the batch step does not inherit them), and
+    # torchrun gives its workers the stop lead time to write their checkpoint
+    assert call.startswith("srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --cpus-per-task=2 --kill-on-bad-exit=1 ")
     assert "--nproc-per-node=1" in call and "--nnodes=2 --rdzv-backend=c10d" in call and call.count("\n") == 1
+    assert "--shutdown-timeout=300" in call and "2 CPU thread(s) each" in result.stderr
+    assert len(re.findall(r"step 12/12 loss", result.stderr)) == 1  # only rank 0 logs its steps
     single = run(tmp_path, settings(), tokens, "single")
     nodes = pd.read_parquet(out / "summary.parquet").iloc[0]
     assert nodes["device"] == "2x cpu"
@@ -381,6 +395,45 @@ def test_two_node_run_under_srun_matches_one_process(tmp_path, tokens):
     b = pd.read_parquet(out / "metrics.parquet")["loss"]
     assert np.allclose(a, b, rtol=0, atol=1e-4)
     assert nodes["val_loss"] == pytest.approx(single["val_loss"], abs=1e-4)
+
+
+# srun that, once the run's first checkpoint exists, sends SIGTERM to its tasks, as SLURM signals a job's steps (not
+# its batch step, where `qatlaw train` waits) ahead of a time limit
+STOPPING_SRUN = """#!/usr/bin/env bash
+while [[ $1 == --* ]]; do [[ $1 == --ntasks=* ]] && n=${1#--ntasks=}; shift; done
+pids=()
+for ((i = 0; i < n; i++)); do SLURM_PROCID=$i SLURM_NODEID=$i "$@" & pids+=($!); done
+until [[ -f $STOP_WHEN ]]; do sleep 0.05; done
+kill -TERM "${pids[@]}"
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
+"""
+
+
+@pytest.mark.slow
+def test_two_node_run_stopped_by_slurm_exits_75_and_resumes(tmp_path, tokens):
+    """Over several nodes SLURM's stop signal reaches the srun step (each node's torchrun), not the batch step where
+    `qatlaw train` waits: the workers write their checkpoint and a stop marker, and the launcher exits with status 75
+    (stopped: the train rule retries and resumes), not 2 (failed)."""
+    from qatlaw.stopping import STOPPED_STATUS
+
+    write_store(tmp_path, tokens)
+    bin_dir = tmp_path / "bin"
+    out = tmp_path / "nodes"
+    env = install_srun(bin_dir, STOPPING_SRUN) | {"STOP_WHEN": str(out / "ckpt.pt")}
+    s = settings(tokens=4 * 16 * 200)
+    command = [*train_command(tmp_path, out, "--gpus", "2", "--nodes", "2")]
+    command[command.index("--settings") + 1] = s.to_json()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == STOPPED_STATUS, result.stderr[-3000:]
+    assert "torchrun stopped on a stop signal to its workers (SIGTERM)" in result.stderr.strip().splitlines()[-1]
+    step = torch.load(out / "ckpt.pt", weights_only=False)["step"]
+    assert 4 <= step < 200 and not (out / "summary.parquet").exists()
+    install_srun(bin_dir, FAKE_SRUN)  # the retry runs to the end
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"at step {step}/200" in result.stderr and not train.stop_marker(out / "ckpt.pt").exists()
 
 
 def test_evaluation_in_micro_batches_and_chunks_equals_one_batch(tokens):
@@ -477,6 +530,123 @@ def test_batch_with_mismatched_output_paths_is_refused(tmp_path, capsys):
     assert "--summary: 1 paths for 2 runs" in capsys.readouterr().err
 
 
+def test_run_log_of_a_resumed_segment_is_appended(tmp_path, monkeypatch):
+    """A job that resumes after a time limit or preemption adds to its run's log; the first segment's lines stay."""
+    from qatlaw.cli import _run_log
+
+    monkeypatch.setenv("RANK", "0")
+    for segment in ("first", "second"):
+        with _run_log(str(tmp_path / "run.log")):
+            logging.getLogger("qatlaw.train").warning("%s segment", segment)
+    text = (tmp_path / "run.log").read_text()
+    assert "first segment" in text and "second segment" in text
+
+
+def test_each_rank_reads_only_its_share_of_a_batch(tmp_path, tokens, monkeypatch):
+    """With 4 ranks, rank r reads windows r, r+4, ... of the batch from the store (a quarter of them), and they are
+    the rows the whole batch holds there."""
+    write_store(tmp_path, tokens)
+    store = open_tokens(tmp_path / "train.npy")
+    read = []
+    real = type(store).windows
+    monkeypatch.setattr(type(store), "windows", lambda self, starts, length: read.append(len(starts)) or
+                        real(self, starts, length))
+    s = settings(batch_size=8)
+    whole = train.TokenBatches(store, 16, 8, s.seed).batch(3)
+    for rank in range(4):
+        x, y = train.TokenBatches(store, 16, 8, s.seed, rank, 4).batch(3)
+        assert torch.equal(x, whole[0][rank::4]) and torch.equal(y, whole[1][rank::4])
+    assert read == [8, 2, 2, 2, 2]
+
+
+def test_prefetch_reads_the_next_batch_while_the_step_runs(tokens):
+    """After get(s) returns, the read of batch s + 1 is under way in another thread; the batches are those of the
+    plain reader, and a read's error surfaces at get of its step."""
+    import threading
+
+    started: dict[int, str] = {}
+    requested = threading.Event()
+
+    class Recorded(train.TokenBatches):
+        def batch(self, step):
+            started[step] = threading.current_thread().name
+            if step == 1:
+                requested.set()
+            if step == 3:
+                raise KeyboardInterrupt("killed while reading batch 3")
+            return super().batch(step)
+
+    plain = train.TokenBatches(tokens[0], 16, 4, 0)
+    with train.Prefetch(Recorded(tokens[0], 16, 4, 0), last_step=6) as loader:
+        assert torch.equal(loader.get(0)[0], plain.batch(0)[0])
+        assert requested.wait(10) and started[1].startswith("qatlaw-prefetch")  # before get(1) asked for it
+        for step in (1, 2):
+            assert torch.equal(loader.get(step)[1], plain.batch(step)[1])
+        with pytest.raises(KeyboardInterrupt):
+            loader.get(3)
+    assert started[0] == threading.current_thread().name  # the first read has nothing to overlap
+
+
+def test_ddp_keeps_the_gradients_in_its_buckets(tokens):
+    """Under DDP the gradients are views into its communication buckets (gradient_as_bucket_view), not a second
+    copy beside them: what the memory model counts (one fp32 gradient per parameter)."""
+    store = torch.distributed.HashStore()
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        model = train.build_model(settings(), VOCAB)
+        ddp = train.data_parallel(model, torch.device("cpu"))
+        x = torch.from_numpy(tokens[0][:34].astype(np.int64)).view(2, -1)
+        ddp(x[:, :-1], x[:, 1:]).backward()
+        bucket_views = [p for p in model.parameters() if p.grad is not None and p.grad._base is not None]
+        assert ddp.gradient_as_bucket_view and len(bucket_views) == sum(p.grad is not None for p in model.parameters())
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_process_group_outlasts_a_checkpoint_write():
+    """While rank 0 writes a 973M checkpoint (16.6 GB at the paper's vocabulary) the others wait in a collective:
+    its timeout is torch's 10 minutes plus that write at 20 MB/s."""
+    from qatlaw import memory
+
+    s = settings(size="973M", layers=16, hidden=2048, ffn=8192, heads=32, kv_heads=8)
+    assert memory.checkpoint_bytes(s, 100278) / 1e9 == pytest.approx(16.6, abs=0.05)
+    timeout = train.process_group_timeout(s, 100278).total_seconds()
+    assert timeout == pytest.approx(600 + 16.6e9 / 20e6, rel=0.01)
+    assert train.process_group_timeout(settings(), VOCAB).total_seconds() == pytest.approx(600, abs=1)
+
+
+def test_checkpoint_keeps_the_previous_one_and_resumes_from_it_when_the_last_is_damaged(tmp_path, tokens, monkeypatch,
+                                                                                       caplog):
+    """A checkpoint replaces the last one only once its bytes are on disk, and the one it replaces stays as the
+    previous checkpoint; a damaged last checkpoint costs one interval (resume from the previous), not the run."""
+    s = settings()
+    reference = run(tmp_path, s, tokens, "reference")
+    crash_at_step_6(tmp_path, s, tokens, monkeypatch, checkpoint_every=2)
+    ckpt = tmp_path / "crashed" / "ckpt" / "ckpt.pt"
+    previous = train.previous_checkpoint(ckpt)
+    assert previous.name == "ckpt.prev.pt"
+    assert torch.load(ckpt, weights_only=False)["step"] == 6 and torch.load(previous, weights_only=False)["step"] == 4
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])  # cut short, as by a node that died mid-write before fsync existed
+    with caplog.at_level(logging.INFO, logger="qatlaw.train"):
+        resumed = run(tmp_path, s, tokens, "crashed", checkpoint_every=2)
+    assert "resuming from the previous one" in caplog.text and "at step 4/" in caplog.text
+    assert resumed["val_loss"] == pytest.approx(reference["val_loss"], abs=1e-6)
+    assert not ckpt.exists() and not previous.exists()  # a finished run removes both
+
+
+def test_stale_temporary_checkpoints_are_removed_at_start(tmp_path, tokens, caplog):
+    """What a write killed mid-way left beside the checkpoint (16.6 GB at 973M) is deleted when the run starts."""
+    folder = tmp_path / "run" / "ckpt"
+    folder.mkdir(parents=True)
+    stale = folder / ".ckpt.pt.x1y2z3.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    other = folder / ".other.pt.x1y2z3.tmp"  # not this run's
+    other.write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="qatlaw.train"):
+        run(tmp_path, settings(), tokens)
+    assert not stale.exists() and other.exists() and "a checkpoint write cut short" in caplog.text
+
+
 def test_unreadable_checkpoint_is_ignored_with_a_warning(tmp_path, tokens, caplog):
     (tmp_path / "run" / "ckpt").mkdir(parents=True)
     (tmp_path / "run" / "ckpt" / "ckpt.pt").write_bytes(b"not a checkpoint")
@@ -510,3 +680,18 @@ def test_weight_average_is_scored_and_resumes_exactly(tmp_path, tokens, monkeypa
 def test_without_a_weight_average_both_validation_losses_agree(tmp_path, tokens):
     summary = run(tmp_path, settings(precision="BF16", group=None), tokens)
     assert summary["val_loss_last"] == summary["val_loss"]
+
+
+def test_a_nodes_cpus_are_shared_by_its_torchrun_workers(monkeypatch):
+    """Outside SLURM a job has its `threads`; inside, the CPUs of its allocation on the node (more with
+    --cpus-per-gpu). Each of a node's workers gets its share for torch, OpenMP and inductor's compile pool."""
+    from qatlaw import launch
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert launch.node_cpus(8) == 8
+    monkeypatch.setenv("SLURM_JOB_ID", "1")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert launch.node_cpus(8) == 64
+    env = launch.worker_env(64, 8)
+    assert env["OMP_NUM_THREADS"] == env["TORCHINDUCTOR_COMPILE_THREADS"] == "8"
+    assert launch.worker_threads(8, 8) == launch.worker_threads(4, 8) == 1

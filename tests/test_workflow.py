@@ -200,6 +200,11 @@ def test_paper_grid_schedules_every_run_of_the_paper(tmp_path):
     assert re.search(r"runtime=2880, gpu=64, nodes=8, tasks=8, tasks_per_gpu=0, mpi=srun, .*micro_batch_size=4", big)
     assert "mem_mb=256000," in big  # host memory per node: 8 GPUs x 32 GB
     assert "--gpus 64 --nodes 8" in big
+    # SIGTERM training.stop_seconds ahead of the time limit, torchrun waits as long; a resumed segment appends
+    assert "slurm_extra=--signal=TERM@120" in big and "--stop-seconds 120 " in big
+    assert ">> results/logs/train/973M/200B/seed0/W4A4_gchannel.log 2>&1" in big
+    gather = next(job for job in jobs if job.startswith("gather:"))
+    assert "mem_mb=2000," in gather  # the tokenize jobs' document tables, which size it, do not exist yet
     small = next(job for job in jobs if "74M/10B/seed0/BF16/summary.parquet" in job.split("\n", 3)[2])
     assert small.startswith("train:") and re.search(r"runtime=\d+, gpu=8, nodes=1, ", small)
     assert "mpi=" not in small and "tasks=" not in small

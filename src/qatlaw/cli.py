@@ -148,7 +148,7 @@ def _run_log(path: str | None):
         yield
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, mode="w", encoding="utf-8")
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")  # a resumed segment appends to its log
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     logging.getLogger().addHandler(handler)
     try:
@@ -170,7 +170,7 @@ def _lease_gpus(count: int) -> None:
 def _train(args: argparse.Namespace) -> None:
     import subprocess
 
-    from qatlaw import launch
+    from qatlaw import launch, train
     from qatlaw.grid import RunSettings
 
     runs = RunSettings.many_from_json(args.settings)
@@ -180,19 +180,28 @@ def _train(args: argparse.Namespace) -> None:
     if args.device != "cpu" and args.nodes == 1 and "WORLD_SIZE" not in os.environ:
         _lease_gpus(max(1, args.gpus))
     if (args.gpus > 1 or args.nodes > 1) and "WORLD_SIZE" not in os.environ:
-        command = launch.torchrun_command(max(1, args.gpus), args.nodes, args.argv)
-        log.info("data parallel over %d GPUs on %d node(s): %s", args.gpus, args.nodes,
-                 " ".join(command[:command.index("-m", 2)]))
-        torchrun = subprocess.Popen(command)
+        gpus, cpus = max(1, args.gpus), launch.node_cpus(args.threads)
+        # the workers' --threads: the CPUs of their node, which they share
+        command = launch.torchrun_command(gpus, args.nodes, [*args.argv, "--threads", str(cpus)], cpus,
+                                          args.stop_seconds)
+        log.info("data parallel over %d GPUs on %d node(s), %d CPU thread(s) each: %s", gpus, args.nodes,
+                 launch.worker_threads(cpus, gpus // args.nodes), " ".join(command[:command.index("-m", 2)]))
+        for checkpoint in args.checkpoint:
+            train.stop_marker(checkpoint).unlink(missing_ok=True)
+        torchrun = subprocess.Popen(command, env=launch.worker_env(cpus, gpus // args.nodes))
         with StopSignals(forward=torchrun.send_signal) as stop:
             returncode = torchrun.wait()
-        if returncode and stop.received:
-            raise Stopped(f"torchrun stopped on {stop.received.name} (see the log above); rerun to resume")
+        # over several nodes SLURM signals the srun step, not this batch step: the workers' marker tells
+        stopped = stop.received.name if stop.received else next(
+            (f"a stop signal to its workers ({m.read_text().strip()})" for m in map(train.stop_marker, args.checkpoint)
+             if m.is_file()), None)
+        if returncode and stopped:
+            raise Stopped(f"torchrun stopped on {stopped} (see the log above); rerun to resume")
         if returncode:
             raise QatlawError(f"torchrun with {args.gpus} processes on {args.nodes} node(s) failed (see the log above)")
         return
 
-    from qatlaw import tokens, train
+    from qatlaw import tokens
 
     paths = {name: getattr(args, name) for name in ("summary", "metrics", "model", "checkpoint")}
     if args.run_log:
@@ -213,7 +222,9 @@ def _train(args: argparse.Namespace) -> None:
     manifest = _read_manifest(args.manifest)
     train_tokens = tokens.open_tokens(args.train_tokens, manifest, "train")
     val_tokens = tokens.open_tokens(args.val_tokens, manifest, "val")
-    execution = train.Execution(threads=args.threads, checkpoint_every=args.checkpoint_every,
+    # a torchrun worker gets its share of the node's CPUs
+    threads = launch.worker_threads(args.threads, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    execution = train.Execution(threads=threads, checkpoint_every=args.checkpoint_every,
                                 checkpoint_minutes=args.checkpoint_minutes, compile=bool(args.compile),
                                 device=args.device, micro_batch_size=args.micro_batch_size or None,
                                 loss_chunk_tokens=args.loss_chunk_tokens or None,
@@ -588,9 +599,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trunk", nargs="+", help="per run, the trunk checkpoint a branch starts from ('-': none)")
     s.add_argument("--keep-trunk", nargs="+", metavar="STEP=PATH",
                    help="trunk checkpoints the job's BF16 baseline writes for its cell's branches")
-    s.add_argument("--threads", type=int, default=schema_default("training", "threads"), help="torch CPU threads")
+    s.add_argument("--threads", type=int, default=schema_default("training", "threads"),
+                   help="CPUs of the job (per node): torch threads, shared by the torchrun workers of a node")
     s.add_argument("--gpus", type=int, default=schema_default("training", "gpus_per_run"),
                    help="GPUs; above 1, rerun under torchrun, data parallel")
+    s.add_argument("--stop-seconds", type=int, default=schema_default("training", "stop_seconds"),
+                   help="seconds torchrun gives its workers after a stop signal to write their checkpoint")
     s.add_argument("--nodes", type=int, default=1,
                    help="nodes the GPUs span; above 1, one torchrun per node under srun (in a SLURM job)")
     s.add_argument("--device", choices=schema_key("training", "device")["enum"],
@@ -768,7 +782,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; known errors print one line and exit with status 2, a training stopped by SIGTERM or
     SIGUSR1 after writing its checkpoint with status 75 (:mod:`qatlaw.stopping`)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    # under torchrun only rank 0 logs progress; the others their warnings and errors
+    level = logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()

@@ -28,8 +28,10 @@ class InputError(QatlawError):
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+def atomic_path(path: str | Path, durable: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds. ``durable``: the
+    file's bytes reach the disk before the rename, and the rename before the return (fsync of the file and of its
+    folder), so that a node crash right after never leaves a checkpoint's name on missing or partial bytes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -38,9 +40,27 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
+        if durable:
+            _fsync(tmp_path)
         os.replace(tmp_path, path)
+        if durable:
+            _fsync(path.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def stale_temporaries(path: str | Path) -> list[Path]:
+    """The temporary files that writers of ``path`` killed mid-write left beside it (``.<name>.<random>.tmp``)."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.is_dir() else []
 
 
 def _umask() -> int:

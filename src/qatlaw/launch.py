@@ -21,22 +21,47 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun_command(gpus: int, nodes: int, argv: list[str]) -> list[str]:
-    """The command that runs ``qatlaw`` with ``argv`` as ``gpus`` processes over ``nodes`` nodes.
+def node_cpus(threads: int) -> int:
+    """CPUs that this node's part of a training job has: inside a SLURM job those this process may run on (its
+    allocation on the node, which ``--cpus-per-gpu`` may have made larger than ``threads``), else ``threads``."""
+    if "SLURM_JOB_ID" in os.environ and hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return threads
+
+
+def worker_threads(cpus: int, workers: int) -> int:
+    """CPU threads of each of a node's ``workers`` processes that share its ``cpus`` CPUs (at least one)."""
+    return max(1, cpus // max(1, workers))
+
+
+def worker_env(cpus: int, workers: int) -> dict[str, str]:
+    """Environment of a node's torchrun and its workers: OpenMP threads and inductor's compile pool sized to each
+    worker's share of the node's CPUs, not one pool of the node's size per worker."""
+    threads = str(worker_threads(cpus, workers))
+    return {**os.environ, "OMP_NUM_THREADS": threads, "TORCHINDUCTOR_COMPILE_THREADS": threads}
+
+
+def torchrun_command(gpus: int, nodes: int, argv: list[str], cpus: int = 1, shutdown_s: int = 30) -> list[str]:
+    """The command that runs ``qatlaw`` with ``argv`` as ``gpus`` processes over ``nodes`` nodes, with ``cpus``
+    CPUs per node.
 
     On one node: ``torchrun --standalone``. On several (inside a SLURM allocation of ``nodes`` nodes, from its
-    first node): ``srun`` starts one torchrun per node, and every torchrun joins the rendezvous that this host
-    serves, named by the SLURM job (or a fresh id), so that a resumed run gets a new one.
+    first node): ``srun`` starts one torchrun per node with ``cpus`` CPUs (the batch step's settings do not pass on
+    to a step started from it), and every torchrun joins the rendezvous that this host serves, named by the SLURM
+    job (or a fresh id), so that a resumed run gets a new one. On a stop signal torchrun forwards it to its workers
+    and gives them ``shutdown_s`` seconds to write their checkpoint before it kills them (the profile's signal lead
+    time, not torchrun's default 30 s).
     """
     if nodes < 1 or gpus % nodes:
         raise QatlawError(f"--gpus {gpus} do not split over --nodes {nodes}")
     torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={gpus // nodes}",
-                f"--signals-to-handle={SIGNALS}"]
+                f"--signals-to-handle={SIGNALS}", f"--shutdown-timeout={shutdown_s}"]
     program = ["-m", "qatlaw", *argv]
     if nodes == 1:
         return [*torchrun, "--standalone", *program]
     run_id = f"{os.environ.get('SLURM_JOB_ID', 'qatlaw')}-{uuid.uuid4().hex[:8]}"
     rendezvous = [f"--nnodes={nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={socket.gethostname()}:{free_port()}",
                   f"--rdzv-id={run_id}"]
-    srun = ["srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    srun = ["srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1", f"--cpus-per-task={cpus}",
+            "--kill-on-bad-exit=1"]
     return [*srun, *torchrun, *rendezvous, *program]

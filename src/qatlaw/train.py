@@ -19,9 +19,10 @@ How a run executes (:class:`Execution`: device, threads, micro-batching, the los
 checkpointing, ``torch.compile``, checkpoint intervals) is not part of its identity: changing it neither retrains
 finished runs nor invalidates checkpoints; the device never changes the numerics. On CUDA AdamW is fused (and bf16
 runs use TF32 for what stays fp32); launched by ``torchrun`` with several processes, one run is trained data-parallel
-(each rank takes an equal share of every batch and of the validation windows, rank 0 writes). A checkpoint is
-written every ``checkpoint_every`` steps and every ``checkpoint_minutes`` of wall time; on SIGTERM or SIGUSR1
-(:mod:`qatlaw.stopping`) the run ends its step, writes one and stops.
+(each rank reads only its equal share of every batch, one step ahead, and scores its share of the validation
+windows; rank 0 writes). A checkpoint is written every ``checkpoint_every`` steps and every ``checkpoint_minutes``
+of wall time, durably, keeping the one before it; on SIGTERM or SIGUSR1 (:mod:`qatlaw.stopping`) the run ends its
+step, writes one, leaves its stop marker and stops.
 
 The FP→QAT split (:attr:`~qatlaw.grid.RunSettings.qat_fraction` f, "fused": QAT takes over the LR schedule's
 cooldown). A BF16 baseline whose cell has branches keeps a trunk checkpoint at each branch step K (model, AdamW
@@ -34,7 +35,9 @@ steps are its baseline's, rows included, and trains the rest with fake quantizat
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import datetime
 import hashlib
 import logging
 import math
@@ -54,7 +57,7 @@ from qatlaw import memory
 from qatlaw.config import schema_default, schema_key
 from qatlaw.errors import QatlawError
 from qatlaw.grid import RunSettings, effective_group
-from qatlaw.io import atomic_path, read_parquet, write_parquet
+from qatlaw.io import atomic_path, read_parquet, stale_temporaries, write_parquet
 from qatlaw.model import Model, ModelConfig, non_embedding_params
 from qatlaw.quant import LAC, QuantOptions
 from qatlaw.runtable import with_qat_fraction
@@ -72,6 +75,8 @@ SUMMARY_COLUMNS = (
 SUMMARY_REQUIRED = SUMMARY_COLUMNS[:-1]
 # The per-step metrics file of a run (runs/<run_id>/metrics.parquet).
 STEP_COLUMNS = ("step", "tokens", "loss", "loss_ema", "lr", "grad_norm", "tokens_per_s")
+# the slowest write rate of a shared filesystem that the process-group timeout allows for, bytes per second
+CHECKPOINT_WRITE_BYTES_PER_S = 20e6
 
 
 class TrainError(QatlawError):
@@ -159,16 +164,18 @@ def build_model(s: RunSettings, vocab_size: int) -> Model:
 
 
 class TokenBatches:
-    """Batches of (input, target) windows, a pure function of (seed, step).
+    """Batches of (input, target) windows, a pure function of (seed, step); with several data-parallel ranks, each
+    reads only its share of every batch (every ``world``-th window from ``rank``).
 
     The token stream is cut into non-overlapping windows of ``seq_len + 1`` tokens (targets shifted by one);
     each epoch visits every window once in an order drawn from (seed, epoch), so a budget below one epoch
     never repeats a token.
     """
 
-    def __init__(self, tokens: Tokens, seq_len: int, batch_size: int, seed: int):
+    def __init__(self, tokens: Tokens, seq_len: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
         self.tokens = tokens
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.rank, self.world = rank, world
         self.n_windows = (len(tokens) - 1) // seq_len
         if self.n_windows < batch_size:
             raise TrainError(f"{len(tokens)} tokens give {self.n_windows} windows of {seq_len}, fewer than a batch of {batch_size}")
@@ -182,15 +189,41 @@ class TokenBatches:
         return self._orders[epoch]
 
     def windows(self, step: int) -> np.ndarray:
-        """Indices of the windows that make up batch ``step``."""
+        """Indices of the windows that make up batch ``step`` (all ranks' shares)."""
         idx = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
         return np.array([self._order(int(i // self.n_windows))[i % self.n_windows] for i in idx], dtype=np.int64)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and next-token targets of batch ``step``, each (batch_size, seq_len)."""
-        starts = self.windows(step) * self.seq_len
+        """This rank's inputs and next-token targets of batch ``step``, each (batch_size / world, seq_len)."""
+        starts = self.windows(step)[self.rank::self.world] * self.seq_len
         rows = torch.from_numpy(read_windows(self.tokens, starts, self.seq_len + 1).astype(np.int64))
         return rows[:, :-1], rows[:, 1:]
+
+
+class Prefetch:
+    """Batches read one step ahead in a background thread, so that the read of step ``s + 1`` overlaps the compute
+    of step ``s`` (file reads release the GIL). An error of a read (a kill included) is raised by :meth:`get` of
+    that step, as a read in the loop would."""
+
+    def __init__(self, batches: TokenBatches, last_step: int):
+        self.batches, self.last_step = batches, last_step
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qatlaw-prefetch")
+        self._next: tuple[int, concurrent.futures.Future] | None = None
+
+    def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``step``; starts the read of ``step + 1``."""
+        if self._next is not None and self._next[0] == step:
+            batch = self._next[1].result()
+        else:
+            batch = self.batches.batch(step)
+        self._next = (step + 1, self._pool.submit(self.batches.batch, step + 1)) if step + 1 < self.last_step else None
+        return batch
+
+    def __enter__(self) -> Prefetch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> float:
@@ -287,15 +320,62 @@ def settings_hash(s: RunSettings, manifest: Mapping[str, Any]) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def previous_checkpoint(checkpoint_path: str | Path) -> Path:
+    """Where a run keeps its checkpoint before the last (``ckpt.prev.pt`` beside ``ckpt.pt``)."""
+    path = Path(checkpoint_path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def stop_marker(checkpoint_path: str | Path) -> Path:
+    """The file a run stopped by a signal leaves beside its checkpoint (the signal's name in it), so that the
+    process that launched its workers knows it stopped rather than failed."""
+    path = Path(checkpoint_path)
+    return path.with_name(f"{path.name}.stopped")
+
+
+def write_checkpoint(state: Mapping[str, Any], checkpoint_path: str | Path) -> None:
+    """Write a resumable checkpoint durably (on disk before its name is), keeping the one it replaces as the
+    previous checkpoint, so that a write cut short or a file damaged later costs one interval, not the run."""
+    path = Path(checkpoint_path)
+    with atomic_path(path, durable=True) as tmp:
+        torch.save(state, tmp)
+        if path.is_file():
+            os.replace(path, previous_checkpoint(path))
+
+
 def _read_checkpoint(path: Path, device: torch.device) -> dict | None:
-    """A run's checkpoint, or None when there is none or it cannot be read (then the run starts over)."""
-    if not path.is_file():
-        return None
-    try:
-        return torch.load(path, map_location=device, weights_only=False)
-    except Exception as exc:  # a damaged file of any kind must not block the run forever
-        log.warning("ignoring unreadable checkpoint %s (%s: %s); starting from step 0", path, type(exc).__name__, exc)
-        return None
+    """A run's checkpoint, else its previous one when the last is missing or unreadable, else None (then the run
+    starts over, with a warning naming every file that could not be read)."""
+    unreadable = []
+    for candidate in (path, previous_checkpoint(path)):
+        if not candidate.is_file():
+            continue
+        try:
+            state = torch.load(candidate, map_location=device, weights_only=False)
+        except Exception as exc:  # a damaged file of any kind must not block the run forever
+            unreadable.append(f"{candidate} ({type(exc).__name__}: {str(exc).strip()[:200]})")
+            continue
+        if unreadable:
+            log.warning("unreadable checkpoint %s; resuming from the previous one, %s", unreadable[0], candidate)
+        return state
+    if unreadable:
+        log.warning("ignoring unreadable checkpoint %s; starting from step 0", " and its previous one, ".join(unreadable))
+    return None
+
+
+def _remove_stale_temporaries(checkpoint_path: Path) -> None:
+    """Delete what writers of this run's checkpoints killed mid-write left behind (a 973M checkpoint is 16.6 GB)."""
+    for stale in stale_temporaries(checkpoint_path):
+        log.warning("removing %s, a checkpoint write cut short", stale)
+        stale.unlink(missing_ok=True)
+
+
+def process_group_timeout(s: RunSettings, vocab_size: int) -> datetime.timedelta:
+    """How long a collective waits for the other ranks: while rank 0 writes a checkpoint the others wait in the
+    next step's all-reduce, so torch's 10 minutes plus the write of the checkpoint at
+    :data:`CHECKPOINT_WRITE_BYTES_PER_S` (a slow shared filesystem)."""
+    seconds = 600 + memory.checkpoint_bytes(s, vocab_size) / CHECKPOINT_WRITE_BYTES_PER_S
+    return datetime.timedelta(seconds=math.ceil(seconds))
 
 
 def micro_batches(x: torch.Tensor, y: torch.Tensor, size: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
@@ -314,6 +394,13 @@ def _on_any_rank(par: Parallel, device: torch.device, *flags: bool) -> list[bool
     return [bool(v) for v in reduced.tolist()]
 
 
+def data_parallel(module: torch.nn.Module, device: torch.device) -> torch.nn.parallel.DistributedDataParallel:
+    """``module`` under DDP in the current process group, its gradients held in DDP's buckets instead of beside
+    them (one copy of the gradients, not two)."""
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
+                                                     gradient_as_bucket_view=True)
+
+
 def _leave_process_group(par: Parallel) -> None:
     """Under torchrun: wait for every rank (rank 0 may still be writing), then leave the process group."""
     if par.world > 1:
@@ -328,8 +415,9 @@ def trunk_staging(checkpoint_path: str | Path, step: int) -> Path:
 
 
 def remove_checkpoint(checkpoint_path: str | Path) -> None:
-    """Delete a run's resumable checkpoint and the trunk checkpoints it staged."""
-    Path(checkpoint_path).unlink(missing_ok=True)
+    """Delete a run's resumable checkpoints (the last and the previous) and the trunk checkpoints it staged."""
+    for path in (Path(checkpoint_path), previous_checkpoint(checkpoint_path), stop_marker(checkpoint_path)):
+        path.unlink(missing_ok=True)
     shutil.rmtree(trunk_staging(checkpoint_path, 0).parent, ignore_errors=True)
 
 
@@ -466,15 +554,19 @@ def train_run(
         # TF32 for what bf16 autocast leaves in fp32; an fp32 run stays true fp32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = s.numerics == "bf16"
     if par.world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             timeout=process_group_timeout(s, vocab))
     model = build_model(s, vocab).to(device)
     model.activation_checkpointing = execution.checkpointing(s, vocab, device, par.world)
     opt = make_optimizer(model, s, fused=device.type == "cuda")
     average = WeightAverage(model, s.weight_ema_decay) if s.weight_ema > 0 else None
-    batches = TokenBatches(train_tokens, s.seq_len, s.batch_size, s.seed)
+    batches = TokenBatches(train_tokens, s.seq_len, s.batch_size, s.seed, par.rank, par.world)
     warmup = s.warmup
     identity = settings_hash(s, manifest)
     checkpoint_path = Path(checkpoint_path)
+    if par.is_main:
+        _remove_stale_temporaries(checkpoint_path)
+        stop_marker(checkpoint_path).unlink(missing_ok=True)
 
     step, ema, rows, diverged, resumed, wall_before = 0, 0.0, [], False, False, 0.0
     state = _read_checkpoint(checkpoint_path, device)
@@ -505,7 +597,7 @@ def train_run(
         torch._dynamo.reset()
     step_fn = torch.compile(model) if execution.compile else model
     if par.world > 1:
-        step_fn = torch.nn.parallel.DistributedDataParallel(step_fn, device_ids=[device] if device.type == "cuda" else None)
+        step_fn = data_parallel(step_fn, device)
 
     log.info("%s: N=%d, %d steps of %d tokens, lr %.2e, warm-up %d, QAT fraction %s (from step %d), on %s%s",
              s.run_id, non_embedding_params(model.cfg), s.steps, s.tokens_per_step, s.lr, warmup, s.qat_fraction,
@@ -517,11 +609,10 @@ def train_run(
 
     def save_checkpoint() -> None:
         nonlocal saved_at
-        with atomic_path(checkpoint_path) as tmp:
-            torch.save({"identity": identity, "step": step, "ema": ema, "rows": rows, "diverged": diverged,
-                        "wall_s": wall_before + time.perf_counter() - t0,
-                        "model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "weight_average": None if average is None else average.state_dict()}, tmp)
+        write_checkpoint({"identity": identity, "step": step, "ema": ema, "rows": rows, "diverged": diverged,
+                          "wall_s": wall_before + time.perf_counter() - t0,
+                          "model": model.state_dict(), "optimizer": opt.state_dict(),
+                          "weight_average": None if average is None else average.state_dict()}, checkpoint_path)
         saved_at = time.perf_counter()
 
     def stage_trunk() -> None:
@@ -530,57 +621,60 @@ def train_run(
                 torch.save(_trunk_state(identity, step, ema, rows, diverged, model, opt, average), tmp)
 
     stage_trunk()
-    while step < s.steps and not diverged:
-        t_step = time.perf_counter()
-        lr = lr_at(step, s.steps, s.lr, warmup, s.min_lr_ratio)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        x, y = batches.batch(step)
-        x, y = x[par.rank::par.world].to(device), y[par.rank::par.world].to(device)
-        opt.zero_grad(set_to_none=True)
-        parts = list(micro_batches(x, y, execution.micro_batch_size))
-        loss_sum = torch.zeros((), device=device)
-        for i, (xm, ym, share) in enumerate(parts):
-            sync = i == len(parts) - 1 or par.world == 1
-            with (contextlib.nullcontext() if sync else step_fn.no_sync()), autocast(device, s.numerics):
-                loss = step_fn(xm, ym, execution.loss_chunk_tokens)
-            (loss if len(parts) == 1 else loss * share).backward()
-            loss_sum += loss.detach() * share
-        if par.world > 1:
-            torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
-        loss_value = loss_sum.item()
-        if not math.isfinite(loss_value):
-            diverged = True
-            log.warning("%s: loss is %s at step %d; stopping (diverged)", s.run_id, loss_value, step)
-            break
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip).item()
-        opt.step()
-        if average is not None:
-            average.update()
-        ema = s.loss_ema * ema + (1 - s.loss_ema) * loss_value
-        step += 1
-        ema_debiased = ema / (1 - s.loss_ema**step)
-        tps = s.tokens_per_step / (time.perf_counter() - t_step)
-        rows.append((step, step * s.tokens_per_step, loss_value, ema_debiased, lr, grad_norm, tps))
-        stage_trunk()
-        if step % log_every == 0 or step == s.steps:
-            eta = (time.perf_counter() - t0) / (step - first_step) * (s.steps - step)
-            log.info("%s: step %d/%d loss %.4f ema %.4f lr %.2e %.0f tok/s ETA %.0f s", s.run_id, step, s.steps,
-                     loss_value, ema_debiased, lr, tps, eta)
-        received = stop.received if stop is not None else None
-        minutes = (time.perf_counter() - saved_at) / 60
-        stopping, timed = _on_any_rank(par, device, received is not None,
-                                       par.is_main and minutes >= execution.checkpoint_minutes)
-        if par.is_main and (stopping or step < s.steps and (timed or step % execution.checkpoint_every == 0)):
-            if timed:
-                log.info("%s: checkpoint at step %d/%d, %.1f min after the last", s.run_id, step, s.steps, minutes)
-            save_checkpoint()
-        if stopping:
-            signal_name = received.name if received else "a signal to another rank"
-            log.warning("%s: %s: stopping after step %d/%d, checkpoint %s", s.run_id, signal_name, step, s.steps,
-                        checkpoint_path)
-            _leave_process_group(par)
-            raise Stopped(f"{s.run_id}: stopped on {signal_name} after step {step}/{s.steps}; rerun to resume")
+    with Prefetch(batches, s.steps) as loader:
+        while step < s.steps and not diverged:
+            t_step = time.perf_counter()
+            lr = lr_at(step, s.steps, s.lr, warmup, s.min_lr_ratio)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x, y = (t.to(device) for t in loader.get(step))
+            opt.zero_grad(set_to_none=True)
+            parts = list(micro_batches(x, y, execution.micro_batch_size))
+            loss_sum = torch.zeros((), device=device)
+            for i, (xm, ym, share) in enumerate(parts):
+                sync = i == len(parts) - 1 or par.world == 1
+                with (contextlib.nullcontext() if sync else step_fn.no_sync()), autocast(device, s.numerics):
+                    loss = step_fn(xm, ym, execution.loss_chunk_tokens)
+                (loss if len(parts) == 1 else loss * share).backward()
+                loss_sum += loss.detach() * share
+            if par.world > 1:
+                torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+            loss_value = loss_sum.item()
+            if not math.isfinite(loss_value):
+                diverged = True
+                log.warning("%s: loss is %s at step %d; stopping (diverged)", s.run_id, loss_value, step)
+                break
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip).item()
+            opt.step()
+            if average is not None:
+                average.update()
+            ema = s.loss_ema * ema + (1 - s.loss_ema) * loss_value
+            step += 1
+            ema_debiased = ema / (1 - s.loss_ema**step)
+            tps = s.tokens_per_step / (time.perf_counter() - t_step)
+            rows.append((step, step * s.tokens_per_step, loss_value, ema_debiased, lr, grad_norm, tps))
+            stage_trunk()
+            if step % log_every == 0 or step == s.steps:
+                eta = (time.perf_counter() - t0) / (step - first_step) * (s.steps - step)
+                log.info("%s: step %d/%d loss %.4f ema %.4f lr %.2e %.0f tok/s ETA %.0f s", s.run_id, step, s.steps,
+                         loss_value, ema_debiased, lr, tps, eta)
+            received = stop.received if stop is not None else None
+            minutes = (time.perf_counter() - saved_at) / 60
+            stopping, timed = _on_any_rank(par, device, received is not None,
+                                           par.is_main and minutes >= execution.checkpoint_minutes)
+            if par.is_main and (stopping or step < s.steps and (timed or step % execution.checkpoint_every == 0)):
+                if timed:
+                    log.info("%s: checkpoint at step %d/%d, %.1f min after the last", s.run_id, step, s.steps, minutes)
+                save_checkpoint()
+            if stopping:
+                signal_name = received.name if received else "a signal to another rank"
+                log.warning("%s: %s: stopping after step %d/%d, checkpoint %s", s.run_id, signal_name, step, s.steps,
+                            checkpoint_path)
+                if par.is_main:
+                    with atomic_path(stop_marker(checkpoint_path)) as tmp:
+                        tmp.write_text(f"{signal_name}\n")
+                _leave_process_group(par)
+                raise Stopped(f"{s.run_id}: stopped on {signal_name} after step {step}/{s.steps}; rerun to resume")
 
     if par.is_main:  # a baseline that diverged leaves its later branches its last state, marked diverged
         for k in sorted(k for k in keep_trunks if k > step):
