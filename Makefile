@@ -6,10 +6,12 @@
 #                    GRID_CONFIGS="config/laptop.yaml part.yaml" ships a part of it (README "A study in parts")
 #   make quartet     the law fitted to Quartet's published runs (reference/data/quartet), shipped as reference/quartet/
 #   make readme      rewrites the README blocks that quote the shipped studies (<!-- qatlaw:... -->) from reference/
-#   make gpu-check   on a machine with one CUDA GPU: python -m qatlaw.bench --sections gpu (at most 8 min): training
-#                    MFU at 74M and 145M (BF16, W4A4), 973M peak memory vs the memory model, its evaluation, δ under
-#                    bf16 vs fp32, an exact resume; writes reference/gpu-check/ (gpu.parquet, gpu.md). Refuses to
-#                    run without CUDA (the CPU smoke mode is `python -m qatlaw.bench --sections gpu --smoke`)
+#   make gpu-check   on a machine with CUDA GPUs: python -m qatlaw.bench --sections gpu (at most 8 min): training
+#                    MFU at 74M and 145M (BF16, W4A4) eager and compiled, from token stores on disk, and under DDP
+#                    on every GPU when there are 2 or more; 973M peak memory (torch's and the device's) vs the
+#                    memory model, its evaluation, δ under bf16 vs fp32, a resume against two uninterrupted runs'
+#                    noise floor; writes reference/gpu-check/ (gpu.parquet, gpu.md). Refuses to run without CUDA
+#                    (the CPU smoke mode is `python -m qatlaw.bench --sections gpu --smoke`)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin

@@ -4,6 +4,7 @@ numbers in the documented columns (no timing asserts: the machine is shared)."""
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -115,8 +116,9 @@ def test_cli_quick_writes_every_table(tmp_path, capsys):
 
 
 def test_gpu_section_smoke_runs_every_check_end_to_end(tmp_path):
-    """The GPU check's code path on the CPU: every planned case and metric is one row, measured (only GPU memory is
-    skipped here) and consistent with the config's shapes and the memory model."""
+    """The GPU check's code path on the CPU: every planned case and metric is one row, measured eager and compiled
+    (only GPU memory and DDP are skipped here, with the reason) and consistent with the config's shapes and the
+    memory model; the resume is compared with its noise floor."""
     import torch
 
     from qatlaw import memory
@@ -134,15 +136,23 @@ def test_gpu_section_smoke_runs_every_check_end_to_end(tmp_path):
     env = table[list(gpu.ENVIRONMENT)].drop_duplicates()
     assert len(env) == 1 and env["mode"].item() == "smoke" and env["commit"].item() == "abc123"
     assert env["torch"].item() == torch.__version__ and len(env["source_sha256"].item()) == 16
-    skipped = table[table["status"] == "skipped"]
-    assert set(skipped["metric"]) == {"max_allocated_gib", "max_reserved_gib", "ratio_allocated", "ratio_reserved"}
+    ddp = table[table["check"] == "ddp"]
+    assert list(ddp["metric"]) == list(gpu.METRICS["ddp"]) and (ddp["status"] == "skipped").all()
+    assert (ddp["note"] == "DDP needs 2 or more GPUs: the smoke mode runs on the CPU").all() and ddp["compiled"].all()
+    skipped = table[(table["status"] == "skipped") & (table["check"] != "ddp")]
+    assert set(skipped["metric"]) == {"max_allocated_gib", "max_reserved_gib", "device_used_gib", "ratio_allocated",
+                                      "ratio_reserved", "ratio_device"}
     assert (skipped["note"] == "no CUDA").all() and skipped["value"].isna().all()
     measured = table[table["status"] != "skipped"]
     assert (measured["status"] == "ok").all() and np.isfinite(measured["value"]).all(), measured[["case", "error"]]
+    assert (measured["ranks"] == 1).all()
     value = table.set_index(["check", "case", "metric"])["value"].sort_index()
 
     cfg, vocab = plan.paper, plan.paper["data"]["vocab_size"]
-    for case in (c for c in plan.cases() if c.part == "mfu"):
+    mfu = [c for c in plan.cases() if c.part == "mfu"]
+    assert sorted(c.compiled for c in mfu) == [False, False, True, True]
+    assert set(table[table["check"] == "mfu"]["compiled"]) == {False, True}
+    for case in mfu:
         arch, v = cfg["models"][case.size], value.loc["mfu", case.name]
         n = non_embedding_count(arch["layers"], arch["hidden"], arch["ffn"], arch["heads"], arch["kv_heads"])
         assert v["mfu"] == pytest.approx(6 * (n + vocab * arch["hidden"]) * v["tokens_per_s"] / 1e11)
@@ -160,6 +170,9 @@ def test_gpu_section_smoke_runs_every_check_end_to_end(tmp_path):
     assert effect == pytest.approx(deltas.filter(like="bf16").item() - deltas.filter(like="fp32").item())
     resume = value.loc["resume"].droplevel("case")
     assert resume["resume_step"] == 3 and resume["max_abs_loss_diff"] <= 1e-6 and resume["val_loss_abs_diff"] <= 1e-6
+    # the CPU's kernels are deterministic: two uninterrupted runs agree, and the resumed one is within that noise
+    assert resume["noise_max_abs_loss_diff"] <= 1e-6 and resume["noise_val_loss_abs_diff"] <= 1e-6
+    assert resume["within_noise"] == 1
     assert (out / "gpu.md").read_text().startswith("GPU check (smoke) on ")
 
 
@@ -179,14 +192,77 @@ def test_gpu_parts_that_fail_or_run_out_of_time_are_failed_rows(monkeypatch):
     assert {r["status"] for r in rows} == {"failed"} and all(math.isnan(r["value"]) for r in rows)
     assert {r["error"] for r in rows} == {"RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"}
 
-    monkeypatch.setattr(gpu, "PART_CAPS", {"resume": 0.5, "delta": 60.0})
-    monkeypatch.setattr(gpu, "MIN_PART_S", 0.2)  # resume starts, delta finds less than that left
+    monkeypatch.setattr(gpu, "PART_SHARES", {"resume": 0.9, "delta": 0.1})
+    monkeypatch.setattr(gpu, "MIN_PART_S", 0.2)  # resume starts (0.54 s), delta's cap (0.06 s) is less than that
     table = gpu.measure_gpu(CONFIG, "unused", smoke=True, budget_s=0.6, echo=lambda _: None)
     assert (table["status"] == "failed").all()
     resume, delta = table[table["check"] == "resume"], table[table["check"] != "resume"]
     assert resume["error"].str.startswith("time cap: stopped after").all()
     assert len(resume) == len(gpu.METRICS["resume"])
     assert set(delta["check"]) == {"delta", "numerics_effect"} and delta["error"].str.startswith("not started").all()
+
+
+def test_gpu_part_caps_are_shares_of_the_budget():
+    """Every part's cap grows with the budget; the parts that run share all of it (ddp's share goes to the others
+    on fewer than 2 GPUs), and the default budget leaves room for the check's start within 8 minutes."""
+    from qatlaw.bench import gpu
+
+    one, eight = (gpu.make_plan(CONFIG, "unused", smoke=True, gpus=g) for g in (1, 8))
+    assert one.ddp_skipped.startswith("DDP needs 2 or more GPUs") and not eight.ddp_skipped
+    assert list(gpu.part_caps(eight, 450)) == list(gpu.PART_SHARES)
+    assert list(gpu.part_caps(one, 450)) == [p for p in gpu.PART_SHARES if p != "ddp"]
+    for plan in (one, eight):
+        caps, doubled = gpu.part_caps(plan, gpu.BUDGET_S), gpu.part_caps(plan, 2 * gpu.BUDGET_S)
+        assert sum(caps.values()) == pytest.approx(gpu.BUDGET_S)
+        assert doubled == pytest.approx({p: 2 * c for p, c in caps.items()})
+    assert gpu.part_caps(eight, 450) == pytest.approx({p: 450 * share for p, share in gpu.PART_SHARES.items()})
+    assert gpu.part_caps(one, 450)["mfu"] > gpu.part_caps(eight, 450)["mfu"]
+    assert gpu.BUDGET_S + gpu.STOP_GRACE_S <= 8 * 60 - 15
+
+
+def test_gpu_ddp_part_runs_under_torchrun_with_rank_0_reporting():
+    """The ddp part on the CPU: two gloo ranks under torchrun train one case through train_run, each with the
+    per-GPU batch, and only rank 0 reports its rows."""
+    from qatlaw.bench import gpu
+    from qatlaw.grid import non_embedding_count
+
+    plan = gpu.make_plan(CONFIG, "unused", smoke=True, compile=False, gpus=2)
+    payload = gpu.worker_payload(plan, CONFIG, "unused", 1e11, "given")
+    rows = pd.DataFrame(gpu._part_rows("ddp", 120, plan, payload, time.perf_counter() + 120, 120, lambda _: None))
+    case = next(c for c in plan.cases() if c.part == "ddp")
+    assert list(rows["metric"]) == list(gpu.METRICS["ddp"]) and set(rows["case"]) == {case.name}
+    assert (rows["ranks"] == 2).all() and (rows["batch"] == 2 * 8).all() and not rows["compiled"].any()
+    measured = rows[rows["status"] != "skipped"]
+    assert (measured["status"] == "ok").all() and np.isfinite(measured["value"]).all(), rows[["metric", "error"]]
+    assert set(rows[rows["status"] == "skipped"]["metric"]) == {"max_allocated_gib", "device_used_gib"}
+    v = rows.set_index("metric")["value"]
+    assert v["tokens_per_s"] * v["step_s"] == pytest.approx(2 * 8 * 32)  # both ranks' batches of 8 sequences
+    arch, vocab = plan.paper["models"][case.size], plan.paper["data"]["vocab_size"]
+    n = non_embedding_count(arch["layers"], arch["hidden"], arch["ffn"], arch["heads"], arch["kv_heads"])
+    assert v["mfu"] == pytest.approx(6 * (n + vocab * arch["hidden"]) * v["tokens_per_s"] / 2 / 1e11)  # per GPU
+
+
+def test_gpu_token_store_is_written_and_read_as_the_train_rule_does(tmp_path):
+    """The check trains from token stores on disk: the data stage's format, opened against their manifest."""
+    from qatlaw.bench import gpu
+    from qatlaw.tokens import TokenStore, open_tokens
+
+    train, val = gpu._split_walk(300, 1000, 200, 0)
+    store = gpu.write_store(tmp_path, 300, train, val)
+    assert isinstance(store.train, TokenStore) and isinstance(store.val, TokenStore)
+    assert store.manifest["token_dtype"] == "uint16" and store.manifest["vocab_size"] == 300
+    assert {k: v["tokens"] for k, v in store.manifest["splits"].items()} == {"train": 1000, "val": 200}
+    assert np.array_equal(store.train[:], train) and np.array_equal(np.load(tmp_path / "val.npy"), val)
+    assert len(open_tokens(tmp_path / "train.npy", store.manifest, "train")) == 1000
+
+
+def test_gpu_resume_verdict_against_the_noise_floor():
+    from qatlaw.bench.gpu import NOISE_EPS, NOISE_FACTOR, within_noise
+
+    assert within_noise((0.0, 0.0), (0.0, 0.0)) and within_noise((NOISE_EPS, 0.0), (0.0, 0.0))
+    assert not within_noise((1e-5, 0.0), (0.0, 0.0))  # deterministic kernels: a resume must be exact
+    assert within_noise((0.03, 0.001), (0.01, 0.001)) and within_noise((NOISE_FACTOR * 0.01, 0.0), (0.01, 0.0))
+    assert not within_noise((0.05, 0.0), (0.01, 0.0)) and not within_noise((0.0, 0.005), (0.01, 0.001))
 
 
 def test_peak_flops_by_device_name_or_given():
@@ -197,3 +273,14 @@ def test_peak_flops_by_device_name_or_given():
     assert peak_flops("NVIDIA H200", 5e14) == (5e14, "peak 5e+14 FLOP/s (--peak-flops)")
     value, note = peak_flops("AMD EPYC", None)
     assert math.isnan(value) and "give --peak-flops" in note
+
+
+def test_input_section_reads_a_ranks_share_of_cold_batches(tmp_path):
+    """The input section on a small store: before, rank 0 of 8 reads all 16 windows and keeps 2; after, it reads its
+    2; prefetched, the loop waits for none of them while a step computes. Timings are printed, never asserted."""
+    from qatlaw.bench.inputs import measure_input
+
+    table = measure_input(tmp_path, tokens=2_000_000, batch=16, seq_len=256, steps=3, step_ms=5)
+    assert table["world"].tolist() == [1, 8] and table["windows_read"].tolist() == [16, 2]
+    assert (table[["whole_ms", "own_ms", "prefetch_wait_ms"]] > 0).all().all()
+    assert (tmp_path / "input.npy").stat().st_size >= 8_000_000

@@ -14,6 +14,7 @@ import pandas as pd
 import qatlaw.bench
 from qatlaw.bench.data import DATA_CORPUS_TOKENS, measure_data
 from qatlaw.bench.fitspeed import measure_fits
+from qatlaw.bench.inputs import measure_input
 from qatlaw.bench.gpu import BUDGET_S, PAPER_VOCAB, gpu_markdown, gpu_worker, measure_gpu
 from qatlaw.bench.machine import PEAK_N, machine_info, matmul_peak
 from qatlaw.bench.pipeline import pipeline_overhead, read_wall_seconds
@@ -27,10 +28,10 @@ from qatlaw.bench.train import (
     measure_training,
 )
 
-SECTIONS = ("peak", "train", "numerics", "concurrency", "fit", "pipeline", "data", "gpu")
-# Run by default: every section but numerics (a measured choice, asked for by name), data, which writes about
-# 2 GB to --data-dir (ask for it with --sections data), and gpu (the GPU path's check, make gpu-check).
-DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s not in ("numerics", "data", "gpu"))
+SECTIONS = ("peak", "train", "numerics", "concurrency", "fit", "pipeline", "data", "input", "gpu")
+# Run by default: every section but numerics (a measured choice, asked for by name), data and input, which write
+# about 2 GB to --data-dir (ask for them with --sections), and gpu (the GPU path's check, make gpu-check).
+DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s not in ("numerics", "data", "input", "gpu"))
 
 
 def _csv(text: str) -> list[str]:
@@ -63,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cores", type=int, default=2, help="snakemake --cores of that run (default 2)")
     p.add_argument("--data-tokens", help="comma-separated corpus sizes of the data section, in tokens "
                                          f"(default {','.join(str(t) for t in DATA_CORPUS_TOKENS)})")
-    p.add_argument("--data-dir", default="results/bench/data-work", help="scratch directory of the data section")
+    p.add_argument("--data-dir", default="results/bench/data-work",
+                   help="scratch directory of the data and input sections")
+    p.add_argument("--input-tokens", type=float, default=5e8,
+                   help="input: tokens of the generated token store (default 5e8: 2 GB)")
     p.add_argument("--paper-config", default="config/paper.yaml",
                    help="gpu: the paper grid's overlay of --config (default config/paper.yaml)")
     p.add_argument("--smoke", action="store_true",
@@ -76,10 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "A100 312e12)")
     p.add_argument("--vocab", type=int, default=PAPER_VOCAB,
                    help=f"gpu: vocabulary of the paper's shapes (default {PAPER_VOCAB}, the OLMo-2 tokenizer's)")
-    p.add_argument("--gpu-compile", action="store_true",
-                   help="gpu: time MFU under torch.compile, as the paper grid trains (about a minute more per case)")
+    p.add_argument("--gpu-eager-only", action="store_true",
+                   help="gpu: time MFU eager only, not also under torch.compile as the paper grid trains, and DDP "
+                        "eager (saves the compiles, up to a minute a case)")
     p.add_argument("--gpu-budget", type=float, default=BUDGET_S,
-                   help=f"gpu: seconds for all parts together (default {BUDGET_S:.0f}; each part has its own cap)")
+                   help=f"gpu: seconds for all parts together (default {BUDGET_S:.0f}: at most 8 min with the "
+                        "check's start; each part's cap is its share of it)")
     p.add_argument("--commit", help="gpu: the commit to record (default: git rev-parse HEAD, 'unknown' without git)")
     p.add_argument("--out", default="results/bench", help="output directory for the Parquet tables")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -159,6 +165,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"data: corpora of {', '.join(f'{t:,}' for t in sizes_tokens)} tokens in {args.data_dir}", flush=True)
         emit("data", measure_data(sizes_tokens, Path(args.data_dir), args.config),
              "Data stage: tokenize per core, gather, training RSS on the token store")
+    if "input" in sections:
+        print(f"input: rank 0's batch reads from a store of {args.input_tokens:,.0f} tokens in {args.data_dir}",
+              flush=True)
+        emit("input", measure_input(Path(args.data_dir), int(args.input_tokens), steps=repeats),
+             "Input pipeline per step: cold reads of rank 0 (before: the whole batch; after: its share, prefetched)")
     if "gpu" in sections:
         import torch
 
@@ -179,8 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tmp.write_text(gpu_markdown(table) + "\n", encoding="utf-8")
 
         try:
-            gpu = measure_gpu(args.config, args.paper_config, smoke=smoke, vocab=args.vocab, compile=args.gpu_compile,
-                              peak=args.peak_flops, budget_s=args.gpu_budget, commit=args.commit, save=save)
+            gpu = measure_gpu(args.config, args.paper_config, smoke=smoke, vocab=args.vocab,
+                              compile=not args.gpu_eager_only, peak=args.peak_flops, budget_s=args.gpu_budget,
+                              commit=args.commit, save=save)
         except QatlawError as exc:
             raise SystemExit(f"gpu: {exc}") from None
         tables["gpu"] = gpu
