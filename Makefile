@@ -1,9 +1,10 @@
 # Two commands on a fresh machine (Python 3.11, git):
 #   make run    installs into .venv, then runs the default workflow (snakemake --cores 2)
-#   make test   installs into .venv, then runs the test suite
+#   make test   installs into .venv, then runs the fast test tier (every stage, no end-to-end run; at most 5 min)
+#   make test-all   every test, as CI (.ci/run) runs it: end-to-end workflows, and as root a local SLURM
 #   make reference   the laptop grid from a clean results/, shipped as reference/laptop/ (about 80 min, 2 cores);
 #                    RESTORE=reference/laptop continues the study shipped there (trains only the runs it lacks),
-#                    GRID_CONFIGS="config/laptop.yaml part.yaml" ships a part of it (README "A study in parts")
+#                    GRID_CONFIGS="config/laptop.yaml part.yaml" ships a part of it (docs/running.md, "A study in parts")
 #   make quartet     the law fitted to Quartet's published runs (reference/data/quartet), shipped as reference/quartet/
 #   make readme      rewrites the README blocks that quote the shipped studies (<!-- qatlaw:... -->) from reference/
 #   make gpu-check   on a machine with CUDA GPUs: python -m qatlaw.bench --sections gpu (at most 8 min): training
@@ -20,7 +21,7 @@ CORES ?= 2
 # Workflow shell commands call `qatlaw` and `snakemake` from the virtual environment.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test lint dry-run clean reference gpu-check readme quartet
+.PHONY: install run test test-all lint dry-run clean reference gpu-check readme quartet
 
 install: $(STAMP)
 
@@ -37,6 +38,9 @@ dry-run: install
 	$(BIN)/snakemake --cores $(CORES) --dry-run $(SNAKEMAKE_ARGS)
 
 test: install
+	$(BIN)/python -m pytest -m "not slow and not cluster" $(PYTEST_ARGS)
+
+test-all: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 GRID_CONFIGS ?= config/laptop.yaml

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_layer_error import SETTINGS, VOCAB, save_model
+from conftest import MODEL_SETTINGS as SETTINGS
+from conftest import VOCAB, save_model
 
 from qatlaw import analysis_plan, config, grid, layer_error, outliers
 from qatlaw.cli import main

@@ -39,6 +39,7 @@ def test_matmul_peak_is_finite_and_positive():
     assert row["n"] == 128 and row["gflops_best"] >= row["gflops"] > 0
 
 
+@pytest.mark.slow
 def test_training_table_on_the_smallest_size(cfg):
     table = measure_training(cfg, [SMALLEST], modes=["eager"], repeats=2, steps=1, warmup=1,
                              peak_gflops=50.0, log=lambda _: None)
@@ -55,6 +56,7 @@ def test_training_table_on_the_smallest_size(cfg):
     assert table["gflop_per_step"].iloc[0] == pytest.approx(per_token * table["tokens_per_step"].iloc[0] / 1e9)
 
 
+@pytest.mark.slow
 def test_numerics_table_pairs_bf16_with_fp32_steps(cfg):
     table = measure_numerics(cfg, [SMALLEST], repeats=2, steps=1, warmup=1, log=lambda _: None)
     assert list(table[["precision", "group"]].itertuples(index=False, name=None)) == [("BF16", "none"), ("W4A4", "32")]
@@ -62,6 +64,7 @@ def test_numerics_table_pairs_bf16_with_fp32_steps(cfg):
     np.testing.assert_allclose(table["speedup"], table["fp32_step_ms"] / table["bf16_step_ms"])
 
 
+@pytest.mark.slow
 def test_fit_table_and_synthetic_runs():
     runs = synthetic_runs(40)
     assert len(runs) == 40 and (runs[["N", "D", "G", "delta", "loss"]] > 0).all().all()
@@ -99,6 +102,7 @@ def test_pipeline_overhead_from_a_results_directory(tmp_path):
     assert read_wall_seconds(tmp_path / "wall.txt") == 661.2
 
 
+@pytest.mark.slow
 def test_cli_quick_writes_every_table(tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["--quick", "--config", str(CONFIG), "--sections", "peak,train,fit,pipeline", "--repeats", "2",
@@ -115,6 +119,7 @@ def test_cli_quick_writes_every_table(tmp_path, capsys):
     assert np.isfinite(targets["measured"]).all() and (targets["measured"] > 0).all()
 
 
+@pytest.mark.slow
 def test_gpu_section_smoke_runs_every_check_end_to_end(tmp_path):
     """The GPU check's code path on the CPU: every planned case and metric is one row, measured eager and compiled
     (only GPU memory and DDP are skipped here, with the reason) and consistent with the config's shapes and the
@@ -220,6 +225,7 @@ def test_gpu_part_caps_are_shares_of_the_budget():
     assert gpu.BUDGET_S + gpu.STOP_GRACE_S <= 8 * 60 - 15
 
 
+@pytest.mark.slow
 def test_gpu_ddp_part_runs_under_torchrun_with_rank_0_reporting():
     """The ddp part on the CPU: two gloo ranks under torchrun train one case through train_run, each with the
     per-GPU batch, and only rank 0 reports its rows."""

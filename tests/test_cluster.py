@@ -12,8 +12,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import ROOT, dry_run_resources, run_snakemake, write_user_project
+
 from qatlaw import data
-from test_workflow import ROOT, dry_run_resources, run_snakemake, write_user_project
 
 PROFILES = ROOT / "profiles"
 START = ROOT / "tests" / "cluster" / "start_local_slurm.sh"

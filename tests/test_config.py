@@ -29,7 +29,7 @@ def test_default_config_is_valid_and_gets_defaults(base):
 
 @pytest.mark.parametrize("grid", sorted(p.name for p in (ROOT / "config").glob("*.yaml") if p.name != "schema.yaml"))
 def test_every_shipped_grid_validates_over_the_default(grid, tmp_path, monkeypatch):
-    from test_workflow import write_paper_standin
+    from conftest import write_paper_standin
 
     # user corpora and tokenizer files (the paper grid's OLMo-mix) are relative to the working directory
     monkeypatch.chdir(tmp_path)

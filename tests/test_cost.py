@@ -4,7 +4,7 @@ import math
 
 import pandas as pd
 import pytest
-from test_workflow import ROOT
+from conftest import ROOT
 
 from qatlaw import cli, config, cost, grid
 from qatlaw.config import ConfigError

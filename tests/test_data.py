@@ -21,7 +21,13 @@ from tokenizers import Tokenizer
 from qatlaw import config as qconfig
 from qatlaw import data, train
 from qatlaw.grid import RunSettings
-from qatlaw.tokens import DataError, open_tokens, token_dtype, token_writer, write_tokens
+from qatlaw.tokens import (
+    DataError,
+    open_tokens,
+    token_dtype,
+    token_writer,
+    write_tokens,
+)
 
 WORDS = (
     "the of and to in a is that for it as was with be by on not he this are or his from at which but have an they "
@@ -331,7 +337,7 @@ BEFORE_RUN = RunSettings(
 
 @pytest.mark.slow
 def test_tokens_and_loss_are_those_recorded_before_the_token_store(tmp_path, monkeypatch):
-    from test_workflow import write_texts
+    from conftest import write_texts
 
     monkeypatch.chdir(tmp_path)  # document ids are the files' paths as the config gives them
     write_texts(tmp_path)

@@ -38,6 +38,7 @@ def test_a_table_becomes_a_run_table_with_its_free_columns():
     assert runs.loc[runs["precision"] == "BF16", "group"].eq("none").all()
 
 
+@pytest.mark.slow
 def test_known_constants_are_recovered_within_the_fits_own_interval():
     """Over 10 synthetic tables (loss noise 0.003 on every run, δ 0.03–0.06), the 90% intervals of γN and γD
     hold the true value at least 7 times each (measured: 8 and 9); γG stays NaN, never fitted to noise."""

@@ -10,9 +10,9 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from test_plots import write_results
+from conftest import write_results
 
-from qatlaw import config, findings, paper, reference, resample, split
+from qatlaw import config, findings, reference, resample
 
 
 def test_sign_and_band_verdicts():
@@ -65,6 +65,7 @@ def test_activation_over_weight_error_is_a_paired_difference_with_r_as_a_ratio_o
     assert findings.ratio_finding(even)["verdict"] == "within noise"
 
 
+@pytest.mark.slow
 def test_fc2_changes_are_ratios_of_means_per_group_and_coarse_vs_fine():
     rows = findings.fc2_findings(decomposition(0.9, {8: -0.1, 64: -0.3}, noise=0.02))
     per_g = {r["finding"]: r for r in rows}
@@ -224,6 +225,7 @@ def test_findings_of_a_results_folder(results, tmp_path):
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "findings.parquet"), table)
 
 
+@pytest.mark.slow
 def test_reference_package_holds_every_shipped_file(results, tmp_path):
     folder, _ = results
     cfg = config.load("config.yaml")

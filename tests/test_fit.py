@@ -90,6 +90,7 @@ def test_chinchilla_recovers_table1_exactly_without_noise(tie):
     assert max(relative(out.constants, CHIN).values()) < 1e-3
 
 
+@pytest.mark.slow
 def test_chinchilla_with_one_percent_noise_fits_the_losses_but_not_the_constants():
     """On a 4 × 4 grid E, A and α trade off against each other: 1% noise moves A by ~70% (E can even reach
     0). The bootstrap intervals, refitted from every local optimum, are correspondingly wide and contain the
@@ -420,6 +421,7 @@ def test_a_run_table_of_mixed_numerics_is_refused():
         fit.run_fits(runtable.delta_table(mixed), mixed, n_boot=0)
 
 
+@pytest.mark.slow
 def test_metric_chooses_the_loss_the_laws_are_fitted_to():
     runs = run_table()
     scrambled = runs.assign(loss=runs["loss"].sample(frac=1.0, random_state=0).to_numpy())  # val_loss intact

@@ -96,6 +96,7 @@ def test_cli_predict_json_out_and_warning(tmp_path):
     assert "warning: N = 7e+09" in result.stderr and "warning: D = 2e+12" in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_plan_and_laws(tmp_path):
     result = run("plan", "--N", "1e9", "--D", "1e11", "--memory-gb", "1", "--plot", str(tmp_path / "plan.png"))
     assert result.returncode == 0, result.stderr

@@ -5,34 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import MODEL_SETTINGS, VOCAB, save_model
 
 from qatlaw import analysis_plan, layer_error, train
-from qatlaw.grid import RunSettings
 from qatlaw.tokens import write_tokens
-
-VOCAB = 64
-SETTINGS = RunSettings(
-    size="toy", layers=2, hidden=32, ffn=64, heads=4, kv_heads=2, lr=3e-3, batch_size=4, tokens=1024,
-    precision="W4A4", group="channel", seed=0, seq_len=16, warmup_fraction=0.1, min_lr_ratio=0.1, beta1=0.9,
-    beta2=0.95, weight_decay=0.1, grad_clip=1.0, loss_ema=0.9, eval_tokens=256, clip="paper", format="int", lac="paper",
-)
-
-
-def save_model(path, s: RunSettings = SETTINGS) -> torch.nn.Module:
-    """A model with non-initial weights (and LAC γ), saved the way train.py saves it."""
-    model = train.build_model(s, VOCAB)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"settings": asdict(s), "model_config": asdict(model.cfg), "model": model.state_dict()}, path)
-    return model.eval()
 
 
 def batch(n_windows: int = 3, seq_len: int = 16) -> torch.Tensor:
@@ -81,7 +62,7 @@ def test_hooks_see_every_linear_layer_input_before_its_fake_quant(tmp_path):
     torch.testing.assert_close(seen[0][2], expected, rtol=0, atol=0)  # not on the 4-bit grid
     assert all(not layer._forward_pre_hooks for layer in model.qat_linears())
     # one block's four inputs are what the resource estimate holds per token
-    assert sum(x.shape[1] for *_, x in seen[:4]) == analysis_plan.layer_input_width(SETTINGS)
+    assert sum(x.shape[1] for *_, x in seen[:4]) == analysis_plan.layer_input_width(MODEL_SETTINGS)
 
 
 def test_micro_batches_of_windows_see_the_same_inputs_as_one_batch(tmp_path):
@@ -99,7 +80,7 @@ def test_micro_batches_of_windows_see_the_same_inputs_as_one_batch(tmp_path):
 
 
 def test_per_channel_equals_a_group_of_one_row():
-    model = train.build_model(dataclasses.replace(SETTINGS, precision="BF16", group=None), VOCAB).eval()
+    model = train.build_model(dataclasses.replace(MODEL_SETTINGS, precision="BF16", group=None), VOCAB).eval()
     table = layer_error.layer_error(model, batch(), groups=[16, 32, 64, "channel"])
     assert len(table) == 2 * 2 * (3 * 3 + 4)  # qkv/o/fc1 rows of 32: 16, 32, channel; fc2 rows of 64: four
     assert set(table["G"][table["group"] == "channel"]) == {32, 64}
@@ -112,7 +93,7 @@ def test_per_channel_equals_a_group_of_one_row():
 def test_saved_model_round_trips_and_run_writes_the_table(tmp_path):
     model = save_model(tmp_path / "run" / "model.pt")
     loaded, s = layer_error.load_run(tmp_path / "run" / "model.pt")
-    assert s == SETTINGS and not loaded.training and loaded.blocks[0].attn.qkv.lac is not None
+    assert s == MODEL_SETTINGS and not loaded.training and loaded.blocks[0].attn.qkv.lac is not None
     idx = batch()
     with torch.no_grad():
         torch.testing.assert_close(loaded(idx), model(idx), rtol=0, atol=0)
@@ -123,7 +104,7 @@ def test_saved_model_round_trips_and_run_writes_the_table(tmp_path):
                                         tmp_path / "out.parquet", n_tokens=40, groups=["16", "channel"])
     assert list(table.columns) == list(layer_error.LAYER_ERROR_COLUMNS)
     assert len(table) == 2 * 4 * 2 * 2
-    assert set(table["run_id"]) == {SETTINGS.run_id} and set(table["run_group"]) == {"channel"}
+    assert set(table["run_id"]) == {MODEL_SETTINGS.run_id} and set(table["run_group"]) == {"channel"}
     expected = layer_error.layer_error(model, torch.from_numpy(tokens[:32].astype(np.int64)).view(2, 16),
                                        [16, "channel"])
     np.testing.assert_allclose(table["rel_mse"], expected["rel_mse"], rtol=1e-6)

@@ -102,7 +102,7 @@ def test_a_size_that_does_not_fit_one_sequence_is_refused_in_one_line():
 
 
 def test_paper_grid_validates_and_is_refused_on_a_small_gpu(tmp_path, monkeypatch, capsys):
-    from test_workflow import ROOT, write_paper_standin
+    from conftest import ROOT, write_paper_standin
 
     from qatlaw import cli, config
 

@@ -43,9 +43,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from test_train import settings as toy_settings
-from test_train import tokens, write_store  # noqa: F401 (tokens: the toy token fixture)
-from test_workflow import write_texts
+from conftest import settings as toy_settings
+from conftest import write_store, write_texts
 
 from qatlaw import config, decompose, fit, grid, outputs, report_inputs, runtable
 from qatlaw.io import write_json, write_parquet
@@ -384,7 +383,7 @@ TOY_STEPS = 200
 
 
 @LINUX_PROC
-@pytest.mark.parametrize("gpus", [pytest.param(0, id="one-process"),
+@pytest.mark.parametrize("gpus", [pytest.param(0, id="one-process", marks=pytest.mark.slow),
                                   pytest.param(2, id="torchrun", marks=pytest.mark.slow)])
 def test_signalled_training_checkpoints_and_resumes_exactly(tmp_path, tokens, gpus):  # noqa: F811 (fixture)
     """SIGUSR1 (SLURM's warning before a time limit), then SIGTERM (a time limit, preemption) to a real
@@ -787,6 +786,7 @@ def test_wrongly_typed_run_table_column_is_named(inputs, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_fit_excludes_diverged_runs_and_says_so(inputs, tmp_path, monkeypatch, caplog):
     """Diverged runs (NaN loss, or a finite loss recorded before the blow-up) are dropped, counted and logged, and
     leave every fitted constant exactly as without them (`qatlaw fit` in-process, with fewer Chinchilla starts)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from test_workflow import run_snakemake, write_user_project
+from conftest import run_snakemake, write_user_project
 
 from qatlaw import config, grid, reference
 from qatlaw.train import SUMMARY_COLUMNS

@@ -12,8 +12,15 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from test_train import MANIFEST, VOCAB, settings, tokens, write_store  # noqa: F401 (tokens: the toy token fixture)
-from test_workflow import ROOT, run_snakemake, write_user_project
+from conftest import (
+    MANIFEST,
+    ROOT,
+    VOCAB,
+    run_snakemake,
+    settings,
+    write_store,
+    write_user_project,
+)
 
 from qatlaw import config, grid, runtable, split, train
 from qatlaw.cli import main as cli_main
@@ -299,6 +306,7 @@ def dry_run_jobs(workdir: Path, *args: str) -> dict[str, str]:
     return jobs
 
 
+@pytest.mark.slow
 def test_dry_run_branch_jobs_wait_for_the_trunks_and_no_key_changes_nothing(tmp_path):
     write_user_project(tmp_path)
     cfg = yaml.safe_load((tmp_path / "config.yaml").read_text())

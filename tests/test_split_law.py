@@ -109,6 +109,7 @@ def test_a_table_without_the_column_is_from_scratch():
         split.optimum(0.5, 6.7)
 
 
+@pytest.mark.slow
 def test_findings_without_split_runs_are_unchanged(tmp_path):
     """reference/laptop (no qat_fraction column) gives exactly its shipped FINDINGS.md and findings.parquet."""
     folder = ROOT / "reference" / "laptop"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -16,40 +15,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import MANIFEST, VOCAB, settings, write_store
 
 from qatlaw import train
 from qatlaw.cli import main as cli_main
 from qatlaw.grid import RunSettings
-from qatlaw.tokens import open_tokens, write_tokens
-
-VOCAB = 64
-MANIFEST = {"vocab_size": VOCAB, "corpus_sha256": "c" * 64, "tokenizer_sha256": "t" * 64, "token_dtype": "uint16"}
-
-
-def write_store(tmp_path, tokens) -> None:
-    """train.npy, val.npy and a manifest that lists them, as the data stage writes them."""
-    splits = {name: write_tokens(part, tmp_path / f"{name}.npy", VOCAB) for name, part in zip(("train", "val"), tokens)}
-    (tmp_path / "manifest.json").write_text(json.dumps(MANIFEST | {"splits": splits}))
-
-
-def settings(**changes) -> RunSettings:
-    base = RunSettings(
-        size="toy", layers=2, hidden=32, ffn=64, heads=4, kv_heads=2, lr=3e-3, batch_size=4, tokens=4 * 16 * 12,
-        precision="W4A4", group=16, seed=0, seq_len=16, warmup_fraction=0.1, min_lr_ratio=0.1, beta1=0.9,
-        beta2=0.95, weight_decay=0.1, grad_clip=1.0, loss_ema=0.9, eval_tokens=256, clip="paper", format="int", lac="paper",
-    )
-    return dataclasses.replace(base, **changes)
-
-
-@pytest.fixture(scope="module")
-def tokens() -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(0)
-    # a learnable stream: a noisy repeating pattern
-    pattern = rng.integers(1, VOCAB, size=97)
-    stream = np.tile(pattern, 60)
-    noise = rng.random(len(stream)) < 0.1
-    stream[noise] = rng.integers(1, VOCAB, size=noise.sum())
-    return stream[:5000].astype(np.uint16), stream[5000:].astype(np.uint16)
+from qatlaw.tokens import open_tokens
 
 
 def run(tmp_path, s: RunSettings, tokens, name: str = "run", **execution) -> dict:
@@ -448,7 +419,7 @@ EVALUATE_ON_RANKS = """
 import json, sys
 import numpy as np, torch
 from qatlaw import train
-from test_train import VOCAB, settings
+from conftest import VOCAB, settings
 
 torch.set_num_threads(1)
 par = train.Parallel.from_env()

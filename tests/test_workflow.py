@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -15,82 +14,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import (
+    ROOT,
+    SNAKEMAKE,
+    dry_run_resources,
+    run_snakemake,
+    write_paper_standin,
+    write_user_project,
+)
 
 from qatlaw import outputs
-
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-
-
-def run_snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    return subprocess.run(
-        [*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--directory", str(workdir), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-
-
-def dry_run_resources(output: str) -> dict[str, dict[str, str]]:
-    """Resources of every job a dry run would submit (localrules run on the submit host), keyed like the SLURM
-    job comment the executor sets: rule_<rule>[_wildcards_<values joined by _>]."""
-    jobs = {}
-    for block in re.split(r"\n(?=(?:local)?rule \w+:)", output):
-        rule = re.match(r"rule (\w+):", block)
-        resources = re.search(r"^\s+resources: (.*)$", block, re.MULTILINE)
-        if not rule or not resources:
-            continue
-        wildcards = re.search(r"^\s+wildcards: (.*)$", block, re.MULTILINE)
-        key = f"rule_{rule[1]}"
-        if wildcards:
-            key += "_wildcards_" + "_".join(part.split("=", 1)[1] for part in wildcards[1].split(", "))
-        jobs[key] = dict(part.split("=", 1) for part in resources[1].split(", "))
-    return jobs
-
-
-def write_texts(workdir: Path) -> None:
-    """A user corpus: 40 generated text files in workdir/texts (~50K training tokens at vocabulary 600)."""
-    rng = random.Random(0)
-    words = ["".join(rng.choices("etaoinshrdlucmfwypvbgk", k=rng.randint(2, 9))) for _ in range(400)]
-    (workdir / "texts").mkdir(parents=True)
-    for i in range(40):
-        body = " ".join(" ".join(rng.choices(words, k=12)).capitalize() + "." for _ in range(30))
-        (workdir / "texts" / f"doc{i:02d}.txt").write_text(body)
-
-
-def write_paper_standin(workdir: Path) -> list[Path]:
-    """A stand-in for config/paper.yaml's data: OLMo-mix-style compressed JSON-lines shards in olmo-mix-1124/
-    (nested, as the mix ships) and an HF tokenizer file with <|endoftext|> as olmo2-tokenizer.json."""
-    import gzip
-
-    import zstandard
-
-    from qatlaw import data
-
-    lines = "".join(json.dumps({"id": f"d{i}", "text": f"Document {i} of the stand-in mix. " * 12}) + "\n"
-                    for i in range(30)).encode()
-    shards = [workdir / "olmo-mix-1124" / name for name in
-              ("dclm/part-000.json.gz", "dclm/part-001.json.gz", "pes2o/part-000.jsonl.zst", "wiki/part-000.jsonl.gz")]
-    for path in shards:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(zstandard.ZstdCompressor().compress(lines) if path.suffix == ".zst" else gzip.compress(lines))
-    data.train_tokenizer([lines.decode()], 600).save(str(workdir / "olmo2-tokenizer.json"))
-    return shards
-
-
-def write_user_project(workdir: Path, **data_overrides) -> None:
-    """A project dir with a config.yaml whose corpus is the user's own text files."""
-    write_texts(workdir)
-    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
-    cfg["data"].update({"sources": ["texts/*.txt"], "vocab_size": 600, "val_fraction": 0.1, **data_overrides})
-    cfg["grid"].update(sizes=["0.1M"], tokens=["4K", "8K"], groups=[32], precisions=["W4A4", "W4A16", "W16A4", "W4A4-fc2a8"])
-    del cfg["grid"]["ablation"]
-    # budgets of a few steps, trained eager (compiling would take longer than these runs train)
-    cfg["training"].update(eval_tokens=2048, batch_size=16, compile=False)
-    cfg["analysis"]["tokens"] = 1024
-    (workdir / "config.yaml").write_text(yaml.safe_dump(cfg))
 
 
 def test_lint_is_clean():

@@ -15,7 +15,7 @@ from qatlaw.config import parse_tokens
 from qatlaw.errors import QatlawError
 
 BASELINE = prec.BASELINE
-# Conservative CPU training speed used for the runtime resource: FLOP/s per thread (see README "Resources").
+# Conservative CPU training speed used for the runtime resource: FLOP/s per thread (see docs/cluster.md).
 CPU_FLOPS_PER_THREAD = 5e9
 # Sustained bf16 training FLOP/s of one data-centre GPU (A100: 312 TFLOP/s peak at about 1/3 utilisation).
 GPU_FLOPS_PER_GPU = 1e14
