@@ -240,17 +240,17 @@ def train_runtime(wildcards, attempt):
 
 def train_gpus(wildcards):
     """GPUs of one training run (training.gpus_per_run, per size)."""
-    return qconfig.run_gpus(config["training"], wildcards.size)
+    return grid.run_gpus(config["training"], wildcards.size)
 
 
 def train_nodes(wildcards):
     """Cluster nodes of one training run (its GPUs over training.gpus_per_node)."""
-    return qconfig.run_nodes(config["training"], wildcards.size)
+    return grid.run_nodes(config["training"], wildcards.size)
 
 
 def node_sizes(multi_node):
     """Model sizes of the grid whose runs span several nodes (``multi_node``) or one, as a wildcard regex."""
-    sizes = {run.size for run in RUNS.values() if (qconfig.run_nodes(config["training"], run.size) > 1) == multi_node}
+    sizes = {run.size for run in RUNS.values() if (grid.run_nodes(config["training"], run.size) > 1) == multi_node}
     return "|".join(sorted(re.escape(size) for size in sizes))
 
 
@@ -348,7 +348,7 @@ def batch_resources(batch):
     runtime = sum(e["runtime"] for e in estimates)
     return {"mem_mb": max(e["mem_mb"] for e in estimates),
             "runtime": lambda wildcards, attempt: cost.job_minutes(runtime, attempt, config["training"]),
-            "gpu": qconfig.run_gpus(config["training"], RUNS[batch[0]].size), "nodes": 1}
+            "gpu": grid.run_gpus(config["training"], RUNS[batch[0]].size), "nodes": 1}
 
 
 def batch_name(i):
@@ -389,7 +389,7 @@ def job_plan(runs):
     training.activation_checkpointing, or on GPUs the memory model's plan (qatlaw.memory.plan_run) that fits every
     run: the smallest micro-batch, checkpointing when any run needs it."""
     training = config["training"]
-    if not qconfig.on_gpu(training):
+    if not grid.on_gpu(training):
         checkpointing = training["activation_checkpointing"]
         return training["micro_batch_size"] or 0, checkpointing if checkpointing == "auto" else int(checkpointing)
     plans = [memory.plan_run(run, config["data"]["vocab_size"], training) for run in runs]
@@ -452,7 +452,7 @@ def grid_run_ids():
 
 def _analysis_resources(wildcards):
     return analysis_plan.job_resources(_cell(wildcards), config["data"]["vocab_size"], config["analysis"]["tokens"],
-                                       threads=config["training"]["threads"], gpu=qconfig.on_gpu(config["training"]))
+                                       threads=config["training"]["threads"], gpu=grid.on_gpu(config["training"]))
 
 
 def analysis_mem_mb(wildcards):
@@ -468,7 +468,7 @@ def analysis_runtime(wildcards, attempt):
 def analysis_execution():
     """Where analysis jobs run, as resources (not params: changing it reruns nothing): on GPU configs one GPU
     each (gpu=1) and device cuda, else the CPU (training.threads threads)."""
-    gpu = qconfig.on_gpu(config["training"])
+    gpu = grid.on_gpu(config["training"])
     return {"gpu": int(gpu), "analysis_device": "cuda" if gpu else "cpu"}
 
 

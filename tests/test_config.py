@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qatlaw import config
+from qatlaw import config, grid
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -188,11 +188,11 @@ def test_cli_defaults_are_the_schema_defaults():
     [(500000, 500000), ("500K", 500_000), ("2.5M", 2_500_000), ("10B", 10**10), ("1T", 10**12), ("7", 7)],
 )
 def test_parse_tokens(value, expected):
-    assert config.parse_tokens(value) == expected
+    assert grid.parse_tokens(value) == expected
 
 
 def test_linear_inputs_cover_the_four_layer_types():
-    assert config.linear_inputs({"hidden": 64, "ffn": 256}) == {"qkv": 64, "o": 64, "fc1": 64, "fc2": 256}
+    assert grid.linear_inputs({"hidden": 64, "ffn": 256}) == {"qkv": 64, "o": 64, "fc1": 64, "fc2": 256}
 
 
 def test_cli_validate_counts_the_runs(capsys):

@@ -20,13 +20,13 @@ def paper() -> dict:
 
 def test_gpus_per_run_per_size_and_the_nodes_they_span(paper):
     training = paper["training"]
-    assert [config.run_gpus(training, s) for s in ("74M", "145M", "297M", "595M", "973M")] == [8, 8, 16, 32, 64]
-    assert [config.run_nodes(training, s) for s in ("74M", "297M", "973M")] == [1, 2, 8]
+    assert [grid.run_gpus(training, s) for s in ("74M", "145M", "297M", "595M", "973M")] == [8, 8, 16, 32, 64]
+    assert [grid.run_nodes(training, s) for s in ("74M", "297M", "973M")] == [1, 2, 8]
     # a size the mapping leaves out gets one GPU; one number is every size's
-    assert config.run_gpus({"gpus_per_run": {"74M": 8}}, "145M") == 1
-    assert config.run_gpus({"gpus_per_run": 2}, "145M") == 2
-    assert config.on_gpu({"device": "cpu", "gpus_per_run": {"74M": 8}})
-    assert not config.on_gpu({"device": "cpu", "gpus_per_run": 0})
+    assert grid.run_gpus({"gpus_per_run": {"74M": 8}}, "145M") == 1
+    assert grid.run_gpus({"gpus_per_run": 2}, "145M") == 2
+    assert grid.on_gpu({"device": "cpu", "gpus_per_run": {"74M": 8}})
+    assert not grid.on_gpu({"device": "cpu", "gpus_per_run": 0})
 
 
 def test_gpus_beyond_a_node_must_be_whole_nodes():

@@ -61,7 +61,7 @@ def test_bad_variant_is_a_clear_error(variant):
 @pytest.mark.parametrize(("n", "text"), [(250_000, "250K"), (10**10, "10B"), (1234, "1234"), (2_500_000, "2500K")])
 def test_format_tokens_is_exact(n, text):
     assert grid.format_tokens(n) == text
-    assert config.parse_tokens(text) == n
+    assert grid.parse_tokens(text) == n
 
 
 def test_resource_estimates_grow_with_the_run(cfg):

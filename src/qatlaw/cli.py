@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qatlaw import analysis_plan
-from qatlaw.config import ConfigError, schema_default, schema_key
-from qatlaw.errors import QatlawError
+from qatlaw.config import schema_default, schema_key
+from qatlaw.errors import ConfigError, QatlawError
 from qatlaw.stopping import STOPPED_STATUS, Stopped, StopSignals
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ def _validate(args: argparse.Namespace) -> None:
     runs = grid.grid_runs(cfg)
     baselines = sum(run.is_baseline for run in runs)
     print(f"config OK: {len(runs)} runs ({baselines} BF16 baselines, {len(runs) - baselines} QAT)")
-    if config.on_gpu(cfg["training"]):
+    if grid.on_gpu(cfg["training"]):
         print(cost.report(cfg)[0])
 
 
@@ -104,15 +104,14 @@ def _gather(args: argparse.Namespace) -> None:
 
 
 def _budget(args: argparse.Namespace) -> None:
-
-    from qatlaw import config, data
+    from qatlaw import data, grid
     from qatlaw.io import write_json
 
     manifest = _read_manifest(args.manifest)
     budgets = []
     for value in args.tokens:
         try:
-            budgets.append(config.parse_tokens(value))
+            budgets.append(grid.parse_tokens(value))
         except ValueError as exc:
             raise ConfigError(f"grid.tokens: {exc}") from None
     epochs = data.check_budgets(manifest, budgets, args.allow_repeat)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import copy
 import functools
-import re
+import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,22 +19,17 @@ from typing import Any
 import jsonschema
 import yaml
 
-from qatlaw.errors import QatlawError
+from qatlaw import corpus, memory, precision
+from qatlaw import grid as qgrid  # grid: the name of a config section here
+from qatlaw.errors import ConfigError
+from qatlaw.grid import linear_inputs, on_gpu, parse_tokens, run_gpus, run_nodes
 
 SCHEMA_PATH = Path(__file__).with_name("schema.yaml")
-_SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
-
-
-class ConfigError(QatlawError):
-    """A configuration value is wrong; the message names the key."""
 
 
 def use_own_tools() -> None:
     """Put the directory of the running Python (the environment's bin/, holding ``qatlaw``) first on PATH, so
     that the commands of the workflow's jobs find the package's tools without an activated environment."""
-    import os
-    import sys
-
     here = str(Path(sys.executable).parent)
     os.environ["PATH"] = os.pathsep.join([here, *(p for p in os.environ.get("PATH", "").split(os.pathsep) if p)])
 
@@ -168,35 +164,6 @@ def _drop_null_subgrids(grid: dict[str, Any]) -> None:
         del grid["ablation"]
 
 
-def parse_tokens(value: int | str) -> int:
-    """Turn a token budget such as 500000, "500K" or "2.5M" into a positive integer."""
-    if isinstance(value, bool):
-        raise ValueError(f"{value!r} is not a token count")
-    if isinstance(value, int):
-        if value < 1:
-            raise ValueError(f"{value} is not a positive token count")
-        return value
-    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([KMBT]?)", str(value).strip())
-    if not match:
-        raise ValueError(f"{value!r} is not a token count (use e.g. 500000, 500K, 2.5M, 10B)")
-    mantissa, suffix = match.groups()
-    whole, _, frac = mantissa.partition(".")
-    scale = _SUFFIX[suffix]
-    numerator = int(whole + frac)
-    denominator = 10 ** len(frac)
-    if (numerator * scale) % denominator:
-        raise ValueError(f"{value!r} is not a whole number of tokens")
-    count = numerator * scale // denominator
-    if count < 1:
-        raise ValueError(f"{value!r} is not a positive token count")
-    return count
-
-
-def linear_inputs(arch: Mapping[str, int]) -> dict[str, int]:
-    """Input dimension of each quantized linear layer type of one model size."""
-    return {"qkv": arch["hidden"], "o": arch["hidden"], "fc1": arch["hidden"], "fc2": arch["ffn"]}
-
-
 def _check_models(cfg: Mapping[str, Any]) -> None:
     for name, arch in cfg["models"].items():
         key = f"models.{name}"
@@ -209,8 +176,6 @@ def _check_models(cfg: Mapping[str, Any]) -> None:
 
 
 def _check_grid(cfg: Mapping[str, Any]) -> None:
-    from qatlaw import precision  # imported here: the schema checks must not need torch
-
     _check_cells(cfg, "grid", cfg["grid"])
     _check_fractions(cfg, "grid", cfg["grid"])
     for i, extra in enumerate(cfg["grid"]["extra"]):
@@ -229,8 +194,6 @@ def _check_grid(cfg: Mapping[str, Any]) -> None:
 
 def _check_cells(cfg: Mapping[str, Any], key: str, grid: Mapping[str, Any]) -> None:
     """Sizes, precisions, groups and token budgets of one grid (the main grid, an extra or the ablation sub-grid)."""
-    from qatlaw import precision
-
     models, training = cfg["models"], cfg["training"]
     for i, size in enumerate(grid["sizes"]):
         if size not in models:
@@ -267,8 +230,6 @@ def _check_cells(cfg: Mapping[str, Any], key: str, grid: Mapping[str, Any]) -> N
 def _check_fractions(cfg: Mapping[str, Any], key: str, grid: Mapping[str, Any]) -> None:
     """Every QAT fraction strictly between 0 and 1 leaves at least one step of trunk and one of QAT in each of the
     sub-grid's cells; a branch of a run on several nodes is refused (its job would be a one-node job)."""
-    from qatlaw import grid as qgrid
-
     models, training = cfg["models"], cfg["training"]
     fractions = grid.get("qat_fractions", cfg["grid"]["qat_fractions"])
     for size in grid["sizes"]:
@@ -288,18 +249,6 @@ def _check_fractions(cfg: Mapping[str, Any], key: str, grid: Mapping[str, Any]) 
                         f"{key}.qat_fractions[{i}]: {fraction} of the {steps} steps of size '{size}' at {value} tokens "
                         f"leaves {steps - k} QAT steps after a trunk of {k}; use 0, 1 or a fraction that splits them"
                     )
-
-
-def run_gpus(training: Mapping[str, Any], size: str) -> int:
-    """GPUs of one run of model ``size`` (0: CPU): training.gpus_per_run, one number or one per size (1 for a size
-    it leaves out)."""
-    gpus = training["gpus_per_run"]
-    return gpus.get(size, 1) if isinstance(gpus, Mapping) else gpus
-
-
-def run_nodes(training: Mapping[str, Any], size: str) -> int:
-    """Cluster nodes of one run of model ``size``: 1, or its GPUs over training.gpus_per_node."""
-    return max(1, run_gpus(training, size) // training["gpus_per_node"])
 
 
 def _check_execution(cfg: Mapping[str, Any]) -> None:
@@ -331,25 +280,15 @@ def _check_execution(cfg: Mapping[str, Any]) -> None:
                               f"{gpus} GPUs of size '{size}' (training.gpus_per_run); set runs_per_job to 1")
 
 
-def on_gpu(training: Mapping[str, Any]) -> bool:
-    """Whether runs train on GPUs: device cuda, or GPUs given to runs (per size: at least one each)."""
-    gpus = training["gpus_per_run"]
-    return training["device"] == "cuda" or isinstance(gpus, Mapping) or gpus > 0
-
-
 def _check_gpu_memory(cfg: Mapping[str, Any]) -> None:
     """On GPUs, every run's predicted peak fits training.gpu_memory_gb at its micro-batch and activation
     checkpointing (see qatlaw.memory)."""
-    from qatlaw import grid, memory
-
     if on_gpu(cfg["training"]):
-        for run in grid.grid_runs(cfg):
+        for run in qgrid.grid_runs(cfg):
             memory.plan_run(run, cfg["data"]["vocab_size"], cfg["training"])
 
 
 def _check_sources(cfg: Mapping[str, Any]) -> None:
-    from qatlaw import corpus
-
     for i, spec in enumerate(cfg["data"]["sources"]):
         if spec in corpus.BUILTIN_SOURCES:
             continue
@@ -365,7 +304,7 @@ def _check_sources(cfg: Mapping[str, Any]) -> None:
 def _check_tokenizer(cfg: dict[str, Any]) -> None:
     """A user tokenizer file must load and have an end-of-text token; it sets data.vocab_size. Without one,
     data.vocab_size is the size of the BPE to train."""
-    from qatlaw import data
+    from qatlaw import data  # here: the tokenizer library is only needed where a tokenizer file is configured
 
     spec = cfg["data"]
     if spec.get("tokenizer") is None:
@@ -381,8 +320,6 @@ def _check_tokenizer(cfg: dict[str, Any]) -> None:
 
 def source_ids(cfg: Mapping[str, Any]) -> dict[str, str]:
     """Map a short id per corpus part (built-in name, or user1, user2, ...) to its spec."""
-    from qatlaw import corpus
-
     out: dict[str, str] = {}
     n_user = 0
     for spec in cfg["data"]["sources"]:

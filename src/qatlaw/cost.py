@@ -10,8 +10,8 @@ from typing import Any
 
 import pandas as pd
 
-from qatlaw import config as qconfig
 from qatlaw import grid, memory
+from qatlaw.errors import ConfigError
 
 COLUMNS = ("size", "runs", "gpus_per_run", "nodes_per_run", "micro_batch", "checkpointed_runs", "peak_gib",
            "hours_per_run", "segments", "gpu_hours")
@@ -37,7 +37,7 @@ class RunPlan:
 def run_resources(run: grid.RunSettings, vocab_size: int, training: Mapping[str, Any]) -> dict[str, int]:
     """Memory (MB per node) and wall time (minutes) a training run is estimated to need
     (grid.estimate_resources), on its own GPUs and nodes or on training.threads CPU threads."""
-    gpus, nodes = qconfig.run_gpus(training, run.size), qconfig.run_nodes(training, run.size)
+    gpus, nodes = grid.run_gpus(training, run.size), grid.run_nodes(training, run.size)
     return grid.estimate_resources(run, vocab_size, threads=training["threads"], gpus=gpus, nodes=nodes)
 
 
@@ -63,11 +63,11 @@ def job_minutes(minutes: int, attempt: int, training: Mapping[str, Any]) -> int:
 def run_plan(run: grid.RunSettings, cfg: Mapping[str, Any]) -> RunPlan:
     """The GPU plan of one run of a validated config that trains on GPUs."""
     training, vocab = cfg["training"], cfg["data"]["vocab_size"]
-    gpus = max(1, qconfig.run_gpus(training, run.size))
+    gpus = max(1, grid.run_gpus(training, run.size))
     plan = memory.plan_run(run, vocab, training)
     minutes = wall_minutes(run, vocab, training)
     flops = grid.training_flops(run, vocab)
-    return RunPlan(run_id=run.run_id, size=run.size, gpus=gpus, nodes=qconfig.run_nodes(training, run.size),
+    return RunPlan(run_id=run.run_id, size=run.size, gpus=gpus, nodes=grid.run_nodes(training, run.size),
                    micro_batch=plan.micro_batch, checkpointing=plan.checkpointing, peak_bytes=plan.peak_bytes,
                    wall_hours=minutes / 60,
                    job_minutes=job_minutes(minutes, 1, training), segments=segments(minutes, training), gpu_hours=flops / grid.GPU_FLOPS_PER_GPU / 3600)
@@ -75,8 +75,8 @@ def run_plan(run: grid.RunSettings, cfg: Mapping[str, Any]) -> RunPlan:
 
 def run_plans(cfg: Mapping[str, Any]) -> pd.DataFrame:
     """One row per run of the grid (RunPlan's fields)."""
-    if not qconfig.on_gpu(cfg["training"]):
-        raise qconfig.ConfigError("training: the grid trains on CPU (device cpu and no gpus_per_run); its GPU cost "
+    if not grid.on_gpu(cfg["training"]):
+        raise ConfigError("training: the grid trains on CPU (device cpu and no gpus_per_run); its GPU cost "
                                   "is that of a GPU config, e.g. config/paper.yaml")
     return pd.DataFrame([asdict(run_plan(run, cfg)) for run in grid.grid_runs(cfg)])
 

@@ -3,3 +3,7 @@
 
 class QatlawError(ValueError):
     """A bad input (config, corpus, token data, run settings); its message is one line."""
+
+
+class ConfigError(QatlawError):
+    """A configuration value is wrong; the message names the key."""

@@ -11,8 +11,9 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from qatlaw import precision as prec
-from qatlaw.config import parse_tokens
 from qatlaw.errors import QatlawError
+
+_SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
 
 BASELINE = prec.BASELINE
 # Conservative CPU training speed used for the runtime resource: FLOP/s per thread (see docs/cluster.md).
@@ -348,3 +349,50 @@ def estimate_resources(s: RunSettings, vocab_size: int, threads: int = 1, gpus: 
     mem_mb = 500 + (16 * params + 4 * activations) // 2**20
     runtime = 5 + math.ceil(2 * flops / (CPU_FLOPS_PER_THREAD * threads) / 60)
     return {"mem_mb": int(mem_mb), "runtime": int(runtime)}
+
+
+def parse_tokens(value: int | str) -> int:
+    """Turn a token budget such as 500000, "500K" or "2.5M" into a positive integer."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a token count")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"{value} is not a positive token count")
+        return value
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([KMBT]?)", str(value).strip())
+    if not match:
+        raise ValueError(f"{value!r} is not a token count (use e.g. 500000, 500K, 2.5M, 10B)")
+    mantissa, suffix = match.groups()
+    whole, _, frac = mantissa.partition(".")
+    scale = _SUFFIX[suffix]
+    numerator = int(whole + frac)
+    denominator = 10 ** len(frac)
+    if (numerator * scale) % denominator:
+        raise ValueError(f"{value!r} is not a whole number of tokens")
+    count = numerator * scale // denominator
+    if count < 1:
+        raise ValueError(f"{value!r} is not a positive token count")
+    return count
+
+
+def linear_inputs(arch: Mapping[str, int]) -> dict[str, int]:
+    """Input dimension of each quantized linear layer type of one model size."""
+    return {"qkv": arch["hidden"], "o": arch["hidden"], "fc1": arch["hidden"], "fc2": arch["ffn"]}
+
+
+def run_gpus(training: Mapping[str, Any], size: str) -> int:
+    """GPUs of one run of model ``size`` (0: CPU): training.gpus_per_run, one number or one per size (1 for a size
+    it leaves out)."""
+    gpus = training["gpus_per_run"]
+    return gpus.get(size, 1) if isinstance(gpus, Mapping) else gpus
+
+
+def run_nodes(training: Mapping[str, Any], size: str) -> int:
+    """Cluster nodes of one run of model ``size``: 1, or its GPUs over training.gpus_per_node."""
+    return max(1, run_gpus(training, size) // training["gpus_per_node"])
+
+
+def on_gpu(training: Mapping[str, Any]) -> bool:
+    """Whether runs train on GPUs: device cuda, or GPUs given to runs (per size: at least one each)."""
+    gpus = training["gpus_per_run"]
+    return training["device"] == "cuda" or isinstance(gpus, Mapping) or gpus > 0

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from qatlaw.config import ConfigError, run_gpus
-from qatlaw.grid import RunSettings, non_embedding_count, padded_vocab
+from qatlaw.errors import ConfigError
+from qatlaw.grid import RunSettings, non_embedding_count, padded_vocab, run_gpus
 from qatlaw.precision import LAYER_TYPES, parse, uses_lac
 
 FP32 = 4

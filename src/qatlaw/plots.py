@@ -48,8 +48,7 @@ from qatlaw.grid import format_tokens
 from qatlaw.io import atomic_path
 from qatlaw.outputs import EXTERNAL_FIGURES, FIGURES, SPLIT_FIGURES
 from qatlaw.precision import BASELINE, LAYER_TYPES
-from qatlaw.reference import metrics_path
-from qatlaw.report_inputs import CONSTANT_SYMBOLS, PlotError, read_input, select_inputs
+from qatlaw.report_inputs import CONSTANT_SYMBOLS, PlotError, metrics_path, read_input, select_inputs
 
 PRECISION_ORDER = (BASELINE, "W4A4", "W4A16", "W16A4", "W4A4-fc2a8", "W16A4-fc2a8")
 METRIC = schema_default("fit", "metric")  # default δ: of the config's default metric (fit.metric)

@@ -39,15 +39,14 @@ from typing import Any
 
 import yaml
 
-from qatlaw.errors import QatlawError
+from qatlaw.errors import ConfigError, QatlawError
 from qatlaw.io import atomic_path, read_parquet, write_parquet
 from qatlaw.machine import cpu_model
+from qatlaw.report_inputs import RESTORED, metrics_path
 
 FIT_FILES = ("params", "predictions", "comparison", "bootstrap")
 # The per-run analyses: their tables hold each run's rows (run_id), gathered from one table per cell.
 RUN_ANALYSES = ("layer_error", "outliers")
-# Where a workflow keeps the restored files, in the layout of its results folder.
-RESTORED = "restored"
 # Data keys that do not change the token stores (how the tokenizing is split into jobs, a budget check).
 DATA_EXECUTION_KEYS = ("shards_per_job", "allow_repeat")
 
@@ -125,14 +124,6 @@ def package(results: str | Path, out: str | Path, config: Mapping[str, Any], *, 
     return out
 
 
-def metrics_path(results: str | Path, run_id: str) -> Path:
-    """The per-step metrics of run ``run_id`` in a results folder: trained there (``runs/<run_id>/``) or restored
-    (``restored/runs/<run_id>/``); in a shipped folder always the former."""
-    trained = Path(results) / "runs" / run_id / "metrics.parquet"
-    restored = Path(results) / RESTORED / "runs" / run_id / "metrics.parquet"
-    return restored if restored.is_file() and not trained.is_file() else trained
-
-
 def _study_file(folder: Path, name: str) -> Path:
     path = folder / name
     if not path.is_file():
@@ -159,7 +150,7 @@ def restore_plan(cfg: Mapping[str, Any], folder: str | Path) -> list[str]:
     config_path = _study_file(folder, "config.yaml")
     try:
         shipped = config.load(config_path, check_files=False)
-    except config.ConfigError as exc:
+    except ConfigError as exc:
         raise ReferenceError(f"{config_path}: {exc}") from None
     for section, skip in (("data", DATA_EXECUTION_KEYS), ("analysis", ())):
         key = _first_difference(cfg[section], shipped[section], skip)

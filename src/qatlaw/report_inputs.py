@@ -16,6 +16,18 @@ from qatlaw.io import read_parquet
 from qatlaw.mixed import RANKING_COLUMNS
 from qatlaw.runtable import from_scratch, with_qat_fraction
 
+# Where a workflow keeps the restored files, in the layout of its results folder.
+RESTORED = "restored"
+
+
+def metrics_path(results: str | Path, run_id: str) -> Path:
+    """The per-step metrics of run ``run_id`` in a results folder: trained there (``runs/<run_id>/``) or restored
+    (``restored/runs/<run_id>/``); in a shipped folder always the former."""
+    trained = Path(results) / "runs" / run_id / "metrics.parquet"
+    restored = Path(results) / RESTORED / "runs" / run_id / "metrics.parquet"
+    return restored if restored.is_file() and not trained.is_file() else trained
+
+
 COLUMNS: dict[str, tuple[str, ...]] = {  # the columns each input must have
     "runs": ("run_id", "size", "N", "D", "tokens_requested", "group", "G", "precision", "seed", "loss"),
     "decomposition": DECOMPOSITION_COLUMNS,

@@ -37,8 +37,7 @@ from qatlaw import fit, paper
 from qatlaw.io import atomic_path
 from qatlaw.outputs import TABLES
 from qatlaw.precision import BASELINE
-from qatlaw.reference import metrics_path
-from qatlaw.report_inputs import CONSTANT_SYMBOLS, read_input, select_inputs
+from qatlaw.report_inputs import CONSTANT_SYMBOLS, metrics_path, read_input, select_inputs
 
 SETTINGS = {"W4A4": "δ_W4A4", "W4A16": "δ_W4A16 (weight only)", "W16A4": "δ_W16A4 (activation only)",
             "W4A4-fc2a8": "δ_W4A4, FC2 input 8 bit", "W16A4-fc2a8": "δ_W16A4, FC2 input 8 bit"}

@@ -14,8 +14,8 @@ import pandas as pd
 import qatlaw.bench
 from qatlaw.bench.data import DATA_CORPUS_TOKENS, measure_data
 from qatlaw.bench.fitspeed import measure_fits
-from qatlaw.bench.inputs import measure_input
 from qatlaw.bench.gpu import BUDGET_S, PAPER_VOCAB, gpu_markdown, gpu_worker, measure_gpu
+from qatlaw.bench.inputs import measure_input
 from qatlaw.bench.machine import PEAK_N, machine_info, matmul_peak
 from qatlaw.bench.pipeline import pipeline_overhead, read_wall_seconds
 from qatlaw.bench.report import markdown, targets

@@ -479,7 +479,7 @@ def _guard(case: Case, device: str, measure: Callable[[], list[dict[str, Any]]])
 def _mfu_part(plan: Plan, cases: list[Case], peak: float, peak_note: str) -> Iterator[list[dict[str, Any]]]:
     """The mfu and ddp parts: one rank of a paper run, or ``case.ranks`` of them under torchrun (only rank 0 has
     rows)."""
-    from qatlaw.config import run_gpus
+    from qatlaw.grid import run_gpus
     from qatlaw.memory import peak_bytes, plan_run
     from qatlaw.model import non_embedding_params
     from qatlaw.train import Parallel, model_config
