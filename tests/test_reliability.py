@@ -568,7 +568,7 @@ def synthetic_runs(summary_columns: Sequence[str]) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
     """A valid file for every input role of every Parquet-reading `qatlaw` subcommand."""
-    from qatlaw import mixed, train
+    from qatlaw import mixed
     from qatlaw.tokens import write_tokens
 
     root = tmp_path_factory.mktemp("inputs")
@@ -588,7 +588,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     paths |= {"summary": run_dir / "summary.parquet", "metrics": run_dir / "metrics.parquet",
               "model": run_dir / "model.pt"}
 
-    runs = synthetic_runs(train.SUMMARY_COLUMNS)
+    runs = synthetic_runs(runtable.SUMMARY_COLUMNS)
     write_parquet(runs, paths["runs"])
     paths["runs_bf16_w4a4"] = root / "runs_bf16_w4a4.parquet"  # a quicker fit
     write_parquet(runs[runs["precision"].isin(["BF16", "W4A4"])], paths["runs_bf16_w4a4"])
@@ -639,13 +639,11 @@ TRAIN_OUTPUTS = ("summary.parquet", "metrics.parquet", "model.pt", "ckpt.pt")
 
 
 def _stages() -> list[Stage]:
-    from qatlaw import train
-
     stages = [
         Stage("train-train_tokens", _train_argv, "train_tokens", STORE, TRAIN_OUTPUTS, store=True),
         Stage("train-val_tokens", _train_argv, "val_tokens", STORE, TRAIN_OUTPUTS, store=True),
         Stage("runs-summary", lambda p, o: ["runs", str(p["summary"]), "--out", str(o / "runs.parquet")],
-              "summary", train.SUMMARY_REQUIRED, ("runs.parquet",)),
+              "summary", runtable.SUMMARY_REQUIRED, ("runs.parquet",)),
         *(Stage(f"{cmd}-runs", lambda p, o, cmd=cmd, args=args: [cmd, "--runs", str(p["runs"]), *args(o)], "runs",
                 runtable.RUN_TABLE_COLUMNS, outs)
           for cmd, args, outs in (

@@ -283,7 +283,7 @@ def test_ptq_is_the_baselines_final_model_under_the_precision(tmp_path, tokens):
     row = pd.read_parquet(files["summary"]).iloc[0]
     assert row["val_loss"] == expected != base["val_loss"]
     assert (row["run_id"], row["qat_fraction"], row["D"], row["steps"]) == (PTQ.run_id, 0.0, base["D"], base["steps"])
-    assert pd.isna(row["loss"]) and list(pd.read_parquet(files["summary"]).columns) == list(train.SUMMARY_COLUMNS)
+    assert pd.isna(row["loss"]) and list(pd.read_parquet(files["summary"]).columns) == list(runtable.SUMMARY_COLUMNS)
     pd.testing.assert_frame_equal(pd.read_parquet(files["metrics"]), pd.read_parquet(tmp_path / "base" / "metrics.parquet"))
     with pytest.raises(train.TrainError, match="is not the model of baseline"):
         other = dataclasses.replace(PTQ, lr=1e-3)

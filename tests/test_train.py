@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import MANIFEST, VOCAB, settings, write_store
 
-from qatlaw import train
+from qatlaw import runstate, runtable, train
 from qatlaw.cli import main as cli_main
 from qatlaw.grid import RunSettings
 from qatlaw.tokens import open_tokens
@@ -80,11 +80,11 @@ def test_training_lowers_the_loss_and_writes_outputs(tmp_path, tokens):
     s = settings(lr=1e-2, tokens=4 * 16 * 30)
     summary = run(tmp_path, s, tokens)
     metrics = pd.read_parquet(tmp_path / "run" / "metrics.parquet")
-    assert list(metrics.columns) == list(train.STEP_COLUMNS)
+    assert list(metrics.columns) == list(runtable.STEP_COLUMNS)
     assert len(metrics) == s.steps == summary["steps"]
     assert metrics["loss"].iloc[-3:].mean() < metrics["loss"].iloc[:3].mean() - 0.3
     row = pd.read_parquet(tmp_path / "run" / "summary.parquet")
-    assert list(row.columns) == list(train.SUMMARY_COLUMNS)
+    assert list(row.columns) == list(runtable.SUMMARY_COLUMNS)
     assert row["N"].item() == train.build_model(s, VOCAB).num_params()
     assert row["D"].item() == s.steps * s.tokens_per_step
     assert row["G"].item() == 16 and row["group"].item() == "16"
@@ -192,17 +192,17 @@ def test_divergence_is_recorded_not_raised(tmp_path, tokens):
 def test_collect_runs_checks_each_summary(tmp_path, tokens):
     run(tmp_path, settings(tokens=4 * 16 * 2), tokens, "a")
     run(tmp_path, settings(tokens=4 * 16 * 2, precision="BF16", group=None), tokens, "b")
-    table = train.collect_runs([tmp_path / "a" / "summary.parquet", tmp_path / "b" / "summary.parquet"], tmp_path / "runs.parquet")
+    table = runtable.collect_runs([tmp_path / "a" / "summary.parquet", tmp_path / "b" / "summary.parquet"], tmp_path / "runs.parquet")
     assert len(table) == 2 and set(table["precision"]) == {"W4A4", "BF16"}
     assert table.loc[table["precision"] == "BF16", "G"].isna().all()
     bad = tmp_path / "bad.parquet"
     pd.DataFrame({"loss": [1.0]}).to_parquet(bad)
-    with pytest.raises(train.TrainError, match="bad.parquet: run summary lacks columns run_id, .*; expected columns"):
-        train.collect_runs([bad], tmp_path / "runs2.parquet")
+    with pytest.raises(runtable.RunTableError, match="bad.parquet: run summary lacks columns run_id, .*; expected columns"):
+        runtable.collect_runs([bad], tmp_path / "runs2.parquet")
     two_rows = tmp_path / "two.parquet"
     pd.concat([pd.read_parquet(tmp_path / "a" / "summary.parquet")] * 2).to_parquet(two_rows)
-    with pytest.raises(train.TrainError, match="two.parquet: expected one run summary row"):
-        train.collect_runs([two_rows], tmp_path / "runs3.parquet")
+    with pytest.raises(runtable.RunTableError, match="two.parquet: expected one run summary row"):
+        runtable.collect_runs([two_rows], tmp_path / "runs3.parquet")
     assert not (tmp_path / "runs2.parquet").exists() and not (tmp_path / "runs3.parquet").exists()
 
 
@@ -250,14 +250,14 @@ def test_activation_checkpointing_auto_is_off_on_cpu():
 
 def test_execution_is_not_part_of_the_run_identity():
     assert "threads" not in settings().to_json() and "checkpoint_every" not in settings().to_json()
-    assert train.settings_hash(settings(), MANIFEST) == train.settings_hash(settings(), MANIFEST)
+    assert runstate.settings_hash(settings(), MANIFEST) == runstate.settings_hash(settings(), MANIFEST)
 
 
 def test_numerics_are_part_of_the_run_identity_and_fp32_keeps_the_old_one():
     fp32, bf16 = settings(), settings(numerics="bf16")
     assert "numerics" not in fp32.to_json() and '"numerics": "bf16"' in bf16.to_json()
     assert fp32.run_id == bf16.run_id
-    assert train.settings_hash(fp32, MANIFEST) != train.settings_hash(bf16, MANIFEST)
+    assert runstate.settings_hash(fp32, MANIFEST) != runstate.settings_hash(bf16, MANIFEST)
     assert RunSettings.from_json(fp32.to_json()) == fp32 and RunSettings.from_json(bf16.to_json()) == bf16
 
 
@@ -404,7 +404,7 @@ def test_two_node_run_stopped_by_slurm_exits_75_and_resumes(tmp_path, tokens):
     install_srun(bin_dir, FAKE_SRUN)  # the retry runs to the end
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"at step {step}/200" in result.stderr and not train.stop_marker(out / "ckpt.pt").exists()
+    assert f"at step {step}/200" in result.stderr and not runstate.stop_marker(out / "ckpt.pt").exists()
 
 
 def test_evaluation_in_micro_batches_and_chunks_equals_one_batch(tokens):
@@ -418,7 +418,7 @@ def test_evaluation_in_micro_batches_and_chunks_equals_one_batch(tokens):
 EVALUATE_ON_RANKS = """
 import json, sys
 import numpy as np, torch
-from qatlaw import train
+from qatlaw import runstate, runtable, train
 from conftest import VOCAB, settings
 
 torch.set_num_threads(1)
@@ -594,7 +594,7 @@ def test_checkpoint_keeps_the_previous_one_and_resumes_from_it_when_the_last_is_
     reference = run(tmp_path, s, tokens, "reference")
     crash_at_step_6(tmp_path, s, tokens, monkeypatch, checkpoint_every=2)
     ckpt = tmp_path / "crashed" / "ckpt" / "ckpt.pt"
-    previous = train.previous_checkpoint(ckpt)
+    previous = runstate.previous_checkpoint(ckpt)
     assert previous.name == "ckpt.prev.pt"
     assert torch.load(ckpt, weights_only=False)["step"] == 6 and torch.load(previous, weights_only=False)["step"] == 4
     ckpt.write_bytes(ckpt.read_bytes()[:1000])  # cut short, as by a node that died mid-write before fsync existed

@@ -169,7 +169,7 @@ def _lease_gpus(count: int) -> None:
 def _train(args: argparse.Namespace) -> None:
     import subprocess
 
-    from qatlaw import launch, train
+    from qatlaw import launch, runstate
     from qatlaw.grid import RunSettings
 
     runs = RunSettings.many_from_json(args.settings)
@@ -186,13 +186,13 @@ def _train(args: argparse.Namespace) -> None:
         log.info("data parallel over %d GPUs on %d node(s), %d CPU thread(s) each: %s", gpus, args.nodes,
                  launch.worker_threads(cpus, gpus // args.nodes), " ".join(command[:command.index("-m", 2)]))
         for checkpoint in args.checkpoint:
-            train.stop_marker(checkpoint).unlink(missing_ok=True)
+            runstate.stop_marker(checkpoint).unlink(missing_ok=True)
         torchrun = subprocess.Popen(command, env=launch.worker_env(cpus, gpus // args.nodes))
         with StopSignals(forward=torchrun.send_signal) as stop:
             returncode = torchrun.wait()
         # over several nodes SLURM signals the srun step, not this batch step: the workers' marker tells
         stopped = stop.received.name if stop.received else next(
-            (f"a stop signal to its workers ({m.read_text().strip()})" for m in map(train.stop_marker, args.checkpoint)
+            (f"a stop signal to its workers ({m.read_text().strip()})" for m in map(runstate.stop_marker, args.checkpoint)
              if m.is_file()), None)
         if returncode and stopped:
             raise Stopped(f"torchrun stopped on {stopped} (see the log above); rerun to resume")
@@ -200,7 +200,7 @@ def _train(args: argparse.Namespace) -> None:
             raise QatlawError(f"torchrun with {args.gpus} processes on {args.nodes} node(s) failed (see the log above)")
         return
 
-    from qatlaw import tokens
+    from qatlaw import tokens, train
 
     paths = {name: getattr(args, name) for name in ("summary", "metrics", "model", "checkpoint")}
     if args.run_log:
@@ -243,7 +243,7 @@ def _train(args: argparse.Namespace) -> None:
                 )
     if len(runs) > 1:
         for checkpoint in paths["checkpoint"]:
-            train.remove_checkpoint(checkpoint)
+            runstate.remove_checkpoint(checkpoint)
 
 
 def _keep_trunks(specs: list[str] | None, runs: list[RunSettings]) -> dict[int, dict[int, str]]:
@@ -279,9 +279,9 @@ def _ptq(args: argparse.Namespace) -> None:
 
 
 def _runs(args: argparse.Namespace) -> None:
-    from qatlaw import train
+    from qatlaw import runtable
 
-    table = train.collect_runs(args.summaries, args.out)
+    table = runtable.collect_runs(args.summaries, args.out)
     log.info("%d runs (%d diverged) -> %s", len(table), int(table["diverged"].sum()), args.out)
 
 

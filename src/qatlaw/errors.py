@@ -7,3 +7,7 @@ class QatlawError(ValueError):
 
 class ConfigError(QatlawError):
     """A configuration value is wrong; the message names the key."""
+
+
+class TrainError(QatlawError):
+    """A run cannot start: bad settings or data."""

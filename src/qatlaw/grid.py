@@ -120,6 +120,12 @@ class RunSettings:
         return 1.0 - 1.0 / max(1.0, self.weight_ema * self.steps)
 
     @property
+    def uses_lac(self) -> bool:
+        """Whether the run's activation quantizers clip with LAC: the ``lac`` option ("always", "never", or "paper":
+        the paper's rule for its group, :func:`qatlaw.precision.uses_lac`)."""
+        return {"always": True, "never": False}.get(self.lac, self.group is not None and prec.uses_lac(self.group))
+
+    @property
     def cell(self) -> str:
         """Path-like id of the run's (size, tokens, seed) cell: size/tokens/seed."""
         return f"{self.size}/{format_tokens(self.tokens)}/seed{self.seed}"

@@ -15,7 +15,7 @@ from typing import Any
 
 from qatlaw.errors import ConfigError
 from qatlaw.grid import RunSettings, non_embedding_count, padded_vocab, run_gpus
-from qatlaw.precision import LAYER_TYPES, parse, uses_lac
+from qatlaw.precision import LAYER_TYPES, parse
 
 FP32 = 4
 # fp32 master weight, gradient and the two AdamW moments
@@ -45,7 +45,7 @@ def element_bytes(s: RunSettings) -> int:
 def lac_inputs(s: RunSettings) -> dict[str, bool]:
     """Per linear layer type, whether its input activation is quantized with LAC (learnable clipping)."""
     precision = parse(s.precision)
-    lac = {"always": True, "never": False}.get(s.lac, s.group is not None and uses_lac(s.group))
+    lac = s.uses_lac
     return {layer: lac and precision.layers[layer].act.enabled for layer in LAYER_TYPES}
 
 

@@ -212,7 +212,7 @@ def restore(folder: str | Path, run_ids: list[str], results: str | Path) -> None
     folder's run.json. A summary column recorded only since the folder was shipped (numerics, qat_fraction) is
     the run's setting. ReferenceError naming the file for a missing run, column or file."""
     from qatlaw import config, grid
-    from qatlaw.train import SUMMARY_COLUMNS
+    from qatlaw.runtable import SUMMARY_COLUMNS
 
     folder, base = Path(folder), Path(results) / RESTORED
     settings = {run.run_id: run for run in grid.grid_runs(config.load(_study_file(folder, "config.yaml"),

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from qatlaw.errors import QatlawError
-from qatlaw.io import read_parquet
+from qatlaw.io import read_parquet, write_parquet
 from qatlaw.precision import BASELINE
 
 log = logging.getLogger("qatlaw.runtable")
@@ -34,6 +34,16 @@ RUN_TABLE_COLUMNS = ("run_id", "size", "N", "D", "tokens_requested", "seed", "pr
 QAT_FRACTION = "qat_fraction"
 RUN_TABLE_KINDS = {"N": "number", "D": "number", "tokens_requested": "number", "seed": "number",
                    "G": "number", "loss": "number", "val_loss": "number", "diverged": "bool"}
+# One run's summary row (runs/<run_id>/summary.parquet), as train writes it and collect_runs reads it.
+SUMMARY_COLUMNS = (
+    "run_id", "size", "N", "D", "tokens_requested", "group", "G", "precision", "seed", "loss", "val_loss",
+    "val_loss_last", "final_step_loss", "steps", "tokens_per_step", "epochs", "lr", "wall_s", "tokens_per_s", "diverged",
+    "resumed", "vocab_size", "seq_len", "clip", "format", "lac", "device", "numerics", "qat_fraction",
+)
+# The columns every run summary has: those written before the QAT fraction was recorded lack it (QAT from scratch).
+SUMMARY_REQUIRED = SUMMARY_COLUMNS[:-1]
+# The per-step metrics file of a run (runs/<run_id>/metrics.parquet).
+STEP_COLUMNS = ("step", "tokens", "loss", "loss_ema", "lr", "grad_norm", "tokens_per_s")
 DELTA_COLUMNS = (
     "run_id", "size", "N", "D", "tokens_requested", "seed", "precision", "group", "G",
     "loss", "val_loss", "baseline_loss", "baseline_val_loss", "delta", "delta_val", "diverged",
@@ -94,3 +104,17 @@ def delta_table(runs: pd.DataFrame) -> pd.DataFrame:
     if out["diverged"].any():
         log.warning("%d runs have no δ because they or their baseline diverged", int(out["diverged"].sum()))
     return out.loc[:, list(DELTA_COLUMNS)].reset_index(drop=True)
+
+
+def collect_runs(summary_paths: list[str | Path], out_path: str | Path) -> pd.DataFrame:
+    """Concatenate run summaries into one table (one row per run), checking each file's columns (a summary
+    written before the QAT fraction was recorded is of a run from scratch)."""
+    frames = []
+    for path in summary_paths:
+        frame = with_qat_fraction(read_parquet(path, SUMMARY_REQUIRED, "run summary", error=RunTableError))
+        if tuple(frame.columns) != SUMMARY_COLUMNS or len(frame) != 1:
+            raise RunTableError(f"{path}: expected one run summary row with columns {', '.join(SUMMARY_COLUMNS)}")
+        frames.append(frame)
+    table = pd.concat(frames, ignore_index=True).sort_values("run_id", ignore_index=True)
+    write_parquet(table, out_path)
+    return table

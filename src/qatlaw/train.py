@@ -38,14 +38,12 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import datetime
-import hashlib
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,32 +53,22 @@ import torch
 
 from qatlaw import memory
 from qatlaw.config import schema_default, schema_key
-from qatlaw.errors import QatlawError
+from qatlaw.errors import TrainError
 from qatlaw.grid import RunSettings, effective_group
-from qatlaw.io import atomic_path, read_parquet, stale_temporaries, write_parquet
+from qatlaw.io import atomic_path, read_parquet, write_parquet
 from qatlaw.model import Model, ModelConfig, non_embedding_params
-from qatlaw.quant import LAC, QuantOptions
-from qatlaw.runtable import with_qat_fraction
+from qatlaw.quant import QuantOptions
+from qatlaw.runstate import (WeightAverage, load_baseline_weights, publish, read_checkpoint, read_trunk,
+                             remove_checkpoint, remove_stale_temporaries, settings_hash, start_from_trunk,
+                             stop_marker, trunk_staging, trunk_state, write_checkpoint)
+from qatlaw.runtable import STEP_COLUMNS, SUMMARY_COLUMNS
 from qatlaw.stopping import Stopped, StopSignals
 from qatlaw.tokens import Tokens, read_windows
 
 log = logging.getLogger("qatlaw.train")
 
-SUMMARY_COLUMNS = (
-    "run_id", "size", "N", "D", "tokens_requested", "group", "G", "precision", "seed", "loss", "val_loss",
-    "val_loss_last", "final_step_loss", "steps", "tokens_per_step", "epochs", "lr", "wall_s", "tokens_per_s", "diverged",
-    "resumed", "vocab_size", "seq_len", "clip", "format", "lac", "device", "numerics", "qat_fraction",
-)
-# The columns every run summary has: those written before the QAT fraction was recorded lack it (QAT from scratch).
-SUMMARY_REQUIRED = SUMMARY_COLUMNS[:-1]
-# The per-step metrics file of a run (runs/<run_id>/metrics.parquet).
-STEP_COLUMNS = ("step", "tokens", "loss", "loss_ema", "lr", "grad_norm", "tokens_per_s")
 # the slowest write rate of a shared filesystem that the process-group timeout allows for, bytes per second
 CHECKPOINT_WRITE_BYTES_PER_S = 20e6
-
-
-class TrainError(QatlawError):
-    """A run cannot start: bad settings or data."""
 
 
 @dataclass(frozen=True)
@@ -153,8 +141,7 @@ def quant_options(s: RunSettings) -> QuantOptions | None:
     """Quantizer options of a run (None for the baseline)."""
     if s.is_baseline:
         return None
-    lac = {"paper": None, "always": True, "never": False}[s.lac]
-    return QuantOptions(group_size=s.group, clip=s.clip, fmt=s.format, lac=lac)
+    return QuantOptions(group_size=s.group, clip=s.clip, fmt=s.format, lac=s.uses_lac)
 
 
 def build_model(s: RunSettings, vocab_size: int) -> Model:
@@ -285,91 +272,6 @@ def evaluate(model: Model, tokens: Tokens, seq_len: int, max_tokens: int, batch_
     return total / count
 
 
-class WeightAverage:
-    """Exponential moving average of a model's parameters, updated after every optimizer step."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.params = [p for p in model.parameters()]
-        self.average = [p.detach().clone() for p in self.params]
-
-    @torch.no_grad()
-    def update(self) -> None:
-        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - self.decay)
-
-    @torch.no_grad()
-    def swap(self) -> None:
-        """Exchange the model's parameters and the average (twice restores the model)."""
-        for p, a in zip(self.params, self.average):
-            tmp = p.detach().clone()
-            p.copy_(a)
-            a.copy_(tmp)
-
-    def state_dict(self) -> list[torch.Tensor]:
-        return self.average
-
-    def load_state_dict(self, state: list[torch.Tensor]) -> None:
-        with torch.no_grad():
-            for a, saved in zip(self.average, state):
-                a.copy_(saved)
-
-
-def settings_hash(s: RunSettings, manifest: Mapping[str, Any]) -> str:
-    """Identity of a run for resuming: its settings and the exact token data."""
-    key = s.to_json() + manifest["corpus_sha256"] + manifest["tokenizer_sha256"]
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def previous_checkpoint(checkpoint_path: str | Path) -> Path:
-    """Where a run keeps its checkpoint before the last (``ckpt.prev.pt`` beside ``ckpt.pt``)."""
-    path = Path(checkpoint_path)
-    return path.with_name(f"{path.stem}.prev{path.suffix}")
-
-
-def stop_marker(checkpoint_path: str | Path) -> Path:
-    """The file a run stopped by a signal leaves beside its checkpoint (the signal's name in it), so that the
-    process that launched its workers knows it stopped rather than failed."""
-    path = Path(checkpoint_path)
-    return path.with_name(f"{path.name}.stopped")
-
-
-def write_checkpoint(state: Mapping[str, Any], checkpoint_path: str | Path) -> None:
-    """Write a resumable checkpoint durably (on disk before its name is), keeping the one it replaces as the
-    previous checkpoint, so that a write cut short or a file damaged later costs one interval, not the run."""
-    path = Path(checkpoint_path)
-    with atomic_path(path, durable=True) as tmp:
-        torch.save(state, tmp)
-        if path.is_file():
-            os.replace(path, previous_checkpoint(path))
-
-
-def _read_checkpoint(path: Path, device: torch.device) -> dict | None:
-    """A run's checkpoint, else its previous one when the last is missing or unreadable, else None (then the run
-    starts over, with a warning naming every file that could not be read)."""
-    unreadable = []
-    for candidate in (path, previous_checkpoint(path)):
-        if not candidate.is_file():
-            continue
-        try:
-            state = torch.load(candidate, map_location=device, weights_only=False)
-        except Exception as exc:  # a damaged file of any kind must not block the run forever
-            unreadable.append(f"{candidate} ({type(exc).__name__}: {str(exc).strip()[:200]})")
-            continue
-        if unreadable:
-            log.warning("unreadable checkpoint %s; resuming from the previous one, %s", unreadable[0], candidate)
-        return state
-    if unreadable:
-        log.warning("ignoring unreadable checkpoint %s; starting from step 0", " and its previous one, ".join(unreadable))
-    return None
-
-
-def _remove_stale_temporaries(checkpoint_path: Path) -> None:
-    """Delete what writers of this run's checkpoints killed mid-write left behind (a 973M checkpoint is 16.6 GB)."""
-    for stale in stale_temporaries(checkpoint_path):
-        log.warning("removing %s, a checkpoint write cut short", stale)
-        stale.unlink(missing_ok=True)
-
-
 def process_group_timeout(s: RunSettings, vocab_size: int) -> datetime.timedelta:
     """How long a collective waits for the other ranks: while rank 0 writes a checkpoint the others wait in the
     next step's all-reduce, so torch's 10 minutes plus the write of the checkpoint at
@@ -408,100 +310,55 @@ def _leave_process_group(par: Parallel) -> None:
         torch.distributed.destroy_process_group()
 
 
-def trunk_staging(checkpoint_path: str | Path, step: int) -> Path:
-    """Where a baseline stages its trunk checkpoint at ``step`` while it trains: beside its resumable checkpoint,
-    outside the outputs that Snakemake deletes when a job fails."""
-    return Path(checkpoint_path).parent / "trunk" / f"step{step}.pt"
-
-
-def remove_checkpoint(checkpoint_path: str | Path) -> None:
-    """Delete a run's resumable checkpoints (the last and the previous) and the trunk checkpoints it staged."""
-    for path in (Path(checkpoint_path), previous_checkpoint(checkpoint_path), stop_marker(checkpoint_path)):
-        path.unlink(missing_ok=True)
-    shutil.rmtree(trunk_staging(checkpoint_path, 0).parent, ignore_errors=True)
-
-
-def _publish(staged: Path, out: Path) -> None:
-    """Put a staged file at ``out`` atomically: a hard link (no copy of the bytes) where the filesystem allows."""
-    with atomic_path(out) as tmp:
-        tmp.unlink()
-        try:
-            os.link(staged, tmp)
-        except OSError:
-            shutil.copyfile(staged, tmp)
-
-
-def _fresh_parameters(model: Model) -> set[str]:
-    """Names of the quantizer parameters a BF16 model lacks (LAC γ)."""
-    return {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, LAC) for p, _ in m.named_parameters()}
-
-
-def _load_baseline_weights(model: Model, weights: Mapping[str, torch.Tensor], source: str) -> None:
-    """Load a BF16 model's weights into ``model`` (of any precision of the cell); its quantizer parameters that the
-    baseline lacks keep their fresh init. TrainError naming ``source`` when the weights are of another shape."""
-    try:
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-    except RuntimeError:
-        raise TrainError(f"{source}: weights of another model shape") from None
-    if unexpected or set(missing) - _fresh_parameters(model):
-        raise TrainError(f"{source}: weights of another model (missing {sorted(set(missing))[:1]}, unexpected "
-                         f"{sorted(unexpected)[:1]})")
-
-
-def read_trunk(path: str | Path, s: RunSettings, manifest: Mapping[str, Any], device: torch.device) -> dict:
-    """The trunk checkpoint branch ``s`` starts from, checked before any step: TrainError, one line naming the
-    file, when it is missing, unreadable, or not its baseline's (settings and data) at step K."""
-    path, base = Path(path), s.baseline.run_id
-    if not path.is_file():
-        raise TrainError(f"{s.run_id}: trunk checkpoint {path} is missing; its baseline {base} writes it")
-    try:
-        state = torch.load(path, map_location=device, weights_only=False)
-    except Exception as exc:  # any damage: the trunk must be rewritten by its baseline, never guessed
-        raise TrainError(f"{s.run_id}: trunk checkpoint {path} is unreadable ({type(exc).__name__}); rerun its "
-                         f"baseline {base}") from None
-    if not isinstance(state, dict) or state.get("identity") != settings_hash(s.baseline, manifest):
-        raise TrainError(f"{s.run_id}: trunk checkpoint {path} is not that of baseline {base} with these settings "
-                         "and data; rerun the baseline")
-    if state.get("step") != s.branch_step:
-        raise TrainError(f"{s.run_id}: trunk checkpoint {path} is at step {state.get('step')}, not the branch step "
-                         f"{s.branch_step}")
-    return state
-
-
-def _trunk_state(identity: str, step: int, ema: float, rows: Sequence[tuple], diverged: bool, model: Model,
-                 opt: torch.optim.Optimizer, average: WeightAverage | None) -> dict:
-    """A baseline's training state at ``step`` for its branches, by parameter name (a QAT model has more)."""
-    params = [p for group in opt.param_groups for p in group["params"]]
-    names = _names(model, list(model.parameters()))
-    return {"identity": identity, "step": step, "ema": ema, "rows": list(rows), "diverged": diverged,
-            "model": model.state_dict(),
-            "optimizer": {name: opt.state[p] for name, p in zip(_names(model, params), params) if p in opt.state},
-            "weight_average": None if average is None else dict(zip(names, average.state_dict()))}
-
-
-def _start_from_trunk(state: Mapping[str, Any], path: Path, model: Model, opt: torch.optim.Optimizer,
-                      average: WeightAverage | None) -> None:
-    """Put a branch's model, optimizer and weight average in its trunk's state. The quantizer parameters a BF16
-    model lacks (LAC γ) start from their fresh init: empty AdamW state, and their init in the weight average."""
-    _load_baseline_weights(model, state["model"], f"trunk checkpoint {path}")
-    order = [name for group in opt.param_groups for name in _names(model, group["params"])]
-    saved = opt.state_dict()
-    saved["state"] = {i: state["optimizer"][name] for i, name in enumerate(order) if name in state["optimizer"]}
-    opt.load_state_dict(saved)
-    if average is not None:
-        trunk_average = state["weight_average"]
-        average.load_state_dict([trunk_average.get(name, a) for (name, _), a
-                                 in zip(model.named_parameters(), average.state_dict())])
-
-
-def _names(model: Model, params: Sequence[torch.Tensor]) -> list[str]:
-    by_id = {id(p): name for name, p in model.named_parameters()}
-    return [by_id[id(p)] for p in params]
-
-
 def _device_name(device: torch.device, par: Parallel) -> str:
     name = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device)
     return name if par.world == 1 else f"{par.world}x {name}"
+
+
+@dataclass
+class Progress:
+    """Where a run stands: its steps done, the loss EMA, one row per step (``STEP_COLUMNS``), whether it diverged,
+    whether this segment resumed from a checkpoint, and the wall seconds of the segments before it."""
+
+    step: int = 0
+    ema: float = 0.0
+    rows: list[tuple] = field(default_factory=list)
+    diverged: bool = False
+    resumed: bool = False
+    wall_before: float = 0.0
+
+
+@dataclass
+class Run:
+    """One run being trained on this rank: its model, optimizer and weight average, where it is, and the files of
+    its persistent state (:mod:`qatlaw.runstate`: rank 0 writes them)."""
+
+    s: RunSettings
+    model: Model
+    opt: torch.optim.AdamW
+    average: WeightAverage | None
+    device: torch.device
+    par: Parallel
+    identity: str
+    checkpoint: Path
+    keep_trunks: dict[int, Path]
+
+    def save(self, progress: Progress, wall_s: float) -> None:
+        """Write the resumable checkpoint of ``progress``."""
+        write_checkpoint({"identity": self.identity, "step": progress.step, "ema": progress.ema, "rows": progress.rows,
+                          "diverged": progress.diverged, "wall_s": wall_s, "model": self.model.state_dict(),
+                          "optimizer": self.opt.state_dict(),
+                          "weight_average": None if self.average is None else self.average.state_dict()},
+                         self.checkpoint)
+
+    def stage_trunk(self, progress: Progress, steps: Sequence[int] | None = None) -> None:
+        """Stage the trunk checkpoint of the current state at its step when a branch starts there (or at each of
+        ``steps``: a diverged baseline leaves its later branches its last state)."""
+        for k in [progress.step] if steps is None else steps:
+            if self.par.is_main and k in self.keep_trunks:
+                with atomic_path(trunk_staging(self.checkpoint, k)) as tmp:
+                    torch.save(trunk_state(self.identity, k, progress.ema, progress.rows, progress.diverged,
+                                           self.model, self.opt, self.average), tmp)
 
 
 def train_run(
@@ -528,24 +385,78 @@ def train_run(
     runs that dies later redoes a finished run's outputs without training it again.
     ``stop``: signal handlers the caller installed; once one fired (on any rank), the run ends its step, writes its
     checkpoint and raises :class:`~qatlaw.stopping.Stopped`.
-    ``trunk``: the trunk checkpoint a branch starts from (:func:`read_trunk`; required for a branch, and for a QAT
-    run from scratch a trunk at step 0 gives the same run). ``keep_trunks``: for a BF16 baseline, where to write
-    its trunk checkpoint at each of these steps (published when the run ends).
+    ``trunk``: the trunk checkpoint a branch starts from (:func:`~qatlaw.runstate.read_trunk`; required for a branch,
+    and for a QAT run from scratch a trunk at step 0 gives the same run). ``keep_trunks``: for a BF16 baseline, where
+    to write its trunk checkpoint at each of these steps (published when the run ends).
     """
+    run = _start(s, manifest, execution, checkpoint_path, _trunk_steps(s, trunk, keep_trunks))
+    progress = _resume(run, manifest, trunk)
+    step_fn = _step_function(run, execution)
+    log.info("%s: N=%d, %d steps of %d tokens, lr %.2e, warm-up %d, QAT fraction %s (from step %d), on %s%s",
+             s.run_id, non_embedding_params(run.model.cfg), s.steps, s.tokens_per_step, s.lr, s.warmup,
+             s.qat_fraction, s.branch_step, _device_name(run.device, run.par),
+             ", activation checkpointing" if run.model.activation_checkpointing else "")
+    batches = TokenBatches(train_tokens, s.seq_len, s.batch_size, s.seed, run.par.rank, run.par.world)
+    t0, first_step = time.perf_counter(), progress.step
+    saved_at, log_every = t0, max(1, s.steps // 20)
+    run.stage_trunk(progress)
+    with Prefetch(batches, s.steps) as loader:
+        while progress.step < s.steps and not progress.diverged:
+            train_step(run, step_fn, loader, progress, execution)
+            if progress.diverged:
+                break
+            run.stage_trunk(progress)
+            if progress.step % log_every == 0 or progress.step == s.steps:
+                step, _, loss, ema, lr, _, tps = progress.rows[-1]
+                eta = (time.perf_counter() - t0) / (step - first_step) * (s.steps - step)
+                log.info("%s: step %d/%d loss %.4f ema %.4f lr %.2e %.0f tok/s ETA %.0f s", s.run_id, step, s.steps,
+                         loss, ema, lr, tps, eta)
+            saved_at = _checkpoint_or_stop(run, progress, execution, stop, saved_at, t0)
+    run.stage_trunk(progress, sorted(k for k in run.keep_trunks if k > progress.step))
+    wall = progress.wall_before + time.perf_counter() - t0
+    val_loss, val_loss_last = _final_losses(run, progress, val_tokens, execution)
+    summary = _summary(run, progress, trunk is not None, wall, (val_loss, val_loss_last), len(train_tokens),
+                       int(manifest["vocab_size"]))
+    if run.par.is_main:
+        if keep_checkpoint and not (progress.resumed and first_step == progress.step):
+            with _training_weights(run):  # the checkpoint holds the final weights, their average aside
+                run.save(progress, progress.wall_before + time.perf_counter() - t0)
+        for k, out in run.keep_trunks.items():
+            publish(trunk_staging(run.checkpoint, k), out)
+        _write_outputs(s, run.model, progress.rows, summary, model_path, metrics_path, summary_path)
+        if not keep_checkpoint:
+            remove_checkpoint(run.checkpoint)
+        log.info("%s: done: loss %.4f val_loss %.4f (final weights %.4f) in %.1f s (%.0f tok/s)%s", s.run_id,
+                 summary["loss"], val_loss, val_loss_last, wall, summary["tokens_per_s"],
+                 " DIVERGED" if progress.diverged else "")
+    _leave_process_group(run.par)
+    return summary
+
+
+def _trunk_steps(s: RunSettings, trunk: str | Path | None, keep_trunks: Mapping[int, str | Path] | None
+                 ) -> dict[int, Path]:
+    """The trunk checkpoints a run keeps, checked with the rest of what it is asked to do (TrainError)."""
     if s.is_ptq:
         raise TrainError(f"{s.run_id}: post-training quantization trains nothing (qatlaw ptq)")
     if s.is_branch and trunk is None:
         raise TrainError(f"{s.run_id}: a branch at QAT fraction {s.qat_fraction} needs its baseline's trunk checkpoint")
-    keep_trunks = {int(k): Path(v) for k, v in (keep_trunks or {}).items()}
-    if keep_trunks and not s.is_baseline:
+    keep = {int(k): Path(v) for k, v in (keep_trunks or {}).items()}
+    if keep and not s.is_baseline:
         raise TrainError(f"{s.run_id}: only a BF16 baseline keeps trunk checkpoints")
-    if any(not 0 <= k < s.steps for k in keep_trunks):
-        raise TrainError(f"{s.run_id}: trunk steps {sorted(keep_trunks)} are not all within its {s.steps} steps")
+    if any(not 0 <= k < s.steps for k in keep):
+        raise TrainError(f"{s.run_id}: trunk steps {sorted(keep)} are not all within its {s.steps} steps")
+    if s.steps < 1:
+        raise TrainError(f"{s.run_id}: {s.tokens} tokens is less than one step of {s.tokens_per_step}")
+    return keep
+
+
+def _start(s: RunSettings, manifest: Mapping[str, Any], execution: Execution, checkpoint_path: str | Path,
+           keep_trunks: dict[int, Path]) -> Run:
+    """This rank's device, threads and process group, and the run's fresh model, optimizer and weight average;
+    what a killed checkpoint write left behind is removed."""
     par = Parallel.from_env()
     torch.set_num_threads(execution.threads)
     vocab = int(manifest["vocab_size"])
-    if s.steps < 1:
-        raise TrainError(f"{s.run_id}: {s.tokens} tokens is less than one step of {s.tokens_per_step}")
     if s.batch_size % par.world:
         raise TrainError(f"{s.run_id}: batch of {s.batch_size} sequences does not split over {par.world} processes")
     device = execution.torch_device(par.local_rank)
@@ -558,168 +469,169 @@ def train_run(
                                              timeout=process_group_timeout(s, vocab))
     model = build_model(s, vocab).to(device)
     model.activation_checkpointing = execution.checkpointing(s, vocab, device, par.world)
-    opt = make_optimizer(model, s, fused=device.type == "cuda")
     average = WeightAverage(model, s.weight_ema_decay) if s.weight_ema > 0 else None
-    batches = TokenBatches(train_tokens, s.seq_len, s.batch_size, s.seed, par.rank, par.world)
-    warmup = s.warmup
-    identity = settings_hash(s, manifest)
-    checkpoint_path = Path(checkpoint_path)
+    run = Run(s, model, make_optimizer(model, s, fused=device.type == "cuda"), average, device, par,
+              settings_hash(s, manifest), Path(checkpoint_path), keep_trunks)
     if par.is_main:
-        _remove_stale_temporaries(checkpoint_path)
-        stop_marker(checkpoint_path).unlink(missing_ok=True)
+        remove_stale_temporaries(run.checkpoint)
+        stop_marker(run.checkpoint).unlink(missing_ok=True)
+    return run
 
-    step, ema, rows, diverged, resumed, wall_before = 0, 0.0, [], False, False, 0.0
-    state = _read_checkpoint(checkpoint_path, device)
+
+def _resume(run: Run, manifest: Mapping[str, Any], trunk: str | Path | None) -> Progress:
+    """Where the run starts: its checkpoint when it matches the run (settings and data, and its staged trunks), else
+    its trunk checkpoint (a branch), else step 0."""
+    s, path = run.s, run.checkpoint
+    state = read_checkpoint(path, run.device)
     if state is not None:
-        unstaged = [k for k in keep_trunks if k <= state.get("step", 0) and not trunk_staging(checkpoint_path, k).is_file()]
-        if state.get("identity") == identity and unstaged:
+        unstaged = [k for k in run.keep_trunks if k <= state.get("step", 0) and not trunk_staging(path, k).is_file()]
+        if state.get("identity") == run.identity and unstaged:
             log.warning("%s: ignoring checkpoint %s: the trunk checkpoint of step %d was not kept; starting from "
-                        "step 0", s.run_id, checkpoint_path, unstaged[0])
-        elif state.get("identity") == identity:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            if average is not None:
-                average.load_state_dict(state["weight_average"])
-            step, ema, rows, wall_before = state["step"], state["ema"], state["rows"], state["wall_s"]
-            diverged, resumed = state.get("diverged", False), True
-            log.info("%s: resuming from checkpoint %s at step %d/%d", s.run_id, checkpoint_path, step, s.steps)
+                        "step 0", s.run_id, path, unstaged[0])
+        elif state.get("identity") == run.identity:
+            run.model.load_state_dict(state["model"])
+            run.opt.load_state_dict(state["optimizer"])
+            if run.average is not None:
+                run.average.load_state_dict(state["weight_average"])
+            log.info("%s: resuming from checkpoint %s at step %d/%d", s.run_id, path, state["step"], s.steps)
+            return Progress(state["step"], state["ema"], state["rows"], state.get("diverged", False), True,
+                            state["wall_s"])
         else:
-            log.warning("%s: ignoring checkpoint %s written for other settings or data", s.run_id, checkpoint_path)
-    if trunk is not None and not resumed:
-        start = read_trunk(trunk, s, manifest, device)
-        _start_from_trunk(start, Path(trunk), model, opt, average)
-        step, ema, rows, diverged = start["step"], start["ema"], list(start["rows"]), start["diverged"]
-        log.info("%s: starting from trunk checkpoint %s of %s at step %d/%d", s.run_id, trunk, s.baseline.run_id,
-                 step, s.steps)
+            log.warning("%s: ignoring checkpoint %s written for other settings or data", s.run_id, path)
+    if trunk is None:
+        return Progress()
+    start = read_trunk(trunk, s, manifest, run.device)
+    start_from_trunk(start, Path(trunk), run.model, run.opt, run.average)
+    log.info("%s: starting from trunk checkpoint %s of %s at step %d/%d", s.run_id, trunk, s.baseline.run_id,
+             start["step"], s.steps)
+    return Progress(start["step"], start["ema"], list(start["rows"]), start["diverged"])
+
+
+def _step_function(run: Run, execution: Execution) -> torch.nn.Module:
+    """The module a training step calls: the model, compiled afresh (dynamo's cache of graphs per code object is
+    bounded, 8 by default, and a job of several runs, each precision and G its own graph, would otherwise fall back
+    to eager unannounced), under DDP with several ranks."""
     if execution.compile:
-        # a fresh compile per run: dynamo's cache of graphs per code object is bounded (8 by default), and a job
-        # of several runs (each precision and G its own graph) would otherwise fall back to eager unannounced
         torch._dynamo.reset()
-    step_fn = torch.compile(model) if execution.compile else model
+    step_fn = torch.compile(run.model) if execution.compile else run.model
+    return data_parallel(step_fn, run.device) if run.par.world > 1 else step_fn
+
+
+def train_step(run: Run, step_fn: torch.nn.Module, loader: Prefetch, progress: Progress, execution: Execution) -> None:
+    """One optimizer step: the LR of the schedule, the batch in micro-batches (DDP synchronizing on the last), the
+    mean loss over every rank, clipping, AdamW and the weight average; its row appended to ``progress`` (or the run
+    marked diverged when the loss is not finite)."""
+    s, device, par = run.s, run.device, run.par
+    t_step = time.perf_counter()
+    lr = lr_at(progress.step, s.steps, s.lr, s.warmup, s.min_lr_ratio)
+    for group in run.opt.param_groups:
+        group["lr"] = lr
+    x, y = (t.to(device) for t in loader.get(progress.step))
+    run.opt.zero_grad(set_to_none=True)
+    parts = list(micro_batches(x, y, execution.micro_batch_size))
+    loss_sum = torch.zeros((), device=device)
+    for i, (xm, ym, share) in enumerate(parts):
+        sync = i == len(parts) - 1 or par.world == 1
+        with (contextlib.nullcontext() if sync else step_fn.no_sync()), autocast(device, s.numerics):
+            loss = step_fn(xm, ym, execution.loss_chunk_tokens)
+        (loss if len(parts) == 1 else loss * share).backward()
+        loss_sum += loss.detach() * share
     if par.world > 1:
-        step_fn = data_parallel(step_fn, device)
+        torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+    loss_value = loss_sum.item()
+    if not math.isfinite(loss_value):
+        progress.diverged = True
+        log.warning("%s: loss is %s at step %d; stopping (diverged)", s.run_id, loss_value, progress.step)
+        return
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), s.grad_clip).item()
+    run.opt.step()
+    if run.average is not None:
+        run.average.update()
+    progress.ema = s.loss_ema * progress.ema + (1 - s.loss_ema) * loss_value
+    progress.step += 1
+    ema_debiased = progress.ema / (1 - s.loss_ema**progress.step)
+    tps = s.tokens_per_step / (time.perf_counter() - t_step)
+    progress.rows.append((progress.step, progress.step * s.tokens_per_step, loss_value, ema_debiased, lr, grad_norm,
+                          tps))
 
-    log.info("%s: N=%d, %d steps of %d tokens, lr %.2e, warm-up %d, QAT fraction %s (from step %d), on %s%s",
-             s.run_id, non_embedding_params(model.cfg), s.steps, s.tokens_per_step, s.lr, warmup, s.qat_fraction,
-             s.branch_step, _device_name(device, par), ", activation checkpointing" if model.activation_checkpointing
-             else "")
-    t0, first_step = time.perf_counter(), step
-    saved_at = t0
-    log_every = max(1, s.steps // 20)
 
-    def save_checkpoint() -> None:
-        nonlocal saved_at
-        write_checkpoint({"identity": identity, "step": step, "ema": ema, "rows": rows, "diverged": diverged,
-                          "wall_s": wall_before + time.perf_counter() - t0,
-                          "model": model.state_dict(), "optimizer": opt.state_dict(),
-                          "weight_average": None if average is None else average.state_dict()}, checkpoint_path)
+def _checkpoint_or_stop(run: Run, progress: Progress, execution: Execution, stop: StopSignals | None,
+                        saved_at: float, t0: float) -> float:
+    """After a step: a checkpoint every ``checkpoint_every`` steps and every ``checkpoint_minutes``; on a stop
+    signal (to any rank) a checkpoint, the stop marker and :class:`~qatlaw.stopping.Stopped`. When the last
+    checkpoint was written."""
+    s, par = run.s, run.par
+    received = stop.received if stop is not None else None
+    minutes = (time.perf_counter() - saved_at) / 60
+    stopping, timed = _on_any_rank(par, run.device, received is not None,
+                                   par.is_main and minutes >= execution.checkpoint_minutes)
+    step = progress.step
+    if par.is_main and (stopping or step < s.steps and (timed or step % execution.checkpoint_every == 0)):
+        if timed:
+            log.info("%s: checkpoint at step %d/%d, %.1f min after the last", s.run_id, step, s.steps, minutes)
+        run.save(progress, progress.wall_before + time.perf_counter() - t0)
         saved_at = time.perf_counter()
+    if stopping:
+        signal_name = received.name if received else "a signal to another rank"
+        log.warning("%s: %s: stopping after step %d/%d, checkpoint %s", s.run_id, signal_name, step, s.steps,
+                    run.checkpoint)
+        if par.is_main:
+            with atomic_path(stop_marker(run.checkpoint)) as tmp:
+                tmp.write_text(f"{signal_name}\n")
+        _leave_process_group(par)
+        raise Stopped(f"{s.run_id}: stopped on {signal_name} after step {step}/{s.steps}; rerun to resume")
+    return saved_at
 
-    def stage_trunk() -> None:
-        if par.is_main and step in keep_trunks:
-            with atomic_path(trunk_staging(checkpoint_path, step)) as tmp:
-                torch.save(_trunk_state(identity, step, ema, rows, diverged, model, opt, average), tmp)
 
-    stage_trunk()
-    with Prefetch(batches, s.steps) as loader:
-        while step < s.steps and not diverged:
-            t_step = time.perf_counter()
-            lr = lr_at(step, s.steps, s.lr, warmup, s.min_lr_ratio)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            x, y = (t.to(device) for t in loader.get(step))
-            opt.zero_grad(set_to_none=True)
-            parts = list(micro_batches(x, y, execution.micro_batch_size))
-            loss_sum = torch.zeros((), device=device)
-            for i, (xm, ym, share) in enumerate(parts):
-                sync = i == len(parts) - 1 or par.world == 1
-                with (contextlib.nullcontext() if sync else step_fn.no_sync()), autocast(device, s.numerics):
-                    loss = step_fn(xm, ym, execution.loss_chunk_tokens)
-                (loss if len(parts) == 1 else loss * share).backward()
-                loss_sum += loss.detach() * share
-            if par.world > 1:
-                torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
-            loss_value = loss_sum.item()
-            if not math.isfinite(loss_value):
-                diverged = True
-                log.warning("%s: loss is %s at step %d; stopping (diverged)", s.run_id, loss_value, step)
-                break
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip).item()
-            opt.step()
-            if average is not None:
-                average.update()
-            ema = s.loss_ema * ema + (1 - s.loss_ema) * loss_value
-            step += 1
-            ema_debiased = ema / (1 - s.loss_ema**step)
-            tps = s.tokens_per_step / (time.perf_counter() - t_step)
-            rows.append((step, step * s.tokens_per_step, loss_value, ema_debiased, lr, grad_norm, tps))
-            stage_trunk()
-            if step % log_every == 0 or step == s.steps:
-                eta = (time.perf_counter() - t0) / (step - first_step) * (s.steps - step)
-                log.info("%s: step %d/%d loss %.4f ema %.4f lr %.2e %.0f tok/s ETA %.0f s", s.run_id, step, s.steps,
-                         loss_value, ema_debiased, lr, tps, eta)
-            received = stop.received if stop is not None else None
-            minutes = (time.perf_counter() - saved_at) / 60
-            stopping, timed = _on_any_rank(par, device, received is not None,
-                                           par.is_main and minutes >= execution.checkpoint_minutes)
-            if par.is_main and (stopping or step < s.steps and (timed or step % execution.checkpoint_every == 0)):
-                if timed:
-                    log.info("%s: checkpoint at step %d/%d, %.1f min after the last", s.run_id, step, s.steps, minutes)
-                save_checkpoint()
-            if stopping:
-                signal_name = received.name if received else "a signal to another rank"
-                log.warning("%s: %s: stopping after step %d/%d, checkpoint %s", s.run_id, signal_name, step, s.steps,
-                            checkpoint_path)
-                if par.is_main:
-                    with atomic_path(stop_marker(checkpoint_path)) as tmp:
-                        tmp.write_text(f"{signal_name}\n")
-                _leave_process_group(par)
-                raise Stopped(f"{s.run_id}: stopped on {signal_name} after step {step}/{s.steps}; rerun to resume")
+def _final_losses(run: Run, progress: Progress, val_tokens: Tokens, execution: Execution) -> tuple[float, float]:
+    """``val_loss`` (of the weight average when the run keeps one; it is the run's model from here on) and
+    ``val_loss_last`` (of the final weights), scored as many windows per forward as training took; NaN when the run
+    diverged."""
+    if progress.diverged:
+        return float("nan"), float("nan")
+    s = run.s
+    per_forward = execution.micro_batch_size or s.batch_size // run.par.world
+    scoring = (val_tokens, s.seq_len, s.eval_tokens, per_forward, run.device, s.numerics, execution.loss_chunk_tokens,
+               run.par)
+    val_loss_last = val_loss = evaluate(run.model, *scoring)
+    if run.average is not None:
+        run.average.swap()
+        val_loss = evaluate(run.model, *scoring)
+    return val_loss, val_loss_last
 
-    if par.is_main:  # a baseline that diverged leaves its later branches its last state, marked diverged
-        for k in sorted(k for k in keep_trunks if k > step):
-            with atomic_path(trunk_staging(checkpoint_path, k)) as tmp:
-                torch.save(_trunk_state(identity, k, ema, rows, diverged, model, opt, average), tmp)
-    wall = wall_before + time.perf_counter() - t0
-    val_loss_last = val_loss = float("nan")
-    if not diverged:
-        per_forward = execution.micro_batch_size or s.batch_size // par.world  # windows per forward, as in training
-        scoring = (val_tokens, s.seq_len, s.eval_tokens, per_forward, device, s.numerics,
-                   execution.loss_chunk_tokens, par)
-        val_loss_last = val_loss = evaluate(model, *scoring)
-        if average is not None:
-            average.swap()  # the averaged weights are the run's model from here on
-            val_loss = evaluate(model, *scoring)
+
+@contextlib.contextmanager
+def _training_weights(run: Run) -> Iterator[None]:
+    """The final weights in the model while the block runs, where the weight average replaced them."""
+    if run.average is not None:
+        run.average.swap()
+    try:
+        yield
+    finally:
+        if run.average is not None:
+            run.average.swap()
+
+
+def _summary(run: Run, progress: Progress, from_trunk: bool, wall: float, val_losses: tuple[float, float],
+             train_tokens: int, vocab: int) -> dict[str, Any]:
+    """The run's summary row (``SUMMARY_COLUMNS``); its throughput counts the tokens it trained itself, not its
+    trunk's."""
+    s, rows = run.s, progress.rows
     trained = len(rows) * s.tokens_per_step
-    own = max(0, len(rows) - (s.branch_step if trunk is not None else 0)) * s.tokens_per_step  # the trunk aside
-    summary = {
-        "run_id": s.run_id, "size": s.size, "N": non_embedding_params(model.cfg), "D": trained,
+    own = max(0, len(rows) - (s.branch_step if from_trunk else 0)) * s.tokens_per_step
+    return {
+        "run_id": s.run_id, "size": s.size, "N": non_embedding_params(run.model.cfg), "D": trained,
         "tokens_requested": s.tokens, "group": "none" if s.group is None else str(s.group),
         "G": effective_group(s), "precision": s.precision, "seed": s.seed,
-        "loss": float("nan") if diverged or not rows else rows[-1][3], "val_loss": val_loss,
-        "val_loss_last": val_loss_last,
+        "loss": float("nan") if progress.diverged or not rows else rows[-1][3], "val_loss": val_losses[0],
+        "val_loss_last": val_losses[1],
         "final_step_loss": rows[-1][2] if rows else float("nan"), "steps": len(rows),
-        "tokens_per_step": s.tokens_per_step, "epochs": trained / max(1, len(train_tokens)), "lr": s.lr,
-        "wall_s": wall, "tokens_per_s": own / wall if wall > 0 else float("nan"), "diverged": diverged,
-        "resumed": resumed, "vocab_size": vocab, "seq_len": s.seq_len, "clip": s.clip, "format": s.format,
-        "lac": s.lac, "device": _device_name(device, par), "numerics": s.numerics, "qat_fraction": s.qat_fraction,
+        "tokens_per_step": s.tokens_per_step, "epochs": trained / max(1, train_tokens), "lr": s.lr,
+        "wall_s": wall, "tokens_per_s": own / wall if wall > 0 else float("nan"), "diverged": progress.diverged,
+        "resumed": progress.resumed, "vocab_size": vocab, "seq_len": s.seq_len, "clip": s.clip, "format": s.format,
+        "lac": s.lac, "device": _device_name(run.device, run.par), "numerics": s.numerics,
+        "qat_fraction": s.qat_fraction,
     }
-    if par.is_main:
-        if keep_checkpoint and not (resumed and first_step == step):
-            if average is not None:
-                average.swap()  # the checkpoint holds the training state: final weights, their average aside
-            save_checkpoint()
-            if average is not None:
-                average.swap()
-        for k, out in keep_trunks.items():
-            _publish(trunk_staging(checkpoint_path, k), out)
-        _write_outputs(s, model, rows, summary, model_path, metrics_path, summary_path)
-        if not keep_checkpoint:
-            remove_checkpoint(checkpoint_path)
-        log.info("%s: done: loss %.4f val_loss %.4f (final weights %.4f) in %.1f s (%.0f tok/s)%s", s.run_id,
-                 summary["loss"], val_loss, val_loss_last, wall, summary["tokens_per_s"], " DIVERGED" if diverged else "")
-    _leave_process_group(par)
-    return summary
 
 
 def _write_outputs(s: RunSettings, model: Model, rows: Sequence[tuple], summary: Mapping[str, Any],
@@ -768,7 +680,7 @@ def quantize_run(
         raise TrainError(f"{s.run_id}: {baseline_model} or {baseline_summary} is not the model of baseline "
                          f"{s.baseline.run_id} with these settings")
     model = build_model(s, int(manifest["vocab_size"]))
-    _load_baseline_weights(model, saved["model"], f"baseline model {baseline_model}")
+    load_baseline_weights(model, saved["model"], f"baseline model {baseline_model}")
     model.to(device)
     t0 = time.perf_counter()
     val_loss = float("nan")
@@ -788,15 +700,3 @@ def quantize_run(
     return summary
 
 
-def collect_runs(summary_paths: list[str | Path], out_path: str | Path) -> pd.DataFrame:
-    """Concatenate run summaries into one table (one row per run), checking each file's columns (a summary
-    written before the QAT fraction was recorded is of a run from scratch)."""
-    frames = []
-    for path in summary_paths:
-        frame = with_qat_fraction(read_parquet(path, SUMMARY_REQUIRED, "run summary", error=TrainError))
-        if tuple(frame.columns) != SUMMARY_COLUMNS or len(frame) != 1:
-            raise TrainError(f"{path}: expected one run summary row with columns {', '.join(SUMMARY_COLUMNS)}")
-        frames.append(frame)
-    table = pd.concat(frames, ignore_index=True).sort_values("run_id", ignore_index=True)
-    write_parquet(table, out_path)
-    return table
