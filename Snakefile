@@ -47,7 +47,7 @@ wildcard_constraints:
 include: "rules/data.smk"
 include: "rules/train.smk"
 include: "rules/decompose.smk"
-include: "rules/outliers.smk"
+include: "rules/cell_analyses.smk"
 include: "rules/mixed.smk"
 include: "rules/fit.smk"
 include: "rules/figures.smk"

@@ -472,6 +472,13 @@ def analysis_execution():
     return {"gpu": int(gpu), "analysis_device": "cuda" if gpu else "cpu"}
 
 
+def analysis_flags(flags):
+    """Command-line flags of a per-cell analysis, each with its value or its list's values, and a trailing space
+    ("" for none)."""
+    values = {key: " ".join(map(str, v if isinstance(v, list) else [v])) for key, v in flags.items()}
+    return "".join(f"--{key} {value} " for key, value in values.items())
+
+
 def run_metrics():
     """Per-step metrics of every run of the grid."""
     return [run_file(run_id, "metrics.parquet") for run_id in RUNS]
