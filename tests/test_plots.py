@@ -82,10 +82,11 @@ def test_fig9_fc2_panel_names_the_variant_no_cell_has(results: dict[str, Path], 
     assert "(b) no cell has runs of every variant: W4A4, FC2 input 8 bit missing" in svg
 
 
-def test_outputs_are_reproducible(results: dict[str, Path], tmp_path: Path):
+@pytest.mark.parametrize("name", ["mixed_layer_ranking", "fig9_outliers"])  # fig9: jittered points
+def test_outputs_are_reproducible(name: str, results: dict[str, Path], tmp_path: Path):
     first, second = tmp_path / "a" / "f.png", tmp_path / "b" / "f.png"
     for png in (first, second):
-        plots.make_figure("mixed_layer_ranking", results, png, CAPTION)
+        plots.make_figure(name, results, png, CAPTION)
     assert first.read_bytes() == second.read_bytes()
     assert first.with_suffix(".svg").read_bytes() == second.with_suffix(".svg").read_bytes()
     assert "<dc:date>" not in first.with_suffix(".svg").read_text()

@@ -14,11 +14,12 @@ N is the non-embedding parameter count, D the training tokens, G the quantizatio
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
 import textwrap
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import matplotlib as mpl
@@ -724,8 +725,9 @@ def _kurtosis_panel(ax: Axes, out: pd.DataFrame, table: pd.DataFrame) -> str:
     layers = [t for t in LAYER_TYPES if t in set(cell["layer_type"])]
     sns.barplot(cell, x="layer_type", y="kurtosis_token", hue="run", order=layers, hue_order=hue_order, ax=ax,
                 errorbar=None, palette=["0.55", "tab:orange"], alpha=0.8)
-    sns.stripplot(cell, x="layer_type", y="kurtosis_token", hue="run", order=layers, hue_order=hue_order,
-                  ax=ax, dodge=True, palette=["0.2", "saddlebrown"], size=4, legend=False)
+    with _seeded_numpy():  # seaborn jitters the points with numpy's global generator: the same figure every time
+        sns.stripplot(cell, x="layer_type", y="kurtosis_token", hue="run", order=layers, hue_order=hue_order,
+                      ax=ax, dodge=True, palette=["0.2", "saddlebrown"], size=4, legend=False)
     for bars in ax.containers:
         ax.bar_label(bars, fmt="%.3g", fontsize="small", label_type="center")
     ax.set_yscale("log")
@@ -738,6 +740,17 @@ def _kurtosis_panel(ax: Axes, out: pd.DataFrame, table: pd.DataFrame) -> str:
     kurt = paper.constants()["fc2_input_kurtosis"]
     return (f"(a) bars: mean over {cell['layer_index'].nunique()} blocks (points) and seeds; "
             f"paper FC2 {kurt['BF16']} → {kurt['W4A4']}")
+
+
+@contextlib.contextmanager
+def _seeded_numpy(seed: int = 0) -> Iterator[None]:
+    """numpy's global generator seeded for the block, and as it was after."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
 
 
 def _fc2_panel(ax: Axes, decomp: pd.DataFrame) -> str:
