@@ -343,7 +343,7 @@ class Run:
     checkpoint: Path
     keep_trunks: dict[int, Path]
 
-    def save(self, progress: Progress, wall_s: float) -> None:
+    def checkpoint_now(self, progress: Progress, wall_s: float) -> None:
         """Write the resumable checkpoint of ``progress``."""
         write_checkpoint({"identity": self.identity, "step": progress.step, "ema": progress.ema, "rows": progress.rows,
                           "diverged": progress.diverged, "wall_s": wall_s, "model": self.model.state_dict(),
@@ -420,7 +420,7 @@ def train_run(
     if run.par.is_main:
         if keep_checkpoint and not (progress.resumed and first_step == progress.step):
             with _training_weights(run):  # the checkpoint holds the final weights, their average aside
-                run.save(progress, progress.wall_before + time.perf_counter() - t0)
+                run.checkpoint_now(progress, progress.wall_before + time.perf_counter() - t0)
         for k, out in run.keep_trunks.items():
             publish(trunk_staging(run.checkpoint, k), out)
         _write_outputs(s, run.model, progress.rows, summary, model_path, metrics_path, summary_path)
@@ -569,7 +569,7 @@ def _checkpoint_or_stop(run: Run, progress: Progress, execution: Execution, stop
     if par.is_main and (stopping or step < s.steps and (timed or step % execution.checkpoint_every == 0)):
         if timed:
             log.info("%s: checkpoint at step %d/%d, %.1f min after the last", s.run_id, step, s.steps, minutes)
-        run.save(progress, progress.wall_before + time.perf_counter() - t0)
+        run.checkpoint_now(progress, progress.wall_before + time.perf_counter() - t0)
         saved_at = time.perf_counter()
     if stopping:
         signal_name = received.name if received else "a signal to another rank"
