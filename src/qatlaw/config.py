@@ -19,8 +19,8 @@ from typing import Any
 import jsonschema
 import yaml
 
-from qatlaw import corpus, memory, precision
 from qatlaw import grid as qgrid  # grid: the name of a config section here
+from qatlaw import memory, precision
 from qatlaw.errors import ConfigError
 from qatlaw.grid import linear_inputs, on_gpu, parse_tokens, run_gpus, run_nodes
 
@@ -289,6 +289,9 @@ def _check_gpu_memory(cfg: Mapping[str, Any]) -> None:
 
 
 def _check_sources(cfg: Mapping[str, Any]) -> None:
+    # imported here: its pyarrow import would slow the start of every `qatlaw` command
+    from qatlaw import corpus
+
     for i, spec in enumerate(cfg["data"]["sources"]):
         if spec in corpus.BUILTIN_SOURCES:
             continue
@@ -320,6 +323,8 @@ def _check_tokenizer(cfg: dict[str, Any]) -> None:
 
 def source_ids(cfg: Mapping[str, Any]) -> dict[str, str]:
     """Map a short id per corpus part (built-in name, or user1, user2, ...) to its spec."""
+    from qatlaw import corpus  # here: as in _check_sources
+
     out: dict[str, str] = {}
     n_user = 0
     for spec in cfg["data"]["sources"]:
