@@ -60,7 +60,7 @@ def _fsync(path: Path) -> None:
 def stale_temporaries(path: str | Path) -> list[Path]:
     """The temporary files that writers of ``path`` killed mid-write left beside it (``.<name>.<random>.tmp``)."""
     path = Path(path)
-    return sorted(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.is_dir() else []
+    return sorted(path.parent.glob(f".{path.name}.*.tmp"))
 
 
 def _umask() -> int:

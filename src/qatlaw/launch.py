@@ -41,7 +41,7 @@ def worker_env(cpus: int, workers: int) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": threads, "TORCHINDUCTOR_COMPILE_THREADS": threads}
 
 
-def torchrun_command(gpus: int, nodes: int, argv: list[str], cpus: int = 1, shutdown_s: int = 30) -> list[str]:
+def torchrun_command(gpus: int, nodes: int, argv: list[str], cpus: int, shutdown_s: int) -> list[str]:
     """The command that runs ``qatlaw`` with ``argv`` as ``gpus`` processes over ``nodes`` nodes, with ``cpus``
     CPUs per node.
 
