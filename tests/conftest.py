@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict, replace
@@ -95,6 +96,47 @@ def write_user_project(workdir: Path, **data_overrides) -> None:
     cfg["training"].update(eval_tokens=2048, batch_size=16, compile=False)
     cfg["analysis"]["tokens"] = 1024
     (workdir / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def edit_config(workdir: Path, **changes) -> Path:
+    """Change the project's config.yaml: a dict updates its section's keys, any other value replaces the key."""
+    path = workdir / "config.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key].update(value)
+        else:
+            cfg[key] = value
+    path.write_text(yaml.safe_dump(cfg))
+    return workdir
+
+
+def copy_project(src: Path, dst: Path, **changes) -> Path:
+    """A copy of project ``src`` at ``dst`` with its .snakemake (so that the outputs it has stay up to date), its
+    config changed as edit_config does."""
+    shutil.copytree(src, dst, symlinks=True)
+    return edit_config(dst, **changes)
+
+
+@pytest.fixture(scope="session")
+def data_project(tmp_path_factory) -> Path:
+    """The user-corpus project (write_user_project) with its data stage built, once per test run: copy it
+    (copy_project) rather than build the data again."""
+    workdir = tmp_path_factory.mktemp("shared") / "data"
+    write_user_project(workdir)
+    result = run_snakemake(workdir, "--cores", "2", "results/data/manifest.json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def trained_project(data_project, tmp_path_factory) -> Path:
+    """data_project with its whole workflow run (two cells, five precisions: every stage), once per test run;
+    read it, or copy it (copy_project) to change it."""
+    workdir = copy_project(data_project, tmp_path_factory.mktemp("shared") / "trained")
+    result = run_snakemake(workdir, "--cores", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
 
 
 # -------------------- from test_train.py

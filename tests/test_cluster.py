@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import ROOT, dry_run_resources, run_snakemake, write_user_project
+from conftest import ROOT, copy_project, dry_run_resources, edit_config, run_snakemake, write_user_project
 
 from qatlaw import data
 
@@ -23,16 +23,15 @@ TARGET = "results/fit/params.parquet"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
-def write_cluster_project(workdir: Path) -> None:
-    """The user-corpus project of test_workflow, cut to two cells (0.1M x 4K/8K tokens), BF16 and W4A4 G32: four
-    training runs, each its own job (rule train) as on a cluster."""
+# The user-corpus project of conftest, cut to two cells (0.1M x 4K/8K tokens), BF16 and W4A4 G32: four training
+# runs, each its own job (rule train) as on a cluster.
+CLUSTER_PROJECT = {"grid": {"sizes": ["0.1M"], "tokens": ["4K", "8K"], "groups": [32], "precisions": ["W4A4"]},
+                   "training": {"runs_per_job": 1}, "fit": {"bootstrap": 10}}
+
+
+def write_cluster_project(workdir: Path) -> Path:
     write_user_project(workdir)
-    cfg = yaml.safe_load((workdir / "config.yaml").read_text())
-    cfg["grid"].update(sizes=["0.1M"], tokens=["4K", "8K"], groups=[32], precisions=["W4A4"])
-    if "runs_per_job" in cfg["training"]:
-        cfg["training"]["runs_per_job"] = 1
-    cfg["fit"]["bootstrap"] = 10
-    (workdir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return edit_config(workdir, **CLUSTER_PROJECT)
 
 
 def load_profile(name: str) -> dict:
@@ -131,11 +130,10 @@ def mem_mb(value: str) -> int:
 
 @pytest.mark.cluster
 @pytest.mark.slow
-def test_workflow_through_slurm_matches_a_local_run(tmp_path, local_slurm):
-    cluster, local = tmp_path / "cluster", tmp_path / "local"
-    for workdir in (cluster, local):
-        workdir.mkdir()
-        write_cluster_project(workdir)
+def test_workflow_through_slurm_matches_a_local_run(data_project, tmp_path, local_slurm):
+    cluster = write_cluster_project(tmp_path / "cluster")
+    # the local run starts from the shared project's data stage, built from the same corpus and config
+    local = copy_project(data_project, tmp_path / "local", **CLUSTER_PROJECT)
     dry = run_snakemake(cluster, "--profile", str(PROFILES / "slurm"), "--dry-run", TARGET)
     assert dry.returncode == 0, dry.stderr[-3000:]
     expected = dry_run_resources(dry.stdout + dry.stderr)

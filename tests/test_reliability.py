@@ -44,12 +44,11 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import settings as toy_settings
-from conftest import write_store, write_texts
+from conftest import ROOT, copy_project, write_store, write_user_project
 
 from qatlaw import config, decompose, fit, grid, outputs, report_inputs, runtable
 from qatlaw.io import write_json, write_parquet
 
-ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ENV = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
 QATLAW = [shutil.which("qatlaw", path=ENV["PATH"]) or str(BIN / "qatlaw")]
@@ -58,23 +57,6 @@ LINUX_PROC = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="fi
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-
-def write_project(workdir: Path, *, grid_cfg: dict | None = None, training: dict | None = None,
-                  models: dict | None = None, data: dict | None = None) -> Path:
-    """A project dir whose corpus is 40 generated text files (~50K training tokens at vocabulary 600)."""
-    write_texts(workdir)
-    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
-    cfg["data"].update({"sources": ["texts/*.txt"], "vocab_size": 600, "val_fraction": 0.1, **(data or {})})
-    cfg["grid"] = {"sizes": ["0.1M"], "tokens": ["4K"], "groups": [32], "precisions": ["W4A4"], "seeds": [0],
-                   **(grid_cfg or {})}
-    cfg["training"].update({"eval_tokens": 2048, "batch_size": 16, "compile": False, **(training or {})})
-    if "device" in config.load_schema()["properties"]["training"]["properties"]:
-        cfg["training"]["device"] = "cpu"  # bit-for-bit comparisons are a CPU promise
-    cfg["models"].update(models or {})
-    cfg["analysis"]["tokens"] = 1024
-    (workdir / "config.yaml").write_text(yaml.safe_dump(cfg))
-    return workdir
-
 
 def snakemake(workdir: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run([*SNAKEMAKE, "--directory", str(workdir), *args], capture_output=True, text=True,
@@ -149,8 +131,9 @@ def last_line(text: str) -> str:
 # ---------------------------------------------------------------------------- 1, 2, 7: kill, resume, lock
 
 # 156 steps of 4 x 64 tokens, a checkpoint every 5: the first checkpoint lands about 3% into the run.
-KILL_GRID = {"tokens": ["40K"]}
-KILL_TRAINING = {"seq_len": 64, "batch_size": 4, "checkpoint_every": 5, "eval_tokens": 1024}
+KILL_GRID = {"tokens": ["40K"], "precisions": ["W4A4"]}
+# bit-for-bit comparisons are a CPU promise
+KILL_TRAINING = {"seq_len": 64, "batch_size": 4, "checkpoint_every": 5, "eval_tokens": 1024, "device": "cpu"}
 CELL = "0.1M/40K/seed0"
 RUN, BASELINE_RUN = f"{CELL}/W4A4_g32", f"{CELL}/BF16"
 TARGET = f"results/runs/{RUN}/summary.parquet"
@@ -161,26 +144,23 @@ PER_JOB = [pytest.param(1, id="one-run-per-job"), pytest.param(2, id="batched")]
 
 
 @pytest.fixture(scope="module")
-def data_project(tmp_path_factory) -> Path:
-    """A project whose data stage is built; tests copy it (with .snakemake) instead of rebuilding the data."""
-    workdir = write_project(tmp_path_factory.mktemp("data") / "project", grid_cfg=KILL_GRID, training=KILL_TRAINING)
+def kill_project(data_project, tmp_path_factory) -> Path:
+    """The shared data project on the kill-test grid, its budgets checked; tests copy it (kill_copy)."""
+    workdir = copy_project(data_project, tmp_path_factory.mktemp("kill") / "project", grid=KILL_GRID,
+                           training=KILL_TRAINING)
     result = snakemake(workdir, "--cores", "2", "results/data/budget.json")
     assert result.returncode == 0, output(result)[-3000:]
     return workdir
 
 
-def copy_project(src: Path, dst: Path, runs_per_job: int = 1) -> Path:
-    shutil.copytree(src, dst, symlinks=True)
-    cfg = yaml.safe_load((dst / "config.yaml").read_text())
-    cfg["training"]["runs_per_job"] = runs_per_job
-    (dst / "config.yaml").write_text(yaml.safe_dump(cfg))
-    return dst
+def kill_copy(src: Path, dst: Path, runs_per_job: int = 1) -> Path:
+    return copy_project(src, dst, training={"runs_per_job": runs_per_job})
 
 
 @pytest.fixture(scope="module")
-def reference(data_project, tmp_path_factory) -> dict:
+def reference(kill_project, tmp_path_factory) -> dict:
     """The kill-test run trained without interruption (one run per job): its summary row and per-step metrics."""
-    workdir = copy_project(data_project, tmp_path_factory.mktemp("reference") / "project")
+    workdir = kill_copy(kill_project, tmp_path_factory.mktemp("reference") / "project")
     result = snakemake(workdir, "--cores", "1", TARGET)
     assert result.returncode == 0, output(result)[-3000:]
     run_dir = workdir / "results" / "runs" / RUN
@@ -256,10 +236,10 @@ def kill_at_first_checkpoint(workdir: Path, first: subprocess.Popen) -> int:
 @LINUX_PROC
 @pytest.mark.slow
 @pytest.mark.parametrize("runs_per_job", PER_JOB)
-def test_killed_training_job_resumes_from_its_checkpoint(data_project, reference, tmp_path, runs_per_job):
+def test_killed_training_job_resumes_from_its_checkpoint(kill_project, reference, tmp_path, runs_per_job):
     """SIGKILL `qatlaw train` mid-run; while it is held, a second Snakemake on the directory is refused (the lock);
     rerunning the same target resumes from the checkpoint and ends where an uninterrupted run ends."""
-    workdir = copy_project(data_project, tmp_path / "project", runs_per_job)
+    workdir = kill_copy(kill_project, tmp_path / "project", runs_per_job)
     first = start_snakemake(workdir, "--cores", "1", TARGET)
     try:
         pid = kill_at_first_checkpoint(workdir, first)
@@ -292,10 +272,10 @@ def test_killed_training_job_resumes_from_its_checkpoint(data_project, reference
 @LINUX_PROC
 @pytest.mark.slow
 @pytest.mark.parametrize("runs_per_job", PER_JOB)
-def test_preempted_workflow_is_refused_until_unlocked_then_resumes(data_project, reference, tmp_path, runs_per_job):
+def test_preempted_workflow_is_refused_until_unlocked_then_resumes(kill_project, reference, tmp_path, runs_per_job):
     """SIGKILL Snakemake and its job together (a preempted node): the stale lock refuses a rerun and says how to
     unlock; after `--unlock`, a rerun with `--rerun-incomplete` resumes from the checkpoint."""
-    workdir = copy_project(data_project, tmp_path / "project", runs_per_job)
+    workdir = kill_copy(kill_project, tmp_path / "project", runs_per_job)
     first = start_snakemake(workdir, "--cores", "1", TARGET)
     try:
         kill_at_first_checkpoint(workdir, first)
@@ -350,12 +330,12 @@ def torch_load(path: Path) -> dict:
 
 @LINUX_PROC
 @pytest.mark.slow
-def test_terminated_training_job_checkpoints_and_resumes(data_project, reference, tmp_path):
+def test_terminated_training_job_checkpoints_and_resumes(kill_project, reference, tmp_path):
     """SIGTERM to every process of a running training job, as SLURM sends it at a time limit, on preemption, or
     ahead of the limit (the profile's `--signal=TERM@...`): Snakemake waits while `qatlaw train` ends its step
     and writes its checkpoint (exit status 75), then fails the job; rerunning resumes from that step and ends
     where an uninterrupted run ends."""
-    workdir = copy_project(data_project, tmp_path / "project")
+    workdir = kill_copy(kill_project, tmp_path / "project")
     first = start_snakemake(workdir, "--cores", "1", TARGET)
     try:
         wait_for(lambda: f"{RUN}: step " in train_logs(workdir), 600, "the run's first logged step", first,
@@ -470,7 +450,7 @@ BAD_CONFIGS = [  # id, edit of a valid config (None: break the YAML itself), the
 
 
 def _bad_project(workdir: Path, edit: Callable[[dict], None] | None) -> Path:
-    write_project(workdir)
+    write_user_project(workdir)
     path = workdir / "config.yaml"
     if edit is None:
         path.write_text(path.read_text() + "grid: {sizes: [0.1M\n")
@@ -505,12 +485,12 @@ def test_bad_config_is_one_line_and_creates_nothing(tmp_path, entry, edit, expec
 # --------------------------------------------------------------------------------------------- 4: divergence
 
 @pytest.mark.slow
-def test_diverging_runs_are_recorded_and_the_workflow_finishes(tmp_path):
+def test_diverging_runs_are_recorded_and_the_workflow_finishes(data_project, tmp_path):
     """A size with an absurd learning rate: every run of it diverges; the rest of the workflow goes on."""
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
     hot = dict(cfg["models"]["0.1M"], lr=1e12)
-    workdir = write_project(tmp_path, models={"hot0.1M": hot}, grid_cfg={
-        "sizes": ["0.1M", "hot0.1M"], "tokens": ["8K"], "precisions": ["W4A4", "W4A4-fc2a8"]})
+    workdir = copy_project(data_project, tmp_path / "project", models={"hot0.1M": hot}, training={"device": "cpu"},
+                           grid={"sizes": ["0.1M", "hot0.1M"], "tokens": ["8K"], "precisions": ["W4A4", "W4A4-fc2a8"]})
     result = snakemake(workdir, "--cores", "2")
     assert result.returncode == 0, output(result)[-4000:]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import run_snakemake, write_user_project
+from conftest import copy_project, run_snakemake, write_user_project
 
 from qatlaw import config, grid, reference
 from qatlaw.train import SUMMARY_COLUMNS
@@ -171,21 +171,21 @@ def test_workflow_refuses_a_changed_run_in_one_line(project, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_study_in_two_parts_equals_one_uninterrupted_run(tmp_path, monkeypatch):
+def test_a_study_in_two_parts_equals_one_uninterrupted_run(data_project, tmp_path, monkeypatch):
     """Train a tiny grid in one go; train part of it (the 8K cell with W4A4), ship it, restore it into a fresh
     workdir that adds W4A16 (so the 8K cell is partly restored) and the 4K cell, and run the rest."""
     full, part, rest = tmp_path / "full", tmp_path / "part", tmp_path / "rest"
     grid_cfg = {"tokens": ["4K", "8K"], "precisions": ["W4A4", "W4A16"]}
-    write_project(full, **grid_cfg)
-    write_project(part, ["8K"], ["W4A4"])
+    copy_project(data_project, full, grid=grid_cfg)
+    copy_project(data_project, part, grid={"tokens": ["8K"], "precisions": ["W4A4"]})
     for workdir in (full, part):
         result = run_snakemake(workdir, "--cores", "2", *TARGETS)
         assert result.returncode == 0, result.stderr[-3000:]
+    copy_project(data_project, rest, grid=grid_cfg, restore="reference/part")
     shipped = rest / "reference" / "part"
     monkeypatch.chdir(part)  # the config's corpus is relative to its workdir
     reference.package(part / "results", shipped, config.load(part / "config.yaml"), wall_s=1.0, command="test",
                       title="part")
-    write_project(rest, **grid_cfg, restore="reference/part")
     result = run_snakemake(rest, "--cores", "2", *TARGETS)
     assert result.returncode == 0, result.stderr[-3000:]
 

@@ -17,10 +17,10 @@ import yaml
 from conftest import (
     ROOT,
     SNAKEMAKE,
+    copy_project,
     dry_run_resources,
     run_snakemake,
     write_paper_standin,
-    write_user_project,
 )
 
 from qatlaw import outputs
@@ -33,11 +33,8 @@ def test_lint_is_clean():
 
 
 @pytest.mark.slow
-def test_whole_workflow_on_a_user_corpus(tmp_path):
-    write_user_project(tmp_path)
-    result = run_snakemake(tmp_path, "--cores", "2")
-    assert result.returncode == 0, result.stderr[-3000:]
-    data_dir = tmp_path / "results" / "data"
+def test_whole_workflow_on_a_user_corpus(trained_project):
+    data_dir = trained_project / "results" / "data"
     manifest = json.loads((data_dir / "manifest.json").read_text())
     assert manifest["sources"]["user1"]["documents"] == 40
     assert manifest["splits"]["train"]["tokens"] == len(np.load(data_dir / "train.npy", mmap_mode="r"))
@@ -45,46 +42,43 @@ def test_whole_workflow_on_a_user_corpus(tmp_path):
     assert not list((data_dir / "shards").glob("*.npy"))  # the jobs' token files are gone once gathered
     budget = json.loads((data_dir / "budget.json").read_text())
     assert set(budget["epochs"]) == {"4000", "8000"}
-    runs = pd.read_parquet(tmp_path / "results" / "runs.parquet")
+    runs = pd.read_parquet(trained_project / "results" / "runs.parquet")
     assert len(runs) == 2 * 5 and set(runs["precision"]) == {"BF16", "W4A4", "W4A16", "W16A4", "W4A4-fc2a8"}
     assert not runs["diverged"].any()
-    analysis = tmp_path / "results" / "analysis"
+    analysis = trained_project / "results" / "analysis"
     decomposition = pd.read_parquet(analysis / "decomposition.parquet")
     assert len(decomposition) == 2 * 2  # two cells x two metrics
     layers = pd.read_parquet(analysis / "outliers.parquet")
     assert len(layers) == 10 * 2 * 4  # runs x blocks x layer types
     assert set(pd.read_parquet(analysis / "mixed_precision.parquet")["precision"]) == {"W4A4-fc2a8"}
-    params = pd.read_parquet(tmp_path / "results" / "fit" / "params.parquet")
+    params = pd.read_parquet(trained_project / "results" / "fit" / "params.parquet")
     chinchilla = params[params["law"] == "chinchilla"]
     assert set(chinchilla["constant"]) == {"A", "B", "E", "alpha", "beta"}
     assert set(params["precision"]) >= {"BF16", "W4A4", "W4A16", "W16A4", "W4A4-fc2a8"}
-    figures = tmp_path / "results" / "figures"
+    figures = trained_project / "results" / "figures"
     assert {p.stem for p in figures.glob("*.png")} == set(outputs.FIGURES)
-    assert {p.name for p in (tmp_path / "results" / "tables").iterdir()} == {
+    assert {p.name for p in (trained_project / "results" / "tables").iterdir()} == {
         f"{t}.{ext}" for t in outputs.TABLES for ext in ("csv", "md")
     }
-    assert "| W4A4 gamma_N > 0 |" in (tmp_path / "results" / "FINDINGS.md").read_text()
+    assert "| W4A4 gamma_N > 0 |" in (trained_project / "results" / "FINDINGS.md").read_text()
     # every run has its own log at results/logs/train/<run_id>.log, also when a job trains several runs, and the
     # job's log is named after its cell
-    logs = tmp_path / "results" / "logs" / "train"
+    logs = trained_project / "results" / "logs" / "train"
     for run_id in runs["run_id"]:
         assert f"{run_id}: done" in (logs / f"{run_id}.log").read_text(), run_id
     assert {p.name for p in (logs / "0.1M" / "4K" / "seed0").glob("train_*.log")} == {"train_0p1M_4K_seed0_1of1.log"}
     # nothing left to do on a second run
-    again = run_snakemake(tmp_path, "--cores", "2", "--dry-run")
+    again = run_snakemake(trained_project, "--cores", "2", "--dry-run")
     assert "Nothing to be done" in again.stdout + again.stderr
 
 
 @pytest.mark.slow
-def test_budget_beyond_the_corpus_fails_clearly(tmp_path):
-    write_user_project(tmp_path)
-    cfg = yaml.safe_load((tmp_path / "config.yaml").read_text())
-    cfg["grid"]["tokens"] = ["50M"]
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    result = run_snakemake(tmp_path, "--cores", "2", "--show-failed-logs")
+def test_budget_beyond_the_corpus_fails_clearly(data_project, tmp_path):
+    workdir = copy_project(data_project, tmp_path / "project", grid={"tokens": ["50M"]})
+    result = run_snakemake(workdir, "--cores", "2", "--show-failed-logs")
     assert result.returncode != 0
     assert "grid.tokens: budget 50,000,000 exceeds the" in result.stdout + result.stderr
-    assert not (tmp_path / "results" / "data" / "budget.json").exists()
+    assert not (workdir / "results" / "data" / "budget.json").exists()
 
 
 @pytest.mark.parametrize(
@@ -222,40 +216,38 @@ def test_malformed_config_yaml_fails(tmp_path):
 
 
 @pytest.mark.slow
-def test_rules_find_the_workflows_tools_without_the_venv_on_path(tmp_path):
+def test_rules_find_the_workflows_tools_without_the_venv_on_path(data_project, tmp_path):
     """`.venv/bin/snakemake` started from a shell whose PATH lacks the venv: the rules still find `qatlaw`."""
-    write_user_project(tmp_path)
+    workdir = copy_project(data_project, tmp_path / "project")
     bare = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
                            if Path(p).resolve() != Path(sys.executable).parent.resolve())
-    result = subprocess.run([*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path), "--cores", "1",
-                             "results/data/manifest.json"], capture_output=True, text=True, timeout=600,
+    result = subprocess.run([*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--directory", str(workdir), "--cores", "1",
+                             "results/data/budget.json"], capture_output=True, text=True, timeout=600,
                             env=dict(os.environ, PATH=bare))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert (tmp_path / "results" / "data" / "manifest.json").is_file()
+    assert (workdir / "results" / "data" / "budget.json").is_file()
 
 
 @pytest.mark.slow
-def test_whole_workflow_with_an_fp_to_qat_split(tmp_path):
+def test_whole_workflow_with_an_fp_to_qat_split(data_project, tmp_path):
     """The split end to end on a W4A4-only grid (the shape of config/laptop-split.yaml): branches from the
     baselines' trunks and PTQ runs in the run table, today's stages on the f = 1 runs only, the split's findings
     rows and figures, and no mixed-precision stage (no run with per-layer overrides to compare)."""
-    write_user_project(tmp_path)
-    cfg = yaml.safe_load((tmp_path / "config.yaml").read_text())
-    cfg["grid"].update(tokens=["8K", "16K"], precisions=["W4A4"], seeds=[0, 1], ablation=None, extra=[
-        {"sizes": ["0.1M"], "tokens": ["8K", "16K"], "groups": [32], "precisions": ["W4A4"],
-         "qat_fractions": [0, 0.25, 0.5]}])
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    result = run_snakemake(tmp_path, "--cores", "2")
+    workdir = copy_project(data_project, tmp_path / "project", grid=dict(
+        tokens=["8K", "16K"], precisions=["W4A4"], seeds=[0, 1], ablation=None, extra=[
+            {"sizes": ["0.1M"], "tokens": ["8K", "16K"], "groups": [32], "precisions": ["W4A4"],
+             "qat_fractions": [0, 0.25, 0.5]}]))
+    result = run_snakemake(workdir, "--cores", "2")
     assert result.returncode == 0, result.stderr[-3000:]
-    runs = pd.read_parquet(tmp_path / "results" / "runs.parquet")
+    runs = pd.read_parquet(workdir / "results" / "runs.parquet")
     assert len(runs) == 2 * 2 * (1 + 4)  # budgets x seeds x (BF16 + W4A4 at 4 fractions)
     assert sorted(runs.loc[runs["precision"] == "W4A4", "qat_fraction"].unique()) == [0, 0.25, 0.5, 1]
-    assert {p.stem for p in (tmp_path / "results" / "figures").glob("*.png")} == {
+    assert {p.stem for p in (workdir / "results" / "figures").glob("*.png")} == {
         *outputs.FIGURES, *outputs.SPLIT_FIGURES} - set(outputs.MIXED_FIGURES)
-    assert not any((tmp_path / path).exists() for path in outputs.MIXED_ANALYSES)
-    decomposition = pd.read_parquet(tmp_path / "results" / "analysis" / "decomposition.parquet")
+    assert not any((workdir / path).exists() for path in outputs.MIXED_ANALYSES)
+    decomposition = pd.read_parquet(workdir / "results" / "analysis" / "decomposition.parquet")
     assert len(decomposition) == 2 * 2 * 2  # the f = 1 runs only: cells x metrics
-    findings = (tmp_path / "results" / "FINDINGS.md").read_text()
+    findings = (workdir / "results" / "FINDINGS.md").read_text()
     assert "| W4A4 gamma_N > 0 |" in findings and "PTQ" in findings
 
 
