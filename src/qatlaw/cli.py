@@ -157,19 +157,8 @@ def _run_log(path: str | None):
         handler.close()
 
 
-def _lease_gpus(count: int) -> None:
-    """This job's own ``count`` GPUs (qatlaw.gpus; none where SLURM or the user chose them), named in
-    CUDA_VISIBLE_DEVICES for it and its workers."""
-    from qatlaw import gpus
-
-    if gpus.assign(count, gpus.machine_gpus()):
-        log.info("GPUs %s leased for this job (CUDA_VISIBLE_DEVICES)", os.environ["CUDA_VISIBLE_DEVICES"])
-
-
 def _train(args: argparse.Namespace) -> None:
-    import subprocess
-
-    from qatlaw import launch, runstate
+    from qatlaw import gpus, launch, runstate
     from qatlaw.grid import RunSettings
 
     runs = RunSettings.many_from_json(args.settings)
@@ -177,27 +166,9 @@ def _train(args: argparse.Namespace) -> None:
         raise QatlawError(f"{len(runs)} runs in one job on {args.gpus} GPUs: give each run its own job "
                           "(training.runs_per_job: 1)")
     if args.device != "cpu" and args.nodes == 1 and "WORLD_SIZE" not in os.environ:
-        _lease_gpus(max(1, args.gpus))
+        gpus.lease_for_job(max(1, args.gpus))
     if (args.gpus > 1 or args.nodes > 1) and "WORLD_SIZE" not in os.environ:
-        gpus, cpus = max(1, args.gpus), launch.node_cpus(args.threads)
-        # the workers' --threads: the CPUs of their node, which they share
-        command = launch.torchrun_command(gpus, args.nodes, [*args.argv, "--threads", str(cpus)], cpus,
-                                          args.stop_seconds)
-        log.info("data parallel over %d GPUs on %d node(s), %d CPU thread(s) each: %s", gpus, args.nodes,
-                 launch.worker_threads(cpus, gpus // args.nodes), " ".join(command[:command.index("-m", 2)]))
-        for checkpoint in args.checkpoint:
-            runstate.stop_marker(checkpoint).unlink(missing_ok=True)
-        torchrun = subprocess.Popen(command, env=launch.worker_env(cpus, gpus // args.nodes))
-        with StopSignals(forward=torchrun.send_signal) as stop:
-            returncode = torchrun.wait()
-        # over several nodes SLURM signals the srun step, not this batch step: the workers' marker tells
-        stopped = stop.received.name if stop.received else next(
-            (f"a stop signal to its workers ({m.read_text().strip()})" for m in map(runstate.stop_marker, args.checkpoint)
-             if m.is_file()), None)
-        if returncode and stopped:
-            raise Stopped(f"torchrun stopped on {stopped} (see the log above); rerun to resume")
-        if returncode:
-            raise QatlawError(f"torchrun with {args.gpus} processes on {args.nodes} node(s) failed (see the log above)")
+        launch.relaunch(args.argv, args.gpus, args.nodes, args.threads, args.stop_seconds, args.checkpoint)
         return
 
     from qatlaw import tokens, train
@@ -263,10 +234,10 @@ def _keep_trunks(specs: list[str] | None, runs: list[RunSettings]) -> dict[int, 
 
 
 def _ptq(args: argparse.Namespace) -> None:
-    from qatlaw import tokens, train
+    from qatlaw import gpus, tokens, train
     from qatlaw.grid import RunSettings
 
-    _lease_analysis_gpu(args.device)
+    gpus.lease_for_device(args.device)
     settings = RunSettings.from_json(args.settings)
     manifest = _read_manifest(args.manifest)
     execution = train.Execution(threads=args.threads, device=args.device,
@@ -312,14 +283,10 @@ def _mixed(args: argparse.Namespace) -> None:
     mixed.run_mixed(args.runs, args.out, args.ranking)
 
 
-def _lease_analysis_gpu(device: str) -> None:
-    """On ``cuda``, this job's own GPU, before torch starts CUDA."""
-    if device == "cuda":
-        _lease_gpus(1)
-
-
 def _layer_error(args: argparse.Namespace) -> None:
-    _lease_analysis_gpu(args.device)
+    from qatlaw import gpus
+
+    gpus.lease_for_device(args.device)
     from qatlaw import layer_error
 
     layer_error.run_layer_error(args.models, args.val, args.out, n_tokens=args.tokens, groups=args.groups,
@@ -327,7 +294,9 @@ def _layer_error(args: argparse.Namespace) -> None:
 
 
 def _outliers(args: argparse.Namespace) -> None:
-    _lease_analysis_gpu(args.device)
+    from qatlaw import gpus
+
+    gpus.lease_for_device(args.device)
     from qatlaw import outliers
 
     outliers.run_outliers(args.models, args.val, args.out, n_tokens=args.tokens, threads=args.threads,
