@@ -455,7 +455,7 @@ def test_evaluation_split_over_torchrun_ranks_equals_one_process(tmp_path, token
 
 def test_only_rank_0_writes_the_run_log(tmp_path, monkeypatch):
     """Under torchrun every rank logs to stderr (the job's log); only rank 0 also writes the run's own log."""
-    from qatlaw.cli import _run_log
+    from qatlaw.cli.train import _run_log
 
     for rank in ("1", "0"):
         monkeypatch.setenv("RANK", rank)
@@ -503,7 +503,7 @@ def test_batch_with_mismatched_output_paths_is_refused(tmp_path, capsys):
 
 def test_run_log_of_a_resumed_segment_is_appended(tmp_path, monkeypatch):
     """A job that resumes after a time limit or preemption adds to its run's log; the first segment's lines stay."""
-    from qatlaw.cli import _run_log
+    from qatlaw.cli.train import _run_log
 
     monkeypatch.setenv("RANK", "0")
     for segment in ("first", "second"):

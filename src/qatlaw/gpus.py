@@ -10,6 +10,7 @@ already assigned (SLURM, or a user's own ``CUDA_VISIBLE_DEVICES``) nothing is le
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -18,6 +19,8 @@ from qatlaw.errors import QatlawError
 
 LOCK_DIR = Path(tempfile.gettempdir()) / "qatlaw-gpu-locks"
 NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")  # one entry per GPU the driver sees, read without starting CUDA
+
+log = logging.getLogger("qatlaw")  # the qatlaw command's own log
 
 
 class GpuError(QatlawError):
@@ -76,3 +79,16 @@ def machine_gpus() -> int:
     """NVIDIA GPUs in this machine, counted from the driver's entries: torch would start CUDA to count them,
     after which CUDA_VISIBLE_DEVICES no longer applies to this process."""
     return len(list(NVIDIA_GPUS.iterdir())) if NVIDIA_GPUS.is_dir() else 0
+
+
+def lease_for_job(count: int) -> None:
+    """This job's own ``count`` GPUs (none where SLURM or the user chose them), named in CUDA_VISIBLE_DEVICES for
+    it and its workers."""
+    if assign(count, machine_gpus()):
+        log.info("GPUs %s leased for this job (CUDA_VISIBLE_DEVICES)", os.environ["CUDA_VISIBLE_DEVICES"])
+
+
+def lease_for_device(device: str) -> None:
+    """On ``cuda``, this job's own GPU, before torch starts CUDA."""
+    if device == "cuda":
+        lease_for_job(1)

@@ -1,14 +1,20 @@
 """The command that starts a data-parallel run: torchrun on one node, or one torchrun per node under srun with
-one rendezvous (the run's processes find each other through a c10d store on the job's first node)."""
+one rendezvous (the run's processes find each other through a c10d store on the job's first node); and the
+relaunch of a training job under it."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import subprocess
 import sys
 import uuid
 
 from qatlaw.errors import QatlawError
+from qatlaw.stopping import Stopped, StopSignals
+
+log = logging.getLogger("qatlaw")  # the qatlaw command's own log
 
 # torchrun passes these on to its workers (SIGUSR1 too: SLURM's warning signal may be set to it)
 SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
@@ -65,3 +71,30 @@ def torchrun_command(gpus: int, nodes: int, argv: list[str], cpus: int, shutdown
     srun = ["srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1", f"--cpus-per-task={cpus}",
             "--kill-on-bad-exit=1"]
     return [*srun, *torchrun, *rendezvous, *program]
+
+
+def relaunch(argv: list[str], gpus: int, nodes: int, threads: int, stop_seconds: int, checkpoints: list[str]) -> None:
+    """Run the ``qatlaw`` command ``argv`` again as ``gpus`` data-parallel processes over ``nodes`` nodes, each node's
+    share of ``threads`` CPUs (:func:`node_cpus`) passed on as its workers' ``--threads``, and wait for it; a stop
+    signal goes on to torchrun, which gives the workers ``stop_seconds`` to write their ``checkpoints``. Stopped
+    when a stop signal ended it, QatlawError when it failed."""
+    from qatlaw import runstate
+
+    workers, cpus = max(1, gpus), node_cpus(threads)
+    # the workers' --threads: the CPUs of their node, which they share
+    command = torchrun_command(workers, nodes, [*argv, "--threads", str(cpus)], cpus, stop_seconds)
+    log.info("data parallel over %d GPUs on %d node(s), %d CPU thread(s) each: %s", workers, nodes,
+             worker_threads(cpus, workers // nodes), " ".join(command[:command.index("-m", 2)]))
+    for checkpoint in checkpoints:
+        runstate.stop_marker(checkpoint).unlink(missing_ok=True)
+    torchrun = subprocess.Popen(command, env=worker_env(cpus, workers // nodes))
+    with StopSignals(forward=torchrun.send_signal) as stop:
+        returncode = torchrun.wait()
+    # over several nodes SLURM signals the srun step, not this batch step: the workers' marker tells
+    stopped = stop.received.name if stop.received else next(
+        (f"a stop signal to its workers ({m.read_text().strip()})" for m in map(runstate.stop_marker, checkpoints)
+         if m.is_file()), None)
+    if returncode and stopped:
+        raise Stopped(f"torchrun stopped on {stopped} (see the log above); rerun to resume")
+    if returncode:
+        raise QatlawError(f"torchrun with {gpus} processes on {nodes} node(s) failed (see the log above)")
