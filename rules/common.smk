@@ -7,7 +7,7 @@ import sys
 from snakemake.exceptions import WorkflowError
 
 from qatlaw import config as qconfig
-from qatlaw import analysis_plan, corpus, cost, data, grid, memory, outputs, reference
+from qatlaw import analysis_plan, builtin_sources, cost, data, grid, memory, outputs, reference
 from qatlaw import precision as prec
 from qatlaw.errors import QatlawError
 

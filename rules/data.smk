@@ -8,7 +8,7 @@ rule fetch_corpus:
     log:
         "results/logs/fetch_corpus/{source}.log",
     wildcard_constraints:
-        source="|".join(corpus.BUILTIN_SOURCES),
+        source="|".join(builtin_sources.BUILTIN_SOURCES),
     conda:
         "../envs/data.yaml"
     shell:
