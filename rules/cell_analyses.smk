@@ -23,12 +23,12 @@ for _analysis, (_command, _flags) in CELL_ANALYSES.items():
         params:
             command=_command,
             tokens=config["analysis"]["tokens"],
-            flags=analysis_flags(_flags),
+            flags=workflow_plan.analysis_flags(_flags),
         threads: config["training"]["threads"]
         resources:
             mem_mb=analysis_mem_mb,
             runtime=analysis_runtime,
-            **analysis_execution(),
+            **PLAN.analysis_execution(),
         log:
             f"results/logs/{_analysis}/{{size}}/{{tokens}}/seed{{seed}}.log",
         benchmark:
@@ -43,11 +43,11 @@ for _analysis, (_command, _flags) in CELL_ANALYSES.items():
         name:
             _analysis
         input:
-            cell_tables(_analysis),
+            PLAN.cell_tables(_analysis),
         output:
             f"results/analysis/{_analysis}.parquet",
         params:
-            runs=grid_run_ids(),
+            runs=PLAN.grid_run_ids(),
         log:
             f"results/logs/{_analysis}.log",
         conda:

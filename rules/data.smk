@@ -8,7 +8,7 @@ rule fetch_corpus:
     log:
         "results/logs/fetch_corpus/{source}.log",
     wildcard_constraints:
-        source="|".join(corpus.BUILTIN_SOURCES),
+        source="|".join(builtin_sources.BUILTIN_SOURCES),
     conda:
         "../envs/data.yaml"
     shell:
@@ -24,7 +24,7 @@ if config["data"]["tokenizer"]:
             "results/data/tokenizer.json",
         params:
             vocab_size=config["data"]["vocab_size"],
-            eos=eos_flag(),
+            eos=PLAN.eos_flag(),
         log:
             "results/logs/tokenizer.log",
         conda:
@@ -37,11 +37,11 @@ else:
 
     rule tokenizer:
         input:
-            corpus_files(),
+            PLAN.corpus_files(),
         output:
             "results/data/tokenizer.json",
         params:
-            shards=corpus_shards(),
+            shards=PLAN.corpus_shards(),
             vocab_size=config["data"]["vocab_size"],
             min_frequency=config["data"]["tokenizer_min_frequency"],
             sample_mb=config["data"]["tokenizer_sample_mb"],
@@ -80,7 +80,7 @@ rule tokenize:
         text_field=config["data"]["text_field"],
         min_chars=config["data"]["min_doc_chars"],
         seed=config["data"]["split_seed"],
-        eos=eos_flag(),
+        eos=PLAN.eos_flag(),
     wildcard_constraints:
         job="[A-Za-z0-9_.-]+",
     threads: 1
@@ -101,8 +101,8 @@ rule tokenize:
 
 rule gather:
     input:
-        tokens=tokenize_outputs("npy"),
-        docs=tokenize_outputs("parquet"),
+        tokens=PLAN.tokenize_outputs("npy"),
+        docs=PLAN.tokenize_outputs("parquet"),
         tokenizer="results/data/tokenizer.json",
     output:
         train="results/data/train.npy",
@@ -112,7 +112,7 @@ rule gather:
     params:
         val_fraction=config["data"]["val_fraction"],
         seed=config["data"]["split_seed"],
-        eos=eos_flag(),
+        eos=PLAN.eos_flag(),
     resources:
         # each document's source and split draw, and one job's document table at a time
         mem_mb=gather_mem_mb,
@@ -136,7 +136,7 @@ rule data_budget:
         "results/data/budget.json",
     params:
         tokens=grid.token_budgets(config),
-        allow_repeat=allow_repeat_flag(),
+        allow_repeat=PLAN.allow_repeat_flag(),
     log:
         "results/logs/data_budget.log",
     conda:

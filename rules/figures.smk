@@ -9,18 +9,18 @@ for _figure, _keys in {**outputs.FIGURES, **outputs.SPLIT_FIGURES, **outputs.EXT
         name:
             f"figure_{_figure}"
         input:
-            **named_inputs(_keys),
-            metrics=run_metrics() if _figure == "training_curves" else [],
+            **outputs.named_inputs(_keys),
+            metrics=PLAN.run_files("metrics.parquet") if _figure == "training_curves" else [],
         output:
             png=report(
                 f"results/figures/{_figure}.png",
                 caption=f"../report/{_figure}.rst",
-                category=figure_category(_figure),
+                category=outputs.figure_category(_figure),
             ),
             svg=f"results/figures/{_figure}.svg",
         params:
             figure=_figure,
-            inputs=input_args(_keys),
+            inputs=outputs.input_args(_keys),
             caption=CAPTION,
             metric=config["fit"]["metric"],
         log:
@@ -38,14 +38,14 @@ for _table, _keys in outputs.TABLES.items():
         name:
             f"table_{_table}"
         input:
-            **named_inputs(_keys),
-            metrics=run_metrics() if _table == "gap_opening" else [],
+            **outputs.named_inputs(_keys),
+            metrics=PLAN.run_files("metrics.parquet") if _table == "gap_opening" else [],
         output:
             csv=report(f"results/tables/{_table}.csv", category="5. Tables"),
             md=f"results/tables/{_table}.md",
         params:
             table=_table,
-            inputs=input_args(_keys),
+            inputs=outputs.input_args(_keys),
             stem=subpath(output.csv, strip_suffix=".csv"),
         log:
             f"results/logs/tables/{_table}.log",

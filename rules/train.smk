@@ -8,7 +8,7 @@
 # by params.settings.
 
 
-if not BATCHED:
+if not PLAN.batched:
 
     rule train:
         input:
@@ -23,16 +23,16 @@ if not BATCHED:
             run_logs="",
             trunks="",
         threads: config["training"]["threads"]
-        retries: train_retries()
+        retries: PLAN.train_retries()
         wildcard_constraints:
-            size=node_sizes(multi_node=False) or "^$",
+            size=PLAN.node_sizes(multi_node=False) or "^$",
             variant=TRAINED_VARIANT,
         resources:
             mem_mb=train_mem_mb,
             runtime=train_runtime,
             gpu=train_gpus,
             nodes=1,
-            **train_execution(train_micro_batch_size, train_checkpointing),
+            **PLAN.train_execution(train_micro_batch_size, train_checkpointing),
         log:
             job="results/logs/train/{size}/{tokens}/seed{seed}/{variant}.log",
         benchmark:
@@ -42,13 +42,13 @@ if not BATCHED:
         shell:
             TRAIN_SHELL
 
-    if node_sizes(multi_node=True):
+    if PLAN.node_sizes(multi_node=True):
 
         # Runs of more GPUs than one node has: the job's shell runs in the SLURM batch step (the executor plugin's
         # `mpi` jobs), where `qatlaw train` starts one torchrun per node with srun.
         use rule train as train_nodes with:
             wildcard_constraints:
-                size=node_sizes(multi_node=True),
+                size=PLAN.node_sizes(multi_node=True),
             resources:
                 mem_mb=train_mem_mb,
                 runtime=train_runtime,
@@ -57,44 +57,44 @@ if not BATCHED:
                 tasks=train_nodes,
                 tasks_per_gpu=0,
                 mpi="srun",
-                **train_execution(train_micro_batch_size, train_checkpointing),
+                **PLAN.train_execution(train_micro_batch_size, train_checkpointing),
 
 else:
-    for i, batch in enumerate(TRAIN_BATCHES):
+    for i, batch in enumerate(PLAN.train_batches):
 
         rule:
             name:
-                batch_name(i)
+                PLAN.batch_name(i)
             input:
                 **TRAIN_INPUTS,
-                trunks=batch_trunk_inputs(batch),
+                trunks=PLAN.batch_trunk_inputs(batch),
             output:
-                summary=batch_files(batch, "summary.parquet"),
-                metrics=batch_files(batch, "metrics.parquet"),
-                model=batch_files(batch, "model.pt"),
-                trunks=batch_trunk_outputs(batch),
+                summary=workflow_plan.run_outputs(batch, "summary.parquet"),
+                metrics=workflow_plan.run_outputs(batch, "metrics.parquet"),
+                model=workflow_plan.run_outputs(batch, "model.pt"),
+                trunks=PLAN.batch_trunk_outputs(batch),
             params:
-                settings=batch_settings_json(batch),
-                checkpoint=batch_checkpoints(batch),
-                run_logs=run_log_flag(batch),
-                trunks=batch_trunk_flags(batch),
+                settings=PLAN.batch_settings_json(batch),
+                checkpoint=workflow_plan.batch_checkpoints(batch),
+                run_logs=workflow_plan.run_log_flag(batch),
+                trunks=PLAN.batch_trunk_flags(batch),
             threads: config["training"]["threads"]
-            priority: batch_priority(batch)
+            priority: PLAN.batch_priority(batch)
             resources:
-                **batch_resources(batch),
-                **train_execution(*job_plan([RUNS[run_id] for run_id in batch])),
+                **PLAN.batch_resources(batch),
+                **PLAN.batch_execution(batch),
             log:
-                job=batch_job_log(i),
-                runs=batch_run_logs(batch),
+                job=PLAN.batch_job_log(i),
+                runs=workflow_plan.batch_run_logs(batch),
             benchmark:
-                batch_job_log(i).replace("results/logs/", "results/benchmarks/").replace(".log", ".tsv")
+                PLAN.batch_job_log(i).replace("results/logs/", "results/benchmarks/").replace(".log", ".tsv")
             conda:
                 "../envs/train.yaml"
             shell:
                 TRAIN_SHELL
 
 
-if PTQ_RUNS:
+if PLAN.ptq_runs:
 
     # Post-training quantization (QAT fraction 0): the baseline's final model scored under the precision.
     rule ptq:
@@ -119,7 +119,7 @@ if PTQ_RUNS:
             # windows per forward: the training micro-batch (a whole paper batch at once runs out of GPU memory)
             micro_batch_size=train_micro_batch_size,
             loss_chunk_tokens=config["training"]["loss_chunk_tokens"] or 0,
-            **analysis_execution(),
+            **PLAN.analysis_execution(),
         log:
             "results/logs/train/{size}/{tokens}/seed{seed}/{variant}.log",
         conda:
@@ -133,17 +133,17 @@ if PTQ_RUNS:
             "> {log} 2>&1"
 
 
-if RESTORED:
+if PLAN.restored:
 
     # The runs of a shipped study that count as done (config key restore): summaries, metrics, analysis rows.
     rule restore:
         input:
-            restore_inputs(),
+            PLAN.restore_inputs(),
         output:
-            reference.restored_files(RESTORED),
+            reference.restored_files(PLAN.restored),
         params:
             folder=config["restore"],
-            runs=" ".join(RESTORED),
+            runs=" ".join(PLAN.restored),
         log:
             "results/logs/restore.log",
         conda:
@@ -175,7 +175,7 @@ else:
 
     rule runs:
         input:
-            run_summaries(),
+            PLAN.run_files("summary.parquet"),
         output:
             "results/runs.parquet",
         log:

