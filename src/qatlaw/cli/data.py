@@ -29,12 +29,12 @@ def read_manifest(path: str) -> dict:
 
 
 def _fetch(args: argparse.Namespace) -> None:
-    from qatlaw import corpus
+    from qatlaw import builtin_sources
 
     out = Path(args.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".fetch-") as tmp:
-        archive = corpus.fetch_builtin(args.source, Path(tmp))
+        archive = builtin_sources.fetch_builtin(args.source, Path(tmp))
         os.replace(archive, out)
     log.info("fetched %s -> %s (%.1f MB)", args.source, out, out.stat().st_size / 1e6)
 
