@@ -492,9 +492,9 @@ def _plan(args: argparse.Namespace) -> None:
               f"{b['weight_gb']:.4g} GB)")
     print("\n".join(split_lines))
     if args.plot:
-        from qatlaw import plots
+        from qatlaw.plots.plan import plan_figure
 
-        plots.plan_figure(law, args.N, args.D, table, args.plot)
+        plan_figure(law, args.N, args.D, table, args.plot)
 
 
 def _named_inputs(pairs: Sequence[str]) -> dict[str, str]:
