@@ -16,7 +16,7 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.ticker import MaxNLocator
 
 from qatlaw import fit, paper
-from qatlaw.plots.draw import empty, new_figure, save, save_empty, styled
+from qatlaw.plots.draw import empty, new_figure, styled, write_empty, write_figure
 from qatlaw.plots.inputs import METRIC, cell_means, constants, law_text, read_decomposition
 from qatlaw.precision import BASELINE
 from qatlaw.report_inputs import read_input
@@ -35,15 +35,15 @@ def fig1_contour(params: str | Path, decomposition: str | Path, out_png: str | P
     notes = [f"at G = {G}"]
     if law is None or G is None or G < 2 or decomp.empty:
         why = "unified W4A4 law not fitted (NaN constants): no contours" if law is None else "no W4A4 runs"
-        save_empty(fig, [ax], why, out_png, caption_grid, notes)
+        write_empty(fig, [ax], why, out_png, caption_grid, notes)
         return
     log_n, log_d = _log10_range(decomp["N"]), _log10_range(decomp["D"])
     xx, yy = np.meshgrid(log_n, log_d)
     field = fit.predict_delta(law, 10.0**xx, 10.0**yy, G)
     positive = cells[cells["value"] > 0]
     if not np.isfinite(field).any():
-        save_empty(fig, [ax], "the fitted W4A4 law is not finite over this range: no contours", out_png,
-                   caption_grid, notes)
+        write_empty(fig, [ax], "the fitted W4A4 law is not finite over this range: no contours", out_png,
+                    caption_grid, notes)
         return
     levels, norm = _levels(min(np.nanmin(field), positive["value"].min()) if len(positive) else np.nanmin(field),
                            max(np.nanmax(field), positive["value"].max()) if len(positive) else np.nanmax(field),
@@ -69,7 +69,7 @@ def fig1_contour(params: str | Path, decomposition: str | Path, out_png: str | P
                  f"paper {cited['gamma_N'] / cited['gamma_D']:.3g})")
     fig.suptitle(textwrap.fill(law_text(prm, "unified", "W4A4"), 95), fontsize="small")
     ax.legend(loc="best", fontsize="small", framealpha=0.9)
-    save(fig, out_png, caption_grid, notes)
+    write_figure(fig, out_png, caption_grid, notes)
 
 
 @styled
@@ -84,7 +84,7 @@ def fig16_epm(params: str | Path, decomposition: str | Path, out_png: str | Path
     fig, axes = new_figure(1, len(precisions), (6.6 * len(precisions), 5.4))
     notes = [f"at G = {G}"]
     if decomp.empty or G is None or G < 2:
-        save_empty(fig, [axes[0, 0]], "no decomposition rows to place the grid", out_png, caption_grid, notes)
+        write_empty(fig, [axes[0, 0]], "no decomposition rows to place the grid", out_png, caption_grid, notes)
         return
     xx, yy = np.meshgrid(_log10_range(decomp["N"]), _log10_range(decomp["D"]))
     fields = {}
@@ -93,7 +93,7 @@ def fig16_epm(params: str | Path, decomposition: str | Path, out_png: str | Path
         ax.set_title(f"EPM of {precision}")
         if law is None or chin is None:
             empty(ax, f"{'unified ' + precision if law is None else 'Chinchilla'} law not fitted (NaN constants): "
-                       "no EPM")
+                      "no EPM")
             continue
         field = fit.epm(10.0**xx, 10.0**yy, G, law, chin)
         if not np.isfinite(field).any():
@@ -123,7 +123,7 @@ def fig16_epm(params: str | Path, decomposition: str | Path, out_png: str | Path
         notes.append(f"FC2 input 8 bit raises EPM by {np.nanmin(gain):+.2f} to {np.nanmax(gain):+.2f} "
                      f"(paper {low:+.2f} to {high:+.2f})")
     notes.append("paper: W4A4 EPM > 0.5 in most cases")
-    save(fig, out_png, caption_grid, notes)
+    write_figure(fig, out_png, caption_grid, notes)
 
 
 def _numeric_G(decomp: pd.DataFrame, G: int | None) -> int | None:

@@ -18,7 +18,17 @@ from matplotlib.colors import TwoSlopeNorm
 
 from qatlaw import paper
 from qatlaw.grid import format_tokens
-from qatlaw.plots.draw import empty, group_colors, group_label, group_order, new_figure, save, save_empty, si, styled
+from qatlaw.plots.draw import (
+    empty,
+    group_colors,
+    group_label,
+    group_order,
+    new_figure,
+    si,
+    styled,
+    write_empty,
+    write_figure,
+)
 from qatlaw.plots.inputs import METRIC, cell_means, read_decomposition
 from qatlaw.report_inputs import read_input
 
@@ -36,7 +46,7 @@ def fig6_decomposition(decomposition: str | Path, decomposition_fit: str | Path,
     ax = axes[0, 0]
     rows = decomp[np.isfinite(decomp[["delta_W4A4", "sum_components"]].astype(float)).all(axis=1)]
     if rows.empty:
-        save_empty(fig, [ax], "no cell has W4A4, W4A16 and W16A4 runs", out_png, caption_grid)
+        write_empty(fig, [ax], "no cell has W4A4, W4A16 and W16A4 runs", out_png, caption_grid)
         return
     colors = group_colors(group_order(decomp))
     for group, color in colors.items():
@@ -59,7 +69,7 @@ def fig6_decomposition(decomposition: str | Path, decomposition_fit: str | Path,
     ax.set_ylabel("δ_W4A4 (nats)")
     ax.set_title(title, fontsize="medium")
     ax.legend(loc="best", fontsize="small", framealpha=0.9)
-    save(fig, out_png, caption_grid)
+    write_figure(fig, out_png, caption_grid)
 
 
 @styled
@@ -71,7 +81,7 @@ def fig8_ratio(decomposition: str | Path, out_png: str | Path, caption_grid: str
     groups = list(dict.fromkeys([order[0], order[-1]])) if order else []
     fig, axes = new_figure(2, max(len(groups), 1), (5.2 * max(len(groups), 1) + 1.2, 8.2))
     if not groups:
-        save_empty(fig, axes.flat, "no decomposition rows", out_png, caption_grid)
+        write_empty(fig, axes.flat, "no decomposition rows", out_png, caption_grid)
         return
     ratios = {"ratio_R": ("delta_W16A4", "R = δ_W16A4 / δ_W4A16"),
               "ratio_R_fc2a8": ("delta_W16A4_fc2a8", "R = δ_W16A4-fc2a8 / δ_W4A16 (FC2 input 8 bit)")}
@@ -101,9 +111,9 @@ def fig8_ratio(decomposition: str | Path, out_png: str | Path, caption_grid: str
             ax.set_ylabel("D (token budget)")
     fig.colorbar(ScalarMappable(norm, RATIO_CMAP), ax=axes, label="R (> 1: activation error dominates)", shrink=0.8)
     (low, high), (low8, high8) = (paper.constants()[key] for key in ("ratio_R", "ratio_R_fc2a8"))
-    save(fig, out_png, caption_grid, [f"blank cells: a run is missing or diverged, or a δ ≤ 0 ({n_dropped} dropped)",
-                                       f"paper: R {low:.2f}–{high:.2f} without, {low8:.2f}–{high8:.2f} with FC2 "
-                                       "input 8 bit"])
+    write_figure(fig, out_png, caption_grid,
+                 [f"blank cells: a run is missing or diverged, or a δ ≤ 0 ({n_dropped} dropped)",
+                  f"paper: R {low:.2f}–{high:.2f} without, {low8:.2f}–{high8:.2f} with FC2 input 8 bit"])
 
 
 def _heatmap(ax: Axes, grid: pd.DataFrame, norm: TwoSlopeNorm) -> None:

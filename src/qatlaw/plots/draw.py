@@ -51,7 +51,7 @@ def new_figure(nrows: int, ncols: int, size: tuple[float, float]) -> tuple[Figur
     return fig, np.atleast_2d(fig.subplots(nrows, ncols, squeeze=False))
 
 
-def save(fig: Figure, out_png: str | Path, caption_grid: str, notes: Sequence[str] = ()) -> None:
+def write_figure(fig: Figure, out_png: str | Path, caption_grid: str, notes: Sequence[str] = ()) -> None:
     """Add the caption line (grid and notes) under the figure and write out_png and the SVG beside it."""
     out_png = Path(out_png)
     if out_png.suffix != ".png":
@@ -83,12 +83,13 @@ def empty(ax: Axes, message: str) -> None:
             color="0.35")
 
 
-def save_empty(fig: Figure, axes: Iterable[Axes], message: str, out_png: str | Path, caption_grid: str,
-               notes: Sequence[str] = ()) -> None:
-    """Write a figure with nothing to draw: ``message`` on each of ``axes``, then the caption as :func:`save` does."""
+def write_empty(fig: Figure, axes: Iterable[Axes], message: str, out_png: str | Path, caption_grid: str,
+                notes: Sequence[str] = ()) -> None:
+    """Write a figure with nothing to draw: ``message`` on each of ``axes``, then the caption and the files as
+    :func:`write_figure` does."""
     for ax in axes:
         empty(ax, message)
-    save(fig, out_png, caption_grid, notes)
+    write_figure(fig, out_png, caption_grid, notes)
 
 
 def si(x: float) -> str:

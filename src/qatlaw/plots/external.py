@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import seaborn as sns
 
-from qatlaw.plots.draw import DELTA_LABEL, new_figure, save, save_empty, styled
+from qatlaw.plots.draw import DELTA_LABEL, new_figure, styled, write_empty, write_figure
 from qatlaw.plots.inputs import METRIC
 from qatlaw.report_inputs import read_input
 
@@ -27,7 +27,7 @@ def delta_vs_paper(runs: str | Path, out_png: str | Path, caption_grid: str, met
     fig, axes = new_figure(1, 1, (6.4, 5.8))
     ax = axes[0, 0]
     if rows.empty:
-        save_empty(fig, [ax], "no QAT runs of a label from outside this project", out_png, caption_grid)
+        write_empty(fig, [ax], "no QAT runs of a label from outside this project", out_png, caption_grid)
         return
     colors = dict(zip(labels, sns.color_palette("tab10", len(labels))))
     ratio = rows["D"] / rows["N"]
@@ -41,4 +41,4 @@ def delta_vs_paper(runs: str | Path, out_png: str | Path, caption_grid: str, met
     ax.set_ylabel(f"measured δ: {DELTA_LABEL}")
     ax.set_title("measured δ against the paper's INT4 law", fontsize="medium")
     ax.legend(fontsize="small", frameon=False)
-    save(fig, out_png, caption_grid, [f"δ of {metric}; point size ∝ D/N"])
+    write_figure(fig, out_png, caption_grid, [f"δ of {metric}; point size ∝ D/N"])

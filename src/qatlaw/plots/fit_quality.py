@@ -16,7 +16,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 
 from qatlaw import paper
-from qatlaw.plots.draw import empty, new_figure, save, styled, tidy_log
+from qatlaw.plots.draw import empty, new_figure, styled, tidy_log, write_figure
 from qatlaw.plots.inputs import law_band, law_text
 from qatlaw.precision import BASELINE
 from qatlaw.report_inputs import read_input
@@ -59,7 +59,7 @@ def fig10_chinchilla(predictions: str | Path, params: str | Path, out_png: str |
     ax.set_ylabel("predicted BF16 loss (nats)")
     ax.set_aspect("equal", adjustable="box")
     _constants_box(ax, law_text(prm, "chinchilla", BASELINE))
-    save(fig, out_png, caption_grid, [note, "point size ∝ D"])
+    write_figure(fig, out_png, caption_grid, [note, "point size ∝ D"])
 
 
 @styled
@@ -169,4 +169,4 @@ def _fit_figure(predictions: str | Path, params: str | Path, out_png: str | Path
         ax.set_xlabel(f"observed {what}")
         ax.set_ylabel(f"predicted {what}")
         ax.set_aspect("equal", adjustable="box")
-    save(fig, out_png, caption_grid, list(dict.fromkeys(notes)))
+    write_figure(fig, out_png, caption_grid, list(dict.fromkeys(notes)))

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from qatlaw import paper
-from qatlaw.plots.draw import new_figure, save, save_empty, styled
+from qatlaw.plots.draw import new_figure, styled, write_empty, write_figure
 from qatlaw.plots.inputs import METRIC
 from qatlaw.report_inputs import read_input
 
@@ -27,7 +27,7 @@ def mixed_layer_ranking(mixed_ranking: str | Path, out_png: str | Path, caption_
     fig, axes = new_figure(1, 1, (8.5, 1.6 + 0.45 * max(len(rank), 3)))
     ax = axes[0, 0]
     if rank.empty:
-        save_empty(fig, [ax], "no override runs in the grid", out_png, caption_grid)
+        write_empty(fig, [ax], "no override runs in the grid", out_png, caption_grid)
         return
     labels = [f"{r.override} (on {r.base_precision})" for r in rank.itertuples()]
     values = 100 * rank["mean_relative_change"].astype(float)
@@ -50,4 +50,4 @@ def mixed_layer_ranking(mixed_ranking: str | Path, out_png: str | Path, caption_
     ax.set_xlabel("mean relative change of δ vs the base precision (%)")
     ax.set_title("Which single tensor at 8 bit lowers δ most (negative: less error)")
     ax.legend(loc="best", fontsize="small")
-    save(fig, out_png, caption_grid, ["mean over the cells where the base run has δ > 0"])
+    write_figure(fig, out_png, caption_grid, ["mean over the cells where the base run has δ > 0"])

@@ -17,7 +17,7 @@ from matplotlib.axes import Axes
 
 from qatlaw import paper
 from qatlaw.grid import format_tokens
-from qatlaw.plots.draw import empty, group_label, group_order, new_figure, save, si, styled, tidy_log
+from qatlaw.plots.draw import empty, group_label, group_order, new_figure, si, styled, tidy_log, write_figure
 from qatlaw.plots.inputs import METRIC, read_decomposition
 from qatlaw.precision import BASELINE, LAYER_TYPES
 from qatlaw.report_inputs import read_input
@@ -32,7 +32,7 @@ def fig9_outliers(outliers: str | Path, runs: str | Path, decomposition: str | P
     decomp = read_decomposition(decomposition, metric)
     fig, axes = new_figure(1, 2, (13, 5.2))
     notes = [_kurtosis_panel(axes[0, 0], out, table), _fc2_panel(axes[0, 1], decomp)]
-    save(fig, out_png, caption_grid, notes)
+    write_figure(fig, out_png, caption_grid, notes)
 
 
 def _kurtosis_panel(ax: Axes, out: pd.DataFrame, table: pd.DataFrame) -> str:

@@ -11,7 +11,7 @@ import pandas as pd
 import seaborn as sns
 
 from qatlaw import fit
-from qatlaw.plots.draw import DELTA_LABEL, new_figure, save, si, styled, tidy_log
+from qatlaw.plots.draw import DELTA_LABEL, new_figure, si, styled, tidy_log, write_figure
 from qatlaw.plots.inputs import constants
 
 
@@ -39,4 +39,4 @@ def plan_figure(law, N: float, D: float, options: pd.DataFrame, out_png: str | P
     ax.set_ylabel(DELTA_LABEL)
     ax.set_title(f"law {law.name}: δ at N = {si(N)} (vertical line: D = {si(D)})")
     fig.legend(loc="outside right upper", fontsize="small", frameon=False)
-    save(fig, out_png, "", [f"source: {law.source}"])
+    write_figure(fig, out_png, "", [f"source: {law.source}"])

@@ -14,7 +14,7 @@ import pandas as pd
 import seaborn as sns
 
 from qatlaw import paper, split
-from qatlaw.plots.draw import DELTA_LABEL, new_figure, save, save_empty, si, styled
+from qatlaw.plots.draw import DELTA_LABEL, new_figure, si, styled, write_empty, write_figure
 from qatlaw.plots.inputs import METRIC
 from qatlaw.report_inputs import read_input
 
@@ -28,7 +28,7 @@ def split_loss_vs_fraction(runs: str | Path, out_png: str | Path, caption_grid: 
     deltas, optima = _split_inputs(runs, metric)
     if optima.empty:
         fig, axes = new_figure(1, 1, (6, 4))
-        save_empty(fig, [axes[0, 0]], NO_OPTIMA, out_png, caption_grid)
+        write_empty(fig, [axes[0, 0]], NO_OPTIMA, out_png, caption_grid)
         return
     ncols = min(3, len(optima))
     nrows = math.ceil(len(optima) / ncols)
@@ -67,7 +67,7 @@ def split_loss_vs_fraction(runs: str | Path, out_png: str | Path, caption_grid: 
     for ax in list(axes.flat)[len(optima):]:
         ax.set_visible(False)
     fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside right upper", frameon=False)
-    save(fig, out_png, caption_grid, [f"δ of {metric}", *notes])
+    write_figure(fig, out_png, caption_grid, [f"δ of {metric}", *notes])
 
 
 @styled
@@ -78,7 +78,7 @@ def split_optimum_vs_S(runs: str | Path, out_png: str | Path, caption_grid: str,
     fig, axes = new_figure(1, 1, (7.5, 5))
     ax = axes[0, 0]
     if optima.empty:
-        save_empty(fig, [ax], NO_OPTIMA, out_png, caption_grid)
+        write_empty(fig, [ax], NO_OPTIMA, out_png, caption_grid)
         return
     a_paper = paper.constants()["split"]["optimum"]["a"]
     S_all = optima["S"].to_numpy(float)
@@ -108,8 +108,8 @@ def split_optimum_vs_S(runs: str | Path, out_png: str | Path, caption_grid: str,
     ax.set_ylabel("optimal QAT fraction f*")
     ax.set_title("f* against S (Dremov et al. 2025)", fontsize="medium")
     ax.legend(fontsize="small", frameon=False, loc="upper left")
-    save(fig, out_png, caption_grid, [f"δ of {metric}; bars: each cell's spread over seeds (90% interval, or the "
-                                       "range of 2 seeds)", *notes])
+    write_figure(fig, out_png, caption_grid, [f"δ of {metric}; bars: each cell's spread over seeds (90% interval, "
+                                              "or the range of 2 seeds)", *notes])
 
 
 def _split_inputs(runs: str | Path, metric: str) -> tuple[pd.DataFrame, pd.DataFrame]:

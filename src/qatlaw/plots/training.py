@@ -12,7 +12,7 @@ import pandas as pd
 import seaborn as sns
 
 from qatlaw.grid import format_tokens
-from qatlaw.plots.draw import empty, group_label, new_figure, save, save_empty, si, styled
+from qatlaw.plots.draw import empty, group_label, new_figure, si, styled, write_empty, write_figure
 from qatlaw.precision import BASELINE
 from qatlaw.report_inputs import metrics_path, read_input
 
@@ -27,7 +27,7 @@ def training_curves(runs: str | Path, out_png: str | Path, caption_grid: str) ->
     table = read_input(runs, "runs")
     fig, axes = new_figure(1, 2, (13, 5))
     if table.empty:
-        save_empty(fig, axes.flat, "empty run table", out_png, caption_grid)
+        write_empty(fig, axes.flat, "empty run table", out_png, caption_grid)
         return
     table = table.assign(N=pd.to_numeric(table["N"]).astype(float), group=table["group"].astype(str))
     top = table[table["N"] == table["N"].max()]
@@ -65,8 +65,8 @@ def training_curves(runs: str | Path, out_png: str | Path, caption_grid: str) ->
     if len(curves) > 1 or base is None:
         axes[0, 1].set_ylim(_gap_limits(curves, base))
     fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside right upper", frameon=False)
-    save(fig, out_png, caption_grid, [f"runs of seed {int(row['seed'])}",
-                                       "right: y range over the last 90% of steps"])
+    write_figure(fig, out_png, caption_grid, [f"runs of seed {int(row['seed'])}",
+                                              "right: y range over the last 90% of steps"])
 
 
 def _precision_key(precision: str) -> tuple[int, str]:

@@ -27,10 +27,10 @@ from qatlaw.plots.draw import (
     group_label,
     group_order,
     new_figure,
-    save,
     si,
     styled,
     tidy_log,
+    write_figure,
 )
 from qatlaw.plots.inputs import METRIC, cell_means, constants, law_band, law_text, read_decomposition
 from qatlaw.report_inputs import read_input
@@ -51,7 +51,7 @@ def fig4_trends(params: str | Path, decomposition: str | Path, bootstrap: str | 
     _trend_legend(fig, decomp, colors, fitted)
     fig.suptitle("δ_W4A4 vs N, D and G · fitted " + textwrap.fill(law_text(prm, "unified", "W4A4"), 80),
                  fontsize="medium")
-    save(fig, out_png, caption_grid, [_dropped(n_dropped)])
+    write_figure(fig, out_png, caption_grid, [_dropped(n_dropped)])
 
 
 @styled
@@ -70,7 +70,7 @@ def fig7_components(params: str | Path, decomposition: str | Path, out_png: str 
         notes.append(f"{precision}: {_dropped(n) or '0 dropped'}; {law_text(prm, 'unified', precision)}")
     _trend_legend(fig, decomp, colors, any(constants(prm, "unified", p) is not None for p in ("W4A16", "W16A4")))
     fig.suptitle("Weight-only (top) and activation-only (bottom) quantization error")
-    save(fig, out_png, caption_grid, notes)
+    write_figure(fig, out_png, caption_grid, notes)
 
 
 def _observed(ax: Axes, rows: pd.DataFrame, x: str, color: tuple) -> None:
