@@ -12,6 +12,8 @@ import pytest
 from conftest import CAPTION, write_results
 
 from qatlaw import outputs, plots
+from qatlaw.plots.training import training_curves
+from qatlaw.report_inputs import PlotError
 
 
 @pytest.fixture(scope="module")
@@ -93,23 +95,23 @@ def test_outputs_are_reproducible(name: str, results: dict[str, Path], tmp_path:
 
 
 def test_bad_inputs_are_one_line_errors(results: dict[str, Path], tmp_path: Path):
-    with pytest.raises(plots.PlotError, match=r"nowhere\.parquet: params table not found"):
+    with pytest.raises(PlotError, match=r"nowhere\.parquet: params table not found"):
         plots.make_figure("fig1_contour", results | {"params": tmp_path / "nowhere.parquet"}, tmp_path / "x.png",
                           CAPTION)
     broken = tmp_path / "decomposition.parquet"
     pd.read_parquet(results["decomposition"]).drop(columns=["ratio_R"]).to_parquet(broken)
-    with pytest.raises(plots.PlotError, match=r"decomposition\.parquet: decomposition table lacks columns ratio_R; expected columns size, "):
+    with pytest.raises(PlotError, match=r"decomposition\.parquet: decomposition table lacks columns ratio_R; expected columns size, "):
         plots.make_figure("fig8_ratio", results | {"decomposition": broken}, tmp_path / "x.png", CAPTION)
-    with pytest.raises(plots.PlotError, match="no input file given for outliers"):
+    with pytest.raises(PlotError, match="no input file given for outliers"):
         plots.make_figure("fig9_outliers", {"runs": results["runs"]}, tmp_path / "x.png", CAPTION)
-    with pytest.raises(plots.PlotError, match="unknown figure"):
+    with pytest.raises(PlotError, match="unknown figure"):
         plots.make_figure("fig99", results, tmp_path / "x.png", CAPTION)
 
 
 def test_training_curves_need_the_metrics_of_every_run(results: dict[str, Path], tmp_path: Path):
     (tmp_path / "runs.parquet").write_bytes(results["runs"].read_bytes())
-    with pytest.raises(plots.PlotError, match=r"s3/4M/seed0/BF16/metrics\.parquet: metrics table not found"):
-        plots.training_curves(tmp_path / "runs.parquet", tmp_path / "x.png", CAPTION)
+    with pytest.raises(PlotError, match=r"s3/4M/seed0/BF16/metrics\.parquet: metrics table not found"):
+        training_curves(tmp_path / "runs.parquet", tmp_path / "x.png", CAPTION)
 
 
 def test_grid_caption():

@@ -123,9 +123,9 @@ def _plan(args: argparse.Namespace) -> None:
               f"{b['weight_gb']:.4g} GB)")
     print("\n".join(split_lines))
     if args.plot:
-        from qatlaw import plots
+        from qatlaw.plots.plan import plan_figure
 
-        plots.plan_figure(law, args.N, args.D, table, args.plot)
+        plan_figure(law, args.N, args.D, table, args.plot)
 
 
 def _plan_parser(sub: argparse._SubParsersAction) -> None:
