@@ -1,10 +1,10 @@
 """Fit the scaling laws: Chinchilla on the BF16 runs, the unified QAT law per precision, and the baselines.
 
 Every law is fitted to one metric (``run_fits(metric=...)``, config ``fit.metric``): ``val_loss``, the
-validation loss and its δ (the default), or ``loss``, the smoothed training loss (the paper's). The laws are in
-:mod:`qatlaw.fit.forms`, how they are fitted in :mod:`qatlaw.fit.solver`, which runs enter and the bootstrap
-behind the intervals in :mod:`qatlaw.fit.runs`. :func:`run_fits` assesses every law and :func:`write_fits`
-writes its tables (``results/fit/``; their columns in ``results/README.md``).
+validation loss and its δ (the default), or ``loss``, the smoothed training loss (the paper's). The laws and
+their named constants are in :mod:`qatlaw.fit.forms`, how they are fitted in :mod:`qatlaw.fit.solver`, which
+runs enter and the bootstrap behind the intervals in :mod:`qatlaw.fit.runs`. :func:`run_fits` assesses every
+law and :func:`write_fits` writes its tables (``results/fit/``; their columns in ``results/README.md``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from qatlaw.fit.forms import (
     DELTA_CONSTANTS,
     EPM,
     Chinchilla,
+    ChinchillaParams,
     DeltaLaw,
+    DeltaParams,
     Fit,
     Law,
     design_points,
@@ -43,9 +45,10 @@ from qatlaw.precision import BASELINE
 
 __all__ = [
     "BOOTSTRAP_COLUMNS", "BOOT_QUANTILES", "CHINCHILLA_CONSTANTS", "COMPARISON_COLUMNS", "DELTA_CONSTANTS", "EPM",
-    "MIN_BOOT_SHARE", "PARAMS_COLUMNS", "PREDICTIONS_COLUMNS", "Chinchilla", "DeltaLaw", "Fit", "FitError",
-    "FitTables", "design_points", "draw_predictions", "epm", "epm_delta", "fit_epm", "one_ray", "predict_delta",
-    "predict_loss", "read_params", "relative_error", "run_fits", "write_fits",
+    "MIN_BOOT_SHARE", "PARAMS_COLUMNS", "PREDICTIONS_COLUMNS", "Chinchilla", "ChinchillaParams", "DeltaLaw",
+    "DeltaParams", "Fit", "FitError", "FitTables", "design_points", "draw_predictions", "epm", "epm_delta",
+    "fit_epm", "one_ray", "predict_delta", "predict_loss", "read_params", "relative_error", "run_fits",
+    "write_fits",
 ]
 
 log = logging.getLogger("qatlaw.fit")

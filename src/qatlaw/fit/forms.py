@@ -7,6 +7,9 @@ table; for ``channel`` runs G is already the hidden size, so no special case is 
 - ``epm``         δ(N) = A/(N·eff)^α − A/N^α (paper Eq. 3, Table 2): A and α are the Chinchilla fit's, and
                   eff ∈ (0, 1] is the only free parameter, one per granularity (the "5 laws" of Table 2; the
                   run table's ``group`` label, so all ``channel`` runs share one eff whatever their G).
+
+:class:`ChinchillaParams` and :class:`DeltaParams` name the constants of the solver's parameter vectors
+(:mod:`qatlaw.fit.solver`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import pandas as pd
@@ -37,8 +40,43 @@ MIN_TERM_SHARE = 1e-6
 BOOT_HALTON = 16
 
 
-CHINCHILLA_CONSTANTS = ("A", "B", "E", "alpha", "beta")
-DELTA_CONSTANTS = ("k", "gamma_N", "gamma_D", "gamma_G")
+class ChinchillaParams(NamedTuple):
+    """The constants of the Chinchilla law L = E + A/N^α + B/D^β."""
+
+    A: float
+    B: float
+    E: float
+    alpha: float
+    beta: float
+
+    @classmethod
+    def from_theta(cls, theta: np.ndarray, tie: bool) -> ChinchillaParams:
+        """The constants of the solver's θ = (log A, log B, log E, α[, β]), whose β is α when ``tie``."""
+        a, b, e, alpha = (float(t) for t in theta[:4])
+        beta = alpha if tie else float(theta[4])
+        return cls(float(np.exp(a)), float(np.exp(b)), float(np.exp(e)), alpha, beta)
+
+
+class DeltaParams(NamedTuple):
+    """The constants of the δ law δ = k·D^γD·(log2 G)^γG/N^γN."""
+
+    k: float
+    gamma_N: float
+    gamma_D: float
+    gamma_G: float
+
+    @classmethod
+    def from_theta(cls, theta: np.ndarray, use_D: bool, with_g: bool) -> DeltaParams:
+        """The constants of the solver's θ = (log k, γN[, γD][, γG]) (the columns of :meth:`DeltaLaw._design`):
+        γD is 0 without ``use_D``, γG NaN without ``with_g``."""
+        log_k, gamma_N, *rest = (float(t) for t in theta)
+        gamma_D = rest.pop(0) if use_D else 0.0
+        gamma_G = rest[0] if with_g else math.nan
+        return cls(float(np.exp(log_k)), gamma_N, gamma_D, gamma_G)
+
+
+CHINCHILLA_CONSTANTS = ChinchillaParams._fields
+DELTA_CONSTANTS = DeltaParams._fields
 
 
 @dataclass(frozen=True)
@@ -132,17 +170,15 @@ class Chinchilla:
         return CHINCHILLA_CONSTANTS
 
     def _constants(self, theta: np.ndarray) -> dict[str, float]:
-        a, b, e, alpha = (float(t) for t in theta[:4])
-        beta = alpha if self.tie else float(theta[4])
-        return {"A": float(np.exp(a)), "B": float(np.exp(b)), "E": float(np.exp(e)), "alpha": alpha, "beta": beta}
+        return ChinchillaParams.from_theta(theta, self.tie)._asdict()
 
     def _degenerate(self, theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray) -> str | None:
         """Why an optimum is not one of the law's own (a negative exponent, a term tending to 0), or None."""
-        if (theta[3:] < 0).any():
+        if (theta[3:] < 0).any():  # θ's exponents (α[, β])
             return "an exponent is negative"
-        c = self._constants(theta)
-        terms = np.column_stack([c["A"] * np.exp(-c["alpha"] * log_n), c["B"] * np.exp(-c["beta"] * log_d),
-                                 np.full(len(log_n), c["E"])])
+        p = ChinchillaParams.from_theta(theta, self.tie)
+        terms = np.column_stack([p.A * np.exp(-p.alpha * log_n), p.B * np.exp(-p.beta * log_d),
+                                 np.full(len(log_n), p.E)])
         share = (terms / terms.sum(axis=1, keepdims=True)).max(axis=0)
         vanishing = [name for name, s in zip(("A/N^alpha", "B/D^beta", "E"), share) if s < MIN_TERM_SHARE]
         return f"{', '.join(vanishing)} tends to 0" if vanishing else None
@@ -248,11 +284,8 @@ class DeltaLaw:
             cols.append(np.log(np.log2(data["G"].to_numpy())))
         return np.column_stack(cols)
 
-    def _constants(self, theta: np.ndarray, with_g: bool = True) -> dict[str, float]:
-        theta = [float(t) for t in theta]
-        gamma_D = theta.pop(2) if self.use_D else 0.0
-        gamma_G = theta[2] if with_g else math.nan
-        return {"k": float(np.exp(theta[0])), "gamma_N": theta[1], "gamma_D": gamma_D, "gamma_G": gamma_G}
+    def _constants(self, theta: np.ndarray, with_g: bool) -> dict[str, float]:
+        return DeltaParams.from_theta(theta, self.use_D, with_g)._asdict()
 
     def fit(self, runs: pd.DataFrame, n_boot: int = 0, seed: int = 0,
             held_out: tuple[str, float] | None = None) -> Fit:
