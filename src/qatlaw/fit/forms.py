@@ -253,8 +253,7 @@ def one_ray(runs: pd.DataFrame) -> str:
         x = np.column_stack([x, np.log(np.log2(runs["G"].to_numpy(float)))])
     along = qat_loss(runs, x)
     try:
-        start = along.start()
-        slope = f"{along.solve(along.threshold(start), start)[0][1]:.3g}"
+        slope = f"{along.optimum()[0][1]:.3g}"
     except FitError:
         slope = "not identified either"
     return (f"every run lies on one D/N ray (D/N {ratio.min():.3g}–{ratio.max():.3g}): gamma_N and gamma_D are not "
@@ -312,9 +311,7 @@ class DeltaLaw:
             raise FitError(f"{what}: {ray}")
         runs_ = qat_loss(data, x)
         try:
-            theta = runs_.start()
-            c = runs_.threshold(theta)
-            theta, objective = runs_.solve(c, theta)
+            theta, c, objective = runs_.optimum()
         except FitError as exc:
             raise FitError(f"{what}: {exc}") from None
         if not with_g:
@@ -392,9 +389,7 @@ def fit_epm(runs: pd.DataFrame, chin_params: dict, *, n_boot: int = 0, seed: int
         x = np.ones((len(grp), 1))
         grp_runs = qat_loss(grp, x, log_a - alpha * np.log(grp["N"].to_numpy()))
         try:
-            theta = grp_runs.start()
-            c = grp_runs.threshold(theta)
-            theta, f = grp_runs.solve(c, theta)
+            theta, c, f = grp_runs.optimum()
         except FitError as exc:
             raise FitError(f"{what} G {label}: {exc}") from None
         name = f"eff_G{label}"

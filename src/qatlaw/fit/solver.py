@@ -238,3 +238,11 @@ class QatLoss:
         not identified."""
         return _solve(self.objective(c), start)
 
+    def optimum(self) -> tuple[np.ndarray, float, float]:
+        """The Huber optimum from the least-squares θ, at the threshold of the residuals there: θ, the threshold
+        and the objective in units of its square; FitError when it is not identified."""
+        theta = self.start()
+        c = self.threshold(theta)
+        theta, objective = self.solve(c, theta)
+        return theta, c, objective
+
