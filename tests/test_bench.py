@@ -11,13 +11,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qatlaw import fit
 from qatlaw.bench.__main__ import main
 from qatlaw.bench.fitspeed import measure_fits, synthetic_runs
 from qatlaw.bench.machine import matmul_peak
 from qatlaw.bench.pipeline import pipeline_overhead, read_wall_seconds
 from qatlaw.bench.train import measure_numerics, measure_training
 from qatlaw.config import load
+from qatlaw.fit.forms import CHINCHILLA_INITS
 
 CONFIG = Path(__file__).resolve().parents[1] / "config.yaml"
 SMALLEST = "0.1M"
@@ -70,7 +70,7 @@ def test_fit_table_and_synthetic_runs():
     assert len(runs) == 40 and (runs[["N", "D", "G", "delta", "loss"]] > 0).all().all()
     table = measure_fits(n_runs=40, inits=8, n_boot=2, workflow_boot=4, log=lambda _: None)
     assert list(table["law"]) == ["unified", "chinchilla", "run_fits (reference/laptop)"]
-    assert list(table["inits"]) == [1, 8, fit.CHINCHILLA_INITS] and table["boot_resamples"].iloc[-1] == 4
+    assert list(table["inits"]) == [1, 8, CHINCHILLA_INITS] and table["boot_resamples"].iloc[-1] == 4
     positive(table, ["runs", "inits", "fit_s", "objective"])
     # a difference of two timings (with and without resamples): finite, and at least zero
     laws = table.iloc[:2]

@@ -13,6 +13,8 @@ import pandas as pd
 import pytest
 
 from qatlaw import fit, laws, runtable
+from qatlaw.fit import forms, solver
+from qatlaw.fit.runs import usable_runs
 
 QUEST = Path(__file__).parent / "data" / "quest" / "runs_for_scaling.json"
 
@@ -345,7 +347,7 @@ def run_table(noise: float = NOISE, seed: int = 0, loss_noise: float = 0.002) ->
 def fitted() -> tuple[pd.DataFrame, fit.FitTables]:
     runs = run_table()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fit, "CHINCHILLA_INITS", 16)
+        mp.setattr(forms, "CHINCHILLA_INITS", 16)
         return runs, fit.run_fits(runtable.delta_table(runs), runs, n_boot=10)
 
 
@@ -426,7 +428,7 @@ def test_metric_chooses_the_loss_the_laws_are_fitted_to():
     runs = run_table()
     scrambled = runs.assign(loss=runs["loss"].sample(frac=1.0, random_state=0).to_numpy())  # val_loss intact
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fit, "CHINCHILLA_INITS", 16)
+        mp.setattr(forms, "CHINCHILLA_INITS", 16)
         on_val = fit.run_fits(runtable.delta_table(scrambled), scrambled, n_boot=0, metric="val_loss").params
         clean = fit.run_fits(runtable.delta_table(runs), runs, n_boot=0, metric="loss").params
     pd.testing.assert_frame_equal(on_val, clean)
@@ -458,15 +460,15 @@ def test_delta_laws_at_a_threshold_far_below_their_noise_are_not_identified():
     runs = pd.read_parquet(REFERENCE / "runs.parquet")
     deltas = runtable.delta_table(runs)
     law = fit.DeltaLaw()
-    data, _ = fit._usable(deltas[deltas["precision"] == "W4A16"].assign(delta=deltas["delta_val"]), law.columns,
+    data, _ = usable_runs(deltas[deltas["precision"] == "W4A16"].assign(delta=deltas["delta_val"]), law.columns,
                           "W4A16", 4)
     x, y = law._design(data), np.log(data["delta"].to_numpy())
     with pytest.raises(fit.FitError, match="not identified"):
-        fit.solve_loglinear(x, y, 1e-3)
-    c = fit.huber_threshold(x, y)
+        solver.solve_loglinear(x, y, 1e-3)
+    c = solver.huber_threshold(x, y)
     assert c > 100 * 1e-3  # on the scale of δ's noise
-    theta, _ = fit.solve_loglinear(x, y, c)
-    np.testing.assert_allclose(fit.solve_loglinear(x, y, c, start=theta + 0.3)[0], theta, rtol=1e-12, atol=1e-12)
+    theta, _ = solver.solve_loglinear(x, y, c)
+    np.testing.assert_allclose(solver.solve_loglinear(x, y, c, start=theta + 0.3)[0], theta, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.slow
@@ -494,7 +496,7 @@ def test_fit_depends_on_the_data_not_on_rounding_or_start_points():
 
     base = fitted(deltas, runs)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fit, "CHINCHILLA_INITS", 200)
+        mp.setattr(forms, "CHINCHILLA_INITS", 200)
         other_starts = fitted(deltas, runs)
     for other in (fitted(*nudged[::-1]), other_starts):
         for mine, theirs, rtol in zip(base, other, (1e-6, 1e-6)):
@@ -512,7 +514,7 @@ def test_chinchilla_objective_gradient_and_hessian_match_finite_differences(tie)
     theta = np.array([5.0, 6.0, np.log(1.9), 0.3] + ([] if tie else [0.32]))
     u = np.column_stack([theta[0] - theta[3] * log_n, theta[1] - theta[-1] * log_d, np.full(30, theta[2])])
     log_l = np.log(np.exp(u).sum(axis=1)) + rng.uniform(-5e-4, 5e-4, 30)
-    objective = fit._chinchilla_objective(log_n, log_d, log_l, tie)
+    objective = forms._chinchilla_objective(log_n, log_d, log_l, tie)
     _, g, h = objective(theta, True)
     eps = 1e-6
     for i in range(len(theta)):

@@ -47,6 +47,7 @@ from conftest import settings as toy_settings
 from conftest import ROOT, copy_project, write_store, write_user_project
 
 from qatlaw import config, decompose, fit, grid, outputs, report_inputs, runtable
+from qatlaw.fit import forms
 from qatlaw.io import write_json, write_parquet
 
 BIN = Path(sys.executable).parent
@@ -579,7 +580,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     decompose.run_decompose(paths["runs"], analysis["decomposition"], analysis["decomposition_fit"])
     mixed.run_mixed(paths["runs"], root / "mixed_precision.parquet", analysis["mixed_ranking"])
     with pytest.MonkeyPatch.context() as patch:  # fewer Chinchilla starts: only the files' schema matters here
-        patch.setattr(fit, "CHINCHILLA_INITS", 8)
+        patch.setattr(forms, "CHINCHILLA_INITS", 8)
         fitted = fit.run_fits(runtable.delta_table(runs), runs, n_boot=0)
     fit.write_fits(fitted, root)
     from qatlaw import outliers
@@ -770,7 +771,7 @@ def test_fit_excludes_diverged_runs_and_says_so(inputs, tmp_path, monkeypatch, c
     leave every fitted constant exactly as without them (`qatlaw fit` in-process, with fewer Chinchilla starts)."""
     from qatlaw.cli import main
 
-    monkeypatch.setattr(fit, "CHINCHILLA_INITS", 8)
+    monkeypatch.setattr(forms, "CHINCHILLA_INITS", 8)
     clean = pd.read_parquet(inputs["runs_bf16_w4a4"])
     hot = clean[(clean["size"] == "s2") & (clean["tokens_requested"] == 400_000)].copy()
     hot = hot.assign(run_id=hot["run_id"].str.replace("s2/", "s2hot/"), size="s2hot", diverged=True,

@@ -23,7 +23,8 @@ The paper's laws, fitted per precision and group with 90% intervals over resampl
 :func:`fit_loss_law`), constants in ``laws/paper.yaml`` (``split``):
 
 - f*(S) = exp(−a / ln S), S = D / (N · B/8) the tokens per parameter byte, B the bit width of the precision
-  (:func:`bits`); fitted as ln f* = a · (−1 / ln S) by :func:`qatlaw.fit.solve_loglinear` on the cells' ``f_star``.
+  (:func:`bits`); fitted as ln f* = a · (−1 / ln S) by :func:`qatlaw.fit.solver.solve_loglinear` on the cells'
+  ``f_star``.
 - δ(N, D, f) = θ + φ / (N^ψ S_qat^ω) + λ / (N^ν S_fp^ξ S_qat^ρ), S_qat = f·S, S_fp = (1 − f)·S, on the runs with
   0 < f < 1 (S_fp = 0 makes the last term infinite, so QAT from scratch lies outside the form). The paper's bit
   factors 2^(−κB), 2^(−χB), 2^(−μB) are folded into θ, φ, λ: one law per precision cannot tell them apart.
@@ -45,6 +46,8 @@ from scipy.optimize import least_squares
 
 from qatlaw import fit, laws, paper, resample, runtable
 from qatlaw import precision as prec
+from qatlaw.fit import solver
+from qatlaw.fit.runs import bootstrap, identified
 from qatlaw.runtable import QAT_FRACTION as FRACTION
 from qatlaw.runtable import read_runs, with_qat_fraction
 
@@ -288,15 +291,15 @@ def fit_optimum_law(optima: pd.DataFrame, precision: str, group: str, n_boot: in
                              "optimum (need 2)")
     x = (-1.0 / np.log(cells["S"].to_numpy(float)))[:, None]
     y = np.log(cells["f_star"].to_numpy(float))
-    c = fit.huber_threshold(x, y)
-    theta, _ = fit.solve_loglinear(x, y, c)
+    c = solver.huber_threshold(x, y)
+    theta, _ = solver.solve_loglinear(x, y, c)
 
     def refit(idx: np.ndarray) -> dict[str, float] | None:
         if len(np.unique(x[idx])) < 2:
             return None
-        return fit._identified(lambda: {"a": float(fit.solve_loglinear(x[idx], y[idx], c, theta)[0][0])})
+        return identified(lambda: {"a": float(solver.solve_loglinear(x[idx], y[idx], c, theta)[0][0])})
 
-    draws = fit._bootstrap(refit, resample.runs(len(cells)), ("a",), n_boot, seed, f"f*(S) law ({precision})") \
+    draws = bootstrap(refit, resample.runs(len(cells)), ("a",), n_boot, seed, f"f*(S) law ({precision})") \
         if n_boot else pd.DataFrame()
     return LawFit(precision, group, {"a": float(theta[0])}, _intervals(draws), len(cells), int(len(cells)))
 
@@ -319,8 +322,8 @@ def _solve_loss(N: np.ndarray, S: np.ndarray, f: np.ndarray, delta: np.ndarray,
 
     best = min((least_squares(residuals, s, method="trf", x_scale="jac") for s in starts), key=lambda r: r.cost)
     n, p = len(delta), len(best.x)
-    scale = fit.MAD_TO_SD * float(np.median(np.abs(best.fun))) * math.sqrt(n / max(n - p, 1))
-    c = max(fit.MIN_THRESHOLD, fit.HUBER_K * scale)
+    scale = solver.MAD_TO_SD * float(np.median(np.abs(best.fun))) * math.sqrt(n / max(n - p, 1))
+    c = max(solver.MIN_THRESHOLD, solver.HUBER_K * scale)
     robust = least_squares(residuals, best.x, loss="huber", f_scale=c, method="trf", x_scale="jac")
     return robust.x, robust.jac
 
@@ -353,7 +356,7 @@ def fit_loss_law(deltas: pd.DataFrame, precision: str, group: str, n_boot: int |
                       reason=f"loss law not identified: {len(runs)} runs with 0 < f < 1 for "
                              f"{len(LOSS_CONSTANTS)} constants")
     N, S, f, delta = (runs[c].to_numpy(float) for c in ("N", "S", FRACTION, "delta"))
-    starts = fit._halton(LOSS_STARTS, LOSS_BOX[:, 0], LOSS_BOX[:, 1])
+    starts = solver.halton(LOSS_STARTS, LOSS_BOX[:, 0], LOSS_BOX[:, 1])
     theta, jac = _solve_loss(N, S, f, delta, starts)
     if flat := _unidentified(jac):
         return LawFit(precision, group, nan, n_cells=n_cells, n_runs=len(runs),
@@ -364,7 +367,7 @@ def fit_loss_law(deltas: pd.DataFrame, precision: str, group: str, n_boot: int |
         return None if _unidentified(j) else _loss_constants(solved)
 
     plan = resample.of_table(runs, ["size", "tokens_requested"], "seed")
-    draws = fit._bootstrap(refit, plan, LOSS_CONSTANTS, n_boot, seed, f"split loss law ({precision})") \
+    draws = bootstrap(refit, plan, LOSS_CONSTANTS, n_boot, seed, f"split loss law ({precision})") \
         if n_boot else pd.DataFrame()
     return LawFit(precision, group, _loss_constants(theta), _intervals(draws), n_cells, len(runs))
 

@@ -2,7 +2,7 @@
 
 ``fit``
     One row per law on ``--fit-runs`` synthetic runs (300): seconds to fit it from the workflow's starts
-    (``--fit-inits``, default :data:`qatlaw.fit.CHINCHILLA_INITS`; the δ law has one start, least squares) and
+    (``--fit-inits``, default :data:`qatlaw.fit.forms.CHINCHILLA_INITS`; the δ law has one start, least squares) and
     seconds per bootstrap resample (``--fit-boot`` resamples, minus the fit without them, divided). Then one row
     for what the workflow runs: :func:`qatlaw.fit.run_fits` on the shipped ``reference/laptop`` runs with the
     shipped study's bootstrap (200; 20 with ``--quick``), when the checkout has them.
@@ -49,8 +49,9 @@ def measure_fits(n_runs: int = 300, inits: int | None = None, n_boot: int = 20,
     """Seconds of the unified δ law and the Chinchilla law on ``n_runs`` synthetic runs (Chinchilla from
     ``inits`` starts), seconds per bootstrap resample, and the workflow's run_fits on the shipped laptop runs."""
     from qatlaw import fit
+    from qatlaw.fit.forms import CHINCHILLA_INITS
 
-    inits = inits or fit.CHINCHILLA_INITS
+    inits = inits or CHINCHILLA_INITS
     runs = synthetic_runs(n_runs)
     rows = []
     laws = (("unified", fit.DeltaLaw, 1), ("chinchilla", lambda: fit.Chinchilla(inits=inits), inits))
@@ -71,7 +72,7 @@ def measure_fits(n_runs: int = 300, inits: int | None = None, n_boot: int = 20,
         t0 = time.perf_counter()
         tables = fit.run_fits(runtable.delta_table(shipped), shipped, n_boot=workflow_boot)
         wall = time.perf_counter() - t0
-        rows.append({"law": "run_fits (reference/laptop)", "runs": len(shipped), "inits": fit.CHINCHILLA_INITS,
+        rows.append({"law": "run_fits (reference/laptop)", "runs": len(shipped), "inits": CHINCHILLA_INITS,
                      "fit_s": wall, "objective": float(tables.params["objective"].sum()),
                      "boot_resamples": workflow_boot, "s_per_resample": float("nan")})
         log(f"  run_fits on {REFERENCE_RUNS} ({len(shipped)} runs, bootstrap {workflow_boot}): {wall:.1f} s")
