@@ -156,12 +156,12 @@ def _chinchilla_objective(log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarra
 
 @dataclass
 class Chinchilla:
-    """L = E + A/N^α + B/D^β on the BF16 runs (α = β when ``tie``), from ``inits`` Halton starts or an array
-    of starts (a, b, e, α[, β]) with a, b, e the logs of A, B, E. Fits are cached per set of runs, since the
-    EPM law of every precision reuses them."""
+    """L = E + A/N^α + B/D^β on the BF16 runs (α = β when ``tie``), from ``inits`` Halton starts (None: as many
+    as :data:`CHINCHILLA_INITS` says when it fits) or an array of starts (a, b, e, α[, β]) with a, b, e the logs
+    of A, B, E. Fits are cached per set of runs, since the EPM law of every precision reuses them."""
 
     tie: bool = True
-    inits: int | np.ndarray = CHINCHILLA_INITS
+    inits: int | np.ndarray | None = None
     name: str = "chinchilla"
     columns: tuple[str, ...] = ("N", "D", "loss")
     _cache: dict = field(default_factory=dict, repr=False)
@@ -203,8 +203,8 @@ class Chinchilla:
                 raise FitError(f"{what}: column {col} takes a single value among the valid runs")
         logs = [np.log(data[c].to_numpy()) for c in self.columns]
         box = CHINCHILLA_BOX[:n_params]
-        if np.ndim(self.inits) == 0:
-            starts = halton(int(self.inits), box[:, 0], box[:, 1])
+        if self.inits is None or np.ndim(self.inits) == 0:
+            starts = halton(CHINCHILLA_INITS if self.inits is None else int(self.inits), box[:, 0], box[:, 1])
         else:
             starts = np.atleast_2d(np.asarray(self.inits, dtype=float))
         bounds = [(None, None)] * 3 + [(0.0, None)] * (n_params - 3)
