@@ -1,0 +1,122 @@
+"""What a grid resolves before it runs (qatlaw.design, qatlaw.noise): simulated studies fitted by the project's
+fitter, the noise model of a run table, and the one-line errors of bad input."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import ROOT
+
+from qatlaw import design, fit, laws, noise
+from qatlaw.precision import BASELINE
+
+SIZES = (74e6, 145e6, 297e6, 595e6)
+
+
+def grid(ratios=(20, 80, 320), groups=(32, 128), seeds=(0,), sizes=SIZES, precision="W4A4") -> pd.DataFrame:
+    """A design: every size × D/N ratio × seed with a BF16 baseline and one run per G."""
+    rows = []
+    for N, ratio, seed in itertools.product(sizes, ratios, seeds):
+        rows.append({"precision": BASELINE, "size": f"{N:g}", "N": N, "D": ratio * N, "G": math.nan, "seed": seed})
+        rows += [{"precision": precision, "size": f"{N:g}", "N": N, "D": ratio * N, "G": float(G), "seed": seed}
+                 for G in groups]
+    return pd.DataFrame(rows)
+
+
+def paper_plan(table: pd.DataFrame, sd: float = 0.01) -> design.Plan:
+    law = laws.load("paper")
+    truth = design.truth(law, table, ["W4A4"])
+    return design.plan(truth, table, noise.constant(sd), ["W4A4"])
+
+
+def rows_of(prediction: design.Prediction) -> pd.DataFrame:
+    return prediction.table.set_index(["law", "constant"])
+
+
+@pytest.mark.parametrize("ratios", [(20,), (20, 25)])  # exactly on the ray (collinear), and D/N spanning 1.25x
+def test_a_grid_on_one_ray_cannot_separate_gamma_N_from_gamma_D(ratios):
+    result = rows_of(design.predict(paper_plan(grid(ratios=ratios)), 4, chinchilla=False))
+    for constant in ("gamma_N", "gamma_D"):
+        row = result.loc[("unified", constant)]
+        assert row["not_identified"] == 1.0 and row["p_excludes_0"] == 0.0
+        assert row["note"].startswith("not separable in 4: ") and "one D/N ray" in row["note"]
+
+
+def test_a_grid_with_one_G_leaves_gamma_G_unidentified_and_k_at_that_G():
+    result = rows_of(design.predict(paper_plan(grid(groups=(64,))), 6, chinchilla=False))
+    assert result.loc[("unified", "gamma_G"), "not_identified"] == 1.0
+    assert result.loc[("unified", "gamma_G"), "note"] == "not identified: one G"
+    assert result.loc[("unified", "gamma_N"), "not_identified"] == 0.0
+    paper_k = laws.load("paper").params.query("precision == 'W4A4' and constant in ['k', 'gamma_G']")
+    k, gamma_G = paper_k.set_index("constant")["value"].loc[["k", "gamma_G"]]
+    assert result.loc[("unified", "k"), "true"] == pytest.approx(k * 6**gamma_G)
+
+
+def test_predictions_do_not_depend_on_the_number_of_workers():
+    p = paper_plan(grid())
+    one, two = (design.predict(p, 6, seed=3, chinchilla=False, workers=w).table for w in (1, 2))
+    pd.testing.assert_frame_equal(one, two)
+
+
+def brute_force_widths(p: design.Plan, realizations: int, n_boot: int) -> pd.Series:
+    """Mean width of the fit's own bootstrap interval of every exponent over simulated studies of a plan."""
+    widths = []
+    with design._quiet_fits():
+        for r in range(realizations):
+            _, deltas = design.replicate(p, np.random.default_rng([99, r]))
+            ci = fit.DeltaLaw(use_D=True).fit(deltas, n_boot=n_boot, seed=r).ci
+            widths.append({c: ci[c][1] - ci[c][0] for c in design.EXPONENTS})
+    return pd.DataFrame(widths).mean()
+
+
+@pytest.mark.parametrize("seeds,boot", [((0,), 0), ((0, 1), 20)])
+def test_predicted_widths_match_a_brute_force_bootstrap_within_20_percent(seeds, boot):
+    """The predicted 90% width against the width of the fit's own bootstrap interval (200 resamples) averaged over
+    8 simulated studies: the spread of the estimates with one seed per cell (the assumption of the search's
+    P(excl. 0)), the replicates' own small bootstraps with two (where the spread is narrower than what a study
+    reports)."""
+    p = paper_plan(grid(seeds=seeds), sd=0.02)
+    predicted = rows_of(design.predict(p, 100 if not boot else 40, seed=1, boot=boot, chinchilla=False,
+                                       workers=2)).loc["unified"]
+    ratio = predicted.loc[list(design.EXPONENTS), "width"] / brute_force_widths(p, 8, 200)
+    assert ((ratio > 0.8) & (ratio < 1.2)).all(), ratio.to_dict()
+
+
+def test_the_noise_model_of_a_table_with_repeated_seeds_recovers_its_trend():
+    rng = np.random.default_rng(0)
+    rows = []
+    for N, D, seed in itertools.product((1e5, 3e5, 1e6), (2e6, 8e6), range(6)):
+        sd = 0.5 * N**0.2 * D**-0.3
+        base = 3.0 + rng.normal(0, 0.02)
+        rows.append({"precision": BASELINE, "N": N, "D": D, "G": math.nan, "seed": seed, "val_loss": base})
+        rows.append({"precision": "W4A4", "N": N, "D": D, "G": 32.0, "seed": seed,
+                     "val_loss": base + 0.05 + rng.normal(0, sd)})
+    table = pd.DataFrame(rows).assign(run_id=lambda t: [f"r{i}" for i in range(len(t))], diverged=False, loss=0.0,
+                                      size=lambda t: t["N"].astype(str), tokens_requested=lambda t: t["D"],
+                                      group=lambda t: t["G"].astype(str))
+    model = noise.from_runs(table, "val_loss", "synthetic")
+    assert model.delta.b == pytest.approx(0.2, abs=0.25) and model.delta.c == pytest.approx(-0.3, abs=0.25)
+    assert model.delta.sd(3e5, 4e6) == pytest.approx(0.5 * 3e5**0.2 * 4e6**-0.3, rel=0.3)
+    assert model.loss.sd(1e5, 1e6) == pytest.approx(0.02, rel=0.3)
+    assert "synthetic" in model.describe() and "trend in N and D" in model.describe()
+
+
+def test_a_noise_model_needs_repeated_seeds():
+    with pytest.raises(noise.NoiseError, match=r"^noise model from .*quartet/runs.parquet: no cell has its δ measured "
+                                               r"at two or more seeds; a noise model needs repeated seeds"):
+        noise.load(str(ROOT / "reference" / "quartet" / "runs.parquet"), "val_loss")
+    with pytest.raises(noise.NoiseError, match="^the noise sd of the δ must be a positive number, got -0.01$"):
+        noise.load("-0.01", "val_loss")
+
+
+def test_a_precision_or_group_size_the_law_cannot_evaluate_is_one_line():
+    with pytest.raises(design.DesignError, match=r"^law paper has no constants for precision W2A2 \(it has: W4A4, "):
+        design.truth(laws.load("paper"), grid(precision="W2A2"), ["W2A2"])
+    quartet = laws.load("quartet")
+    with pytest.raises(design.DesignError, match=r"^law quartet holds at G = 32 only for MXFP4-fwd \(its gamma_G is "
+                                                 r"not identified\); the grid has G = 32, 128$"):
+        design.truth(quartet, grid(precision="MXFP4-fwd"), ["MXFP4-fwd"])
