@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qatlaw import analysis_plan
+from qatlaw import analysis_plan, design_cli
 from qatlaw.config import schema_default, schema_key
 from qatlaw.errors import ConfigError, QatlawError
 from qatlaw.stopping import STOPPED_STATUS, Stopped, StopSignals
@@ -736,6 +736,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", help="the precision to recommend a QAT fraction for (default: the best option's)")
     s.add_argument("--plot", help="PNG of δ against D for every option")
     s.set_defaults(func=_plan)
+
+    design_cli.add_parser(sub)
 
     s = sub.add_parser("figure", help="draw one paper figure (PNG and SVG) from workflow Parquet outputs")
     s.add_argument("name")
