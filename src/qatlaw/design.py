@@ -27,12 +27,13 @@ column ``interval``:
   fit's own (cells, then seeds inside them: ``qatlaw.resample``); the interval is the median of the replicates'
   bounds, its width their median width (a typical study's: k's widths are skewed), and P(excl. 0) the share of
   replicate intervals that exclude 0. This is what a study gets, and it is wider than the spread where cells have
-  several seeds (the two-stage resampling counts the seed noise at both stages: ~1.35x for γN and γD on a grid of
-  12 cells × 2 seeds, 4 bootstrapped studies). The Chinchilla law is never bootstrapped per replicate (its fit
-  restarts from 16 points per resample): its rows are ``spread``.
+  several seeds (the two-stage resampling counts the seed noise at both stages: the spread was 0.71–0.92 of the
+  bootstrap's width on 20 cells × 2 seeds, ``tests/test_design.py``); with 20 resamples per replicate it comes out
+  0.86–0.93 of a 200-resample bootstrap's width (a 5–95% interval of few draws is narrow). The Chinchilla law is
+  never bootstrapped per replicate (its fit restarts from 16 points per resample): its rows are ``spread``.
 - ``spread`` (``boot`` = 0, ~``boot`` times cheaper, what the search uses): the interval is the spread of the
   estimates, and each replicate's interval is its estimate shifted by the spread's offsets from the median. With
-  one seed per cell it matches the fit's bootstrap (``tests/test_design.py``: widths within 20%).
+  one seed per cell it matches the fit's bootstrap (``tests/test_design.py``: 0.84–0.98 of its width).
 
 Replicate r draws from ``numpy.random.default_rng([seed, r])``, so a prediction does not depend on how many
 worker processes share the replicates.
@@ -53,7 +54,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from qatlaw import fit, grid, laws
+from qatlaw import cost, fit, grid, laws
 from qatlaw.noise import NoiseModel
 from qatlaw.precision import BASELINE
 
@@ -72,8 +73,13 @@ class DesignError(laws.LawError):
 
 def of_config(cfg: Mapping[str, Any]) -> pd.DataFrame:
     """The design of a validated config: every run of its grid trained in QAT from scratch (and the baselines)."""
+    return of_settings(grid.grid_runs(cfg))
+
+
+def of_settings(runs: list[grid.RunSettings]) -> pd.DataFrame:
+    """The design of runs (those trained in QAT from scratch, and the baselines)."""
     rows = []
-    for run in grid.grid_runs(cfg):
+    for run in runs:
         if run.qat_fraction != 1:
             continue
         G = grid.effective_group(run)
@@ -90,6 +96,15 @@ def of_runs(runs: pd.DataFrame) -> pd.DataFrame:
     for col in ("N", "D", "G"):
         table[col] = pd.to_numeric(table[col], errors="coerce").astype(float)
     return table.reset_index(drop=True)
+
+
+def cost_lines(cfg: dict) -> list[str]:
+    """What a config's grid costs: ``qatlaw cost``'s report on GPUs, the summed job estimates on CPU."""
+    if grid.on_gpu(cfg["training"]):
+        return cost.report(cfg)[0].splitlines()
+    minutes = sum(cost.wall_minutes(run, cfg["data"]["vocab_size"], cfg["training"]) for run in grid.grid_runs(cfg))
+    return [f"cost: estimated {minutes / 60:.1f} hours of training on CPU, one run at a time on "
+            f"{cfg['training']['threads']} threads (the job estimates of grid.estimate_resources, with their margin)"]
 
 
 def fitted_precisions(design: pd.DataFrame) -> tuple[list[str], list[str]]:

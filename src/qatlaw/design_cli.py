@@ -5,7 +5,6 @@ for the cheapest grid that resolves a law (its parser and handler; :mod:`qatlaw.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +50,7 @@ def add_parser(sub: Any) -> None:
                         help="a constant is resolved when P(its interval excludes 0) is at least this")
     search.add_argument("--max-rel-halfwidth", type=float,
                         help="and its interval's half-width is at most this share of its value")
+    search.add_argument("--max-grids", type=int, default=300, help="simulate at most this many grids, cheapest first")
     search.add_argument("--write", help="write the grid found as a config overlay (YAML) with its cost")
     s.set_defaults(func=run)
 
@@ -72,18 +72,7 @@ def _design(args: argparse.Namespace) -> tuple[pd.DataFrame, str, list[str]]:
         return table, f"the runs of {args.grid[0]}", cost
     overlay = {} if args.vocab_size is None else {"data": {"vocab_size": args.vocab_size}}
     cfg = config.load(*args.grid, overlay, check_files=args.vocab_size is None)
-    return design.of_config(cfg), f"the grid of {' + '.join(args.grid)}", cost_lines(cfg)
-
-
-def cost_lines(cfg: dict) -> list[str]:
-    """What a config's grid costs: ``qatlaw cost``'s report on GPUs, the summed job estimates on CPU."""
-    from qatlaw import cost, grid
-
-    if grid.on_gpu(cfg["training"]):
-        return cost.report(cfg)[0].splitlines()
-    minutes = sum(cost.wall_minutes(run, cfg["data"]["vocab_size"], cfg["training"]) for run in grid.grid_runs(cfg))
-    return [f"cost: estimated {minutes / 60:.1f} hours of training on CPU, one run at a time on "
-            f"{cfg['training']['threads']} threads (the job estimates of grid.estimate_resources, with their margin)"]
+    return design.of_config(cfg), f"the grid of {' + '.join(args.grid)}", design.cost_lines(cfg)
 
 
 def with_actual(table: pd.DataFrame, folder: str) -> pd.DataFrame:
@@ -154,24 +143,3 @@ def run(args: argparse.Namespace) -> None:
         from qatlaw.io import write_parquet
 
         write_parquet(out, args.out)
-
-
-def number_list(text: str | None, default: tuple, kind: type = float) -> list:
-    """A comma-separated list, or ``default``."""
-    if text is None:
-        return list(default)
-    try:
-        return [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        from qatlaw.design import DesignError
-
-        raise DesignError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def positive(value: float, name: str) -> float:
-    """``value`` if finite and positive, else DesignError naming ``name``."""
-    from qatlaw.design import DesignError
-
-    if not (math.isfinite(value) and value > 0):
-        raise DesignError(f"{name} must be a positive number, got {value}")
-    return value
