@@ -156,10 +156,10 @@ def test_the_space_is_priced_by_qatlaw_cost_and_its_overlays_are_valid_grids(pap
 def test_an_unreachable_target_names_the_best_grid_found(paper_config):
     ds, space, s = small_search(paper_config, None)
     s = ds.Search(**{**s.__dict__, "target": ds.Target(0.8, 0.01)})
-    with pytest.raises(design.DesignError, match=r"^no grid among the 1 cheapest of 1 grids within the budget meets "
-                                                 r"the target \(.*half-width at most 1% of its value\); the best found, "
-                                                 r"sizes 12M, 74M; D/N 10, 160; G 128, channel; 1 seed \(\d+ GPU-hours\), "
-                                                 r"resolves: W4A4 gamma_N P\(excl. 0\) .*"):
+    with pytest.raises(design.DesignError, match=r"^no grid among the 1 cheapest of 1 grids within the budget "
+                                                 r"meets the target \(.*half-width at most 1% of its value\); the "
+                                                 r"best found, sizes 12M, 74M; D/N 10, 160; G 128, channel; 1 seed "
+                                                 r"\(\d+ GPU-hours\), resolves: W4A4 gamma_N P\(excl. 0\) .*"):
         ds.search(s, space, 1e9, 10)
     with pytest.raises(design.DesignError, match=r"^no grid of the space fits the budget of 10 GPU-hours: the "
                                                  r"cheapest, sizes 12M, 74M; D/N 10, 160; .* costs \d+$"):

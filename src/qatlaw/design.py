@@ -60,9 +60,10 @@ from qatlaw.precision import BASELINE
 
 DESIGN_COLUMNS = ("precision", "N", "D", "G", "seed")
 QUANTILES = (0.05, 0.95)
+NARROW = 0.8  # a bootstrap interval below this share of the estimate's spread is noted as under-covering
 EXPONENTS = ("gamma_N", "gamma_D", "gamma_G")
 PREDICTION_COLUMNS = ("law", "precision", "constant", "true", "median", "low", "high", "width", "spread_width",
-                      "bias", "p_excludes_0", "not_identified", "interval", "note")
+                      "bias", "coverage", "p_excludes_0", "p_excludes_0_spread", "not_identified", "interval", "note")
 
 
 class DesignError(laws.LawError):
@@ -275,47 +276,58 @@ def _true_values(p: Plan, law: str, precision: str) -> dict[str, float]:
     return values
 
 
-def _intervals(est: np.ndarray, own: np.ndarray | None, spread: tuple[float, float, float]) -> np.ndarray:
-    """Each replicate's interval: its own bootstrap interval, or (``own`` None) its estimate shifted by the
-    spread's offsets from its median."""
-    if own is not None:
-        return own
+def _shifted(est: np.ndarray, spread: tuple[float, float, float]) -> np.ndarray:
+    """Each replicate's interval as the spread's: its estimate shifted by the spread's offsets from its median."""
     low, median, high = spread
     return np.column_stack([est - (median - low), est + (high - median)])
 
 
 def _summary(rows: pd.DataFrame, replicates: int, true: float, boot: int, exponent: bool) -> dict:
     """One constant's prediction: with ``boot``, the typical study's interval (median of the replicates' own
-    bootstrap bounds and widths); without, the spread of the estimates."""
+    bootstrap bounds and widths); without, the spread of the estimates. P(excl. 0) and coverage count every
+    replicate (one not identified excludes nothing and covers nothing)."""
     values = rows["value"].to_numpy(float)
     finite = np.isfinite(values)
     nan = math.nan
     out = {"true": true, "not_identified": 1.0 - finite.sum() / replicates,
            "interval": "bootstrap" if boot else "spread"}
     if finite.sum() < 0.5 * replicates:  # too few to say, as the fit's bootstrap
-        return dict(out, median=nan, low=nan, high=nan, width=nan, spread_width=nan, bias=nan,
-                    p_excludes_0=0.0 if exponent else nan)
+        zero = 0.0 if exponent else nan
+        return dict(out, median=nan, low=nan, high=nan, width=nan, spread_width=nan, bias=nan, coverage=0.0,
+                    p_excludes_0=zero, p_excludes_0_spread=zero)
     est = values[finite]
     spread = tuple(np.quantile(est, (QUANTILES[0], 0.5, QUANTILES[1])))
-    own = _intervals(est, rows.loc[finite, ["own_low", "own_high"]].to_numpy(float) if boot else None, spread)
-    excludes = ((own[:, 0] > 0) | (own[:, 1] < 0)).sum() / replicates if exponent else nan
+    shifted = _shifted(est, spread)
+    own = rows.loc[finite, ["own_low", "own_high"]].to_numpy(float) if boot else shifted
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a replicate whose bootstrap gave no interval is NaN
         low, high = np.nanmedian(own, axis=0) if boot else (spread[0], spread[2])
         width = float(np.nanmedian(own[:, 1] - own[:, 0]))
     return dict(out, median=spread[1], low=low, high=high, width=width, spread_width=spread[2] - spread[0],
-                bias=spread[1] - true, p_excludes_0=excludes)
+                bias=spread[1] - true, coverage=((own[:, 0] <= true) & (true <= own[:, 1])).sum() / replicates,
+                p_excludes_0=_excluding(own, replicates) if exponent else nan,
+                p_excludes_0_spread=_excluding(shifted, replicates) if exponent else nan)
 
 
-def _note(rows: pd.DataFrame, constant: str) -> str:
-    """Why replicates were not identified: the fitter's first reason, or one G for γG."""
+def _excluding(intervals: np.ndarray, replicates: int) -> float:
+    """The share of the replicates whose interval excludes 0."""
+    return float(((intervals[:, 0] > 0) | (intervals[:, 1] < 0)).sum() / replicates)
+
+
+def _note(rows: pd.DataFrame, constant: str, summary: dict) -> str:
+    """Why replicates were not identified (the fitter's first reason, or one G for γG), and a bootstrap interval
+    narrower than the spread of the estimates (it under-covers)."""
+    notes = []
     failed = rows[rows["status"] != "ok"]
     if not failed.empty:
         first = failed.iloc[0]
-        return f"{first['status']} in {len(failed)}: {first['reason']}"
-    if constant == "gamma_G" and rows["value"].isna().all():
-        return "not identified: one G"
-    return ""
+        notes.append(f"{first['status']} in {len(failed)}: {first['reason']}")
+    elif constant == "gamma_G" and rows["value"].isna().all():
+        notes.append("not identified: one G")
+    if summary["interval"] == "bootstrap" and summary["width"] < NARROW * summary["spread_width"]:
+        notes.append(f"the fit's bootstrap interval is {summary['width'] / summary['spread_width']:.2f}x the spread "
+                     f"of the estimate: it under-covers on this design (coverage {summary['coverage']:.2f})")
+    return "; ".join(notes)
 
 
 def summarize(p: Plan, estimates: pd.DataFrame, replicates: int, boot: int) -> pd.DataFrame:
@@ -327,8 +339,8 @@ def summarize(p: Plan, estimates: pd.DataFrame, replicates: int, boot: int) -> p
             mine = pd.concat([rows[rows["constant"] == constant], failed])
             summary = _summary(mine.assign(value=mine["value"].astype(float)), replicates, true,
                                boot if law == "unified" else 0, constant in EXPONENTS + ("alpha", "beta"))
-            out.append(dict(summary,
-                            law=law, precision=precision, constant=constant, note=_note(mine, constant)))
+            out.append(dict(summary, law=law, precision=precision, constant=constant,
+                            note=_note(mine, constant, summary)))
     return pd.DataFrame(out).loc[:, list(PREDICTION_COLUMNS)]
 
 
