@@ -159,7 +159,8 @@ def test_an_unreachable_target_names_the_best_grid_found(paper_config):
     with pytest.raises(design.DesignError, match=r"^no grid among the 1 cheapest of 1 grids within the budget "
                                                  r"meets the target \(.*half-width at most 1% of its value\); the "
                                                  r"best found, sizes 12M, 74M; D/N 10, 160; G 128, channel; 1 seed "
-                                                 r"\(\d+ GPU-hours\), resolves: W4A4 gamma_N P\(excl. 0\) .*"):
+                                                 r"\(\d+ GPU-hours\), resolves in 40 studies, spread: W4A4 gamma_N "
+                                                 r"P\(excl. 0\) .*"):
         ds.search(s, space, 1e9, 10)
     with pytest.raises(design.DesignError, match=r"^no grid of the space fits the budget of 10 GPU-hours: the "
                                                  r"cheapest, sizes 12M, 74M; D/N 10, 160; .* costs \d+$"):

@@ -18,7 +18,8 @@ prediction (``--replicates`` studies, each bootstrapped ``--boot`` times as the 
 does), and is the answer if it still meets it; otherwise the search goes on. The target: every exponent of every
 precision (γN, γD, γG) has P(its interval excludes 0) ≥ ``power``, both for the fit's bootstrap interval and for
 the spread of its estimate (on a grid of few cells the bootstrap is narrower than the spread: it would exclude 0
-without measuring anything), its interval covers the true value in at least ``MIN_COVERAGE`` of studies, and, if
+without measuring anything), its bootstrap interval covers the true value in at least ``MIN_COVERAGE`` of studies
+(judged at the bootstrap stages; the spread screen judges power only), and, if
 given, its predicted half-width is at most ``max_rel_halfwidth`` of its true value. The answer is written as a
 config overlay (:func:`overlay`) with its cost.
 """
@@ -118,8 +119,8 @@ class Target:
     def resolved(self, table: pd.DataFrame) -> pd.Series:
         """Per exponent row of a prediction (unified law): whether it meets the target."""
         rows = table[(table["law"] == "unified") & table["constant"].isin(design.EXPONENTS)]
-        ok = (rows[["p_excludes_0", "p_excludes_0_spread"]].min(axis=1) >= self.power) & \
-            (rows["coverage"] >= MIN_COVERAGE)
+        ok = rows[["p_excludes_0", "p_excludes_0_spread"]].min(axis=1) >= self.power
+        ok &= (rows["interval"] != "bootstrap") | (rows["coverage"] >= MIN_COVERAGE)  # the screen judges power only
         if self.max_rel_halfwidth is not None:
             ok &= rows["width"] / 2 <= self.max_rel_halfwidth * rows["true"].abs()
         return ok.set_axis(rows["precision"] + " " + rows["constant"])
@@ -227,10 +228,25 @@ class Found:
     seconds: float
 
 
+def _check(s: Search, plan: design.Plan) -> tuple[tuple, pd.DataFrame, str]:
+    """A grid through the stages of the search (spread screen, quick bootstrap, full bootstrap) until one fails:
+    its score (the stage it reached, the exponents met there, their smallest P(excl. 0)), that stage's prediction
+    and what the stage was."""
+    stages = ((SCREEN_REPLICATES, 0), (QUICK_REPLICATES, QUICK_BOOT), (s.replicates, s.boot))
+    for stage, (replicates, boot) in enumerate(stages):
+        table = design.predict(plan, replicates, s.seed, boot=boot, chinchilla=False, workers=s.workers).table
+        met = s.target.resolved(table)
+        how = f"{replicates} studies" + (f" bootstrapped {boot} times" if boot else ", spread")
+        if not met.all():
+            break
+    exponents = table.loc[table["constant"].isin(design.EXPONENTS), "p_excludes_0"]
+    return (stage + met.all(), int(met.sum()), float(exponents.min())), table, how
+
+
 def search(s: Search, space: list[Candidate], budget_gpu_hours: float, max_grids: int) -> Found:
     """The cheapest grid of ``space`` within the budget that meets the target (module docstring); DesignError
     (one line) when none is within the budget (before any simulation) or none meets the target (naming the
-    best one found and what it resolves)."""
+    best one found, the one that went furthest through the checks, and what it resolves there)."""
     start = time.perf_counter()
     within = [c for c in space if c.gpu_hours <= budget_gpu_hours]
     if not within:
@@ -238,9 +254,9 @@ def search(s: Search, space: list[Candidate], budget_gpu_hours: float, max_grids
         raise design.DesignError(f"no grid of the space fits the budget of {budget_gpu_hours:,.0f} GPU-hours: the "
                                  f"cheapest, {cheapest.describe()}, costs {cheapest.gpu_hours:,.0f}")
     s.plan(within[0])  # a precision or G the law cannot evaluate: one line, before any simulation
-    best: tuple[tuple, Candidate, pd.DataFrame] | None = None
+    best: tuple[tuple, Candidate, pd.DataFrame, str] | None = None
     simulated = skipped = 0
-    for i, c in enumerate(within[:max_grids]):
+    for c in within[:max_grids]:
         plan = s.plan(c)
         if any(min(approximate_power(plan, p).values()) < s.target.power - APPROX_MARGIN for p in s.precisions):
             skipped += 1
@@ -250,27 +266,23 @@ def search(s: Search, space: list[Candidate], budget_gpu_hours: float, max_grids
         except ConfigError:  # e.g. a group size that does not divide a size's layer inputs: not a grid
             continue
         simulated += 1
-        screen = design.predict(plan, SCREEN_REPLICATES, s.seed, chinchilla=False, workers=s.workers).table
-        met = s.target.resolved(screen)
-        score = (int(met.sum()), float(screen.loc[screen["constant"].isin(design.EXPONENTS), "p_excludes_0"].min()))
+        score, table, how = _check(s, plan)
+        if score[0] >= 1:
+            log.info("%s (%.0f GPU-hours), in %s: %s", c.describe(), c.gpu_hours, how, _lines(table, s.target))
         if best is None or score > best[0]:
-            best = (score, c, screen)
-        if met.all() and s.target.resolved(design.predict(plan, QUICK_REPLICATES, s.seed, boot=QUICK_BOOT,
-                                                          chinchilla=False, workers=s.workers).table).all():
-            full = design.predict(plan, s.replicates, s.seed, boot=s.boot, chinchilla=False, workers=s.workers)
-            log.info("%s (%.0f GPU-hours) meets the target in %d studies (spread); with the fit's bootstrap: %s",
-                     c.describe(), c.gpu_hours, SCREEN_REPLICATES, _lines(full.table, s.target))
-            best = (score, c, full.table) if s.target.resolved(full.table).sum() >= best[0][0] else best
-            if s.target.resolved(full.table).all():
-                return Found(c, full, simulated, skipped, len(within), time.perf_counter() - start)
+            best = (score, c, table, how)
+        if score[0] == 3:
+            prediction = design.Prediction(table, s.replicates, math.nan)
+            return Found(c, prediction, simulated, skipped, len(within), time.perf_counter() - start)
     searched = f"the {min(max_grids, len(within))} cheapest of {len(within)}"
     if best is None:
         raise design.DesignError(f"no grid among {searched} grids within the budget meets the target "
-                                 f"({s.target.describe()}): even the linearized law, an upper bound, falls short "
-                                 f"by more than {APPROX_MARGIN:g} for every one")
+                                 f"({s.target.describe()}): the linearized law's power falls short by more than "
+                                 f"{APPROX_MARGIN:g} for every one")
     raise design.DesignError(f"no grid among {searched} grids within the budget meets the target "
                              f"({s.target.describe()}); the best found, {best[1].describe()} "
-                             f"({best[1].gpu_hours:,.0f} GPU-hours), resolves: {_lines(best[2], s.target)}")
+                             f"({best[1].gpu_hours:,.0f} GPU-hours), resolves in {best[3]}: "
+                             f"{_lines(best[2], s.target)}")
 
 
 def write_overlay(path: str, found: Found, s: Search, header: list[str]) -> None:
