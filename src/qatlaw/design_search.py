@@ -19,7 +19,7 @@ does), and is the answer if it still meets it; otherwise the search goes on. The
 precision (γN, γD, γG) has P(its interval excludes 0) ≥ ``power``, both for the fit's bootstrap interval and for
 the spread of its estimate (on a grid of few cells the bootstrap is narrower than the spread: it would exclude 0
 without measuring anything), its bootstrap interval covers the true value in at least ``MIN_COVERAGE`` of studies
-(judged at the bootstrap stages; the spread screen judges power only), and, if
+(judged at the full check only: the screens' intervals of 40 studies, or of 10 resamples, are too rough), and, if
 given, its predicted half-width is at most ``max_rel_halfwidth`` of its true value. The answer is written as a
 config overlay (:func:`overlay`) with its cost.
 """
@@ -116,11 +116,13 @@ class Target:
     power: float
     max_rel_halfwidth: float | None
 
-    def resolved(self, table: pd.DataFrame) -> pd.Series:
-        """Per exponent row of a prediction (unified law): whether it meets the target."""
+    def resolved(self, table: pd.DataFrame, coverage: bool = True) -> pd.Series:
+        """Per exponent row of a prediction (unified law): whether it meets the target (its coverage too, unless
+        not ``coverage``)."""
         rows = table[(table["law"] == "unified") & table["constant"].isin(design.EXPONENTS)]
         ok = rows[["p_excludes_0", "p_excludes_0_spread"]].min(axis=1) >= self.power
-        ok &= (rows["interval"] != "bootstrap") | (rows["coverage"] >= MIN_COVERAGE)  # the screen judges power only
+        if coverage:
+            ok &= rows["coverage"] >= MIN_COVERAGE
         if self.max_rel_halfwidth is not None:
             ok &= rows["width"] / 2 <= self.max_rel_halfwidth * rows["true"].abs()
         return ok.set_axis(rows["precision"] + " " + rows["constant"])
@@ -235,7 +237,7 @@ def _check(s: Search, plan: design.Plan) -> tuple[tuple, pd.DataFrame, str]:
     stages = ((SCREEN_REPLICATES, 0), (QUICK_REPLICATES, QUICK_BOOT), (s.replicates, s.boot))
     for stage, (replicates, boot) in enumerate(stages):
         table = design.predict(plan, replicates, s.seed, boot=boot, chinchilla=False, workers=s.workers).table
-        met = s.target.resolved(table)
+        met = s.target.resolved(table, coverage=stage == len(stages) - 1)
         how = f"{replicates} studies" + (f" bootstrapped {boot} times" if boot else ", spread")
         if not met.all():
             break
