@@ -29,7 +29,7 @@ column ``interval``:
   replicate intervals that exclude 0. This is what a study gets, and it is wider than the spread where cells have
   several seeds (the two-stage resampling counts the seed noise at both stages: the spread was 0.71–0.92 of the
   bootstrap's width on 20 cells × 2 seeds, ``tests/test_design.py``); with 20 resamples per replicate it comes out
-  0.86–0.93 of a 200-resample bootstrap's width (a 5–95% interval of few draws is narrow). The Chinchilla law is
+  0.82–0.90 of a 200-resample bootstrap's width (a 5–95% interval of few draws is narrow). The Chinchilla law is
   never bootstrapped per replicate (its fit restarts from 16 points per resample): its rows are ``spread``.
 - ``spread`` (``boot`` = 0, ~``boot`` times cheaper, what the search uses): the interval is the spread of the
   estimates, and each replicate's interval is its estimate shifted by the spread's offsets from the median. With
