@@ -80,9 +80,8 @@ def tokens(cfg: Mapping[str, Any], size: str, ratio: float) -> int:
 def overlay(cfg: Mapping[str, Any], c: Candidate, precisions: list[str]) -> dict:
     """The config overlay of a candidate: the first size in the main grid, the others as sub-grids (each its own
     token budgets), no ablation, every run on one node's GPUs."""
-    seeds = list(range(c.seeds))
     subs = [{"sizes": [s], "tokens": [grid.format_tokens(tokens(cfg, s, r)) for r in c.ratios],
-             "groups": list(c.groups), "precisions": list(precisions), "seeds": seeds} for s in c.sizes]
+             "groups": list(c.groups), "precisions": list(precisions), "seeds": list(range(c.seeds))} for s in c.sizes]
     main = dict(subs[0], extra=subs[1:] or None, ablation=None)
     gpus = cfg["training"]["gpus_per_node"]
     return {"grid": main, "training": {"gpus_per_run": {s: gpus for s in c.sizes}}}
