@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> None:
     table, what, cost = _design(args)
     precisions, skipped = _precisions(args, table)
     truth = design.truth(law, table, precisions)
-    for line in laws.extrapolation_warnings(law, table["N"].to_numpy(float), table["D"].to_numpy(float)):
+    for line in laws.extrapolation_warnings(law, table["N"].unique().astype(float), table["D"].unique().astype(float)):
         print(line, file=sys.stderr)
     plan = design.plan(truth, table, model, precisions)
     print(f"design: {what}: {len(plan.runs)} QAT runs of {', '.join(precisions)} on {len(plan.units)} (N, D, seed) "
