@@ -165,3 +165,18 @@ def test_an_unreachable_target_names_the_best_grid_found(paper_config):
     with pytest.raises(design.DesignError, match=r"^no grid of the space fits the budget of 10 GPU-hours: the "
                                                  r"cheapest, sizes 12M, 74M; D/N 10, 160; .* costs \d+$"):
         ds.search(s, space, 10, 10)
+
+
+def test_the_command_gives_one_line_for_bad_input_before_simulating(capsys):
+    from qatlaw import cli
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--help"])
+    assert done.value.code == 0 and "design" in capsys.readouterr().out
+    quartet = str(ROOT / "reference" / "quartet" / "runs.parquet")
+    assert cli.main(["design", quartet, "--law", "quartet", "--noise", quartet]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("qatlaw design: error: noise model from ") and "needs repeated seeds" in err[-1]
+    assert cli.main(["design", quartet, "--law", "paper", "--noise", "0.01"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "qatlaw design: error: law paper has no constants for precision MXFP4-full")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pandas as pd
 
-HELP = "predict what a grid resolves (90% intervals of the law's constants) and costs, or search the cheapest grid"
+HELP = "predict what a grid resolves (90%% intervals of the law's constants) and costs, or search the cheapest grid"
 COMPARE_COLUMNS = ("actual_low", "actual_high", "actual_width", "ratio")
 
 
