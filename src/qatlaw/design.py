@@ -59,7 +59,6 @@ from qatlaw.noise import NoiseModel
 from qatlaw.precision import BASELINE
 
 DESIGN_COLUMNS = ("precision", "N", "D", "G", "seed")
-QUANTILES = (0.05, 0.95)
 NARROW = 0.8  # a bootstrap interval below this share of the estimate's spread is noted as under-covering
 EXPONENTS = ("gamma_N", "gamma_D", "gamma_G")
 PREDICTION_COLUMNS = ("law", "precision", "constant", "true", "median", "low", "high", "width", "spread_width",
@@ -296,7 +295,7 @@ def _summary(rows: pd.DataFrame, replicates: int, true: float, boot: int, expone
         return dict(out, median=nan, low=nan, high=nan, width=nan, spread_width=nan, bias=nan, coverage=0.0,
                     p_excludes_0=zero, p_excludes_0_spread=zero)
     est = values[finite]
-    spread = tuple(np.quantile(est, (QUANTILES[0], 0.5, QUANTILES[1])))
+    spread = tuple(np.quantile(est, (fit.BOOT_QUANTILES[0], 0.5, fit.BOOT_QUANTILES[1])))
     shifted = _shifted(est, spread)
     own = rows.loc[finite, ["own_low", "own_high"]].to_numpy(float) if boot else shifted
     with np.errstate(all="ignore"), warnings.catch_warnings():

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from qatlaw import config, cost, design, grid, laws, noise
+from qatlaw import config, cost, design, fit, grid, laws, noise
 from qatlaw.errors import ConfigError
 
 log = logging.getLogger("qatlaw.design")
@@ -157,7 +157,7 @@ def approximate_power(plan: design.Plan, precision: str) -> dict[str, float]:
     cov = 0.5 * np.outer(scale, scale) * (1.0 + np.eye(len(runs))) * (unit[:, None] == unit[None, :])
     se = np.sqrt(np.clip(np.diag(np.linalg.pinv(x.T @ np.linalg.solve(cov, x)))[1:], 0, None))
     true = plan.truth.delta[precision]
-    return {c: float(norm.cdf(abs(true[c]) / s - norm.ppf(design.QUANTILES[1]))) if s > 0 else 0.0
+    return {c: float(norm.cdf(abs(true[c]) / s - norm.ppf(fit.BOOT_QUANTILES[1]))) if s > 0 else 0.0
             for c, s in zip(design.EXPONENTS, se)}
 
 
