@@ -9,14 +9,14 @@ import sys
 import time
 from collections.abc import Sequence
 
-from qatlaw.cli import analysis, cells, data, figures, grid, law, study, train
+from qatlaw.cli import analysis, cells, data, design, figures, grid, law, study, train
 from qatlaw.errors import QatlawError
 from qatlaw.stopping import STOPPED_STATUS, Stopped
 
 log = logging.getLogger("qatlaw")
 
 # the modules of the subcommands, by workflow stage, in the order `qatlaw --help` lists them
-STAGES = (grid, data, train, analysis, study, law, figures, cells)
+STAGES = (grid, data, train, analysis, study, law, design, figures, cells)
 
 
 def build_parser() -> argparse.ArgumentParser:
