@@ -41,6 +41,7 @@ import yaml
 
 from qatlaw import config, cost, design, fit, grid, laws, noise
 from qatlaw.errors import ConfigError
+from qatlaw.io import atomic_path
 
 log = logging.getLogger("qatlaw.design")
 
@@ -79,12 +80,12 @@ def tokens(cfg: Mapping[str, Any], size: str, ratio: float) -> int:
 
 def overlay(cfg: Mapping[str, Any], c: Candidate, precisions: list[str]) -> dict:
     """The config overlay of a candidate: the first size in the main grid, the others as sub-grids (each its own
-    token budgets), no ablation, every run on one node's GPUs."""
+    token budgets), no ablation, every run on one node's GPUs (so one run per job)."""
     subs = [{"sizes": [s], "tokens": [grid.format_tokens(tokens(cfg, s, r)) for r in c.ratios],
              "groups": list(c.groups), "precisions": list(precisions), "seeds": list(range(c.seeds))} for s in c.sizes]
     main = dict(subs[0], extra=subs[1:] or None, ablation=None)
     gpus = cfg["training"]["gpus_per_node"]
-    return {"grid": main, "training": {"gpus_per_run": {s: gpus for s in c.sizes}}}
+    return {"grid": main, "training": {"gpus_per_run": {s: gpus for s in c.sizes}, "runs_per_job": 1}}
 
 
 def candidates(cfg: Mapping[str, Any], sizes: list[str], ratios: list[float], groups: list, seeds: list[int],
@@ -291,8 +292,8 @@ def write_overlay(path: str, found: Found, s: Search, header: list[str]) -> None
     body = yaml.safe_dump(overlay(s.cfg, found.candidate, s.precisions), sort_keys=False, default_flow_style=None,
                           width=120)
     comments = "".join(f"# {line}".rstrip() + "\n" for line in header)
-    with open(path, "w", encoding="utf-8") as out:
-        out.write(comments + body)
+    with atomic_path(path) as tmp:
+        tmp.write_text(comments + body, encoding="utf-8")
 
 
 def run(args: argparse.Namespace) -> None:
