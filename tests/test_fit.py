@@ -462,7 +462,7 @@ def test_delta_laws_at_a_threshold_far_below_their_noise_are_not_identified():
     law = fit.DeltaLaw()
     data, _ = usable_runs(deltas[deltas["precision"] == "W4A16"].assign(delta=deltas["delta_val"]), law.columns,
                           "W4A16", 4)
-    x, y = law._design(data), np.log(data["delta"].to_numpy())
+    x, y = law.design_matrix(data), np.log(data["delta"].to_numpy())
     with pytest.raises(fit.FitError, match="not identified"):
         solver.solve_loglinear(x, y, 1e-3)
     c = solver.huber_threshold(x, y)

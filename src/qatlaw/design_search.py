@@ -152,7 +152,7 @@ def approximate_power(plan: design.Plan, precision: str) -> dict[str, float]:
     from scipy.stats import norm
 
     runs = plan.runs[plan.runs["precision"] == precision]
-    x = design_matrix(runs)
+    x = fit.DeltaLaw().design_matrix(runs[["N", "D", "G"]].astype(float))
     scale = (runs["sd"] / runs["delta"]).to_numpy(float)  # sd of log δ
     unit = runs["unit"].to_numpy()
     cov = 0.5 * np.outer(scale, scale) * (1.0 + np.eye(len(runs))) * (unit[:, None] == unit[None, :])
@@ -160,12 +160,6 @@ def approximate_power(plan: design.Plan, precision: str) -> dict[str, float]:
     true = plan.truth.delta[precision]
     return {c: float(norm.cdf(abs(true[c]) / s - norm.ppf(fit.BOOT_QUANTILES[1]))) if s > 0 else 0.0
             for c, s in zip(design.EXPONENTS, se)}
-
-
-def design_matrix(runs: pd.DataFrame) -> np.ndarray:
-    """Columns of log δ = log k − γN log N + γD log D + γG log log2 G."""
-    return np.column_stack([np.ones(len(runs)), -np.log(runs["N"].to_numpy(float)), np.log(runs["D"].to_numpy(float)),
-                            np.log(np.log2(runs["G"].to_numpy(float)))])
 
 
 def number_list(text: str | None, default: tuple, kind: type = float) -> list:

@@ -67,7 +67,7 @@ class DeltaParams(NamedTuple):
 
     @classmethod
     def from_theta(cls, theta: np.ndarray, use_D: bool, with_g: bool) -> DeltaParams:
-        """The constants of the solver's θ = (log k, γN[, γD][, γG]) (the columns of :meth:`DeltaLaw._design`):
+        """The constants of the solver's θ = (log k, γN[, γD][, γG]) (the columns of :meth:`DeltaLaw.design_matrix`):
         γD is 0 without ``use_D``, γG NaN without ``with_g``."""
         log_k, gamma_N, *rest = (float(t) for t in theta)
         gamma_D = rest.pop(0) if use_D else 0.0
@@ -274,7 +274,7 @@ class DeltaLaw:
     def constant_names(self, runs: pd.DataFrame) -> tuple[str, ...]:
         return DELTA_CONSTANTS
 
-    def _design(self, data: pd.DataFrame, with_g: bool = True) -> np.ndarray:
+    def design_matrix(self, data: pd.DataFrame, with_g: bool = True) -> np.ndarray:
         """Columns of log δ̂ = log k − γN log N [+ γD log D] [+ γG log log2 G]."""
         cols = [np.ones(len(data)), -np.log(data["N"].to_numpy())]
         if self.use_D:
@@ -302,7 +302,7 @@ class DeltaLaw:
             axes = "(N, D, G)" if self.use_D else "(N, G)"
             raise FitError(f"{what}: {points} distinct {axes} points for {len(free)} constants: an exact fit "
                            "through them, not a measurement")
-        x = self._design(data, with_g)
+        x = self.design_matrix(data, with_g)
         if np.linalg.matrix_rank(x) < x.shape[1]:
             single = [c for c in ("N", "D") if (self.use_D or c != "D") and data[c].nunique() < 2]
             why = f"column {', '.join(single)} takes a single value" if single else "N, D and G are collinear"
