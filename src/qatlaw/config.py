@@ -205,6 +205,14 @@ def _check_cells(cfg: Mapping[str, Any], key: str, grid: Mapping[str, Any]) -> N
             raise ConfigError(f"{key}.precisions[{i}]: {exc}") from None
         if prec.is_baseline:
             raise ConfigError(f"{key}.precisions[{i}]: '{name}' quantizes nothing; the BF16 baseline of every cell is added automatically")
+        if prec.format and cfg["quant"]["lac"] == "always":
+            raise ConfigError(f"{key}.precisions[{i}]: '{name}' is block-scaled {prec.format}, which takes no learnable "
+                              "activation clipping (quant.lac: always)")
+        for size in grid["sizes"]:
+            for layer, dim in linear_inputs(models[size]).items():
+                if prec.rotation and dim % prec.rotation:
+                    raise ConfigError(f"{key}.precisions[{i}]: Hadamard rotation size {prec.rotation} of '{name}' does "
+                                      f"not divide the {layer} input dimension {dim} of size '{size}'")
     for i, group in enumerate(grid["groups"]):
         if group == "channel":
             continue

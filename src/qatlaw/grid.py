@@ -126,6 +126,11 @@ class RunSettings:
         return {"always": True, "never": False}.get(self.lac, self.group is not None and prec.uses_lac(self.group))
 
     @property
+    def element_format(self) -> str:
+        """The format of the run's 4-bit tensors: its precision's (``W4A4-mxfp4``), else ``quant.format``."""
+        return prec.parse(self.precision).format or self.format
+
+    @property
     def cell(self) -> str:
         """Path-like id of the run's (size, tokens, seed) cell: size/tokens/seed."""
         return f"{self.size}/{format_tokens(self.tokens)}/seed{self.seed}"

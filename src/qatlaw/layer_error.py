@@ -47,7 +47,7 @@ from qatlaw.analysis_plan import AnalysisError
 from qatlaw.grid import RunSettings
 from qatlaw.io import write_parquet
 from qatlaw.model import Model, ModelConfig
-from qatlaw.quant import GroupSize, QATLinear, fake_quant
+from qatlaw.quant import GroupSize, QATLinear, fake_quant, tensor_format
 from qatlaw.tokens import DataError, Tokens, open_tokens
 from qatlaw.train import quant_options
 
@@ -204,7 +204,8 @@ def run_layer_error(model_paths: Sequence[str | Path], val_path: str | Path, out
         raise AnalysisError(f"group sizes must be integers or 'channel', got {list(groups)}") from None
     t0 = time.perf_counter()
     table = analyse_models(model_paths, val_path, n_tokens,
-                           lambda m, s, idx: layer_error(m, idx, groups, bits=bits, clip=s.clip, fmt=s.format),
+                           lambda m, s, idx: layer_error(m, idx, groups, bits=bits, clip=s.clip,
+                                                                    fmt=tensor_format(s.element_format, bits)),
                            device)
     write_parquet(table, out_path)
     log.info("layer error of %d models (%d rows) in %.1f s", len(model_paths), len(table), time.perf_counter() - t0)

@@ -52,12 +52,13 @@ import pandas as pd
 import torch
 
 from qatlaw import memory
+from qatlaw import precision as prec
 from qatlaw.config import schema_default, schema_key
 from qatlaw.errors import TrainError
 from qatlaw.grid import RunSettings, effective_group
 from qatlaw.io import atomic_path, read_parquet, write_parquet
 from qatlaw.model import Model, ModelConfig, non_embedding_params
-from qatlaw.quant import QuantOptions
+from qatlaw.quant import BLOCK_SCALED, QuantOptions
 from qatlaw.runstate import (WeightAverage, load_baseline_weights, publish, read_checkpoint, read_trunk,
                              remove_checkpoint, remove_stale_temporaries, settings_hash, start_from_trunk,
                              stop_marker, trunk_staging, trunk_state, write_checkpoint)
@@ -141,7 +142,10 @@ def quant_options(s: RunSettings) -> QuantOptions | None:
     """Quantizer options of a run (None for the baseline)."""
     if s.is_baseline:
         return None
-    return QuantOptions(group_size=s.group, clip=s.clip, fmt=s.format, lac=s.uses_lac)
+    fmt = s.element_format
+    lac = s.uses_lac and not (fmt in BLOCK_SCALED and s.lac == "paper")  # block-scaled formats keep their scales
+    return QuantOptions(group_size=s.group, clip=s.clip, fmt=fmt, lac=lac,
+                        rotation=prec.parse(s.precision).rotation)
 
 
 def build_model(s: RunSettings, vocab_size: int) -> Model:
@@ -628,7 +632,7 @@ def _summary(run: Run, progress: Progress, from_trunk: bool, wall: float, val_lo
         "final_step_loss": rows[-1][2] if rows else float("nan"), "steps": len(rows),
         "tokens_per_step": s.tokens_per_step, "epochs": trained / max(1, train_tokens), "lr": s.lr,
         "wall_s": wall, "tokens_per_s": own / wall if wall > 0 else float("nan"), "diverged": progress.diverged,
-        "resumed": progress.resumed, "vocab_size": vocab, "seq_len": s.seq_len, "clip": s.clip, "format": s.format,
+        "resumed": progress.resumed, "vocab_size": vocab, "seq_len": s.seq_len, "clip": s.clip, "format": s.element_format,
         "lac": s.lac, "device": _device_name(run.device, run.par), "numerics": s.numerics,
         "qat_fraction": s.qat_fraction,
     }
@@ -691,7 +695,7 @@ def quantize_run(
         "run_id": s.run_id, "group": str(s.group), "G": effective_group(s), "precision": s.precision,
         "loss": float("nan"), "val_loss": val_loss, "val_loss_last": val_loss if s.weight_ema == 0 else float("nan"),
         "final_step_loss": float("nan"), "wall_s": time.perf_counter() - t0, "tokens_per_s": float("nan"),
-        "resumed": False, "clip": s.clip, "format": s.format, "lac": s.lac, "device": _device_name(device, Parallel()),
+        "resumed": False, "clip": s.clip, "format": s.element_format, "lac": s.lac, "device": _device_name(device, Parallel()),
         "qat_fraction": s.qat_fraction,
     }
     _write_outputs(s, model, rows, summary, model_path, metrics_path, summary_path)
