@@ -13,6 +13,7 @@ import pytest
 
 from qatlaw.bench.__main__ import main
 from qatlaw.bench.fitspeed import measure_fits, synthetic_runs
+from qatlaw.bench.formats import QUANT_CASES, TRAIN_VARIANTS, measure_formats
 from qatlaw.bench.machine import matmul_peak
 from qatlaw.bench.pipeline import pipeline_overhead, read_wall_seconds
 from qatlaw.bench.train import measure_numerics, measure_training
@@ -54,6 +55,18 @@ def test_training_table_on_the_smallest_size(cfg):
     arch, vocab, seq = cfg["models"][SMALLEST], cfg["data"]["vocab_size"], cfg["training"]["seq_len"]
     per_token = 6 * (table["N"].iloc[0] + vocab * arch["hidden"]) + 12 * arch["layers"] * arch["hidden"] * seq
     assert table["gflop_per_step"].iloc[0] == pytest.approx(per_token * table["tokens_per_step"].iloc[0] / 1e9)
+
+
+@pytest.mark.slow
+def test_formats_tables_compare_every_format_with_int4(cfg):
+    quant, train = measure_formats(cfg, [SMALLEST], repeats=2, warmup=1, log=lambda _: None)
+    assert len(quant) == 2 * len(QUANT_CASES) and set(quant["tensor"]) == {"activation", "weight"}
+    positive(quant, ["ms", "melem_per_s", "ratio"])
+    int4 = quant[quant["format"] == "INT4"]
+    assert (int4["ratio"] == 1.0).all() and set(quant["versus"]) == {"INT4 G32", "INT4 G16"}
+    assert list(train[["precision", "group"]].itertuples(index=False, name=None)) == [
+        (p, "none" if g is None else str(g)) for p, g in TRAIN_VARIANTS]
+    positive(train, ["step_ms", "tokens_per_s", "ratio"])
 
 
 @pytest.mark.slow

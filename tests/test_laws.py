@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -57,6 +60,11 @@ def test_memory_accounting():
     share = (8 / 3) / 10.5
     expected = share * (8 + 16 / 32) + (1 - share) * (4 + 16 / 32)
     assert laws.weight_memory_gb("W4A4-fc2w8", 1e9, 32) == pytest.approx(expected / 8)
+    # the formats' block scales are 8 bits: MXFP4 4 + 8/32, NVFP4 4 + 8/16; an 8-bit override stays INT8
+    assert laws.weight_memory_gb("W4A4-mxfp4", 1e9, 32) == pytest.approx((4 + 8 / 32) / 8)
+    assert laws.weight_memory_gb("W4A4-nvfp4", 1e9, 16) == pytest.approx((4 + 8 / 16) / 8)
+    expected = share * (8 + 16 / 32) + (1 - share) * (4 + 8 / 32)
+    assert laws.weight_memory_gb("W4A4-mxfp4-fc2w8", 1e9, 32) == pytest.approx(expected / 8)
 
 
 def test_plan_ranks_by_qat_loss_and_names_the_best_that_fits():
@@ -174,7 +182,7 @@ def test_a_law_fitted_at_one_g_predicts_there_only(tmp_path):
         laws.predict(loaded, [1e8], [1e10], [64], ["MXFP4-fwd"])
 
 
-def test_the_shipped_quartet_law_predicts_at_g_32_and_plan_refuses_its_labels(capsys):
+def test_the_shipped_quartet_law_predicts_at_g_32_and_plan_ranks_it_beside_int4(capsys, tmp_path):
     law = laws.load("quartet")
     assert law.precisions == ["MXFP4-fwd", "MXFP4-full"] and law.one_g("MXFP4-fwd") == 32
     assert cli.main(["predict", "--law", "quartet", "--N", "1e8", "--D", "1e10", "--G", "32",
@@ -182,8 +190,23 @@ def test_the_shipped_quartet_law_predicts_at_g_32_and_plan_refuses_its_labels(ca
     assert cli.main(["predict", "--law", "quartet", "--N", "1e8", "--D", "1e10", "--G", "64",
                      "--precision", "MXFP4-fwd"]) != 0
     assert "predicts at G = 32 only" in capsys.readouterr().err
-    assert cli.main(["plan", "--law", "quartet", "--N", "1e9", "--D", "2e10"]) != 0
+    # its labels stand for MXFP4 with a Hadamard rotation of 32: plan counts 4 + 8/32 bits a weight
+    table = laws.plan([laws.load("paper"), law], 1e9, 2e10)
+    mx = table[table["law"] == "quartet"]
+    assert set(mx["weights"]) == {"W4A4-mxfp4-had32"} and set(mx["G"]) == {32}
+    assert mx["weight_gb"].tolist() == pytest.approx([1e9 * (4 + 8 / 32) / 8 / 1e9] * 2)
+    own = laws.predict(law, [1e9], [2e10], [32], ["MXFP4-fwd"]).iloc[0]["delta"]
+    assert mx.set_index("precision").loc["MXFP4-fwd", "delta"] == pytest.approx(own)
+    paper_bf16 = laws.predict(laws.load("paper"), [1e9], [2e10], [32], ["W4A4"]).iloc[0]["bf16_loss"]
+    np.testing.assert_allclose(table["qat_loss"], paper_bf16 + table["delta"])  # one base: the first law's
+    assert table["qat_loss"].is_monotonic_increasing and set(table["law"]) == {"paper", "quartet"}
+    assert cli.main(["plan", "--law", "paper,quartet", "--N", "1e9", "--D", "2e10"]) == 0
+    assert "MXFP4-fwd" in capsys.readouterr().out
+    # the same labels in a fit folder of the user's own mean nothing to plan
+    folder = tmp_path / "mine"
+    shutil.copytree(laws.SHIPPED["quartet"], folder)
+    assert cli.main(["plan", "--law", str(folder), "--N", "1e9", "--D", "2e10"]) != 0
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "not precision strings" in err
+    assert err.count("\n") == 1 and "not a precision string" in err
     shipped = pd.read_parquet(ROOT / "reference" / "quartet" / "fit" / "params.parquet")
     pd.testing.assert_frame_equal(law.params.reset_index(drop=True), shipped)

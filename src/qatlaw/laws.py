@@ -8,7 +8,8 @@ has them. Shipped with the package (:data:`SHIPPED`):
 - ``paper``: Table 1 of the paper and its Chinchilla constants (``laws/paper.yaml``);
 - ``laptop``: this project's ``reference/laptop`` fit (``laws/laptop/``: params, bootstrap draws, predictions);
 - ``quartet``: this project's ``reference/quartet`` fit of Quartet's published runs (``laws/quartet/``), MXFP4 at
-  G = 32 only (its γG is not identified, so it predicts at G = 32 only).
+  G = 32 only (its γG is not identified, so it predicts at G = 32 only). Its labels stand for the precision
+  ``W4A4-mxfp4-had32`` (:data:`LABEL_PRECISIONS`), so ``plan`` counts their memory and ranks them beside INT4.
 
 Any folder or ``params.parquet`` the workflow wrote works too: the draws are read from ``bootstrap.parquet``
 beside it and the range from ``predictions.parquet`` (the runs each law was fitted on).
@@ -36,12 +37,15 @@ SHIPPED = {"paper": paper.PATH, "laptop": LAW_DIR / "laptop", "quartet": LAW_DIR
 SOURCES = {"laptop": "this project's reference/laptop fit (config/laptop.yaml, 70 CPU runs)",
            "quartet": "this project's reference/quartet fit of Quartet's published runs (30M-200M, MXFP4 G 32; "
                       "config/quartet.yaml)"}
+# The precision a shipped law's run-table label stands for: Quartet's runs quantize the weights and activations of
+# every linear layer to MXFP4 after a Hadamard rotation in blocks of 32 (-fwd: the forward pass; -full: also the
+# backward's operands)
+LABEL_PRECISIONS = {"quartet": {"MXFP4-fwd": "W4A4-mxfp4-had32", "MXFP4-full": "W4A4-mxfp4-had32"}}
 DEFAULT = "paper"
 EXTRAPOLATION = 10.0  # warn when N or D lies more than this factor outside the fitted range
 # Share of a Llama-3-style block's linear weights per layer type (ffn = 8/3 hidden, kv heads = heads / 4):
 # qkv 1.5 h², o h², fc1 2 · 8/3 h², fc2 8/3 h²
 LAYER_SHARES = {"qkv": 1.5, "o": 1.0, "fc1": 16 / 3, "fc2": 8 / 3}
-SCALE_BITS = 16  # one 16-bit scale per group of quantized weights
 PREDICTION_COLUMNS = ("precision", "N", "D", "G", "delta", "delta_low", "delta_high", "bf16_loss", "qat_loss",
                       "qat_low", "qat_high")
 
@@ -219,13 +223,14 @@ def predict(law: Law, N: list[float], D: list[float], G: list[float], precisions
 
 def weight_memory_gb(precision: str, N: float, G: float) -> float:
     """Weight memory of N non-embedding parameters: each layer type's share of N (``LAYER_SHARES``) at its weight
-    bits, plus one 16-bit scale per group of G quantized weights."""
-    layers = prec.parse(precision).layers
+    bits, plus one scale per group of G quantized weights (16 bits; 8 for MXFP4's and NVFP4's 4-bit blocks,
+    :data:`qatlaw.precision.SCALE_BITS`)."""
+    p = prec.parse(precision)
     total = sum(LAYER_SHARES.values())
     bits = 0.0
     for layer, share in LAYER_SHARES.items():
-        w = layers[layer].weight.bits
-        bits += share / total * (w + (SCALE_BITS / G if w < 16 else 0.0))
+        w = p.layers[layer].weight.bits
+        bits += share / total * (w + (p.scale_bits(w) / G if w < 16 else 0.0))
     return N * bits / 8 / 1e9
 
 
@@ -235,20 +240,37 @@ def plan_groups(law: Law) -> list[int]:
     return [2**e for e in range(math.ceil(math.log2(lo)), math.floor(math.log2(hi)) + 1)]
 
 
-def plan(law: Law, N: float, D: float, memory_gb: float | None = None) -> pd.DataFrame:
-    """Every precision × G option of the law ranked by predicted QAT loss (best first), with its weight memory,
-    whether it fits ``memory_gb`` and the best option that does (``best``)."""
-    labels = [name for name in law.precisions if not prec.is_precision(name)]
-    if labels:
-        raise LawError(f"law {law.name}: {', '.join(labels)} are a run table's labels, not precision strings: plan "
-                       "cannot count their weight memory or bits; use predict")
+def precision_of(law: Law, name: str) -> str:
+    """The precision string a law's precision stands for: itself, or what a shipped law's label means."""
+    if prec.is_precision(name):
+        return name
+    mapped = LABEL_PRECISIONS.get(law.name, {}).get(name)
+    if mapped is None:
+        raise LawError(f"law {law.name}: {name} is a run table's label, not a precision string: plan cannot count "
+                       "its weight memory or bits; use predict")
+    return mapped
+
+
+def plan(law: Law | list[Law], N: float, D: float, memory_gb: float | None = None) -> pd.DataFrame:
+    """Every precision × G option of the law (or laws) ranked by predicted QAT loss (best first), with the
+    precision string it stands for (``weights``), its weight memory, whether it fits ``memory_gb`` and the best
+    option that does (``best``). With several laws each option's δ is its own law's and the BF16 loss the first
+    law's: a law fitted on other data (Quartet's) is set beside the paper's INT4 by its δ."""
+    group = law if isinstance(law, list) else [law]
+    try:
+        base = float(fit.predict_loss(_law_constants(group[0].params, "chinchilla", prec.BASELINE), N, D))
+    except fit.FitError:
+        base = math.nan
     rows = []
-    for name in law.precisions:
-        for G in plan_groups(law):
-            p = predict(law, [N], [D], [G], [name]).iloc[0]
-            rows.append({"precision": name, "G": G, "delta": p["delta"], "qat_loss": p["qat_loss"],
-                         "weight_gb": weight_memory_gb(name, N, G)})
-    table = pd.DataFrame(rows).sort_values(["qat_loss", "delta", "weight_gb"], ignore_index=True)
+    for one in group:
+        weights = {name: precision_of(one, name) for name in one.precisions}
+        for name in one.precisions:
+            for G in plan_groups(one):
+                p = predict(one, [N], [D], [G], [name]).iloc[0]
+                rows.append({"law": one.name, "precision": name, "weights": weights[name], "G": G,
+                             "delta": p["delta"], "qat_loss": base + p["delta"],
+                             "weight_gb": weight_memory_gb(weights[name], N, G)})
+    table = pd.DataFrame(rows).sort_values(["qat_loss", "delta", "weight_gb"], ignore_index=True, kind="stable")
     table["fits"] = True if memory_gb is None else table["weight_gb"] <= memory_gb
     table["rank"] = np.arange(1, len(table) + 1)
     table["best"] = False

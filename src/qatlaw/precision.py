@@ -45,6 +45,11 @@ BASELINE = "BF16"
 LAC_MIN_GROUP = 256
 SCALED_FORMATS = ("mxfp4", "nvfp4")  # block-scaled 4-bit formats a precision string may name
 FORMAT_BITS = 4
+# Bits of one stored block scale: a 16-bit scale per group for integers (and the fp32-scaled "fp4"), E8M0 (MXFP4)
+# and E4M3 (NVFP4) for the formats; NVFP4's one fp32 scale per tensor is 4 bytes a matrix, left out of memory counts.
+SCALE_BITS = {"mxfp4": 8, "nvfp4": 8}
+INT_SCALE_BITS = 16
+STANDARD_BLOCKS = {"mxfp4": 32, "nvfp4": 16}
 
 _BASE_RE = re.compile(r"W([1-9][0-9]*)A([1-9][0-9]*)")
 _OVERRIDE_RE = re.compile(rf"({'|'.join(LAYER_TYPES)})([wa])([1-9][0-9]*)")
@@ -108,6 +113,10 @@ class Precision:
     def is_baseline(self) -> bool:
         """True when no tensor of any layer is quantized."""
         return not any(lq.weight.enabled or lq.act.enabled for lq in self.layers.values())
+
+    def scale_bits(self, bits: int) -> int:
+        """Bits of the stored scale of a block of ``bits``-bit weights: the format's for its 4-bit tensors."""
+        return SCALE_BITS.get(self.format, INT_SCALE_BITS) if bits == FORMAT_BITS else INT_SCALE_BITS
 
     @property
     def has_overrides(self) -> bool:

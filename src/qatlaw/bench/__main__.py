@@ -14,6 +14,7 @@ import pandas as pd
 import qatlaw.bench
 from qatlaw.bench.data import DATA_CORPUS_TOKENS, measure_data
 from qatlaw.bench.fitspeed import measure_fits
+from qatlaw.bench.formats import measure_formats
 from qatlaw.bench.gpu import BUDGET_S, PAPER_VOCAB, gpu_markdown, gpu_worker, measure_gpu
 from qatlaw.bench.inputs import measure_input
 from qatlaw.bench.machine import PEAK_N, machine_info, matmul_peak
@@ -28,10 +29,10 @@ from qatlaw.bench.train import (
     measure_training,
 )
 
-SECTIONS = ("peak", "train", "numerics", "concurrency", "fit", "pipeline", "data", "input", "gpu")
-# Run by default: every section but numerics (a measured choice, asked for by name), data and input, which write
-# about 2 GB to --data-dir (ask for them with --sections), and gpu (the GPU path's check, make gpu-check).
-DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s not in ("numerics", "data", "input", "gpu"))
+SECTIONS = ("peak", "train", "numerics", "formats", "concurrency", "fit", "pipeline", "data", "input", "gpu")
+# Run by default: every section but numerics and formats (measured choices, asked for by name), data and input,
+# which write about 2 GB to --data-dir (ask for them with --sections), and gpu (the GPU path's check, make gpu-check).
+DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s not in ("numerics", "formats", "data", "input", "gpu"))
 
 
 def _csv(text: str) -> list[str]:
@@ -150,6 +151,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"numerics: fp32 vs bf16 autocast, sizes {', '.join(sizes)}", flush=True)
         numerics = measure_numerics(cfg, sizes, threads=args.threads, repeats=repeats, steps=steps, warmup=warmup)
         emit("numerics", numerics, "bf16 autocast vs fp32 on this CPU (speedup = fp32 / bf16 step)")
+    if "formats" in sections:
+        print(f"formats: fake quantization and training steps of MXFP4, NVFP4 and INT4, sizes {', '.join(sizes)}",
+              flush=True)
+        quant, steps_table = measure_formats(cfg, sizes, threads=args.threads, modes=modes, repeats=repeats,
+                                             warmup=warmup)
+        emit("formats_quant", quant, "Fake quantization per format (ratio = time / INT4's at the same block size)")
+        emit("formats_train", steps_table, "Training step per format (ratio = step CPU time / the FP32 step's)")
     if "concurrency" in sections:
         print("concurrency: 2 processes x 1 thread vs 1 process x 2 threads", flush=True)
         conc = measure_concurrency(args.config, sizes, seconds=args.concurrency_seconds or (1.0 if quick else 5.0))

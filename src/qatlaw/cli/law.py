@@ -70,7 +70,8 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_predict)
 
 
-def _split_lines(args: argparse.Namespace, law: Law, table: pd.DataFrame, precision: str | None) -> list[str]:
+def _split_lines(args: argparse.Namespace, spec: str, law: Law, table: pd.DataFrame,
+                 precision: str | None) -> list[str]:
     """The recommended QAT fraction of ``precision`` (else the best option's) and the predicted loss there and at
     f = 1, as lines to print."""
     from qatlaw import split
@@ -80,7 +81,7 @@ def _split_lines(args: argparse.Namespace, law: Law, table: pd.DataFrame, precis
         return ["QAT fraction: no option fits the memory budget" if precision is None else
                 f"QAT fraction: law {law.name} has no option for precision {precision}"]
     row = options.iloc[0]
-    split_law = split.load_law(args.law, schema_default("fit", "metric"))
+    split_law = split.load_law(spec, schema_default("fit", "metric"))
     r = split.recommend(split_law, law, row["precision"], args.N, args.D, row["G"])
     detail = split_law.fallback or ("" if split_law.name == "paper" else split_law.source)
     source = f"law {split_law.name}" + (f" ({detail})" if detail else "")
@@ -103,12 +104,19 @@ def _plan(args: argparse.Namespace) -> None:
         except ValueError as exc:
             raise laws.LawError(f"--precision {args.precision}: {exc}") from None
         split.bits(precision)  # one that quantizes something
-    law = laws.load(args.law)
-    table = laws.plan(law, args.N, args.D, args.memory_gb)
-    split_lines = _split_lines(args, law, table, precision)
-    _warn_extrapolation(law, [args.N], [args.D])
+    specs = args.law.split(",")
+    group = [laws.load(spec) for spec in specs]
+    table = laws.plan(group, args.N, args.D, args.memory_gb)
+    chosen = 0
+    if precision is None and table["best"].any():  # the QAT fraction of the best option, by its own law
+        chosen = [one.name for one in group].index(table.loc[table["best"], "law"].iloc[0])
+    split_lines = _split_lines(args, specs[chosen], group[chosen], table, precision)
+    for one in group:
+        _warn_extrapolation(one, [args.N], [args.D])
     budget = "" if args.memory_gb is None else f", weight memory <= {args.memory_gb:g} GB"
-    print(f"law {law.name}: N = {args.N:.3g}, D = {args.D:.3g}{budget}")
+    names = ", ".join(one.name for one in group)
+    print(f"law {names}: N = {args.N:.3g}, D = {args.D:.3g}{budget}"
+          + ("" if len(group) == 1 else f" (δ of each option's own law; the BF16 loss of law {group[0].name})"))
     shown = table.assign(fits=table["fits"].map({True: "yes", False: "no"}),
                          best=table["best"].map({True: "<- best", False: ""}))
     print(shown.to_markdown(index=False, floatfmt=".4g"))
@@ -125,12 +133,13 @@ def _plan(args: argparse.Namespace) -> None:
     if args.plot:
         from qatlaw.plots.plan import plan_figure
 
-        plan_figure(law, args.N, args.D, table, args.plot)
+        plan_figure(group, args.N, args.D, table, args.plot)
 
 
 def _plan_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("plan", help="rank every precision x G option of a law for a model of N parameters on D tokens")
-    s.add_argument("--law", default="paper", help=LAW_HELP)
+    s.add_argument("--law", default="paper", help=LAW_HELP + "; several, comma-separated, are ranked together "
+                   "(e.g. paper,quartet: the paper's INT4 beside Quartet's MXFP4)")
     s.add_argument("--N", type=positive, required=True)
     s.add_argument("--D", type=positive, required=True)
     s.add_argument("--memory-gb", type=positive, help="weight-memory budget in GB (1e9 bytes)")

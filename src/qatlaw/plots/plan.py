@@ -16,9 +16,10 @@ from qatlaw.plots.inputs import constants
 
 
 @styled
-def plan_figure(law, N: float, D: float, options: pd.DataFrame, out_png: str | Path) -> None:
-    """δ against D (a decade either side of ``D``) at N for every option of a plan (``qatlaw plan --plot``),
-    the best option drawn thick and D marked."""
+def plan_figure(laws: list, N: float, D: float, options: pd.DataFrame, out_png: str | Path) -> None:
+    """δ against D (a decade either side of ``D``) at N for every option of a plan (``qatlaw plan --plot``), each
+    by its own law, the best option drawn thick and D marked."""
+    by_name = {law.name: law for law in laws}
     grid = np.geomspace(D / 10, D * 10, 64)
     fig, axes = new_figure(1, 1, (8.5, 5.5))
     ax = axes[0, 0]
@@ -26,7 +27,7 @@ def plan_figure(law, N: float, D: float, options: pd.DataFrame, out_png: str | P
                        sns.color_palette("tab10", options["precision"].nunique())))
     styles = dict(zip(sorted(options["G"].unique()), ["-", "--", "-.", ":"] * 4))
     for row in options.itertuples():
-        law_constants = constants(law.params, "unified", row.precision)
+        law_constants = constants(by_name[row.law].params, "unified", row.precision)
         if law_constants is None:
             continue
         ax.plot(grid, fit.predict_delta(law_constants, N, grid, row.G), styles[row.G], color=palette[row.precision],
@@ -37,6 +38,6 @@ def plan_figure(law, N: float, D: float, options: pd.DataFrame, out_png: str | P
     tidy_log(ax.yaxis)
     ax.set_xlabel("D (training tokens)")
     ax.set_ylabel(DELTA_LABEL)
-    ax.set_title(f"law {law.name}: δ at N = {si(N)} (vertical line: D = {si(D)})")
+    ax.set_title(f"law {', '.join(by_name)}: δ at N = {si(N)} (vertical line: D = {si(D)})")
     fig.legend(loc="outside right upper", fontsize="small", frameon=False)
-    write_figure(fig, out_png, "", [f"source: {law.source}"])
+    write_figure(fig, out_png, "", [f"source: {law.source}" for law in laws])
