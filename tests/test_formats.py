@@ -3,13 +3,15 @@ against torchao's reference bit for bit, the layer, and the checks before any jo
 
 from __future__ import annotations
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torchao.prototype.mx_formats.kernels import f4_unpacked_to_f32, unpack_uint4
 from torchao.prototype.mx_formats.mx_tensor import to_dtype, to_mx
 from torchao.prototype.mx_formats.nvfp4_tensor import nvfp4_quantize, per_tensor_amax_to_scale
 
-from qatlaw import config
+from qatlaw import config, findings, formats
 from qatlaw import precision as prec
 from qatlaw.grid import grid_runs
 from qatlaw.quant import QATLinear, QuantOptions, _round_e2m1, fake_quant, rotate
@@ -208,3 +210,58 @@ def test_bad_format_grids_fail_before_any_job(overlay, fragment):
         config.load("config.yaml", merged)
     assert fragment in str(err.value) and "\n" not in str(err.value)
 
+
+
+def format_runs(ratios: dict[str, float], seeds=(0, 1), noise: float = 0.0) -> pd.DataFrame:
+    """A run table of two cells × seeds: BF16, INT4 W4A4 G32 (δ 0.1 · cell factor) and each format at its ratio."""
+    rows, rng = [], np.random.default_rng(0)
+    blocks = {"W4A4": 32, "W4A4-mxfp4": 32, "W4A4-mxfp4-had32": 32, "W4A4-nvfp4": 16}
+    for size, N, factor in (("0.1M", 1e5, 1.0), ("0.3M", 3e5, 0.7)):
+        for seed in seeds:
+            base = 3.0 + 0.01 * seed
+            rows.append({"precision": "BF16", "group": "none", "G": np.nan, "val_loss": base, "format": "int"})
+            for precision, ratio in {"W4A4": 1.0, **ratios}.items():
+                delta = 0.1 * factor * ratio * (1 + noise * rng.standard_normal())
+                fmt = prec.parse(precision).format or "int"
+                rows.append({"precision": precision, "group": str(blocks[precision]), "G": blocks[precision],
+                             "val_loss": base + delta, "format": fmt})
+            for r in rows[-(len(ratios) + 2):]:
+                r.update(size=size, N=N, D=4e6, tokens_requested=4e6, seed=seed,
+                         run_id=f"{size}/4M/seed{seed}/{r['precision']}_{r['group']}", diverged=False)
+    table = pd.DataFrame(rows)
+    return table.assign(loss=table["val_loss"])
+
+
+def test_formats_are_set_against_paired_int4_runs():
+    runs = format_runs({"W4A4-mxfp4": 1.2, "W4A4-nvfp4": 0.9})
+    pairs = formats.pairs(runs, "val_loss")
+    assert len(pairs) == 8 and set(pairs["int4_G"]) == {"32"}  # no INT4 G16 here: NVFP4 against G 32
+    cells = formats.per_cell(pairs).set_index(["precision", "size"])
+    np.testing.assert_allclose(cells["ratio"].to_numpy(), [1.2, 1.2, 0.9, 0.9])
+    pooled = formats.pooled(pairs).set_index("precision")
+    assert pooled.loc["W4A4-mxfp4", "ratio"] == pytest.approx(1.2)
+    assert pooled.loc["W4A4-mxfp4", "low"] == pytest.approx(1.2)  # no noise: every resample gives 1.2
+    assert (pooled["cells"] == 2).all() and (pooled["pairs"] == 4).all()
+
+
+def test_the_formats_section_says_where_the_noise_covers_the_difference():
+    runs = format_runs({"W4A4-mxfp4-had32": 1.3, "W4A4-nvfp4": 1.0}, seeds=(0, 1, 2), noise=0.3)
+    text = formats.markdown(runs, "val_loss")
+    assert "## The 4-bit formats against INT4" in text and "1.35 [1.13, 1.44]" in text
+    pooled = formats.pooled(formats.pairs(runs, "val_loss")).set_index("precision")
+    for precision, r in pooled.iterrows():  # the pooled row says where its interval lies against 1
+        assert f"| {precision} | {r['ratio']:.3f} | [{r['low']:.3f}, {r['high']:.3f}] | " \
+               f"{formats.against_one(r['low'], r['high'])} |" in text
+    assert formats.against_one(0.8, 1.3) == "spans 1: the noise covers the difference"
+    assert formats.against_one(1.1, 1.3) == "costs more than INT4"
+    assert formats.against_one(0.7, 0.9) == "costs less than INT4"
+    found = findings.format_findings(runs, "val_loss")
+    assert [r["finding"] for r in found] == ["δ W4A4-mxfp4-had32 / δ INT4 W4A4 > 1 (paired, pooled)"]
+    assert found[0]["verdict"] in findings.VERDICTS and found[0]["n"] == 6
+    assert findings.format_findings(format_runs({}), "val_loss") == []  # a grid without formats: no finding
+
+
+def test_int4_of_another_format_is_not_the_reference():
+    runs = format_runs({"W4A4-mxfp4": 1.2})
+    runs.loc[runs["precision"] == "W4A4", "format"] = "fp4"  # quant.format fp4: E2M1 W4A4, not INT4
+    assert formats.pairs(runs, "val_loss").empty and formats.markdown(runs, "val_loss") == ""

@@ -32,6 +32,10 @@ A run table with runs of a QAT fraction below 1 (the FP→QAT split, :mod:`qatla
 S (the slope of ln f* on ln S), the constant a of f*(S) = exp(−a / ln S) against the paper's, the loss gap of QAT
 from scratch over a fraction chosen on the other seeds, and PTQ worse than any QAT fraction; FINDINGS.md then
 also lists both split laws' constants. Without such runs the findings are exactly those above.
+
+A run table with runs of a block-scaled format or a rotation (``W4A4-mxfp4``, ``-nvfp4``, ``-had32``) adds
+:mod:`qatlaw.formats`' section (each format's δ over the paired INT4 run's, per cell and pooled) and, for a format
+with a published ratio (MXFP4 with a Hadamard rotation of 32: Quartet's), the finding that it costs more than INT4.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import chi2
 
-from qatlaw import decompose, fit, paper, resample, runtable, split
+from qatlaw import decompose, fit, formats, paper, resample, runtable, split
 from qatlaw import precision as prec
 from qatlaw.config import schema_default
 from qatlaw.io import atomic_path, read_parquet, write_parquet
@@ -456,6 +460,24 @@ def split_findings(runs: pd.DataFrame, metric: str) -> list[dict]:
     return rows
 
 
+def format_findings(runs: pd.DataFrame, metric: str) -> list[dict]:
+    """A format with a published ratio costs more than INT4 (:mod:`qatlaw.formats`: δ over the paired INT4 run's,
+    pooled, above 1); nothing for a grid without runs of that format."""
+    table = formats.pairs(runs, metric)
+    rows = []
+    for precision, (median, low, high) in formats.PUBLISHED.items():
+        part = table[table["precision"] == precision]
+        if part.empty:
+            continue
+        r = formats.pooled(part).iloc[0]
+        verdict, why = sign_verdict(r["low"], r["high"], threshold=1.0)
+        rows.append(_row(f"δ {precision} / δ INT4 W4A4 > 1 (paired, pooled)",
+                         f"{median:.2f} [{low:.2f}, {high:.2f}] at 30–200M (Quartet; over the paper's INT4 law)",
+                         float(r["ratio"]), (float(r["low"]), float(r["high"])),
+                         (verdict, f"{why}; {r['cells']} cells, {r['pairs']} (cell, seed) pairs"), int(r["pairs"])))
+    return rows
+
+
 def vs_paper(runs: pd.DataFrame, metric: str, labels: list[str]) -> pd.DataFrame:
     """Every QAT run of the ``labels`` beside the paper's INT4 W4A4 law (Table 1) at its N, D and G: ``delta``
     (measured, of ``metric``), ``paper`` (the law's δ) and ``ratio`` = delta / paper, by label, N and D."""
@@ -541,7 +563,7 @@ def findings(results: str | Path, metric: str = schema_default("fit", "metric"))
     rows = [*law_findings(params, draws, deltas), decomposition_finding(decomp), ratio_finding(decomp),
             *fc2_findings(decomp), kurtosis_finding(outliers, runs, "BF16"), kurtosis_finding(outliers, runs, "W4A4"),
             *(row for label in ("W4A4", *outside_labels(params)) for row in error_findings(predictions, runs, label)),
-            *seed_finding(noise), *split_findings(runs, metric)]
+            *seed_finding(noise), *split_findings(runs, metric), *format_findings(runs, metric)]
     return pd.DataFrame(rows, columns=list(COLUMNS)), noise
 
 
@@ -628,7 +650,7 @@ def run_findings(results: str | Path, out_md: str | Path, out_parquet: str | Pat
     params = fit.read_params(Path(results) / "fit" / "params.parquet")
     runs = read_runs(Path(results) / "runs.parquet", all_fractions=True)
     extra = "\n".join(part for part in (laws_markdown(params), vs_paper_markdown(runs, metric, outside_labels(params)),
-                                         split_law_markdown(runs, metric)) if part)
+                                         split_law_markdown(runs, metric), formats.markdown(runs, metric)) if part)
     write_parquet(table, out_parquet)
     with atomic_path(out_md) as tmp:
         Path(tmp).write_text(findings_markdown(table, noise, title, note, extra), encoding="utf-8")
