@@ -17,9 +17,11 @@ import pytest
 import torch
 from conftest import MANIFEST, VOCAB, settings, write_store
 
+from qatlaw import precision as prec
 from qatlaw import runstate, runtable, train
 from qatlaw.cli import main as cli_main
 from qatlaw.grid import RunSettings
+from qatlaw.quant import QATLinear
 from qatlaw.tokens import open_tokens
 
 
@@ -93,6 +95,18 @@ def test_training_lowers_the_loss_and_writes_outputs(tmp_path, tokens):
     assert not (tmp_path / "run" / "ckpt" / "ckpt.pt").exists()
     saved = torch.load(tmp_path / "run" / "model.pt", weights_only=False)
     assert saved["settings"]["precision"] == "W4A4"
+
+
+@pytest.mark.parametrize("precision, group, fmt", [("W4A4-mxfp4", 32, "mxfp4"), ("W4A4-nvfp4-had16", 16, "nvfp4")])
+def test_block_formats_train_and_record_their_format(tmp_path, tokens, precision, group, fmt):
+    s = settings(precision=precision, group=group, lr=1e-2, tokens=4 * 16 * 30)
+    summary = run(tmp_path, s, tokens)
+    metrics = pd.read_parquet(tmp_path / "run" / "metrics.parquet")
+    assert metrics["loss"].iloc[-3:].mean() < metrics["loss"].iloc[:3].mean() - 0.3
+    assert summary["format"] == fmt and summary["precision"] == precision and summary["G"] == group
+    layers = [m for m in train.build_model(s, VOCAB).modules() if isinstance(m, QATLinear)]
+    assert layers and all(m.opts.fmt == fmt and m.lac is None for m in layers)
+    assert {m.opts.rotation for m in layers} == {prec.parse(precision).rotation}
 
 
 def test_channel_group_is_recorded_as_the_hidden_size(tmp_path, tokens):
@@ -418,6 +432,7 @@ def test_evaluation_in_micro_batches_and_chunks_equals_one_batch(tokens):
 EVALUATE_ON_RANKS = """
 import json, sys
 import numpy as np, torch
+from qatlaw import precision as prec
 from qatlaw import runstate, runtable, train
 from conftest import VOCAB, settings
 
