@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -180,3 +181,37 @@ def test_the_command_gives_one_line_for_bad_input_before_simulating(capsys):
     assert cli.main(["design", quartet, "--law", "paper", "--noise", "0.01"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
         "qatlaw design: error: law paper has no constants for precision MXFP4-full")
+
+
+def test_a_check_stops_early_only_when_its_grid_can_neither_pass_nor_beat_the_best(paper_config):
+    """A bootstrapped stage stops once the grid can no longer meet the target nor score above the best grid so far:
+    the score it then gives is a ceiling of the one all its studies give, and below the best."""
+    from qatlaw import design_search as ds
+
+    space = ds.candidates(paper_config, ["12M", "74M"], [10, 320], [128, "channel"], [1], 1)
+    s = ds.Search(paper_config, ["W4A4"], laws.load("paper"), noise.constant(0.01), ds.Target(0.8, None), 30, 5, 0, 1)
+    plan = s.plan(space[0])
+    full, _, how = ds._check(s, plan)
+    assert how == "30 studies bootstrapped 5 times" and full[0] == 2  # it fails at the full check (coverage)
+    best = (2, 1, 0.9)
+    ceiling, table, how = ds._check(s, plan, best)
+    assert re.fullmatch(r"30 studies bootstrapped 5 times, stopped after (5|10|15|20|25)", how), how
+    assert full <= ceiling < best
+    assert ds._check(s, plan, (2, 0, 0.5))[0] == full  # it could still beat this best: every study runs
+
+
+@pytest.mark.slow  # about 25 s on 2 busy cores: the same search twice
+def test_stopping_hopeless_checks_early_does_not_change_the_answer(paper_config):
+    from qatlaw import design_search as ds
+
+    space = ds.candidates(paper_config, ["12M", "74M"], [10, 320], [32, 64, 128, "channel"], [1, 2], 1)
+    s = ds.Search(paper_config, ["W4A4"], laws.load("paper"), noise.constant(0.01), ds.Target(0.8, None), 20, 4, 0, 1)
+    answers = []
+    for curtail in (True, False):
+        with pytest.raises(design.DesignError) as failed:
+            ds.search(s, space, 1e9, 100, curtail=curtail)
+        answer, effort = str(failed.value).split(" (search: ")
+        answers.append(answer)
+        assert "grids per stage: spread screen" in effort
+    assert answers[0] == answers[1] and "the best found, sizes 12M, 74M" in answers[0]
+
