@@ -215,3 +215,17 @@ def test_stopping_hopeless_checks_early_does_not_change_the_answer(paper_config)
         assert "grids per stage: spread screen" in effort
     assert answers[0] == answers[1] and "the best found, sizes 12M, 74M" in answers[0]
 
+
+def test_the_number_options_refuse_inf_nan_and_fractional_counts():
+    import argparse
+
+    from qatlaw.cli import argtypes
+
+    for bad in ("inf", "nan", "1,inf", "-1", "0", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            argtypes.numbers(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="^expected one positive number"):
+        argtypes.positive("1,2")
+    assert argtypes.numbers("10, 20") == [10.0, 20.0] and argtypes.counts("1,2") == [1, 2]
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^expected positive whole numbers, got '1.5'$"):
+        argtypes.counts("1.5")

@@ -163,28 +163,11 @@ def approximate_power(plan: design.Plan, precision: str) -> dict[str, float]:
             for c, s in zip(design.EXPONENTS, se)}
 
 
-def number_list(text: str | None, default: tuple, kind: type = float) -> list:
-    """A comma-separated list, or ``default``."""
-    if text is None:
-        return list(default)
-    try:
-        return [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise design.DesignError(f"expected comma-separated numbers, got {text!r}") from None
-
-
 def _group(value: int | str) -> int | str:
     """A group size: ``channel`` or an integer of at least 2."""
     if value == "channel" or (str(value).isdigit() and int(value) >= 2):
         return value if value == "channel" else int(value)
     raise design.DesignError(f"--groups: {value!r} is neither an integer of at least 2 nor 'channel'")
-
-
-def positive(value: float, name: str) -> float:
-    """``value`` if finite and positive, else DesignError naming ``name``."""
-    if not (math.isfinite(value) and value > 0):
-        raise design.DesignError(f"{name} must be a positive number, got {value}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -382,10 +365,12 @@ def run(args: argparse.Namespace) -> None:
     unknown = [x for x in sizes if x not in cfg["models"]]
     if unknown:
         raise design.DesignError(f"--sizes {', '.join(unknown)}: not in the models table of the base config")
-    ratios = [positive(r, "--ratios") for r in number_list(args.ratios, DEFAULT_RATIOS)]
+    ratios = args.ratios or list(DEFAULT_RATIOS)  # finite and positive: cli.argtypes
     groups = [_group(g) for g in (args.groups.split(",") if args.groups else cfg["grid"]["groups"])]
-    seeds = [int(positive(n, "--seeds")) for n in number_list(args.seeds, DEFAULT_SEEDS, int)]
+    seeds = args.seeds or list(DEFAULT_SEEDS)
     precisions = [p.strip() for p in (args.precision or "W4A4").split(",")]
+    if not 0 < args.power <= 1:
+        raise design.DesignError(f"--power is a probability in (0, 1], got {args.power}")
     target = Target(args.power, args.max_rel_halfwidth)
     s = Search(cfg, precisions, laws.load(args.law), noise.load(args.noise, args.metric), target,
                args.replicates, args.boot, args.seed, args.workers)

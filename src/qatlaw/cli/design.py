@@ -18,6 +18,7 @@ COMPARE_COLUMNS = ("actual_low", "actual_high", "actual_width", "ratio")
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """The subcommand ``design``."""
+    from qatlaw.cli.argtypes import counts, numbers, positive
     from qatlaw.config import schema_key
 
     s = sub.add_parser("design", help=HELP)
@@ -42,13 +43,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     search = s.add_argument_group("search (--search)")
     search.add_argument("--search", action="store_true", help="find the cheapest grid that meets the target")
     search.add_argument("--sizes", help="model sizes of the base config to choose from (comma-separated)")
-    search.add_argument("--ratios", help="token budgets as D/N (comma-separated numbers)")
+    search.add_argument("--ratios", type=numbers, help="token budgets as D/N (comma-separated positive numbers; "
+                                                       "default 10,20,40,80,160,320)")
     search.add_argument("--groups", help="group sizes (comma-separated)")
-    search.add_argument("--seeds", help="seeds per cell to try (comma-separated counts)")
-    search.add_argument("--budget-node-days", type=float, default=3.0, help="at most this many days of one node")
+    search.add_argument("--seeds", type=counts, help="seeds per cell to try (comma-separated counts; default 1,2)")
+    search.add_argument("--budget-node-days", type=positive, default=3.0, help="at most this many days of one node")
     search.add_argument("--power", type=float, default=0.8,
                         help="a constant is resolved when P(its interval excludes 0) is at least this")
-    search.add_argument("--max-rel-halfwidth", type=float,
+    search.add_argument("--max-rel-halfwidth", type=positive,
                         help="and its interval's half-width is at most this share of its value")
     search.add_argument("--max-grids", type=int, default=300, help="simulate at most this many grids, cheapest first")
     search.add_argument("--write", help="write the grid found as a config overlay (YAML) with its cost")
