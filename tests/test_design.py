@@ -63,6 +63,22 @@ def test_predictions_do_not_depend_on_the_number_of_workers():
     pd.testing.assert_frame_equal(one, two)
 
 
+def test_a_prediction_gives_the_range_of_widths_a_study_may_get_and_a_comparison_places_the_actual_in_it(tmp_path):
+    from qatlaw.cli.design import with_actual
+
+    table = design.predict(paper_plan(grid()), 8, seed=2, boot=4, chinchilla=False).table
+    gammas = table[table["constant"].isin(design.EXPONENTS)]
+    assert ((gammas["width_low"] <= gammas["width"]) & (gammas["width"] <= gammas["width_high"])).all()
+    assert (gammas["width_low"] < gammas["width_high"]).all()  # bootstrapped: the studies' widths differ
+    row = gammas.iloc[0]
+    actual = pd.DataFrame([{"law": "unified", "precision": "W4A4", "constant": row["constant"], "value": row["true"],
+                            "ci_low": 0.0, "ci_high": w, "n_runs": 1, "n_dropped": 0, "objective": 0.0}
+                           for w in (row["width_high"] * 2,)])
+    actual.to_parquet(tmp_path / "params.parquet")
+    compared = with_actual(table, str(tmp_path)).set_index("constant")
+    assert not compared.loc[row["constant"], "within"] and compared.loc[row["constant"], "ratio"] < 0.5
+
+
 def brute_force_widths(p: design.Plan, realizations: int, n_boot: int) -> pd.Series:
     """Mean width of the fit's own bootstrap interval of every exponent over simulated studies of a plan."""
     widths = []

@@ -25,8 +25,9 @@ column ``interval``:
 
 - ``bootstrap`` (``boot`` > 0): every replicate's unified law is fitted with ``boot`` bootstrap resamples, the
   fit's own (cells, then seeds inside them: ``qatlaw.resample``); the interval is the median of the replicates'
-  bounds, its width their median width (a typical study's: k's widths are skewed), and P(excl. 0) the share of
-  replicate intervals that exclude 0. This is what a study gets, and it is wider than the spread where cells have
+  bounds, its width their median width (a typical study's: k's widths are skewed), ``width_low``–``width_high``
+  the 5th–95th percentile of those widths (what one study's interval may come out as: a realized width outside
+  them is one the noise model does not explain), and P(excl. 0) the share of replicate intervals that exclude 0. This is what a study gets, and it is wider than the spread where cells have
   several seeds (the two-stage resampling counts the seed noise at both stages: the spread was 0.71–0.92 of the
   bootstrap's width on 20 cells × 2 seeds, ``tests/test_design.py``); with 20 resamples per replicate it comes out
   0.82–0.90 of a 200-resample bootstrap's width (a 5–95% interval of few draws is narrow). The Chinchilla law is
@@ -62,7 +63,8 @@ DESIGN_COLUMNS = ("precision", "N", "D", "G", "seed")
 BATCH = 5  # replicates between two looks of a stopping rule (predict's ``stop``)
 NARROW = 0.8  # a bootstrap interval below this share of the estimate's spread is noted as under-covering
 EXPONENTS = ("gamma_N", "gamma_D", "gamma_G")
-PREDICTION_COLUMNS = ("law", "precision", "constant", "true", "median", "low", "high", "width", "spread_width",
+PREDICTION_COLUMNS = ("law", "precision", "constant", "true", "median", "low", "high", "width", "width_low",
+                      "width_high", "spread_width",
                       "bias", "coverage", "p_excludes_0", "p_excludes_0_spread", "not_identified", "interval", "note")
 
 
@@ -336,7 +338,8 @@ def _summary(rows: pd.DataFrame, replicates: int, true: float, boot: int, expone
            "interval": "bootstrap" if boot else "spread"}
     if finite.sum() < 0.5 * replicates:  # too few to say, as the fit's bootstrap
         zero = 0.0 if exponent else nan
-        return dict(out, median=nan, low=nan, high=nan, width=nan, spread_width=nan, bias=nan, coverage=0.0,
+        return dict(out, median=nan, low=nan, high=nan, width=nan, width_low=nan, width_high=nan,
+                    spread_width=nan, bias=nan, coverage=0.0,
                     p_excludes_0=zero, p_excludes_0_spread=zero)
     est = values[finite]
     spread = tuple(np.quantile(est, (fit.BOOT_QUANTILES[0], 0.5, fit.BOOT_QUANTILES[1])))
@@ -345,8 +348,11 @@ def _summary(rows: pd.DataFrame, replicates: int, true: float, boot: int, expone
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a replicate whose bootstrap gave no interval is NaN
         low, high = np.nanmedian(own, axis=0) if boot else (spread[0], spread[2])
-        width = float(np.nanmedian(own[:, 1] - own[:, 0]))
-    return dict(out, median=spread[1], low=low, high=high, width=width, spread_width=spread[2] - spread[0],
+        widths = own[:, 1] - own[:, 0]
+        width = float(np.nanmedian(widths))
+        width_low, width_high = (float(w) for w in np.nanquantile(widths, fit.BOOT_QUANTILES))
+    return dict(out, median=spread[1], low=low, high=high, width=width, width_low=width_low, width_high=width_high,
+                spread_width=spread[2] - spread[0],
                 bias=spread[1] - true, coverage=((own[:, 0] <= true) & (true <= own[:, 1])).sum() / replicates,
                 p_excludes_0=_excluding(own, replicates) if exponent else nan,
                 p_excludes_0_spread=_excluding(shifted, replicates) if exponent else nan)

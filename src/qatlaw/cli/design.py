@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 HELP = "predict what a grid resolves (90%% intervals of the law's constants) and costs, or search the cheapest grid"
-COMPARE_COLUMNS = ("actual_low", "actual_high", "actual_width", "ratio")
+COMPARE_COLUMNS = ("actual_low", "actual_high", "actual_width", "ratio", "within")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -87,6 +87,8 @@ def with_actual(table: pd.DataFrame, folder: str) -> pd.DataFrame:
     out = table.merge(actual, on=["law", "precision", "constant"], how="left")
     out["actual_width"] = out["actual_high"] - out["actual_low"]
     out["ratio"] = out["width"] / out["actual_width"]
+    # whether the width the study got is one a simulated study gets (5th-95th percentile of their widths)
+    out["within"] = (out["width_low"] <= out["actual_width"]) & (out["actual_width"] <= out["width_high"])
     return out
 
 
@@ -140,7 +142,9 @@ def run(args: argparse.Namespace) -> None:
         ratios = out.loc[out["constant"].str.startswith("gamma") & out["ratio"].notna()]
         if len(ratios):
             print(f"predicted / actual width of the exponents: median {ratios['ratio'].median():.2f} "
-                  f"(range {ratios['ratio'].min():.2f}-{ratios['ratio'].max():.2f}, {len(ratios)} intervals)")
+                  f"(range {ratios['ratio'].min():.2f}-{ratios['ratio'].max():.2f}, {len(ratios)} intervals); "
+                  f"{int(ratios['within'].sum())} of {len(ratios)} actual widths within the 5th-95th percentile of "
+                  "the simulated studies' widths")
     if args.out:
         from qatlaw.io import write_parquet
 
