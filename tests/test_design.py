@@ -64,7 +64,7 @@ def test_predictions_do_not_depend_on_the_number_of_workers():
 
 
 def test_a_prediction_gives_the_range_of_widths_a_study_may_get_and_a_comparison_places_the_actual_in_it(tmp_path):
-    from qatlaw.cli.design import with_actual
+    from qatlaw.cli.design import compared_resamples, with_actual
 
     table = design.predict(paper_plan(grid()), 8, seed=2, boot=4, chinchilla=False).table
     gammas = table[table["constant"].isin(design.EXPONENTS)]
@@ -77,6 +77,8 @@ def test_a_prediction_gives_the_range_of_widths_a_study_may_get_and_a_comparison
     actual.to_parquet(tmp_path / "params.parquet")
     compared = with_actual(table, str(tmp_path)).set_index("constant")
     assert not compared.loc[row["constant"], "within"] and compared.loc[row["constant"], "ratio"] < 0.5
+    # the note that asks for as many resamples as the study's
+    assert compared_resamples(str(tmp_path)) == 0 and compared_resamples(str(ROOT / "reference/quartet/fit")) == 200
 
 
 def brute_force_widths(p: design.Plan, realizations: int, n_boot: int) -> pd.Series:

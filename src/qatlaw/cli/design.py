@@ -92,6 +92,17 @@ def with_actual(table: pd.DataFrame, folder: str) -> pd.DataFrame:
     return out
 
 
+def compared_resamples(folder: str) -> int:
+    """The most bootstrap resamples behind a fit folder's intervals (0 without ``bootstrap.parquet``)."""
+    from qatlaw.io import read_parquet
+
+    path = Path(folder) / "bootstrap.parquet"
+    if not path.is_file():
+        return 0
+    draws = read_parquet(path, ("law", "precision", "draw"), "bootstrap table")
+    return int(draws.groupby(["law", "precision"])["draw"].nunique().max()) if len(draws) else 0
+
+
 def _precisions(args: argparse.Namespace, table: pd.DataFrame) -> tuple[list[str], list[str]]:
     from qatlaw import design
 
@@ -139,6 +150,11 @@ def run(args: argparse.Namespace) -> None:
           + (f"median bounds of each study's own bootstrap ({args.boot} resamples; Chinchilla: spread)" if args.boot
              else "spread of the estimates (5th-95th percentile)"))
     if args.compare:
+        resamples = compared_resamples(args.compare)
+        if resamples and resamples > args.boot:
+            print(f"note: the intervals of {args.compare} come from {resamples} bootstrap resamples, the prediction's "
+                  f"from {args.boot or 'none (the spread)'}: a 5-95% interval of fewer resamples comes out narrower "
+                  f"(use --boot {resamples} to compare like with like)")
         ratios = out.loc[out["constant"].str.startswith("gamma") & out["ratio"].notna()]
         if len(ratios):
             print(f"predicted / actual width of the exponents: median {ratios['ratio'].median():.2f} "
