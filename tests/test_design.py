@@ -92,7 +92,7 @@ def brute_force_widths(p: design.Plan, realizations: int, n_boot: int) -> pd.Ser
     return pd.DataFrame(widths).mean()
 
 
-@pytest.mark.slow  # about 100 s each on 2 busy cores: 16 bootstraps of 200 resamples and 60-200 simulated studies
+@pytest.mark.slow  # 12-17 s each on one busy core: 16 bootstraps of 200 resamples and 60-200 simulated studies
 @pytest.mark.parametrize("seeds,boot,replicates", [((0,), 0, 200), ((0, 1), 20, 60)])
 def test_predicted_widths_match_a_brute_force_bootstrap_within_20_percent(seeds, boot, replicates):
     """The predicted 90% width against the width of the fit's own bootstrap interval (200 resamples) averaged over
@@ -218,7 +218,7 @@ def test_a_check_stops_early_only_when_its_grid_can_neither_pass_nor_beat_the_be
     assert ds._check(s, plan, (2, 0, 0.5))[0] == full  # it could still beat this best: every study runs
 
 
-@pytest.mark.slow  # about 25 s on 2 busy cores: the same search twice
+@pytest.mark.slow  # about 30 s on one busy core: the same search twice
 def test_stopping_hopeless_checks_early_does_not_change_the_answer(paper_config):
     from qatlaw import design_search as ds
 
