@@ -60,7 +60,7 @@ from qatlaw.noise import NoiseModel
 from qatlaw.precision import BASELINE
 
 DESIGN_COLUMNS = ("precision", "N", "D", "G", "seed")
-BATCH = 5  # replicates between two looks of a stopping rule (predict's ``stop``)
+BATCH = 5  # replicates per worker between two looks of a stopping rule (predict's ``stop``)
 NARROW = 0.8  # a bootstrap interval below this share of the estimate's spread is noted as under-covering
 EXPONENTS = ("gamma_N", "gamma_D", "gamma_G")
 PREDICTION_COLUMNS = ("law", "precision", "constant", "true", "median", "low", "high", "width", "width_low",
@@ -418,13 +418,13 @@ def predict(p: Plan, replicates: int, seed: int = 0, *, boot: int = 0, chinchill
             pool: ProcessPoolExecutor | None = None,
             stop: Callable[[pd.DataFrame, int], bool] | None = None) -> Prediction:
     """R = ``replicates`` simulated studies of the plan, each fitted by the project's fitter, summarized per
-    law, precision and constant (module docstring). With ``stop``, the replicates run in batches of ``BATCH``
-    (in the order of r: the same studies whatever the workers), and ``stop(estimates so far, replicates run)``
+    law, precision and constant (module docstring). With ``stop``, the replicates run in batches of ``BATCH`` per
+    worker (in the order of r: the same studies whatever the workers), and ``stop(estimates so far, replicates run)``
     is asked after each batch; when it answers True the prediction is of the replicates run, ``stopped``."""
     if replicates < 2:
         raise DesignError(f"--replicates must be at least 2, got {replicates}")
     start = time.perf_counter()
-    step = replicates if stop is None else BATCH
+    step = replicates if stop is None else BATCH * max(workers, 1)  # a batch shared evenly by the workers
     rows: list[dict] = []
     ran, stopped = 0, False
     while ran < replicates:
