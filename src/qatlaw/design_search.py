@@ -22,6 +22,11 @@ without measuring anything), its bootstrap interval covers the true value in at 
 (judged at the full check only: the screens' intervals of 40 studies, or of 10 resamples, are too rough), and, if
 given, its predicted half-width is at most ``max_rel_halfwidth`` of its true value. The answer is written as a
 config overlay (:func:`overlay`) with its cost.
+
+A bootstrapped stage stops early once its grid can neither meet the target nor beat the best grid so far, counting
+every study still to run as a success (:func:`_check`, :func:`_ceiling`): exact, the answer is the one every study
+would give. The worker processes are kept for the whole search, and every answer says how many grids each stage
+took and how long (:class:`Effort`).
 """
 
 from __future__ import annotations
