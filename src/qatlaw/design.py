@@ -27,11 +27,12 @@ column ``interval``:
   fit's own (cells, then seeds inside them: ``qatlaw.resample``); the interval is the median of the replicates'
   bounds, its width their median width (a typical study's: k's widths are skewed), ``width_low``–``width_high``
   the 5th–95th percentile of those widths (what one study's interval may come out as: a realized width outside
-  them is one the noise model does not explain), and P(excl. 0) the share of replicate intervals that exclude 0. This is what a study gets, and it is wider than the spread where cells have
-  several seeds (the two-stage resampling counts the seed noise at both stages: the spread was 0.71–0.92 of the
-  bootstrap's width on 20 cells × 2 seeds, ``tests/test_design.py``); with 20 resamples per replicate it comes out
-  0.82–0.90 of a 200-resample bootstrap's width (a 5–95% interval of few draws is narrow). The Chinchilla law is
-  never bootstrapped per replicate (its fit restarts from 16 points per resample): its rows are ``spread``.
+  them is one the noise model does not explain), and P(excl. 0) the share of replicate intervals that exclude 0.
+  This is what a study gets, and it is wider than the spread where cells have several seeds (the two-stage
+  resampling counts the seed noise at both stages: the spread was 0.71–0.92 of the bootstrap's width on 20 cells
+  × 2 seeds, ``tests/test_design.py``); with 20 resamples per replicate it comes out 0.82–0.90 of a 200-resample
+  bootstrap's width (a 5–95% interval of few draws is narrow). The Chinchilla law is never bootstrapped per
+  replicate (its fit restarts from 16 points per resample): its rows are ``spread``.
 - ``spread`` (``boot`` = 0, ~``boot`` times cheaper, what the search uses): the interval is the spread of the
   estimates, and each replicate's interval is its estimate shifted by the spread's offsets from the median. With
   one seed per cell it matches the fit's bootstrap (``tests/test_design.py``: 0.84–0.98 of its width).
