@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -62,6 +63,24 @@ def test_predictions_do_not_depend_on_the_number_of_workers():
     pd.testing.assert_frame_equal(one, two)
 
 
+def test_a_prediction_gives_the_range_of_widths_a_study_may_get_and_a_comparison_places_the_actual_in_it(tmp_path):
+    from qatlaw.cli.design import compared_resamples, with_actual
+
+    table = design.predict(paper_plan(grid()), 8, seed=2, boot=4, chinchilla=False).table
+    gammas = table[table["constant"].isin(design.EXPONENTS)]
+    assert ((gammas["width_low"] <= gammas["width"]) & (gammas["width"] <= gammas["width_high"])).all()
+    assert (gammas["width_low"] < gammas["width_high"]).all()  # bootstrapped: the studies' widths differ
+    row = gammas.iloc[0]
+    actual = pd.DataFrame([{"law": "unified", "precision": "W4A4", "constant": row["constant"], "value": row["true"],
+                            "ci_low": 0.0, "ci_high": w, "n_runs": 1, "n_dropped": 0, "objective": 0.0}
+                           for w in (row["width_high"] * 2,)])
+    actual.to_parquet(tmp_path / "params.parquet")
+    compared = with_actual(table, str(tmp_path)).set_index("constant")
+    assert not compared.loc[row["constant"], "within"] and compared.loc[row["constant"], "ratio"] < 0.5
+    # the note that asks for as many resamples as the study's
+    assert compared_resamples(str(tmp_path)) == 0 and compared_resamples(str(ROOT / "reference/quartet/fit")) == 200
+
+
 def brute_force_widths(p: design.Plan, realizations: int, n_boot: int) -> pd.Series:
     """Mean width of the fit's own bootstrap interval of every exponent over simulated studies of a plan."""
     widths = []
@@ -73,7 +92,7 @@ def brute_force_widths(p: design.Plan, realizations: int, n_boot: int) -> pd.Ser
     return pd.DataFrame(widths).mean()
 
 
-@pytest.mark.slow  # about 100 s each on 2 busy cores: 16 bootstraps of 200 resamples and 60-200 simulated studies
+@pytest.mark.slow  # 12-17 s each on one busy core: 16 bootstraps of 200 resamples and 60-200 simulated studies
 @pytest.mark.parametrize("seeds,boot,replicates", [((0,), 0, 200), ((0, 1), 20, 60)])
 def test_predicted_widths_match_a_brute_force_bootstrap_within_20_percent(seeds, boot, replicates):
     """The predicted 90% width against the width of the fit's own bootstrap interval (200 resamples) averaged over
@@ -180,3 +199,51 @@ def test_the_command_gives_one_line_for_bad_input_before_simulating(capsys):
     assert cli.main(["design", quartet, "--law", "paper", "--noise", "0.01"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
         "qatlaw design: error: law paper has no constants for precision MXFP4-full")
+
+
+def test_a_check_stops_early_only_when_its_grid_can_neither_pass_nor_beat_the_best(paper_config):
+    """A bootstrapped stage stops once the grid can no longer meet the target nor score above the best grid so far:
+    the score it then gives is a ceiling of the one all its studies give, and below the best."""
+    from qatlaw import design_search as ds
+
+    space = ds.candidates(paper_config, ["12M", "74M"], [10, 320], [128, "channel"], [1], 1)
+    s = ds.Search(paper_config, ["W4A4"], laws.load("paper"), noise.constant(0.01), ds.Target(0.8, None), 30, 5, 0, 1)
+    plan = s.plan(space[0])
+    full, _, how = ds._check(s, plan)
+    assert how == "30 studies bootstrapped 5 times" and full[0] == 2  # it fails at the full check (coverage)
+    best = (2, 1, 0.9)
+    ceiling, table, how = ds._check(s, plan, best)
+    assert re.fullmatch(r"30 studies bootstrapped 5 times, stopped after (5|10|15|20|25)", how), how
+    assert full <= ceiling < best
+    assert ds._check(s, plan, (2, 0, 0.5))[0] == full  # it could still beat this best: every study runs
+
+
+@pytest.mark.slow  # about 30 s on one busy core: the same search twice
+def test_stopping_hopeless_checks_early_does_not_change_the_answer(paper_config):
+    from qatlaw import design_search as ds
+
+    space = ds.candidates(paper_config, ["12M", "74M"], [10, 320], [32, 64, 128, "channel"], [1, 2], 1)
+    s = ds.Search(paper_config, ["W4A4"], laws.load("paper"), noise.constant(0.01), ds.Target(0.8, None), 20, 4, 0, 1)
+    answers = []
+    for curtail in (True, False):
+        with pytest.raises(design.DesignError) as failed:
+            ds.search(s, space, 1e9, 100, curtail=curtail)
+        answer, effort = str(failed.value).split(" (search: ")
+        answers.append(answer)
+        assert "grids per stage: spread screen" in effort
+    assert answers[0] == answers[1] and "the best found, sizes 12M, 74M" in answers[0]
+
+
+def test_the_number_options_refuse_inf_nan_and_fractional_counts():
+    import argparse
+
+    from qatlaw.cli import argtypes
+
+    for bad in ("inf", "nan", "1,inf", "-1", "0", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            argtypes.numbers(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="^expected one positive number"):
+        argtypes.positive("1,2")
+    assert argtypes.numbers("10, 20") == [10.0, 20.0] and argtypes.counts("1,2") == [1, 2]
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^expected positive whole numbers, got '1.5'$"):
+        argtypes.counts("1.5")

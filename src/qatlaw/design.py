@@ -25,12 +25,14 @@ column ``interval``:
 
 - ``bootstrap`` (``boot`` > 0): every replicate's unified law is fitted with ``boot`` bootstrap resamples, the
   fit's own (cells, then seeds inside them: ``qatlaw.resample``); the interval is the median of the replicates'
-  bounds, its width their median width (a typical study's: k's widths are skewed), and P(excl. 0) the share of
-  replicate intervals that exclude 0. This is what a study gets, and it is wider than the spread where cells have
-  several seeds (the two-stage resampling counts the seed noise at both stages: the spread was 0.71–0.92 of the
-  bootstrap's width on 20 cells × 2 seeds, ``tests/test_design.py``); with 20 resamples per replicate it comes out
-  0.82–0.90 of a 200-resample bootstrap's width (a 5–95% interval of few draws is narrow). The Chinchilla law is
-  never bootstrapped per replicate (its fit restarts from 16 points per resample): its rows are ``spread``.
+  bounds, its width their median width (a typical study's: k's widths are skewed), ``width_low``–``width_high``
+  the 5th–95th percentile of those widths (what one study's interval may come out as: a realized width outside
+  them is one the noise model does not explain), and P(excl. 0) the share of replicate intervals that exclude 0.
+  This is what a study gets, and it is wider than the spread where cells have several seeds (the two-stage
+  resampling counts the seed noise at both stages: the spread was 0.71–0.92 of the bootstrap's width on 20 cells
+  × 2 seeds, ``tests/test_design.py``); with 20 resamples per replicate it comes out 0.82–0.90 of a 200-resample
+  bootstrap's width (a 5–95% interval of few draws is narrow). The Chinchilla law is never bootstrapped per
+  replicate (its fit restarts from 16 points per resample): its rows are ``spread``.
 - ``spread`` (``boot`` = 0, ~``boot`` times cheaper, what the search uses): the interval is the spread of the
   estimates, and each replicate's interval is its estimate shifted by the spread's offsets from the median. With
   one seed per cell it matches the fit's bootstrap (``tests/test_design.py``: 0.84–0.98 of its width).
@@ -46,7 +48,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -59,9 +61,11 @@ from qatlaw.noise import NoiseModel
 from qatlaw.precision import BASELINE
 
 DESIGN_COLUMNS = ("precision", "N", "D", "G", "seed")
+BATCH = 5  # replicates per worker between two looks of a stopping rule (predict's ``stop``)
 NARROW = 0.8  # a bootstrap interval below this share of the estimate's spread is noted as under-covering
 EXPONENTS = ("gamma_N", "gamma_D", "gamma_G")
-PREDICTION_COLUMNS = ("law", "precision", "constant", "true", "median", "low", "high", "width", "spread_width",
+PREDICTION_COLUMNS = ("law", "precision", "constant", "true", "median", "low", "high", "width", "width_low",
+                      "width_high", "spread_width",
                       "bias", "coverage", "p_excludes_0", "p_excludes_0_spread", "not_identified", "interval", "note")
 
 
@@ -194,17 +198,45 @@ def plan(truth: Truth, design: pd.DataFrame, noise: NoiseModel, precisions: list
                 tuple(precisions))
 
 
-def replicate(p: Plan, rng: np.random.Generator) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """One simulated study: its BF16 run table (N, D, seed, loss) and its δ table (precision, N, D, G, seed,
-    delta, ``fit.BASE``)."""
+def _draw(p: Plan, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One study's BF16 loss per unit and δ per QAT run (:func:`replicate`)."""
     base = p.units["loss"].to_numpy() + p.units["sd"].to_numpy() * rng.standard_normal(len(p.units))
     unit = p.runs["unit"].to_numpy()
     half = p.runs["sd"].to_numpy() / math.sqrt(2.0)
     shared = rng.standard_normal(len(p.units))[unit]
     delta = p.runs["delta"].to_numpy() + half * (rng.standard_normal(len(p.runs)) - shared)
+    return base, delta
+
+
+def replicate(p: Plan, rng: np.random.Generator) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One simulated study: its BF16 run table (N, D, seed, loss) and its δ table (precision, N, D, G, seed,
+    delta, ``fit.BASE``)."""
+    base, delta = _draw(p, rng)
     bf16 = p.units.loc[:, ["N", "D", "seed"]].assign(precision=BASELINE, loss=base)
-    deltas = p.runs.loc[:, ["precision", "N", "D", "G", "seed"]].assign(delta=delta, **{fit.BASE: base[unit]})
+    deltas = p.runs.loc[:, ["precision", "N", "D", "G", "seed"]].assign(delta=delta,
+                                                                        **{fit.BASE: base[p.runs["unit"]]})
     return bf16, deltas
+
+
+class _Tables:
+    """The tables of :func:`replicate` made fast for many studies of one plan: the columns that do not change
+    built once, a study's δ and baselines put in per study (the same tables, per precision)."""
+
+    def __init__(self, p: Plan) -> None:
+        self.unit = p.runs["unit"].to_numpy()
+        self.units = {c: p.units[c].to_numpy() for c in ("N", "D", "seed")}
+        self.rows = {}
+        for name in p.precisions:
+            mine = np.flatnonzero((p.runs["precision"] == name).to_numpy())
+            cols = {c: p.runs[c].to_numpy()[mine] for c in ("precision", "N", "D", "G", "seed")}
+            self.rows[name] = (mine, cols, p.runs.index[mine])
+
+    def bf16(self, base: np.ndarray) -> pd.DataFrame:
+        return pd.DataFrame({**self.units, "precision": BASELINE, "loss": base})
+
+    def deltas(self, name: str, base: np.ndarray, delta: np.ndarray) -> pd.DataFrame:
+        mine, cols, index = self.rows[name]
+        return pd.DataFrame({**cols, "delta": delta[mine], fit.BASE: base[self.unit[mine]]}, index=index)
 
 
 @contextlib.contextmanager
@@ -237,26 +269,41 @@ def _fit_rows(law: Any, table: pd.DataFrame, boot: int, seed: int, label: tuple[
 def fit_replicates(p: Plan, ids: list[int], seed: int, boot: int, chinchilla: bool) -> list[dict]:
     """The estimates of replicates ``ids`` (one row per replicate, law, precision and constant)."""
     rows = []
+    tables = _Tables(p)
     with _quiet_fits():
         for r in ids:
-            bf16, deltas = replicate(p, np.random.default_rng([seed, r]))
+            base, delta = _draw(p, np.random.default_rng([seed, r]))
             if chinchilla:
-                rows += [dict(row, replicate=r) for row in
-                         _fit_rows(fit.Chinchilla(tie=p.truth.tie), bf16, 0, r, ("chinchilla", BASELINE))]
+                rows += [dict(row, replicate=r) for row in _fit_rows(
+                    fit.Chinchilla(tie=p.truth.tie), tables.bf16(base), 0, r, ("chinchilla", BASELINE))]
             for name in p.precisions:
-                table = deltas[deltas["precision"] == name]
-                rows += [dict(row, replicate=r) for row in
-                         _fit_rows(fit.DeltaLaw(use_D=True), table, boot, r, ("unified", name))]
+                rows += [dict(row, replicate=r) for row in _fit_rows(
+                    fit.DeltaLaw(use_D=True), tables.deltas(name, base, delta), boot, r, ("unified", name))]
     return rows
 
 
-def _run_replicates(p: Plan, replicates: int, seed: int, boot: int, chinchilla: bool, workers: int) -> list[dict]:
-    if workers <= 1 or replicates < 2:
-        return fit_replicates(p, list(range(replicates)), seed, boot, chinchilla)
-    chunks = [list(range(i, replicates, workers * 4)) for i in range(min(replicates, workers * 4))]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        parts = pool.map(fit_replicates, *zip(*[(p, ids, seed, boot, chinchilla) for ids in chunks]))
+def _run_replicates(p: Plan, ids: list[int], seed: int, boot: int, chinchilla: bool, workers: int,
+                    pool: ProcessPoolExecutor | None = None) -> list[dict]:
+    """The estimates of replicates ``ids``, on ``workers`` processes (``pool``'s, or a pool of this call's)."""
+    if workers <= 1 or len(ids) < 2:
+        return fit_replicates(p, ids, seed, boot, chinchilla)
+    n = min(len(ids), workers * 4)
+    chunks = [ids[i::n] for i in range(n)]
+    with contextlib.ExitStack() as stack:
+        if pool is None:
+            pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers))
+        parts = pool.map(fit_replicates, *zip(*[(p, chunk, seed, boot, chinchilla) for chunk in chunks]))
         return [row for part in parts for row in part]
+
+
+@contextlib.contextmanager
+def processes(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """Worker processes kept for many predictions (``predict(pool=...)``; the search's), None with one worker."""
+    if workers <= 1:
+        yield None
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        yield pool
 
 
 # ---------------------------------------------------------------------------------------------- prediction
@@ -292,7 +339,8 @@ def _summary(rows: pd.DataFrame, replicates: int, true: float, boot: int, expone
            "interval": "bootstrap" if boot else "spread"}
     if finite.sum() < 0.5 * replicates:  # too few to say, as the fit's bootstrap
         zero = 0.0 if exponent else nan
-        return dict(out, median=nan, low=nan, high=nan, width=nan, spread_width=nan, bias=nan, coverage=0.0,
+        return dict(out, median=nan, low=nan, high=nan, width=nan, width_low=nan, width_high=nan,
+                    spread_width=nan, bias=nan, coverage=0.0,
                     p_excludes_0=zero, p_excludes_0_spread=zero)
     est = values[finite]
     spread = tuple(np.quantile(est, (fit.BOOT_QUANTILES[0], 0.5, fit.BOOT_QUANTILES[1])))
@@ -301,8 +349,11 @@ def _summary(rows: pd.DataFrame, replicates: int, true: float, boot: int, expone
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a replicate whose bootstrap gave no interval is NaN
         low, high = np.nanmedian(own, axis=0) if boot else (spread[0], spread[2])
-        width = float(np.nanmedian(own[:, 1] - own[:, 0]))
-    return dict(out, median=spread[1], low=low, high=high, width=width, spread_width=spread[2] - spread[0],
+        widths = own[:, 1] - own[:, 0]
+        width = float(np.nanmedian(widths))
+        width_low, width_high = (float(w) for w in np.nanquantile(widths, fit.BOOT_QUANTILES))
+    return dict(out, median=spread[1], low=low, high=high, width=width, width_low=width_low, width_high=width_high,
+                spread_width=spread[2] - spread[0],
                 bias=spread[1] - true, coverage=((own[:, 0] <= true) & (true <= own[:, 1])).sum() / replicates,
                 p_excludes_0=_excluding(own, replicates) if exponent else nan,
                 p_excludes_0_spread=_excluding(shifted, replicates) if exponent else nan)
@@ -345,22 +396,44 @@ def summarize(p: Plan, estimates: pd.DataFrame, replicates: int, boot: int) -> p
 
 @dataclass(frozen=True)
 class Prediction:
-    """What a design resolves: the prediction table, and the replicates and seconds it took."""
+    """What a design resolves: the prediction table, the replicates it summarizes and the seconds it took;
+    ``stopped`` when a stopping rule ended it before all the replicates asked for (the table is then of those run)."""
 
     table: pd.DataFrame
     replicates: int
     seconds: float
+    stopped: bool = False
 
 
-def predict(p: Plan, replicates: int, seed: int = 0, *, boot: int = 0, chinchilla: bool = True,
-            workers: int = 1) -> Prediction:
+def estimates_frame(rows: list[dict]) -> pd.DataFrame:
+    """Replicate estimates (:func:`fit_replicates`' rows) as a table in the order of the replicates, whatever the
+    processes that fitted them."""
+    frame = pd.DataFrame(rows)
+    for col in ("value", "own_low", "own_high", "reason"):
+        if col not in frame:
+            frame[col] = math.nan
+    return frame.sort_values("replicate", kind="stable").reset_index(drop=True) if len(frame) else frame
+
+
+def predict(p: Plan, replicates: int, seed: int = 0, *, boot: int = 0, chinchilla: bool = True, workers: int = 1,
+            pool: ProcessPoolExecutor | None = None,
+            stop: Callable[[pd.DataFrame, int], bool] | None = None) -> Prediction:
     """R = ``replicates`` simulated studies of the plan, each fitted by the project's fitter, summarized per
-    law, precision and constant (module docstring)."""
+    law, precision and constant (module docstring). With ``stop``, the replicates run in batches of ``BATCH`` per
+    worker (in the order of r: the same studies whatever the workers), and ``stop(estimates so far, replicates run)``
+    is asked after each batch; when it answers True the prediction is of the replicates run, ``stopped``."""
     if replicates < 2:
         raise DesignError(f"--replicates must be at least 2, got {replicates}")
     start = time.perf_counter()
-    rows = pd.DataFrame(_run_replicates(p, replicates, seed, boot, chinchilla, workers))
-    for col in ("value", "own_low", "own_high", "reason"):
-        if col not in rows:
-            rows[col] = math.nan
-    return Prediction(summarize(p, rows, replicates, boot), replicates, time.perf_counter() - start)
+    step = replicates if stop is None else BATCH * max(workers, 1)  # a batch shared evenly by the workers
+    rows: list[dict] = []
+    ran, stopped = 0, False
+    while ran < replicates:
+        ids = list(range(ran, min(ran + step, replicates)))
+        rows += _run_replicates(p, ids, seed, boot, chinchilla, workers, pool)
+        ran = ids[-1] + 1
+        if stop is not None and ran < replicates and stop(estimates_frame(rows), ran):
+            stopped = True
+            break
+    table = summarize(p, estimates_frame(rows), ran, boot)
+    return Prediction(table, ran, time.perf_counter() - start, stopped)

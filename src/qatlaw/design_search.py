@@ -22,6 +22,11 @@ without measuring anything), its bootstrap interval covers the true value in at 
 (judged at the full check only: the screens' intervals of 40 studies, or of 10 resamples, are too rough), and, if
 given, its predicted half-width is at most ``max_rel_halfwidth`` of its true value. The answer is written as a
 config overlay (:func:`overlay`) with its cost.
+
+A bootstrapped stage stops early once its grid can neither meet the target nor beat the best grid so far, counting
+every study still to run as a success (:func:`_check`, :func:`_ceiling`): exact, the answer is the one every study
+would give. The worker processes are kept for the whole search, and every answer says how many grids each stage
+took and how long (:class:`Effort`).
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -162,28 +168,11 @@ def approximate_power(plan: design.Plan, precision: str) -> dict[str, float]:
             for c, s in zip(design.EXPONENTS, se)}
 
 
-def number_list(text: str | None, default: tuple, kind: type = float) -> list:
-    """A comma-separated list, or ``default``."""
-    if text is None:
-        return list(default)
-    try:
-        return [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise design.DesignError(f"expected comma-separated numbers, got {text!r}") from None
-
-
 def _group(value: int | str) -> int | str:
     """A group size: ``channel`` or an integer of at least 2."""
     if value == "channel" or (str(value).isdigit() and int(value) >= 2):
         return value if value == "channel" else int(value)
     raise design.DesignError(f"--groups: {value!r} is neither an integer of at least 2 nor 'channel'")
-
-
-def positive(value: float, name: str) -> float:
-    """``value`` if finite and positive, else DesignError naming ``name``."""
-    if not (math.isfinite(value) and value > 0):
-        raise design.DesignError(f"{name} must be a positive number, got {value}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -212,37 +201,115 @@ class Search:
         return design.plan(design.truth(self.law, table, self.precisions), table, self.noise, self.precisions)
 
 
+STAGES = ("spread screen", "quick bootstrap", "full bootstrap")
+
+
+@dataclass
+class Effort:
+    """How much a search did and where its time went."""
+
+    in_budget: int
+    workers: int
+    skipped: int = 0  # by the linearized law's power (approximate_power)
+    simulated: int = 0
+    stopped: int = 0  # simulated grids whose check stopped early (:func:`_check`)
+    screen_seconds: float = 0.0  # of the linearized law's power
+    stage_grids: list[int] = field(default_factory=lambda: [0] * len(STAGES))
+    stage_seconds: list[float] = field(default_factory=lambda: [0.0] * len(STAGES))
+    seconds: float = 0.0
+
+    def describe(self) -> str:
+        stages = ", ".join(f"{name} {n} ({t:.0f} s)" for name, n, t in zip(STAGES, self.stage_grids,
+                                                                            self.stage_seconds))
+        return (f"of the {self.in_budget} grids within the budget, cheapest first, {self.skipped} skipped by the "
+                f"linearized law's power ({self.screen_seconds:.0f} s) and {self.simulated} simulated; grids per "
+                f"stage: {stages}; {self.stopped} stopped early in a bootstrapped stage (unable to meet the target "
+                f"or beat the best); {self.seconds:.0f} s on {self.workers} worker(s)")
+
+
 @dataclass(frozen=True)
 class Found:
     """The answer of a search: the grid, its full prediction, and how much was searched."""
 
     candidate: Candidate
     prediction: design.Prediction
-    simulated: int
-    skipped: int  # by the linearized law's power (approximate_power)
-    in_budget: int
-    seconds: float
+    effort: Effort
 
 
-def _check(s: Search, plan: design.Plan) -> tuple[tuple, pd.DataFrame, str]:
+Score = tuple  # (the stage a grid reached, + 1 if it met the target there; exponents met; their smallest P(excl. 0))
+
+
+def _score(stage: int, met: pd.Series, table: pd.DataFrame) -> Score:
+    exponents = table.loc[table["constant"].isin(design.EXPONENTS), "p_excludes_0"]
+    return stage + bool(met.all()), int(met.sum()), float(exponents.min())
+
+
+def _ceiling(s: Search, plan: design.Plan, estimates: pd.DataFrame, ran: int, replicates: int,
+             coverage: bool) -> tuple[bool, tuple[int, float]]:
+    """What a stage of ``replicates`` bootstrapped studies can still reach after the first ``ran``: whether it
+    can still meet the target, and the most exponents it can still meet with the highest smallest P(excl. 0). A
+    study's own bootstrap interval does not depend on the others, so every study still to run counts as one that
+    excludes 0 and covers the true value; the rest of the target (the spread's P(excl. 0), the half-width) is
+    taken as met. So these are upper bounds, exact as the prediction's own counts (:func:`design._summary`)."""
+    left = replicates - ran
+    met, powers = [], []
+    for precision in plan.precisions:
+        true = design._true_values(plan, "unified", precision)
+        for constant in design.EXPONENTS:
+            rows = estimates[(estimates["law"] == "unified") & (estimates["precision"] == precision)
+                             & (estimates["constant"] == constant) & (estimates["status"] == "ok")]
+            low, high = rows["own_low"].to_numpy(float), rows["own_high"].to_numpy(float)
+            power = float(((low > 0) | (high < 0)).sum() + left) / replicates
+            covered = float(((low <= true[constant]) & (true[constant] <= high)).sum() + left) / replicates
+            met.append(power >= s.target.power and (not coverage or covered >= MIN_COVERAGE))
+            powers.append(power)
+    return all(met), (sum(met), min(powers))
+
+
+def _check(s: Search, plan: design.Plan, best: Score | None = None, pool: ProcessPoolExecutor | None = None,
+           effort: Effort | None = None) -> tuple[Score, pd.DataFrame, str]:
     """A grid through the stages of the search (spread screen, quick bootstrap, full bootstrap) until one fails:
     its score (the stage it reached, the exponents met there, their smallest P(excl. 0)), that stage's prediction
-    and what the stage was."""
+    and what the stage was.
+
+    A bootstrapped stage stops early (curtailed, looked at every ``design.BATCH`` studies) once it can no longer
+    meet the target and can no longer score above ``best`` (:func:`_ceiling`): the grid then fails and is not the
+    best found, as it would be with every study run, so the answer of a search is the same. Its score is then
+    the ceiling (below ``best``) and its table of the studies run."""
     stages = ((SCREEN_REPLICATES, 0), (QUICK_REPLICATES, QUICK_BOOT), (s.replicates, s.boot))
     for stage, (replicates, boot) in enumerate(stages):
-        table = design.predict(plan, replicates, s.seed, boot=boot, chinchilla=False, workers=s.workers).table
-        met = s.target.resolved(table, coverage=stage == len(stages) - 1)
+        coverage = stage == len(stages) - 1
+        ceiling: list[Score] = []
+
+        def hopeless(estimates: pd.DataFrame, ran: int, replicates=replicates, coverage=coverage,
+                     stage=stage, ceiling=ceiling) -> bool:
+            can_meet, (n_met, power) = _ceiling(s, plan, estimates, ran, replicates, coverage)
+            ceiling[:] = [(stage, n_met, power)]
+            return not can_meet and best is not None and ceiling[0] < best
+
+        stop = hopeless if boot and best is not None else None
+        prediction = design.predict(plan, replicates, s.seed, boot=boot, chinchilla=False, workers=s.workers,
+                                    pool=pool, stop=stop)
+        table = prediction.table
+        if effort is not None:
+            effort.stage_grids[stage] += 1
+            effort.stage_seconds[stage] += prediction.seconds
+            effort.stopped += prediction.stopped
         how = f"{replicates} studies" + (f" bootstrapped {boot} times" if boot else ", spread")
+        if prediction.stopped:
+            return ceiling[0], table, f"{how}, stopped after {prediction.replicates}"
+        met = s.target.resolved(table, coverage=coverage)
         if not met.all():
             break
-    exponents = table.loc[table["constant"].isin(design.EXPONENTS), "p_excludes_0"]
-    return (stage + met.all(), int(met.sum()), float(exponents.min())), table, how
+    return _score(stage, met, table), table, how
 
 
-def search(s: Search, space: list[Candidate], budget_gpu_hours: float, max_grids: int) -> Found:
-    """The cheapest grid of ``space`` within the budget that meets the target (module docstring); DesignError
+def search(s: Search, space: list[Candidate], budget_gpu_hours: float, max_grids: int, curtail: bool = True) -> Found:
+    """The cheapest grid of ``space`` within the budget that meets the target (module docstring; without
+    ``curtail`` every stage runs all its studies, the same answer more slowly: :func:`_check`); DesignError
     (one line) when none is within the budget (before any simulation) or none meets the target (naming the
-    best one found, the one that went furthest through the checks, and what it resolves there)."""
+    best one found, the one that went furthest through the checks, and what it resolves there, and what the
+    search did and how long it took)."""
     start = time.perf_counter()
     within = [c for c in space if c.gpu_hours <= budget_gpu_hours]
     if not within:
@@ -250,35 +317,40 @@ def search(s: Search, space: list[Candidate], budget_gpu_hours: float, max_grids
         raise design.DesignError(f"no grid of the space fits the budget of {budget_gpu_hours:,.0f} GPU-hours: the "
                                  f"cheapest, {cheapest.describe()}, costs {cheapest.gpu_hours:,.0f}")
     s.plan(within[0])  # a precision or G the law cannot evaluate: one line, before any simulation
-    best: tuple[tuple, Candidate, pd.DataFrame, str] | None = None
-    simulated = skipped = 0
-    for c in within[:max_grids]:
-        plan = s.plan(c)
-        if any(min(approximate_power(plan, p).values()) < s.target.power - APPROX_MARGIN for p in s.precisions):
-            skipped += 1
-            continue
-        try:
-            s.config_of(c)
-        except ConfigError:  # e.g. a group size that does not divide a size's layer inputs: not a grid
-            continue
-        simulated += 1
-        score, table, how = _check(s, plan)
-        if score[0] >= 1:
-            log.info("%s (%.0f GPU-hours), in %s: %s", c.describe(), c.gpu_hours, how, _lines(table, s.target))
-        if best is None or score > best[0]:
-            best = (score, c, table, how)
-        if score[0] == 3:
-            prediction = design.Prediction(table, s.replicates, math.nan)
-            return Found(c, prediction, simulated, skipped, len(within), time.perf_counter() - start)
+    best: tuple[Score, Candidate, pd.DataFrame, str] | None = None
+    effort = Effort(len(within), s.workers)
+    with design.processes(s.workers) as pool:
+        for c in within[:max_grids]:
+            screen = time.perf_counter()
+            plan = s.plan(c)
+            low = any(min(approximate_power(plan, p).values()) < s.target.power - APPROX_MARGIN for p in s.precisions)
+            effort.screen_seconds += time.perf_counter() - screen
+            if low:
+                effort.skipped += 1
+                continue
+            try:
+                s.config_of(c)
+            except ConfigError:  # e.g. a group size that does not divide a size's layer inputs: not a grid
+                continue
+            effort.simulated += 1
+            score, table, how = _check(s, plan, None if best is None or not curtail else best[0], pool, effort)
+            if score[0] >= 1:
+                log.info("%s (%.0f GPU-hours), in %s: %s", c.describe(), c.gpu_hours, how, _lines(table, s.target))
+            if best is None or score > best[0]:
+                best = (score, c, table, how)
+            if score[0] == 3:
+                effort.seconds = time.perf_counter() - start
+                return Found(c, design.Prediction(table, s.replicates, math.nan), effort)
+    effort.seconds = time.perf_counter() - start
     searched = f"the {min(max_grids, len(within))} cheapest of {len(within)}"
     if best is None:
         raise design.DesignError(f"no grid among {searched} grids within the budget meets the target "
                                  f"({s.target.describe()}): the linearized law's power falls short by more than "
-                                 f"{APPROX_MARGIN:g} for every one")
+                                 f"{APPROX_MARGIN:g} for every one (search: {effort.describe()})")
     raise design.DesignError(f"no grid among {searched} grids within the budget meets the target "
                              f"({s.target.describe()}); the best found, {best[1].describe()} "
                              f"({best[1].gpu_hours:,.0f} GPU-hours), resolves in {best[3]}: "
-                             f"{_lines(best[2], s.target)}")
+                             f"{_lines(best[2], s.target)} (search: {effort.describe()})")
 
 
 def write_overlay(path: str, found: Found, s: Search, header: list[str]) -> None:
@@ -298,10 +370,12 @@ def run(args: argparse.Namespace) -> None:
     unknown = [x for x in sizes if x not in cfg["models"]]
     if unknown:
         raise design.DesignError(f"--sizes {', '.join(unknown)}: not in the models table of the base config")
-    ratios = [positive(r, "--ratios") for r in number_list(args.ratios, DEFAULT_RATIOS)]
+    ratios = args.ratios or list(DEFAULT_RATIOS)  # finite and positive: cli.argtypes
     groups = [_group(g) for g in (args.groups.split(",") if args.groups else cfg["grid"]["groups"])]
-    seeds = [int(positive(n, "--seeds")) for n in number_list(args.seeds, DEFAULT_SEEDS, int)]
+    seeds = args.seeds or list(DEFAULT_SEEDS)
     precisions = [p.strip() for p in (args.precision or "W4A4").split(",")]
+    if not 0 < args.power <= 1:
+        raise design.DesignError(f"--power is a probability in (0, 1], got {args.power}")
     target = Target(args.power, args.max_rel_halfwidth)
     s = Search(cfg, precisions, laws.load(args.law), noise.load(args.noise, args.metric), target,
                args.replicates, args.boot, args.seed, args.workers)
@@ -328,8 +402,6 @@ def _report(found: Found, s: Search, budget: float, args: argparse.Namespace) ->
         s.noise.describe(),
         f"target: {s.target.describe()}",
         f"resolves: {_lines(found.prediction.table, s.target)}",
-        f"search: of the {found.in_budget} grids within the budget, cheapest first, {found.skipped} skipped by the "
-        f"linearized law's power and {found.simulated} simulated ({SCREEN_REPLICATES} studies each, spread), the "
-        f"answer checked with {found.prediction.replicates} studies (bootstrap of {s.boot}); {found.seconds:.0f} s "
-        f"on {s.workers} worker(s)",
+        f"search: {found.effort.describe()}; the answer checked with {found.prediction.replicates} studies "
+        f"(bootstrap of {s.boot})",
     ]

@@ -17,8 +17,13 @@ Where a model comes from, always named by its ``source``:
   :class:`NoiseError`: a noise model needs repeated seeds.
 - :func:`from_fit`: the residual spread of a fit folder's in-sample predictions (robust: 1.4826 · median
   |residual|, scaled by √(n / (n − p))), for a table without repeated seeds. It counts lack of fit as noise, so
-  it bounds the seed noise from above, but as independent noise: lack of fit that moves a whole size off the law
-  widens a real study's interval more than this noise does (quartet: predicted 0.5–0.66 of the actual widths).
+  it bounds the seed noise from above, but as independent noise: lack of fit that is largest where a constant is
+  measured widens a real study's interval more than this noise does (quartet: predicted 0.56–0.75 of the actual
+  widths with as many resamples as its fit; the root mean square of its residuals, 1.16× this robust sd, gives
+  0.66–0.88; docs/design.md).
+
+No relative model (sd of δ proportional to δ): laptop-v2's repeated cells show the seed sd falling with D and not
+following δ (docs/design.md).
 """
 
 from __future__ import annotations

@@ -13,11 +13,12 @@ if TYPE_CHECKING:
     import pandas as pd
 
 HELP = "predict what a grid resolves (90%% intervals of the law's constants) and costs, or search the cheapest grid"
-COMPARE_COLUMNS = ("actual_low", "actual_high", "actual_width", "ratio")
+COMPARE_COLUMNS = ("actual_low", "actual_high", "actual_width", "ratio", "within")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """The subcommand ``design``."""
+    from qatlaw.cli.argtypes import counts, numbers, positive
     from qatlaw.config import schema_key
 
     s = sub.add_parser("design", help=HELP)
@@ -42,13 +43,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     search = s.add_argument_group("search (--search)")
     search.add_argument("--search", action="store_true", help="find the cheapest grid that meets the target")
     search.add_argument("--sizes", help="model sizes of the base config to choose from (comma-separated)")
-    search.add_argument("--ratios", help="token budgets as D/N (comma-separated numbers)")
+    search.add_argument("--ratios", type=numbers, help="token budgets as D/N (comma-separated positive numbers; "
+                                                       "default 10,20,40,80,160,320)")
     search.add_argument("--groups", help="group sizes (comma-separated)")
-    search.add_argument("--seeds", help="seeds per cell to try (comma-separated counts)")
-    search.add_argument("--budget-node-days", type=float, default=3.0, help="at most this many days of one node")
+    search.add_argument("--seeds", type=counts, help="seeds per cell to try (comma-separated counts; default 1,2)")
+    search.add_argument("--budget-node-days", type=positive, default=3.0, help="at most this many days of one node")
     search.add_argument("--power", type=float, default=0.8,
                         help="a constant is resolved when P(its interval excludes 0) is at least this")
-    search.add_argument("--max-rel-halfwidth", type=float,
+    search.add_argument("--max-rel-halfwidth", type=positive,
                         help="and its interval's half-width is at most this share of its value")
     search.add_argument("--max-grids", type=int, default=300, help="simulate at most this many grids, cheapest first")
     search.add_argument("--write", help="write the grid found as a config overlay (YAML) with its cost")
@@ -85,7 +87,20 @@ def with_actual(table: pd.DataFrame, folder: str) -> pd.DataFrame:
     out = table.merge(actual, on=["law", "precision", "constant"], how="left")
     out["actual_width"] = out["actual_high"] - out["actual_low"]
     out["ratio"] = out["width"] / out["actual_width"]
+    # whether the width the study got is one a simulated study gets (5th-95th percentile of their widths)
+    out["within"] = (out["width_low"] <= out["actual_width"]) & (out["actual_width"] <= out["width_high"])
     return out
+
+
+def compared_resamples(folder: str) -> int:
+    """The most bootstrap resamples behind a fit folder's intervals (0 without ``bootstrap.parquet``)."""
+    from qatlaw.io import read_parquet
+
+    path = Path(folder) / "bootstrap.parquet"
+    if not path.is_file():
+        return 0
+    draws = read_parquet(path, ("law", "precision", "draw"), "bootstrap table")
+    return int(draws.groupby(["law", "precision"])["draw"].nunique().max()) if len(draws) else 0
 
 
 def _precisions(args: argparse.Namespace, table: pd.DataFrame) -> tuple[list[str], list[str]]:
@@ -135,10 +150,17 @@ def run(args: argparse.Namespace) -> None:
           + (f"median bounds of each study's own bootstrap ({args.boot} resamples; Chinchilla: spread)" if args.boot
              else "spread of the estimates (5th-95th percentile)"))
     if args.compare:
+        resamples = compared_resamples(args.compare)
+        if resamples and resamples > args.boot:
+            print(f"note: the intervals of {args.compare} come from {resamples} bootstrap resamples, the prediction's "
+                  f"from {args.boot or 'none (the spread)'}: a 5-95% interval of fewer resamples comes out narrower "
+                  f"(use --boot {resamples} to compare like with like)")
         ratios = out.loc[out["constant"].str.startswith("gamma") & out["ratio"].notna()]
         if len(ratios):
             print(f"predicted / actual width of the exponents: median {ratios['ratio'].median():.2f} "
-                  f"(range {ratios['ratio'].min():.2f}-{ratios['ratio'].max():.2f}, {len(ratios)} intervals)")
+                  f"(range {ratios['ratio'].min():.2f}-{ratios['ratio'].max():.2f}, {len(ratios)} intervals); "
+                  f"{int(ratios['within'].sum())} of {len(ratios)} actual widths within the 5th-95th percentile of "
+                  "the simulated studies' widths")
     if args.out:
         from qatlaw.io import write_parquet
 

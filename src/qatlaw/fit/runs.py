@@ -38,17 +38,19 @@ def valid_runs(df: pd.DataFrame, columns: tuple[str, ...]) -> tuple[pd.DataFrame
     QAT loss baseline + δ must be positive, so a δ ≤ 0 is a run like any other)."""
     with_base = "delta" in columns and BASE in df.columns
     names = (*columns, BASE) if with_base else columns
-    data = pd.DataFrame({c: pd.to_numeric(df[c], errors="coerce").astype(float) for c in names}, index=df.index)
-    ok = np.isfinite(data).all(axis=1)
-    positive = [c for c in columns if not (with_base and c == "delta")]
-    ok &= (data[positive] > 0).all(axis=1)
+    # numpy arrays, not a frame, until the end: a fit of a simulated study (qatlaw.design) spends its time here
+    data = {c: pd.to_numeric(df[c], errors="coerce").astype(float).to_numpy() for c in names}
+    ok = np.logical_and.reduce([np.isfinite(values) for values in data.values()])
+    for c in columns:
+        if not (with_base and c == "delta"):
+            ok &= data[c] > 0
     if with_base:
         ok &= (data[BASE] > 0) & (data[BASE] + data["delta"] > 0)
     if "G" in columns:
         ok &= data["G"] >= 2
     if "diverged" in df.columns:
-        ok &= ~df["diverged"].fillna(False).astype(bool)
-    return data, ok
+        ok &= ~df["diverged"].fillna(False).astype(bool).to_numpy()
+    return pd.DataFrame(data, index=df.index), pd.Series(ok, index=df.index)
 
 
 def usable_runs(df: pd.DataFrame, columns: tuple[str, ...], what: str, n_params: int) -> tuple[pd.DataFrame, int]:
