@@ -18,7 +18,7 @@ study = pytest.mark.parametrize("study", STUDIES, ids=[p.name for p in STUDIES])
 
 
 def test_the_shipped_studies_are_found():
-    assert {"laptop", "laptop-v2", "laptop-split", "quartet"} <= {p.name for p in STUDIES}
+    assert {"laptop", "laptop-v2", "laptop-split", "quartet", "formats"} <= {p.name for p in STUDIES}
 
 
 @pytest.mark.slow

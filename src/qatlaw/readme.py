@@ -17,7 +17,8 @@ Block kinds:
 - ``findings``: every finding's number, interval and verdict, as one table;
 - ``split``: δ of every split run, by cell, seed and QAT fraction (the lowest of each row in bold);
 - ``deltas``: δ_W4A4 of every cell, group and seed (the fit's metric);
-- ``parts``: each part of a study run in parts (its command, runs, wall time, machine and commit), and each refit.
+- ``parts``: each part of a study run in parts (its command, runs, wall time, machine and commit), and each refit;
+- ``formats``: each 4-bit format's δ over the paired INT4 run's, pooled with its interval (:mod:`qatlaw.formats`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from qatlaw import findings, paper, split
+from qatlaw import findings, formats, paper, split
 from qatlaw.config import read_yaml
 from qatlaw.errors import QatlawError
 from qatlaw.io import atomic_path
@@ -138,6 +139,17 @@ def deltas_block(folder: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def formats_block(folder: Path) -> str:
+    """Each format's pooled ratio to INT4, its interval and where that lies against 1."""
+    metric = read_yaml(folder / "config.yaml")["fit"]["metric"]
+    table = formats.pooled(formats.pairs(read_runs(folder / "runs.parquet"), metric))
+    lines = ["| format | δ / δ INT4 (pooled) | 90% interval | against 1 | (cell, seed) pairs |", "|---|---|---|---|---|"]
+    for r in table.itertuples():
+        lines.append(f"| {r.precision} | {r.ratio:.2f} | [{r.low:.2f}, {r.high:.2f}] | "
+                     f"{formats.against_one(r.low, r.high)} | {r.pairs} |")
+    return "\n".join(lines) + "\n"
+
+
 def parts_block(folder: Path) -> str:
     """The parts of a study (earliest first) and its refits, from its run.json."""
     info = json.loads((folder / "run.json").read_text(encoding="utf-8"))
@@ -156,7 +168,7 @@ def parts_block(folder: Path) -> str:
 
 
 BLOCKS: dict[str, Callable[[Path], str]] = {"study": study_block, "findings": findings_block, "split": split_block,
-                                            "deltas": deltas_block, "parts": parts_block}
+                                            "deltas": deltas_block, "parts": parts_block, "formats": formats_block}
 
 
 def _render(match: re.Match) -> str:
