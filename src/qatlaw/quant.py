@@ -33,7 +33,6 @@ a block before quantization (QuaRot, Quartet).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -294,23 +293,22 @@ class _BlockScaled(torch.autograd.Function):
         return grad, None
 
 
-@functools.cache
-def _hadamard(size: int) -> torch.Tensor:
-    """The orthonormal Sylvester Hadamard matrix of a power-of-two ``size`` (fp32, symmetric)."""
+def hadamard(size: int) -> torch.Tensor:
+    """The orthonormal Sylvester Hadamard matrix of a power-of-two ``size`` (fp32, symmetric, its own inverse)."""
     h = torch.ones(1, 1)
     while h.shape[0] < size:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h / math.sqrt(size)
 
 
-def rotate(x: torch.Tensor, size: int) -> torch.Tensor:
-    """``x`` times a block-diagonal Hadamard of blocks of ``size`` along its last dimension: orthonormal, so
-    ``rotate(x) @ rotate(w).T == x @ w.T`` up to rounding."""
-    n = x.shape[-1]
-    if n % size:
-        raise ValueError(f"rotation size {size} does not divide the last dim {n}")
-    h = _hadamard(size).to(device=x.device, dtype=x.dtype)
-    return (x.reshape(*x.shape[:-1], n // size, size) @ h).reshape(x.shape)
+def rotate(x: torch.Tensor, size: int | torch.Tensor) -> torch.Tensor:
+    """``x`` times a block-diagonal Hadamard of blocks of ``size`` (or of the given :func:`hadamard` matrix) along
+    its last dimension: orthonormal, so ``rotate(x) @ rotate(w).T == x @ w.T`` up to rounding."""
+    h = hadamard(size) if isinstance(size, int) else size
+    n, k = x.shape[-1], h.shape[0]
+    if n % k:
+        raise ValueError(f"rotation size {k} does not divide the last dim {n}")
+    return (x.reshape(*x.shape[:-1], n // k, k) @ h.to(dtype=x.dtype)).reshape(x.shape)
 
 
 def _check_group_size(group_size: GroupSize) -> None:
@@ -367,8 +365,10 @@ class QATLinear(nn.Linear):
             raise ValueError(f"group size {g} does not divide in_features {in_features}")
         if opts.fmt == "fp4" and any(t.bits != 4 for t in enabled):
             raise ValueError(f"fmt='fp4' needs 4-bit tensors, got {quant}")
-        if opts.rotation is not None and in_features % opts.rotation:
-            raise ValueError(f"rotation size {opts.rotation} does not divide in_features {in_features}")
+        if opts.rotation is not None:
+            if in_features % opts.rotation:
+                raise ValueError(f"rotation size {opts.rotation} does not divide in_features {in_features}")
+            self.register_buffer("hadamard", hadamard(opts.rotation), persistent=False)  # not in checkpoints
         use_lac = uses_lac(opts.group_size) if opts.lac is None else opts.lac
         if quant.act.enabled and use_lac and opts.tensor_format(quant.act.bits) not in BLOCK_SCALED:
             self.lac = LAC(in_features // g, opts.lac_init)
@@ -376,7 +376,7 @@ class QATLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         quant, opts, w = self.quant, self.opts, self.weight
         if opts is not None and opts.rotation is not None:
-            x, w = rotate(x, opts.rotation), rotate(w, opts.rotation)
+            x, w = rotate(x, self.hadamard), rotate(w, self.hadamard)
         if quant.act.enabled:
             gamma = None if self.lac is None else self.lac.gamma
             x = fake_quant(x, quant.act.bits, opts.group_size, clip=opts.clip,

@@ -154,8 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "formats" in sections:
         print(f"formats: fake quantization and training steps of MXFP4, NVFP4 and INT4, sizes {', '.join(sizes)}",
               flush=True)
-        quant, steps_table = measure_formats(cfg, sizes, threads=args.threads, modes=modes, repeats=repeats,
-                                             warmup=warmup)
+        quant, steps_table = measure_formats(cfg, sizes, threads=args.threads, modes=modes,
+                                             compile_sizes=compile_sizes, repeats=repeats, warmup=warmup)
         emit("formats_quant", quant, "Fake quantization per format (ratio = time / INT4's at the same block size)")
         emit("formats_train", steps_table, "Training step per format (ratio = step CPU time / the FP32 step's)")
     if "concurrency" in sections:

@@ -74,7 +74,7 @@ def measure_quant(shapes: dict[str, tuple[int, int]], *, threads: int = 1, repea
 
 
 def measure_formats(cfg: dict, sizes: Sequence[str], *, threads: int = 1, modes: Sequence[str] = ("eager",),
-                    repeats: int = 9, warmup: int = 2,
+                    compile_sizes: Sequence[str] | None = None, repeats: int = 9, warmup: int = 2,
                     log: Callable[[str], None] = print) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(fake-quantization throughput, training-step overhead) of the formats: the module docstring's tables."""
     from qatlaw.bench.train import measure_training
@@ -84,6 +84,6 @@ def measure_formats(cfg: dict, sizes: Sequence[str], *, threads: int = 1, modes:
     shapes = {"activation": (batch * cfg["training"]["seq_len"], size["hidden"]),
               "weight": (size["ffn"], size["hidden"])}
     quant = measure_quant(shapes, threads=threads, repeats=repeats, log=log)
-    train = measure_training(cfg, sizes, threads=threads, modes=modes, compile_sizes=None, variants=TRAIN_VARIANTS,
-                             repeats=repeats, warmup=warmup, log=log)
+    train = measure_training(cfg, sizes, threads=threads, modes=modes, compile_sizes=compile_sizes,
+                             variants=TRAIN_VARIANTS, repeats=repeats, warmup=warmup, log=log)
     return quant, train
