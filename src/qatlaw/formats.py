@@ -48,9 +48,11 @@ def pairs(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
     _, delta_col = runtable.metric_columns(metric)
     scratch = runtable.from_scratch(runs)
     deltas = runtable.delta_table(scratch)
-    formats = scratch.set_index("run_id")["format"] if "format" in scratch.columns else pd.Series(dtype=str)
-    deltas = deltas[~deltas["diverged"]].assign(delta=lambda t: t[delta_col].astype(float),
-                                                 format=lambda t: t["run_id"].map(formats).fillna("int"))
+    # a run table from outside has no format column: its W4A4 is the grammar's, INT4
+    formats = scratch.set_index("run_id")["format"] if "format" in scratch.columns else None
+    deltas = deltas[~deltas["diverged"]].assign(
+        delta=lambda t: t[delta_col].astype(float),
+        format=lambda t: "int" if formats is None else t["run_id"].map(formats).astype(object).fillna("int"))
     is_int4 = (deltas["precision"] == INT4) & (deltas["format"] == "int")  # not W4A4 under quant.format fp4
     int4 = deltas[is_int4].assign(G=lambda t: t["group"].astype(str))
     rows = []
