@@ -16,13 +16,13 @@ import math
 import numpy as np
 import pandas as pd
 
+from qatlaw import fit, resample, runtable
 from qatlaw import precision as prec
-from qatlaw import resample, runtable
 
 INT4 = "W4A4"
 INT4_G = 32
 CELL = ["size", "tokens_requested"]
-N_BOOT = 2000
+N_BOOT = 2000  # as qatlaw.findings resamples (it imports this module)
 SEED = 0
 # The published ratio, from this project's reference/quartet study (FINDINGS.md, "Beside the paper's INT4 law"):
 # Quartet's forward-only MXFP4 QAT (QuEST: Hadamard rotation in blocks of 32, RMS clipping), 21 runs at 30–200M,
@@ -95,7 +95,8 @@ def pooled(table: pd.DataFrame) -> pd.DataFrame:
         design = resample.of_table(part, CELL, "seed")
         draws = np.array([_ratio(part, idx) for idx in design.draws(N_BOOT, SEED)])
         finite = draws[np.isfinite(draws)]
-        low, high = np.quantile(finite, [0.05, 0.95]) if len(finite) >= 0.5 * len(draws) else (math.nan, math.nan)
+        enough = len(finite) and len(finite) >= fit.MIN_BOOT_SHARE * len(draws)
+        low, high = np.quantile(finite, fit.BOOT_QUANTILES) if enough else (math.nan, math.nan)
         out.append({"precision": precision, "cells": part.groupby(CELL).ngroups, "pairs": len(part),
                     "ratio": _ratio(part, np.arange(len(part))), "low": float(low), "high": float(high)})
     return pd.DataFrame(out)

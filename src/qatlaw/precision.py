@@ -49,7 +49,6 @@ FORMAT_BITS = 4
 # and E4M3 (NVFP4) for the formats; NVFP4's one fp32 scale per tensor is 4 bytes a matrix, left out of memory counts.
 SCALE_BITS = {"mxfp4": 8, "nvfp4": 8}
 INT_SCALE_BITS = 16
-STANDARD_BLOCKS = {"mxfp4": 32, "nvfp4": 16}
 
 _BASE_RE = re.compile(r"W([1-9][0-9]*)A([1-9][0-9]*)")
 _OVERRIDE_RE = re.compile(rf"({'|'.join(LAYER_TYPES)})([wa])([1-9][0-9]*)")
